@@ -1,0 +1,120 @@
+"""`llama-parity`: the command line. Exit codes: 0 every cell passes, 1 a cell fails, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from reference_model.errors import CheckpointError
+
+from .errors import InputError
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_logits(a: argparse.Namespace) -> int:
+    from .cases import DEFAULT_ATTN, DEFAULT_DTYPES, DEFAULT_SHAPES, DEFAULT_TP, KNOWN_ATTN, KNOWN_DTYPES
+    from .cases import check_choices, parse_shapes, parse_tp
+    from .faults import get_fault
+    from .models import default_model
+    from .runner import LogitsRun, run_logits
+    from .tolerance import load_policy
+
+    run = LogitsRun(
+        model=Path(a.model) if a.model else default_model(),
+        dtypes=check_choices("--dtypes", a.dtypes or list(DEFAULT_DTYPES), KNOWN_DTYPES),
+        attns=check_choices("--attn", a.attn or list(DEFAULT_ATTN), KNOWN_ATTN),
+        tps=parse_tp(a.tp or [str(t) for t in DEFAULT_TP]),
+        shapes=parse_shapes(a.shapes or list(DEFAULT_SHAPES)),
+        device=a.device, seed=a.seed, policy=load_policy(a.policy), fault=get_fault(a.plant),
+        out=Path(a.out), progress=not a.no_progress,
+    )
+    if a.model and not Path(a.model).exists():
+        raise InputError(f"--model: {a.model}: no such file or folder")
+    code = run_logits(run)
+    for line in run.log:
+        print(line, file=sys.stderr)
+    print(f"results: {run.out}/results.csv, {run.out}/summary.json, {run.out}/report.md")
+    return code
+
+
+def cmd_make_model(a: argparse.Namespace) -> int:
+    from .models import write_preset
+    if a.shards < 1:
+        raise InputError("--shards: must be >= 1")
+    path = write_preset(a.preset, Path(a.out), fmt=a.format, shards=a.shards, seed=a.seed)
+    print(f"wrote {a.preset} ({a.format}, {a.shards} shard(s), seed {a.seed}) to {path}")
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from reference_model import checkpoint
+    ckpt = checkpoint.load(Path(a.model))
+    if a.to == "hf":
+        checkpoint.save_hf(Path(a.out), ckpt.args, ckpt.state)
+    else:
+        checkpoint.save_meta(Path(a.out), ckpt.args, ckpt.state, n_shards=a.shards)
+    print(f"converted {a.model} ({ckpt.source}) to {a.to} at {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-parity", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    lg = sub.add_parser("logits", help="reference vs transformers logits over a case matrix")
+    lg.add_argument("--model", help="Meta (params.json + consolidated.*.pth) or HF folder; default: embedded model")
+    lg.add_argument("--dtypes", type=_csv, help="comma list of float32,bfloat16,float16 (default: all three)")
+    lg.add_argument("--attn", type=_csv, help="comma list of eager,sdpa,flash_attention_2,flex_attention")
+    lg.add_argument("--tp", type=_csv, help="comma list of pretraining_tp values (default: 1,2)")
+    lg.add_argument("--shapes", type=_csv, help="comma list of BATCHxSEQ (default: 1x16,2x64)")
+    lg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    lg.add_argument("--seed", type=int, default=0)
+    lg.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")
+    lg.add_argument("--plant", help="plant a known porting bug in the transformers subject (gate self-test)")
+    lg.add_argument("--out", default="reports/latest/logits", help="output folder")
+    lg.add_argument("--no-progress", action="store_true")
+    lg.set_defaults(func=cmd_logits)
+
+    mm = sub.add_parser("make-model", help="write a deterministic synthetic checkpoint")
+    mm.add_argument("--preset", required=True)
+    mm.add_argument("--format", default="meta", choices=("meta", "hf"))
+    mm.add_argument("--shards", type=int, default=1, help="model-parallel shards (Meta format)")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--out", required=True)
+    mm.set_defaults(func=cmd_make_model)
+
+    cv = sub.add_parser("convert", help="convert a checkpoint between Meta and HF layouts")
+    cv.add_argument("--model", required=True)
+    cv.add_argument("--to", required=True, choices=("meta", "hf"))
+    cv.add_argument("--shards", type=int, default=1)
+    cv.add_argument("--out", required=True)
+    cv.set_defaults(func=cmd_convert)
+
+    _add_optional_commands(sub)
+    return p
+
+
+def _add_optional_commands(sub) -> None:
+    """Suites that live in their own modules register here."""
+    try:
+        from .tokenizer_cli import register
+    except ImportError:
+        return
+    register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (InputError, CheckpointError) as e:
+        print(f"llama-parity: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main_entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Subjects: things that map token ids to logits. The reference (at any dtype, or as the float64
+oracle) and transformers' LlamaForCausalLM loaded from the same weights.
+
+What the installed transformers offers (attention implementations, a live ``pretraining_tp``)
+is asked here, once, so that a case it cannot run is recorded as not applicable with the reason.
+"""
+from __future__ import annotations
+
+import inspect
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from reference_model.checkpoint import Checkpoint, build_model, save_hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+class ReferenceSubject:
+    """The independent reference. ``oracle=True``: float64 everywhere, RoPE angles included."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: str, device: str, oracle: bool = False):
+        self.name = "oracle-fp64" if oracle else "reference"
+        rope = torch.float64 if oracle else torch.float32
+        self.model = build_model(ckpt, DTYPES[dtype], device, rope_dtype=rope)
+        self.device = device
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device))
+
+
+# --- transformers --------------------------------------------------------------------------------
+
+def transformers_version() -> tuple[int, ...]:
+    import transformers
+    return tuple(int(p) for p in transformers.__version__.split(".")[:2])
+
+
+@lru_cache(maxsize=None)
+def tp_honoured() -> bool:
+    """Whether this release's Llama MLP slices by pretraining_tp (4.31-4.46; a no-op from 4.47)."""
+    from transformers.models.llama import modeling_llama
+    return "pretraining_tp" in inspect.getsource(modeling_llama.LlamaMLP.forward)
+
+
+@lru_cache(maxsize=None)
+def attn_implementations(device: str) -> dict[str, str]:
+    """Attention implementation -> '' when usable here, else the reason it is not."""
+    version = transformers_version()
+    out = {"eager": ""}
+    out["sdpa"] = "" if version >= (4, 36) else f"transformers {version} has no SDPA path for Llama"
+    try:
+        import flash_attn  # noqa: F401
+        has_fa = True
+    except ImportError:
+        has_fa = False
+    if not device.startswith("cuda"):
+        out["flash_attention_2"] = "needs a CUDA device"
+    elif not has_fa:
+        out["flash_attention_2"] = "the flash_attn package is not installed"
+    else:
+        out["flash_attention_2"] = ""
+    out["flex_attention"] = "" if version >= (4, 48) else "flex attention arrives in transformers 4.48"
+    return out
+
+
+class TransformersSubject:
+    """transformers' LlamaForCausalLM loaded with from_pretrained, as a user would load it."""
+
+    name = "transformers"
+
+    def __init__(self, hf_path: Path, dtype: str, device: str, attn: str = "eager", tp: int = 1, fault=None):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # our own bar counts cells; one bar per load is noise
+        config = LlamaConfig.from_pretrained(hf_path)
+        config.pretraining_tp = tp
+        if fault is not None:
+            fault.edit_config(config)
+        kwargs = {"config": config}
+        if transformers_version() >= (4, 36):
+            kwargs["attn_implementation"] = attn
+        kwargs["dtype" if transformers_version() >= (4, 56) else "torch_dtype"] = DTYPES[dtype]
+        self.model = LlamaForCausalLM.from_pretrained(hf_path, **kwargs).to(device).eval()
+        self.device, self.fault = device, fault
+        if fault is not None:
+            fault.edit_model(self.model)
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.device)
+        kwargs = {"use_cache": False}
+        if self.fault is not None:
+            kwargs.update(self.fault.forward_kwargs(ids))
+        return self.model(input_ids=ids, **kwargs).logits
+
+
+class HFFolder:
+    """An HF folder for transformers: the user's own, or one converted from a Meta checkpoint by
+    the harness's converter (the same conversion a user would run) into a temporary folder."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self._tmp = None
+        if ckpt.source == "hf":
+            self.path = ckpt.path
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="llama-parity-hf-")
+            self.path = save_hf(Path(self._tmp.name) / "hf", ckpt.args, ckpt.state)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()

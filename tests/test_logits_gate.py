@@ -1,0 +1,107 @@
+"""The logits suite end to end through the CLI: correct models pass, planted bugs fail the gate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cli import main
+from harness.faults import FAULTS
+from harness.subjects import tp_honoured
+
+FAST = ["--attn", "eager,sdpa", "--tp", "1", "--shapes", "1x8,2x24", "--no-progress"]
+
+
+def run(model, out, *extra) -> tuple[int, dict]:
+    code = main(["logits", "--model", str(model), "--out", str(out), *FAST, *extra])
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    return code, summary
+
+
+@pytest.mark.parametrize("name", ["tiny-mha/meta", "tiny-mha/meta2", "tiny-gqa/meta", "tiny-gqa/meta2",
+                                  "tiny-gqa/hf", "tiny-ffnmult/meta2", "tiny-ffnmult/hf-sharded"])
+def test_correct_transformers_passes_at_float32(models, tmp_path, name):
+    code, summary = run(models[name], tmp_path, "--dtypes", "float32")
+    assert code == 0, [c for c in summary["cells"] if c["status"] == "fail"]
+    assert summary["verdict"] == "pass"
+    gated = [c for c in summary["cells"] if c["subject"] == "transformers" and c["against"] == "oracle-fp64"]
+    assert gated and all(c["passed"] is True for c in gated)
+
+
+def test_summary_schema(models, tmp_path):
+    code, summary = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float32,bfloat16")
+    assert code == 0
+    env = summary["environment"]
+    assert {"torch", "transformers", "device", "dtype_support"} <= env.keys()
+    cell = summary["cells"][0]
+    assert {"case", "subject", "against", "metric", "value", "tolerance", "passed", "status"} <= cell.keys()
+    assert {"dtype", "attn", "tp", "shape", "device"} <= cell["case"].keys()
+    assert summary["policy"]["version"]
+    assert (tmp_path / "results.csv").read_text().startswith("suite,")
+    assert "PASS" in (tmp_path / "report.md").read_text()
+
+
+def test_low_precision_cells_pass_on_a_correct_model(models, tmp_path):
+    code, summary = run(models["tiny-outliers/meta"], tmp_path, "--dtypes", "bfloat16,float16")
+    assert code == 0, [c for c in summary["cells"] if c["status"] == "fail"]
+
+
+def test_rerun_with_same_seed_writes_identical_numbers(models, tmp_path):
+    run(models["tiny-gqa/meta"], tmp_path / "a", "--dtypes", "float32,bfloat16")
+    run(models["tiny-gqa/meta"], tmp_path / "b", "--dtypes", "float32,bfloat16")
+    assert (tmp_path / "a" / "results.csv").read_bytes() == (tmp_path / "b" / "results.csv").read_bytes()
+
+
+def test_pretraining_tp_not_applicable_is_recorded_not_skipped(models, tmp_path):
+    code, summary = main(["logits", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path),
+                          "--dtypes", "float32", "--attn", "eager", "--tp", "1,2", "--shapes", "1x8",
+                          "--no-progress"]), json.loads((tmp_path / "summary.json").read_text())
+    tp2 = [c for c in summary["cells"] if c["case"]["tp"] == 2]
+    assert tp2
+    if tp_honoured():
+        assert all(c["status"] != "n/a" for c in tp2) and code == 0
+    else:
+        assert all(c["status"] == "n/a" and "pretraining_tp" in c["reason"] for c in tp2)
+
+
+def _plant_cases():
+    for name, fault in FAULTS.items():
+        dtype = fault.visible_at[0]
+        model = "tiny-outliers/meta" if dtype == "float16" else "tiny-gqa/meta"
+        yield pytest.param(name, dtype, model, id=name)
+
+
+@pytest.mark.parametrize("fault, dtype, model", list(_plant_cases()))
+def test_planted_bug_fails_the_gate(models, tmp_path, fault, dtype, model, capsys):
+    code, summary = run(models[model], tmp_path / "plant", "--dtypes", dtype, "--plant", fault)
+    assert code == 1, f"--plant {fault} passed the gate at {dtype}"
+    failing = [c for c in summary["cells"] if c["status"] == "fail"]
+    assert failing and all(c["subject"] == "transformers" for c in failing)
+    assert "FAILING" in capsys.readouterr().out
+    # the same run without the plant passes
+    code, _ = run(models[model], tmp_path / "clean", "--dtypes", dtype)
+    assert code == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dtypes", "float8"], "--dtypes"),
+    (["--attn", "magic"], "--attn"),
+    (["--shapes", "2by3"], "--shapes"),
+    (["--tp", "0"], "--tp"),
+    (["--device", "tpu"], "--device"),
+    (["--plant", "nope"], "--plant"),
+])
+def test_bad_arguments_exit_2_naming_the_argument(models, tmp_path, capsys, args, needle):
+    code = main(["logits", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path / "o"), *args])
+    assert code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_device_absent_is_bad_input(models, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    code = main(["logits", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path / "o"),
+                 "--device", "cuda"])
+    assert code == 2 and "no CUDA device" in capsys.readouterr().err
