@@ -105,3 +105,15 @@ def test_cuda_device_absent_is_bad_input(models, tmp_path, capsys):
     code = main(["logits", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path / "o"),
                  "--device", "cuda"])
     assert code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_llama2_7b_shaped_slice(tmp_path):
+    """Real 7B shapes (head_dim 128, FFN 11008, vocab 32000), one layer: correct passes, a
+    missing permute fails. About a minute and 6 GB on CPU."""
+    from harness.models import write_preset
+    model = write_preset("slice-7b", tmp_path / "slice-7b")
+    args = ["--attn", "sdpa", "--tp", "1", "--shapes", "1x64", "--no-progress"]
+    assert main(["logits", "--model", str(model), "--out", str(tmp_path / "a"), "--dtypes", "float32,bfloat16", *args]) == 0
+    assert main(["logits", "--model", str(model), "--out", str(tmp_path / "b"), "--dtypes", "float32",
+                 "--plant", "no-permute", *args]) == 1
