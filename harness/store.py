@@ -2,11 +2,18 @@
 
 A row is one case x subject x metric. Its case settings live in a flat dict
 (`case`) so that suites with different axes (dtype/attn for logits, loader/flags
-for the tokenizer) share one table. Files are written to a temporary name and
+for the tokenizer) share one table. Files are written to a temporary name, synced and
 renamed, so an interrupted run never leaves a half-written results file.
+
+A suite that runs for long journals its rows group by group (`Journal`, one JSON line per
+finished group, appended and fsynced): a rerun with the same output folder reads the journal
+back, skips the groups already done and rebuilds results.csv / summary.json from it.
+Timings go to timing.json, never into summary.json, so that two runs with the same seed,
+inputs and environment write byte-identical summaries.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,6 +64,18 @@ class Row:
         }
 
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Row":
+        """The inverse of to_dict (how the journal reads its rows back)."""
+        return cls(d["suite"], dict(d["case"]), d["subject"], d["against"], d["metric"],
+                   _float_from_json(d["value"]), _float_from_json(d["tolerance"]),
+                   d["status"], d["reason"], dict(d.get("extra") or {}))
+
+
+def _float_from_json(x: float | str | None) -> float | None:
+    return None if x is None else float(x)   # float("nan"), float("inf") read _json_float's spelling
+
+
 def _json_float(x: float | None) -> float | str | None:
     """JSON has no NaN/Inf; spell them out rather than write invalid JSON."""
     if x is None:
@@ -87,22 +106,48 @@ def verdict(rows: list[Row]) -> str:
     return FAIL if any(r.status == FAIL for r in rows) else PASS
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in path survive a crash (no-op where directories can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+RESULT_FILES = ("results.csv", "summary.json", "report.md", "timing.json")
 
 
 def write_results(out_dir: Path, suite: str, rows: list[Row], environment: dict[str, Any],
-                  extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write results.csv and summary.json into out_dir; return the summary."""
+                  extra_summary: dict[str, Any] | None = None,
+                  timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write results.csv and summary.json (and timing.json when given) into out_dir; return the summary.
+
+    Timings are kept out of summary.json: they differ on every run, and the summary must not.
+    """
     out_dir = Path(out_dir)
     frame = to_frame(rows)
     atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False, float_format="%.9g"))
@@ -116,8 +161,102 @@ def write_results(out_dir: Path, suite: str, rows: list[Row], environment: dict[
         "cells": [r.to_dict() for r in rows],
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=False) + "\n")
+    if timing is not None:
+        atomic_write_text(out_dir / "timing.json", json.dumps(timing, indent=1) + "\n")
     return summary
 
 
 def exit_code(rows: list[Row]) -> int:
     return 1 if verdict(rows) == FAIL else 0
+
+
+# --- the journal: finished groups of rows, for resuming an interrupted run -------------------------
+
+JOURNAL = "journal.jsonl"
+JOURNAL_VERSION = 1
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable key for JSON-able settings (sorted keys, so dict order never matters)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+class Journal:
+    """One JSON line per finished group of rows in ``out_dir/journal.jsonl``.
+
+    A group's key is the fingerprint of everything that decides its rows (the run's settings,
+    model fingerprint, seed, policy version, environment, plus the group's own settings), so a
+    rerun reuses a group only when it would compute the same rows. Each line is written with one
+    ``write`` on an O_APPEND descriptor and fsynced before the run goes on. A line cut short by a
+    kill, or any line that does not parse, is dropped when the journal is opened (the folder is
+    rewritten atomically without it), and its group simply runs again.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / JOURNAL
+        self.entries: dict[str, list[Row]] = {}
+        self.dropped = 0            # lines that did not parse (an interrupted append, or damage)
+        self.reused: set[str] = set()
+
+    @classmethod
+    def open(cls, out_dir: Path) -> "Journal":
+        j = cls(out_dir)
+        j.path.parent.mkdir(parents=True, exist_ok=True)
+        if not j.path.exists():
+            return j
+        raw = j.path.read_bytes()
+        good: list[bytes] = []
+        for line in raw.split(b"\n"):
+            if not line.strip():
+                continue
+            entry = _parse_entry(line)
+            if entry is None:
+                j.dropped += 1
+                continue
+            key, rows = entry
+            j.entries[key] = rows
+            good.append(line)
+        if j.dropped or (raw and not raw.endswith(b"\n")):
+            # Rewrite without the bad lines, or the next append would glue onto a partial one.
+            atomic_write_text(j.path, "".join(line.decode("utf-8") + "\n" for line in good))
+        return j
+
+    def get(self, key: str) -> list[Row] | None:
+        rows = self.entries.get(key)
+        if rows is not None:
+            self.reused.add(key)
+        return rows
+
+    def append(self, key: str, group: dict[str, Any], rows: list[Row]) -> None:
+        line = json.dumps({"v": JOURNAL_VERSION, "key": key, "group": group,
+                           "rows": [r.to_dict() for r in rows]}, sort_keys=True, default=str) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            data = line.encode("utf-8")
+            written = os.write(fd, data)
+            while written < len(data):   # os.write may write less on some filesystems
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.entries[key] = rows
+
+
+def _parse_entry(line: bytes) -> tuple[str, list[Row]] | None:
+    try:
+        d = json.loads(line.decode("utf-8"))
+        if d.get("v") != JOURNAL_VERSION or not isinstance(d.get("key"), str):
+            return None
+        return d["key"], [Row.from_dict(r) for r in d["rows"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def clear_results(out_dir: Path) -> None:
+    """Remove a previous run's results before a new run starts, so that a run killed half-way
+    leaves no verdict behind that is not its own (the journal stays: it is what resumes)."""
+    for name in RESULT_FILES:
+        p = Path(out_dir) / name
+        if p.exists():
+            p.unlink()

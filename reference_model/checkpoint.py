@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .convert import (HF_IGNORED, META_IGNORED, args_to_hf_config, check_state, expected_meta_shapes,
-                      hf_config_to_args, hf_to_meta_key, hf_to_meta_state, meta_params, meta_to_hf_key,
-                      meta_to_hf_state,
-                      validate_args)
+from .convert import (_META_TYPES, HF_IGNORED, META_IGNORED, args_to_hf_config, check_state, check_types,
+                      check_vocab, expected_meta_shapes, hf_config_to_args, hf_to_meta_key, hf_to_meta_state,
+                      meta_params, meta_to_hf_key, meta_to_hf_state, nonfinite_weights, validate_args)
 from .errors import CheckpointError
 from .model import ModelArgs
 
@@ -93,8 +92,18 @@ def detect_format(path: Path) -> str:
 
 
 def load(path: str | Path, vocab_size: int | None = None) -> Checkpoint:
+    """Read a Meta or HF checkpoint. vocab_size: the tokenizer's, when one goes with the weights
+    (fills params.json's -1, and any other value must match it)."""
     path = Path(path)
-    return load_meta(path, vocab_size) if detect_format(path) == "meta" else load_hf(path)
+    if detect_format(path) == "meta":
+        return load_meta(path, vocab_size)
+    ckpt = load_hf(path)
+    check_vocab(ckpt.args, vocab_size, str(path / "config.json"))
+    return ckpt
+
+
+__all__ = ["Checkpoint", "load", "load_meta", "load_hf", "save_meta", "save_hf", "build_model",
+           "nonfinite_weights", "read_json", "torch_load"]
 
 
 # --- Meta format -------------------------------------------------------------------------------
@@ -116,12 +125,14 @@ def load_meta_args(path: Path, vocab_size: int | None = None) -> ModelArgs:
     for key in ("dim", "n_layers", "n_heads", "norm_eps"):
         if key not in params:
             raise CheckpointError(str(params_path), key, "missing field")
+    check_types(params, _META_TYPES, str(params_path))
     try:
         args = ModelArgs.from_params(params)
     except (KeyError, TypeError) as e:
         raise CheckpointError(str(params_path), None, str(e).strip("'\"")) from None
     if args.vocab_size == -1 and vocab_size:
         args.vocab_size = vocab_size
+    check_vocab(args, vocab_size, str(params_path))
     return args
 
 
@@ -209,8 +220,12 @@ def hf_weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None, Path
         if index_path.exists():
             index = read_json(index_path)
             weight_map = index.get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(str(index_path), "weight_map", "missing or not an object")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(str(index_path), "weight_map", "missing, empty or not an object")
+            for key, fname in weight_map.items():
+                # A bare file name in this folder: an index must not point the reader elsewhere.
+                if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
+                    raise CheckpointError(str(index_path), f"weight_map.{key}", f"{fname!r} is not a file name in this folder")
             files = sorted({path / f for f in weight_map.values()})
             return files, weight_map, index_path
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -224,8 +239,14 @@ def load_hf(path: Path) -> Checkpoint:
     config = read_json(config_path)
     args = hf_config_to_args(config, str(config_path))
     if isinstance(config.get("llama_parity_meta_params"), dict):   # written by save_hf: exact Meta params
-        meta = ModelArgs.from_params(config["llama_parity_meta_params"])
-        if meta.ffn_hidden == args.ffn_hidden and meta.dim == args.dim:
+        where = f"{config_path} [llama_parity_meta_params]"
+        check_types(config["llama_parity_meta_params"], _META_TYPES, where)
+        try:
+            meta = ModelArgs.from_params(config["llama_parity_meta_params"])
+            same = meta.ffn_hidden == args.ffn_hidden and meta.dim == args.dim
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(where, None, str(e).strip("'\"")) from None
+        if same:
             args.multiple_of, args.ffn_dim_multiplier = meta.multiple_of, meta.ffn_dim_multiplier
     files, weight_map, index_path = hf_weight_files(path)
     state: dict[str, torch.Tensor] = {}

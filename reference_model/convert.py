@@ -7,6 +7,7 @@ rows (0, d/2), (1, d/2+1), ... . Everything else is a rename.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -165,12 +166,40 @@ _HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
                 "vocab_size", "rms_norm_eps")
 
 
+# The JSON type each config field must have: a string where a number belongs must be refused
+# here, naming the key, not crash later inside arithmetic. bool is excluded from int on purpose.
+_META_TYPES = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": (int, type(None)),
+               "vocab_size": int, "multiple_of": int, "ffn_dim_multiplier": (int, float, type(None)),
+               "norm_eps": (int, float), "rope_theta": (int, float), "max_batch_size": int, "max_seq_len": int}
+_HF_TYPES = {"hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
+             "num_attention_heads": int, "num_key_value_heads": (int, type(None)), "vocab_size": int,
+             "rms_norm_eps": (int, float), "rope_theta": (int, float), "max_position_embeddings": int,
+             "rope_parameters": (dict, type(None))}
+
+
+def check_types(config: dict, types: dict, where: str) -> None:
+    """Every present field of a known name has its JSON type (finite numbers; no bools as ints)."""
+    for key, want in types.items():
+        if key not in config:
+            continue
+        v = config[key]
+        ok = isinstance(v, want) and not isinstance(v, bool)
+        if ok and isinstance(v, float) and not math.isfinite(v):
+            ok = False
+        if not ok:
+            names = want.__name__ if isinstance(want, type) else " or ".join(
+                "null" if t is type(None) else t.__name__ for t in want)
+            raise CheckpointError(where, key, f"{v!r} is not a finite {names}")
+
+
 def hf_config_to_args(config: dict, where: str) -> ModelArgs:
     """Meta args for an HF config; the FFN size must be reachable by Meta's sizing rule."""
     for key in _HF_REQUIRED:
         if key not in config:
             raise CheckpointError(where, key, "missing field")
+    check_types(config, _HF_TYPES, where)
     rope = config.get("rope_parameters") or {}
+    check_types(rope, {"rope_theta": (int, float)}, f"{where} [rope_parameters]")
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     scaling = config.get("rope_scaling")
     if scaling or rope.get("rope_type", "default") != "default":
@@ -184,6 +213,9 @@ def hf_config_to_args(config: dict, where: str) -> ModelArgs:
         vocab_size=config["vocab_size"], norm_eps=config["rms_norm_eps"], rope_theta=float(theta),
         max_seq_len=config.get("max_position_embeddings", 4096),
     )
+    validate_args(args, where)   # sizes sane before the FFN search does arithmetic on them
+    if not 0 < config["intermediate_size"] < _MAX_SIZE:
+        raise CheckpointError(where, "intermediate_size", f"{config['intermediate_size']} must be positive")
     args = _with_ffn(args, config["intermediate_size"], where)
     validate_args(args, where)
     return args
@@ -217,9 +249,21 @@ def meta_params(args: ModelArgs) -> dict:
     return params
 
 
+_MAX_SIZE = 2 ** 31   # far above any Llama; stops arithmetic on absurd sizes from overflowing floats
+
+
 def validate_args(args: ModelArgs, where: str) -> None:
+    for key in ("dim", "n_heads", "n_layers", "vocab_size", "multiple_of", "max_seq_len"):
+        if abs(getattr(args, key)) >= _MAX_SIZE:
+            raise CheckpointError(where, key, f"{getattr(args, key)} is too large")
     if args.dim <= 0 or args.n_heads <= 0 or args.n_layers < 0:
         raise CheckpointError(where, "dim/n_heads/n_layers", "must be positive")
+    if args.multiple_of <= 0:
+        raise CheckpointError(where, "multiple_of", f"{args.multiple_of} must be positive")
+    if args.ffn_dim_multiplier is not None and not 0 < args.ffn_dim_multiplier <= 1000:
+        raise CheckpointError(where, "ffn_dim_multiplier", f"{args.ffn_dim_multiplier} must be in (0, 1000]")
+    if args.max_seq_len <= 0:
+        raise CheckpointError(where, "max_seq_len", f"{args.max_seq_len} must be positive")
     if args.dim % args.n_heads:
         raise CheckpointError(where, "n_heads", f"{args.n_heads} heads do not divide dim {args.dim}")
     if args.head_dim % 2:
@@ -230,3 +274,37 @@ def validate_args(args: ModelArgs, where: str) -> None:
         raise CheckpointError(where, "vocab_size", f"{args.vocab_size}: set it (or give a tokenizer)")
     if not args.norm_eps > 0:
         raise CheckpointError(where, "norm_eps", f"{args.norm_eps} must be > 0")
+    if not (math.isfinite(args.rope_theta) and args.rope_theta > 0):
+        raise CheckpointError(where, "rope_theta", f"{args.rope_theta} must be a finite number > 0")
+    if args.ffn_hidden <= 0:
+        raise CheckpointError(where, "multiple_of/ffn_dim_multiplier", f"FFN size {args.ffn_hidden} must be positive")
+
+
+def check_vocab(args: ModelArgs, tokenizer_vocab: int | None, where: str) -> None:
+    """The checkpoint's vocabulary must be the tokenizer's: ids past either end would index garbage."""
+    if tokenizer_vocab is not None and args.vocab_size != tokenizer_vocab:
+        raise CheckpointError(where, "vocab_size", f"{args.vocab_size}, but the tokenizer has {tokenizer_vocab} pieces")
+
+
+def nonfinite_weights(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Tensor name -> what is wrong with it: NaN or Inf as stored, or (given a narrower dtype)
+    values past that dtype's range, which become Inf when cast. Empty when every weight is fine.
+
+    Not an input error: a run over such weights goes on, and the cells they spoil fail with this
+    named as the reason (a gate must report, not crash).
+    """
+    out = {}
+    big = torch.finfo(dtype).max if dtype is not None and dtype.is_floating_point else None
+    for key, w in state.items():
+        if not w.is_floating_point():
+            continue
+        nan = int(torch.isnan(w).sum())
+        inf = int(torch.isinf(w).sum())
+        parts = [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n]
+        if big is not None and torch.finfo(w.dtype).max > big:
+            over = int((w.abs() > big).sum()) - inf
+            if over > 0:
+                parts.append(f"{over} beyond {str(dtype).removeprefix('torch.')} range (overflow to Inf)")
+        if parts:
+            out[key] = ", ".join(parts)
+    return out
