@@ -19,9 +19,12 @@ def cmd_logits(a: argparse.Namespace) -> int:
     from .cases import check_choices, parse_shapes, parse_tp
     from .faults import get_fault
     from .models import default_model
-    from .runner import LogitsRun, run_logits
+    from .runner import LogitsRun, read_tokens, run_logits
     from .tolerance import load_policy
 
+    if a.tokens and a.shapes:
+        raise InputError("--tokens and --shapes: give one (the token file fixes the shape)")
+    tokens = read_tokens(a.tokens) if a.tokens else None
     run = LogitsRun(
         model=Path(a.model) if a.model else default_model(),
         dtypes=check_choices("--dtypes", a.dtypes or list(DEFAULT_DTYPES), KNOWN_DTYPES),
@@ -30,6 +33,7 @@ def cmd_logits(a: argparse.Namespace) -> int:
         shapes=parse_shapes(a.shapes or list(DEFAULT_SHAPES)),
         device=a.device, seed=a.seed, policy=load_policy(a.policy), fault=get_fault(a.plant),
         out=Path(a.out), progress=not a.no_progress,
+        tokens=tokens, tokens_path=Path(a.tokens) if a.tokens else None,
     )
     if a.model and not Path(a.model).exists():
         raise InputError(f"--model: {a.model}: no such file or folder")
@@ -70,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--attn", type=_csv, help="comma list of eager,sdpa,flash_attention_2,flex_attention")
     lg.add_argument("--tp", type=_csv, help="comma list of pretraining_tp values (default: 1,2)")
     lg.add_argument("--shapes", type=_csv, help="comma list of BATCHxSEQ (default: 1x16,2x64)")
+    lg.add_argument("--tokens", help="JSON file: a list of equal-length token-id lists to run instead of --shapes")
     lg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     lg.add_argument("--seed", type=int, default=0)
     lg.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")
     lg.add_argument("--plant", help="plant a known porting bug in the transformers subject (gate self-test)")
-    lg.add_argument("--out", default="reports/latest/logits", help="output folder")
+    lg.add_argument("--out", default="reports/latest/logits",
+                    help="output folder; a rerun with the same folder resumes, skipping finished cells")
     lg.add_argument("--no-progress", action="store_true")
     lg.set_defaults(func=cmd_logits)
 

@@ -3,9 +3,16 @@ judge with the tolerance policy, write results.
 
 Flow: checkpoint -> oracle logits per input shape -> reference at each dtype (the calibrator) ->
 transformers per cell -> metrics -> verdict rows -> results.csv / summary.json / report.md.
+
+Rows are journaled group by group (the reference at a dtype; transformers at a dtype, attention
+and tp), so a rerun with the same --out resumes: finished groups are read back, not rerun.
+Weights with NaN/Inf, or activations that overflow a narrow dtype, fail the cells they spoil with
+the cause named; they never pass and never stop the run.
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,8 +29,8 @@ from .environment import environment
 from .errors import InputError
 from .faults import Fault
 from .metrics import METRICS, compare
-from .store import FAIL, NA, PASS, Row, exit_code, write_results
-from .subjects import HFFolder, ReferenceSubject, TransformersSubject, attn_implementations, tp_honoured
+from .store import FAIL, NA, PASS, Journal, Row, clear_results, exit_code, fingerprint, write_results
+from .subjects import DTYPES, HFFolder, ReferenceSubject, TransformersSubject, attn_implementations, tp_honoured
 from .tolerance import Policy
 
 SUITE = "logits"
@@ -44,16 +51,19 @@ class LogitsRun:
     fault: Fault | None = None
     out: Path = Path("reports/latest/logits")
     progress: bool = True
+    tokens: list[list[int]] | None = None   # --tokens: the user's own ids, instead of shapes
+    tokens_path: Path | None = None
     log: list[str] = field(default_factory=list)
 
 
 def check_device(device: str) -> None:
     if device == "cpu":
         return
-    if device.startswith("cuda"):
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m:
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available on this machine")
-        index = int(device.split(":")[1]) if ":" in device else 0
+        index = int(m[1] or 0)
         if index >= torch.cuda.device_count():
             raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
         return
@@ -74,68 +84,185 @@ def _judge(rows: list[Row], policy: Policy, dtype: str, reference: dict | None) 
     return rows
 
 
+def read_tokens(path: str | Path) -> list[list[int]]:
+    """--tokens FILE: a JSON list of equal-length, non-empty lists of token ids (no padding in this
+    suite). Ranges are checked against the model's vocabulary once the checkpoint is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--tokens {path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--tokens {path}: not valid JSON ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise InputError(f"--tokens {path}: expected a non-empty JSON list of token-id lists")
+    for i, row in enumerate(data):
+        if not isinstance(row, list) or not row:
+            raise InputError(f"--tokens {path}: [{i}]: expected a non-empty list of token ids")
+        if len(row) != len(data[0]):
+            raise InputError(f"--tokens {path}: [{i}]: {len(row)} ids, but [0] has {len(data[0])} "
+                             f"(rows must have equal length)")
+        for j, t in enumerate(row):
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise InputError(f"--tokens {path}: [{i}][{j}]: {t!r} is not an integer token id")
+    return data
+
+
+def model_fingerprint(path: Path) -> list:
+    """Name, size and mtime of each file in the checkpoint folder: cheap (no hashing of gigabytes)
+    and changed by any rewrite, which is what deciding whether journaled rows still hold needs."""
+    path = Path(path)
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in path.iterdir() if f.is_file())
+
+
+def _inputs(run: LogitsRun, vocab: int) -> dict[Shape, torch.Tensor]:
+    if run.tokens is None:
+        return {s: make_inputs(s, vocab, run.seed) for s in run.shapes}
+    for i, row in enumerate(run.tokens):
+        for j, t in enumerate(row):
+            if not 0 <= t < vocab:
+                raise InputError(f"--tokens {run.tokens_path}: [{i}][{j}]: token id {t} is out of range "
+                                 f"(the model's vocabulary is 0..{vocab - 1})")
+    ids = torch.tensor(run.tokens, dtype=torch.long)
+    return {Shape(*ids.shape): ids}
+
+
+def _weight_notes(ckpt, dtypes: list[str]) -> dict[str, str]:
+    """dtype -> what in the weights spoils cells at that dtype ('' when nothing); float64 is the oracle."""
+    notes = {}
+    for dtype in ["float64", *dtypes]:
+        bad = checkpoint.nonfinite_weights(ckpt.state, DTYPES[dtype])
+        notes[dtype] = "; ".join(f"{k}: {v}" for k, v in list(bad.items())[:3]) + (
+            f"; and {len(bad) - 3} more tensors" if len(bad) > 3 else "")
+    return notes
+
+
+def _explain(why: str, dtype: str, truth_ok: bool, notes: dict[str, str]) -> str:
+    """Say why logits are not finite: bad weights, or a dtype whose range the activations outgrew."""
+    if not why:
+        return why
+    if notes.get(dtype) or notes.get("float64"):
+        return f"{why}; the weights: {notes.get(dtype) or notes['float64']}"
+    if truth_ok and dtype in ("float16", "bfloat16"):
+        top = torch.finfo(DTYPES[dtype]).max
+        return f"{why}; overflow: activations exceed {dtype}'s range (max {top:.6g}) while the float64 oracle stays finite"
+    return why
+
+
 def run_logits(run: LogitsRun) -> int:
     check_device(run.device)
     ckpt = checkpoint.load(run.model)
     policy = run.policy
-    support = environment(run.device)["dtype_support"]
-    vocab = ckpt.args.vocab_size
-    inputs = {s: make_inputs(s, vocab, run.seed) for s in run.shapes}
-    rows: list[Row] = []
+    env = environment(run.device)
+    support = env["dtype_support"]
+    inputs = _inputs(run, ckpt.args.vocab_size)   # bad token ids are input errors: before any write
+    shapes = list(inputs)
+    notes = _weight_notes(ckpt, run.dtypes)
+    cells = matrix(run.dtypes, run.attns, run.tps, shapes, run.device)
+
+    # Everything that decides a group's rows; a journaled group is reused only when all of it matches.
+    settings = {
+        "suite": SUITE, "model": model_fingerprint(run.model), "seed": run.seed,
+        "inputs": fingerprint([inputs[s].tolist() for s in shapes]),
+        "policy": {"version": policy.version, "sha": fingerprint(policy.path.read_text(encoding="utf-8"))},
+        "plant": run.fault.name if run.fault else None,
+        "environment": {k: env[k] for k in ("torch", "transformers", "device", "torch_threads", "harness_commit")},
+    }
+    clear_results(run.out)
+    journal = Journal.open(run.out)
+    if journal.dropped:
+        run.log.append(f"note: {journal.dropped} unreadable line(s) in {journal.path} dropped; their groups run again")
+
     started = time.perf_counter()
+    state = {"truth": None, "hf": None}
 
-    oracle = ReferenceSubject(ckpt, "float64", run.device, oracle=True)
-    truth = {s: oracle.logits(ids).cpu() for s, ids in inputs.items()}
-    del oracle
+    def truth() -> dict[Shape, torch.Tensor]:
+        if state["truth"] is None:
+            oracle = ReferenceSubject(ckpt, "float64", run.device, oracle=True)
+            state["truth"] = {s: oracle.logits(ids).cpu() for s, ids in inputs.items()}
+        return state["truth"]
 
-    hf = HFFolder(ckpt)
-    cells = matrix(run.dtypes, run.attns, run.tps, run.shapes, run.device)
-    bar = tqdm(total=len(run.dtypes) * len(run.shapes) + len(cells), desc="logits", unit="cell",
+    def hf() -> HFFolder:
+        if state["hf"] is None:
+            state["hf"] = HFFolder(ckpt)
+        return state["hf"]
+
+    def key_of(group: dict) -> str:
+        return fingerprint({"run": settings, "group": group})
+
+    rows: list[Row] = []
+    bar = tqdm(total=len(run.dtypes) * len(shapes) + len(cells), desc="logits", unit="cell",
                disable=not run.progress, file=sys.stderr)
     try:
         for dtype in run.dtypes:
-            ref_metrics: dict[Shape, dict] = {}
-            ref_logits: dict[Shape, torch.Tensor] = {}
+            dcells = [c for c in cells if c.dtype == dtype]
             if not support.get(dtype, False):
                 why = f"{dtype} does not run on {run.device}"
                 rows += [Row(SUITE, c.settings(), "transformers", "oracle-fp64", "all", None, status=NA, reason=why)
-                         for c in cells if c.dtype == dtype]
-                bar.update(len(run.shapes) + sum(c.dtype == dtype for c in cells))
+                         for c in dcells]
+                bar.update(len(shapes) + len(dcells))
                 continue
-            reference = ReferenceSubject(ckpt, dtype, run.device)
-            for shape in run.shapes:
-                ref_logits[shape] = reference.logits(inputs[shape]).cpu()
-                values, why = compare(ref_logits[shape], truth[shape])
-                ref_metrics[shape] = values
-                case = {"dtype": dtype, "attn": "-", "tp": "-", "shape": str(shape), "device": run.device}
-                rows += _judge(_metric_rows(case, "reference", "oracle-fp64", values, why), policy, dtype, None)
-                bar.update(1)
-            del reference
-            for key in sorted({(c.attn, c.tp) for c in cells if c.dtype == dtype}, key=str):
-                attn, tp = key
-                group = [c for c in cells if c.dtype == dtype and (c.attn, c.tp) == key]
-                rows += _run_transformers(run, hf, dtype, attn, tp, group, inputs, truth, ref_logits, ref_metrics, policy)
+            ref_group = {"subject": "reference", "dtype": dtype}
+            tf_groups = [{"subject": "transformers", "dtype": dtype, "attn": a, "tp": t}
+                         for a, t in sorted({(c.attn, c.tp) for c in dcells}, key=str)]
+            done = {key_of(g): journal.get(key_of(g)) for g in [ref_group, *tf_groups]}
+            ref_logits: dict[Shape, torch.Tensor] = {}
+            ref_metrics: dict[Shape, dict] = {}
+            if any(v is None for v in done.values()):   # something to compute: the reference calibrates it
+                reference = ReferenceSubject(ckpt, dtype, run.device)
+                ref_rows = []
+                for shape in shapes:
+                    t = truth()[shape]
+                    ref_logits[shape] = reference.logits(inputs[shape]).cpu()
+                    values, why = compare(ref_logits[shape], t)
+                    why = _explain(why, dtype, bool(torch.isfinite(t).all()), notes)
+                    ref_metrics[shape] = values
+                    case = {"dtype": dtype, "attn": "-", "tp": "-", "shape": str(shape), "device": run.device}
+                    ref_rows += _judge(_metric_rows(case, "reference", "oracle-fp64", values, why), policy, dtype, None)
+                del reference
+                if done[key_of(ref_group)] is None:
+                    journal.append(key_of(ref_group), ref_group, ref_rows)
+                    done[key_of(ref_group)] = ref_rows
+            rows += done[key_of(ref_group)]
+            bar.update(len(shapes))
+            for g in tf_groups:
+                group = [c for c in dcells if (c.attn, c.tp) == (g["attn"], g["tp"])]
+                if done[key_of(g)] is None:
+                    got = _run_transformers(run, hf, dtype, g["attn"], g["tp"], group, inputs, truth,
+                                            ref_logits, ref_metrics, policy, notes)
+                    journal.append(key_of(g), g, got)
+                    done[key_of(g)] = got
+                rows += done[key_of(g)]
                 bar.update(len(group))
     finally:
         bar.close()
-        hf.close()
+        if state["hf"] is not None:
+            state["hf"].close()
 
+    if journal.reused:
+        run.log.append(f"resumed: {len(journal.reused)} finished cell group(s) read from {journal.path}, not rerun")
     summary_extra = {
         "model": {"path": str(run.model), "format": ckpt.source, "shards": ckpt.n_shards,
                   "args": {k: v for k, v in vars(ckpt.args).items()}},
         "truth": TRUTH,
         "seed": run.seed,
+        "inputs": {"tokens": str(run.tokens_path) if run.tokens_path else None,
+                   "shapes": [str(s) for s in shapes], "sha": settings["inputs"]},
         "policy": {"path": str(policy.path), "version": policy.version},
         "plant": run.fault.name if run.fault else None,
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "weights": {d: n for d, n in notes.items() if n} or None,
     }
-    summary = write_results(run.out, SUITE, rows, environment(run.device), summary_extra)
+    timing = {"wall_seconds": round(time.perf_counter() - started, 3),
+              "groups_resumed": len(journal.reused)}
+    summary = write_results(run.out, SUITE, rows, env, summary_extra, timing=timing)
     report.write_markdown(run.out / "report.md", summary)
     report.print_console(summary)
     return exit_code(rows)
 
 
-def _run_transformers(run, hf, dtype, attn, tp, group: list[Case], inputs, truth, ref_logits, ref_metrics, policy):
+def _run_transformers(run, hf, dtype, attn, tp, group: list[Case], inputs, truth, ref_logits, ref_metrics,
+                      policy, notes):
+    """One (dtype, attn, tp) group: hf and truth are callables, so nothing loads for an n/a group."""
     rows = []
     why_na = attn_implementations(run.device).get(attn, f"unknown attention implementation {attn}")
     if not why_na and tp > 1 and not tp_honoured():
@@ -146,7 +273,7 @@ def _run_transformers(run, hf, dtype, attn, tp, group: list[Case], inputs, truth
         return [Row(SUITE, c.settings(), "transformers", "oracle-fp64", "all", None, status=NA, reason=why_na)
                 for c in group]
     try:
-        subject = TransformersSubject(hf.path, dtype, run.device, attn, tp, run.fault)
+        subject = TransformersSubject(hf().path, dtype, run.device, attn, tp, run.fault)
     except InputError:
         raise
     except Exception as e:  # a release that cannot build this cell fails it, naming the error
@@ -160,7 +287,9 @@ def _run_transformers(run, hf, dtype, attn, tp, group: list[Case], inputs, truth
             why = f"transformers forward failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(Row(SUITE, case.settings(), "transformers", "oracle-fp64", "all", None, status=FAIL, reason=why))
             continue
-        values, why = compare(logits, truth[case.shape])
+        t = truth()[case.shape]
+        values, why = compare(logits, t)
+        why = _explain(why, dtype, bool(torch.isfinite(t).all()), notes)
         rows += _judge(_metric_rows(case.settings(), "transformers", "oracle-fp64", values, why),
                        policy, dtype, ref_metrics[case.shape])
         pair, why = compare(logits, ref_logits[case.shape])
