@@ -1,0 +1,291 @@
+"""Streaming comparison: oracle, reference and transformers run block by block, one block's
+weights in memory at a time, so that peak memory is about one block (at float64 for the oracle,
+plus one at the subjects' dtype) plus the embeddings and activations, never two whole models.
+
+Weights come memory-mapped from the checkpoint itself: safetensors through ``safe_open``,
+Meta shards and ``.bin`` through ``torch.load(mmap=True, weights_only=True)``. Each block is
+read once in the file's own layout and cast once; the reference and transformers share those
+tensors, and only q/k get a second copy in the other layout (the permute).
+
+Each subject carries its own residual stream (``feed="own"``, the same numbers as the
+full-model comparison), or every block of every subject is fed the oracle's input
+(``feed="oracle"``: each block's error is then its own, nothing inherited).
+
+``shared_reference`` is the full-model counterpart: a reference Transformer whose parameters are
+transformers' own tensors wherever the layouts agree.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from reference_model.checkpoint import (META_SHARD, detect_format, hf_weight_files, load_meta_args,
+                                        meta_shard_files, read_json, shard_dim, torch_load)
+from reference_model.convert import (expected_meta_shapes, hf_config_to_args, meta_to_hf_key, permute,
+                                     unpermute, args_to_hf_config)
+from reference_model.errors import CheckpointError
+from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_cis
+
+from .capture import Capture, Errors, Store, point_order, rel_l2
+from .errors import InputError
+from .metrics import compare
+from .subjects import DTYPES
+
+_QK = ("attention.wq.weight", "attention.wk.weight")
+
+
+class WeightSource:
+    """Tensors of a Meta or HF checkpoint by Meta key, read one at a time from mapped files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.format = detect_format(self.path)
+        if self.format == "meta":
+            self.files = meta_shard_files(self.path)
+            # mmap: opening a 70B shard costs address space, not memory.
+            self._shards = [torch_load(f) for f in self.files]
+            self.args = load_meta_args(self.path)
+            if self.args.vocab_size == -1:
+                self.args.vocab_size = self._shards[0]["tok_embeddings.weight"].shape[0]
+            self.hf_config = args_to_hf_config(self.args)
+        else:
+            self.hf_config = read_json(self.path / "config.json")
+            self.args = hf_config_to_args(self.hf_config, str(self.path / "config.json"))
+            files, weight_map, _ = hf_weight_files(self.path)
+            self._where: dict[str, object] = {}
+            for f in files:
+                if f.suffix == ".safetensors":
+                    from safetensors import safe_open
+                    handle = safe_open(str(f), framework="pt", device="cpu")
+                    for key in handle.keys():
+                        self._where[key] = (f, handle)
+                else:
+                    part = torch_load(f)
+                    for key in part:
+                        self._where[key] = (f, part)
+        self.shapes = expected_meta_shapes(self.args)
+
+    def _raw(self, meta_key: str) -> torch.Tensor:
+        """The tensor in the file's own layout (HF: permuted q/k)."""
+        if self.format == "meta":
+            parts = []
+            for f, shard in zip(self.files, self._shards):
+                if meta_key not in shard:
+                    raise CheckpointError(str(f), meta_key, "missing tensor")
+                parts.append(shard[meta_key])
+            dim = shard_dim(meta_key)
+            w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+        else:
+            hf_key = meta_to_hf_key(meta_key)
+            if hf_key not in self._where:
+                raise CheckpointError(str(self.path), hf_key, "missing tensor")
+            f, handle = self._where[hf_key]
+            w = handle.get_tensor(hf_key) if hasattr(handle, "get_tensor") else handle[hf_key]
+        if tuple(w.shape) != self.shapes[meta_key]:
+            raise CheckpointError(str(self.path), meta_key, f"shape {tuple(w.shape)}, expected {self.shapes[meta_key]}")
+        return w
+
+    def block(self, layer: int, dtype: torch.dtype, device: str) -> tuple[dict, dict]:
+        """(Meta-layout state, HF-layout state) of one block, cast once; only q/k differ."""
+        if not 0 <= layer < self.args.n_layers:
+            raise InputError(f"layer {layer}: the checkpoint has {self.args.n_layers} layers")
+        meta, hf = {}, {}
+        for key in (k for k in self.shapes if k.startswith(f"layers.{layer}.")):
+            w = self._raw(key).to(device=device, dtype=dtype)
+            suffix = key.split(".", 2)[2]
+            local_hf = meta_to_hf_key(key).split(f"layers.{layer}.", 1)[1]
+            if suffix in _QK:
+                n = self.args.n_heads if suffix == _QK[0] else self.args.kv_heads
+                native, other = (w, permute(w, n)) if self.format == "meta" else (unpermute(w, n), w)
+                meta[suffix], hf[local_hf] = native.contiguous(), other.contiguous()
+            else:
+                meta[suffix] = hf[local_hf] = w
+        return meta, hf
+
+    def tensor(self, meta_key: str) -> torch.Tensor:
+        return self._raw(meta_key)
+
+
+# --- transformers pieces, built one block at a time ------------------------------------------
+
+def _hf_config(source: WeightSource, attn: str):
+    from transformers import LlamaConfig
+    cfg = {k: v for k, v in source.hf_config.items() if not k.startswith("llama_parity")}
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = attn
+    return config
+
+
+def _hf_mask(config, h: torch.Tensor, position_ids: torch.Tensor, attn: str):
+    """The causal mask the installed release's LlamaModel would pass its layers (no padding)."""
+    try:
+        from transformers.masking_utils import create_causal_mask
+    except ImportError:
+        create_causal_mask = None
+    if create_causal_mask is not None:
+        params = inspect.signature(create_causal_mask).parameters
+        kwargs = {"config": config, "attention_mask": None}
+        kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = h
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                kwargs[name] = None
+        if "cache_position" in params:
+            kwargs["cache_position"] = position_ids[0]
+        if "position_ids" in params:
+            kwargs["position_ids"] = position_ids
+        return create_causal_mask(**kwargs)
+    # Before masking_utils (4.46 and older): sdpa gets None (is_causal), eager an additive 4D mask.
+    seq = h.shape[1]
+    if attn == "sdpa":
+        return None
+    mask = torch.full((seq, seq), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)
+    return mask[None, None].expand(h.shape[0], 1, seq, seq)
+
+
+def _hf_layer(config, layer: int, state: dict):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    with torch.device("meta"):
+        module = LlamaDecoderLayer(config, layer)
+    module.load_state_dict(state, strict=False, assign=True)
+    leftover = [n for n, p in module.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"transformers layer {layer}: parameters not loaded: {leftover}")
+    return module.eval()
+
+
+def _ref_block(args, layer: int, state: dict):
+    with torch.device("meta"):
+        block = TransformerBlock(layer, args)
+    block.load_state_dict(state, strict=True, assign=True)
+    return block.eval()
+
+
+# --- the streamed run --------------------------------------------------------------------------
+
+@dataclass
+class StreamResult:
+    order: list
+    reference: dict                  # point -> rel L2 against the oracle
+    transformers: dict
+    logits: dict = field(default_factory=dict)      # subject -> float32 logits (CPU)
+    metrics: dict = field(default_factory=dict)     # subject -> logits metrics against the oracle
+    feed: str = "own"
+
+
+@torch.inference_mode()
+def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str = "cpu", attn: str = "eager",
+                   fine: bool = False, feed: str = "own", layer_hook=None) -> StreamResult:
+    """Oracle, reference and transformers over ids, block by block. ``layer_hook(layer, module)``
+    may edit each transformers layer after loading (the tests plant faults through it)."""
+    if feed not in ("own", "oracle"):
+        raise InputError(f"--feed: {feed!r} is not 'own' or 'oracle'")
+    if dtype not in DTYPES or dtype == "float64":
+        raise InputError(f"--dtype: {dtype!r} is not float32, bfloat16 or float16")
+    source = WeightSource(path)
+    args = source.args
+    if ids.max().item() >= args.vocab_size or ids.min().item() < 0:
+        raise InputError(f"token ids must be in [0, {args.vocab_size}) for {path}")
+    dt, f64 = DTYPES[dtype], torch.float64
+    ids = ids.to(device)
+    bsz, seq = ids.shape
+
+    truth = Store()
+    ref_err, tf_err = Errors(truth), Errors(truth)
+    config = _hf_config(source, attn)
+
+    # Embeddings: look the rows up first, then cast (a cast is elementwise: same numbers).
+    emb = source.tensor("tok_embeddings.weight")
+    rows = emb[ids.cpu()].to(device)
+    h_or, h_ref, h_tf = rows.to(f64), rows.to(dt), rows.to(dt)
+    del emb, rows
+    truth((None, "embed"), h_or)
+    ref_err((None, "embed"), h_ref)
+    tf_err((None, "embed"), h_tf)
+
+    freqs64 = precompute_freqs_cis(args.head_dim, seq, args.rope_theta, f64).to(device)
+    freqs32 = precompute_freqs_cis(args.head_dim, seq, args.rope_theta, torch.float32).to(device)
+    mask = torch.full((seq, seq), float("-inf"), device=device).triu(1) if seq > 1 else None
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    rotary = LlamaRotaryEmbedding(config=config).to(device)
+    position_ids = torch.arange(seq, device=device)[None]
+    position_embeddings = rotary(h_tf, position_ids)
+    hf_mask = _hf_mask(config, h_tf, position_ids, attn)
+
+    for layer in range(args.n_layers):
+        meta64, _ = source.block(layer, f64, device)
+        block = _ref_block(args, layer, meta64)
+        with Capture(truth, fine).reference_block(block, layer):
+            h_next = block(h_or, 0, freqs64, None if mask is None else mask.to(f64), False)
+        del block, meta64
+        if feed == "oracle":
+            h_ref, h_tf = h_or.to(dt), h_or.to(dt)
+        h_or = h_next
+
+        meta, hf = source.block(layer, dt, device)
+        block = _ref_block(args, layer, meta)
+        with Capture(ref_err, fine).reference_block(block, layer):
+            h_ref = block(h_ref, 0, freqs32, None if mask is None else mask.to(dt), False)
+        del block, meta
+
+        module = _hf_layer(config, layer, hf)
+        if layer_hook is not None:
+            layer_hook(layer, module)
+        with Capture(tf_err, fine).transformers_block(module, layer):
+            out = module(h_tf, attention_mask=hf_mask, position_ids=position_ids,
+                         position_embeddings=position_embeddings)
+        h_tf = out[0] if isinstance(out, (tuple, list)) else out
+        del module, hf
+        truth.points = {p: t for p, t in truth.points.items() if p[0] is None}   # this block is done
+
+    norm_w, out_w = source.tensor("norm.weight"), source.tensor("output.weight")
+    logits = {}
+    for name, h, d, sink in (("oracle-fp64", h_or, f64, truth), ("reference", h_ref, dt, ref_err)):
+        norm = RMSNorm(args.dim, args.norm_eps).to(device)
+        norm.weight = torch.nn.Parameter(norm_w.to(device, d), requires_grad=False)
+        x = norm(h)
+        sink((None, "norm"), x)
+        y = F.linear(x, out_w.to(device, d))
+        sink((None, "head"), y)
+        logits[name] = y.to(torch.promote_types(y.dtype, torch.float32)).cpu()
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(args.dim, eps=config.rms_norm_eps).to(device)
+    norm.weight = torch.nn.Parameter(norm_w.to(device, dt), requires_grad=False)
+    x = norm(h_tf)
+    tf_err((None, "norm"), x)
+    y = F.linear(x, out_w.to(device, dt))
+    tf_err((None, "head"), y)
+    logits["transformers"] = y.float().cpu()
+
+    metrics = {name: compare(logits[name], logits["oracle-fp64"]) for name in ("reference", "transformers")}
+    return StreamResult(point_order(args.n_layers, fine), ref_err.errors, tf_err.errors, logits, metrics, feed)
+
+
+# --- full models, shared weights ----------------------------------------------------------------
+
+def shared_reference(hf_model, args, rope_dtype: torch.dtype = torch.float32):
+    """A reference Transformer on the tensors of a loaded transformers LlamaForCausalLM.
+
+    Every tensor is transformers' own object except wq/wk (un-permuted copies): a side-by-side
+    comparison then holds one model plus 2 * (q + k) of every block, not two models.
+    """
+    from reference_model.convert import hf_to_meta_key
+    from reference_model.model import Transformer
+    state = {}
+    for name, p in hf_model.named_parameters():
+        key = hf_to_meta_key(name)
+        w = p.data
+        if key.endswith("attention.wq.weight"):
+            w = unpermute(w, args.n_heads).contiguous()
+        elif key.endswith("attention.wk.weight"):
+            w = unpermute(w, args.kv_heads).contiguous()
+        state[key] = w
+    with torch.device("meta"):
+        model = Transformer(args, rope_dtype=rope_dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
