@@ -31,6 +31,8 @@ def _margin(value, tol) -> float | None:
         v, t = float(value), float(tol)
     except (TypeError, ValueError):
         return None
+    if t != t:   # no tolerance (n/a rows): no ratio
+        return None
     return v / t if t > 0 else (0.0 if v == 0 else float("inf"))
 
 
@@ -104,3 +106,90 @@ def print_console(summary: dict) -> None:
                 print(f"\nFAILING cells ({len(failing)}):")
                 print(failing.to_string(index=False))
     print(f"\nverdict: {summary['verdict']}  ({summary['counts']})")
+
+
+# --- reading stored results back, for `llama-parity report` / `compare` (no model run) ------------
+
+def load_summary(path: Path) -> dict:
+    """summary.json of one results folder (or the file itself), checked enough to render."""
+    import json
+    from .errors import InputError
+    path = Path(path)
+    file = path / "summary.json" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"--results: {path}: no summary.json there")
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{file}: not valid JSON ({e})") from None
+    for key in ("suite", "verdict", "counts", "environment", "cells"):
+        if key not in summary:
+            raise InputError(f"{file}: missing key {key!r} (not a llama-parity summary)")
+    for i, c in enumerate(summary["cells"]):
+        missing = [k for k in ("case", "subject", "against", "metric", "value", "tolerance", "status") if k not in c]
+        if missing:
+            raise InputError(f"{file}: cells[{i}] lacks {', '.join(missing)}")
+    return summary
+
+
+def find_results(paths: list[Path]) -> list[Path]:
+    """Results folders under each path: the path itself when it holds summary.json, else its children."""
+    from .errors import InputError
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file() or (p / "summary.json").is_file():
+            found.append(p)
+            continue
+        if not p.is_dir():
+            raise InputError(f"--results: {p}: no such folder")
+        children = sorted(c.parent for c in p.glob("*/summary.json"))
+        if not children:
+            raise InputError(f"--results: {p}: no summary.json in it or in its subfolders")
+        found += children
+    return found
+
+
+def policy_version(summary: dict) -> str:
+    """The tolerance policy version a summary was judged with (suites spell it two ways)."""
+    pol = summary.get("policy")
+    if isinstance(pol, dict) and pol.get("version"):
+        return str(pol["version"])
+    return str(summary.get("policy_version") or "unknown")
+
+
+ENV_KEYS = ("device", "gpu", "machine", "processor", "platform", "python", "torch", "transformers",
+            "tokenizers", "cuda", "torch_threads", "harness_commit")
+
+
+def environment_items(summary: dict) -> list[tuple[str, str]]:
+    """What a reader needs to reproduce the run, in reading order (verdict comes before this)."""
+    env = summary.get("environment", {})
+    items = [(k, env[k]) for k in ENV_KEYS if env.get(k) is not None]
+    support = env.get("dtype_support")
+    if isinstance(support, dict):
+        items.append(("dtype support", ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in support.items())))
+    items.append(("seed", summary.get("seed", "not recorded")))
+    items.append(("tolerance policy", policy_version(summary)))
+    return [(k, _fmt(v)) for k, v in items]
+
+
+def markdown_report(summaries: list[dict], regression_note: str = "") -> str:
+    """One Markdown page over several suites, for a pull request: verdict, environment, cells."""
+    overall = "fail" if any(s["verdict"] == "fail" for s in summaries) else "pass"
+    lines = [f"# llama-parity: **{overall.upper()}**", ""]
+    for s in summaries:
+        c = s["counts"]
+        lines.append(f"- **{_md_escape(str(s['suite']))}**: {s['verdict'].upper()} ({c.get('fail', 0)} failing, "
+                     f"{c.get('pass', 0)} passing, {c.get('n/a', 0)} n/a; policy "
+                     f"`{_md_escape(policy_version(s))}`)")
+    if regression_note:
+        lines += ["", _md_escape(regression_note)]
+    lines += ["", "## Environment", "", "| key | value |", "|---|---|"]
+    lines += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in environment_items(summaries[0])]
+    for s in summaries:
+        table = worst_cells(s)
+        if not table.empty:
+            table = table[table["status"] != "info"]
+        lines += ["", f"## {_md_escape(str(s['suite']))} (failing first; worst metric of each cell)", "",
+                  markdown_table(table)]
+    return "\n".join(lines) + "\n"
