@@ -136,7 +136,7 @@ def register(sub) -> None:
 
     st = sub.add_parser("stream", help="block-by-block comparison: peak memory about one block")
     _common(st)
-    st.add_argument("--feed", default="own", choices=("own", "oracle"),
+    st.add_argument("--feed", default="own",
                     help="own: each subject carries its own stream; oracle: every block gets the oracle's input")
     st.add_argument("--out", default="reports/latest/stream", help="output folder")
     st.set_defaults(func=cmd_stream)
