@@ -230,7 +230,7 @@ class Journal:
 
     def append(self, key: str, group: dict[str, Any], rows: list[Row]) -> None:
         line = json.dumps({"v": JOURNAL_VERSION, "key": key, "group": group,
-                           "rows": [r.to_dict() for r in rows]}, sort_keys=True, default=str) + "\n"
+                           "rows": [r.to_dict() for r in rows]}, default=str) + "\n"   # key order kept: it is the CSV's column order
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             data = line.encode("utf-8")
