@@ -261,7 +261,7 @@ def piece_strips(summary: dict) -> str:
             strips.append(f'<div class="strip"><span class="subj">{esc(subject)}</span>{spans}</div>')
         head = ", ".join(f"{k}={v}" for k, v in c["case"].items())
         text = (c.get("extra") or {}).get("text")
-        blocks.append(f"<div><b>{esc(head)}</b> ({esc(c['status'])}, {longest} pieces)"
+        blocks.append(f"<div><strong>{esc(head)}</strong> ({esc(c['status'])}, {longest} pieces)"
                       + (f"<br>input: <code>{esc(text)}</code>" if text is not None else "")
                       + "".join(strips) + "</div>")
     if not blocks:
