@@ -8,6 +8,9 @@ SwiGLU, float32 logits. Two switches exist for the harness:
 - ``rope_dtype``: float32 is Meta's choice; float64 gives the "exact math" oracle.
 - ``compute_dtype``: the dtype of weights and activations (float64 for the oracle).
 
+For padded batches the forward also takes an optional key mask (which positions hold real
+tokens) and explicit positions per row; without them it is Meta's forward, unchanged.
+
 The model never imports transformers, lm_eval or the harness.
 """
 from __future__ import annotations
@@ -97,7 +100,8 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     real = torch.promote_types(xq.dtype, freqs_cis.real.dtype)
     xq_ = torch.view_as_complex(xq.to(real).reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.to(real).reshape(*xk.shape[:-1], -1, 2))
-    rot = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])   # (1, seq, 1, head_dim/2)
+    # (seq, hd/2): the same positions for every row; (bsz, seq, hd/2): positions per row (padding)
+    rot = freqs_cis.view(-1, xq_.shape[1], 1, xq_.shape[-1])
     xq_out = torch.view_as_real(xq_ * rot).flatten(3)
     xk_out = torch.view_as_real(xk_ * rot).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
@@ -179,6 +183,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def padding_mask(key_mask: torch.Tensor, seqlen: int, causal: Optional[torch.Tensor]) -> torch.Tensor:
+    """(bsz, 1, seqlen, kvlen) additive mask: causal, and no query looks at a pad key.
+
+    A pad query (left padding puts them first) would then see nothing and softmax would give
+    NaN; it keeps the causal row instead. Its output is garbage either way and never compared.
+    """
+    bsz, kvlen = key_mask.shape
+    allowed = key_mask.bool()[:, None, None, :].expand(bsz, 1, seqlen, kvlen)
+    if causal is not None:
+        allowed = allowed & torch.isfinite(causal)
+    allowed = torch.where(allowed.any(-1, keepdim=True), allowed,
+                          torch.ones_like(allowed) if causal is None else torch.isfinite(causal))
+    zero = torch.zeros((), device=key_mask.device)
+    return torch.where(allowed, zero, torch.full((), float("-inf"), device=key_mask.device))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, rope_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -202,20 +222,28 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = False,
-                return_hidden: bool = False):
+                return_hidden: bool = False, key_mask: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None):
         """Logits (float32, or float64 when the model runs in float64) for tokens (bsz, seqlen).
 
         With ``use_cache`` the kv cache is extended from ``start_pos`` (incremental decoding).
         ``return_hidden`` also returns the residual stream after the embedding and each block.
+        Padded batches: ``key_mask`` (bsz, start_pos + seqlen), true where a real token sits
+        (cached positions included); ``positions`` (bsz, seqlen), each token's RoPE position.
         """
-        _bsz, seqlen = tokens.shape
+        bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis(start_pos + seqlen, tokens.device)[start_pos: start_pos + seqlen]
+        if positions is None:
+            freqs_cis = self.freqs_cis(start_pos + seqlen, tokens.device)[start_pos: start_pos + seqlen]
+        else:
+            freqs_cis = self.freqs_cis(int(positions.max()) + 1, tokens.device)[positions]
         mask = None
         if seqlen > 1:
             mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device).triu(1)
             # With a cache, new tokens see every cached position: pad the mask on the left.
             mask = torch.hstack([torch.zeros(seqlen, start_pos, device=tokens.device), mask]).type_as(h)
+        if key_mask is not None:
+            mask = padding_mask(key_mask.to(tokens.device), seqlen, mask).type_as(h)
         hidden = [h]
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, use_cache)
