@@ -149,6 +149,17 @@ def _explain(why: str, dtype: str, truth_ok: bool, notes: dict[str, str]) -> str
     return why
 
 
+def _compare(subject: torch.Tensor, truth: torch.Tensor, dtype: str, notes: dict[str, str]) -> tuple[dict, str]:
+    """compare(), plus: a truth that is not finite fails the cell too (a subject that is finite
+    where the oracle is not has not matched anything), and every non-finite reason says why."""
+    values, why = compare(subject, truth)
+    truth_ok = bool(torch.isfinite(truth).all())
+    if not truth_ok and not why:
+        bad = int((~torch.isfinite(truth)).sum())
+        why = f"non-finite float64 oracle logits: {bad} values ({'NaN' if torch.isnan(truth).any() else 'Inf'})"
+    return values, _explain(why, dtype, truth_ok, notes)
+
+
 def run_logits(run: LogitsRun) -> int:
     check_device(run.device)
     ckpt = checkpoint.load(run.model)
@@ -212,10 +223,8 @@ def run_logits(run: LogitsRun) -> int:
                 reference = ReferenceSubject(ckpt, dtype, run.device)
                 ref_rows = []
                 for shape in shapes:
-                    t = truth()[shape]
                     ref_logits[shape] = reference.logits(inputs[shape]).cpu()
-                    values, why = compare(ref_logits[shape], t)
-                    why = _explain(why, dtype, bool(torch.isfinite(t).all()), notes)
+                    values, why = _compare(ref_logits[shape], truth()[shape], dtype, notes)
                     ref_metrics[shape] = values
                     case = {"dtype": dtype, "attn": "-", "tp": "-", "shape": str(shape), "device": run.device}
                     ref_rows += _judge(_metric_rows(case, "reference", "oracle-fp64", values, why), policy, dtype, None)
@@ -287,9 +296,7 @@ def _run_transformers(run, hf, dtype, attn, tp, group: list[Case], inputs, truth
             why = f"transformers forward failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(Row(SUITE, case.settings(), "transformers", "oracle-fp64", "all", None, status=FAIL, reason=why))
             continue
-        t = truth()[case.shape]
-        values, why = compare(logits, t)
-        why = _explain(why, dtype, bool(torch.isfinite(t).all()), notes)
+        values, why = _compare(logits, truth()[case.shape], dtype, notes)
         rows += _judge(_metric_rows(case.settings(), "transformers", "oracle-fp64", values, why),
                        policy, dtype, ref_metrics[case.shape])
         pair, why = compare(logits, ref_logits[case.shape])
