@@ -180,11 +180,18 @@ class StreamResult:
 
 @torch.inference_mode()
 def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str = "cpu", attn: str = "eager",
-                   fine: bool = False, feed: str = "own", layer_hook=None) -> StreamResult:
+                   fine: bool = False, feed: str = "own", layer_hook=None, oracle: bool = True) -> StreamResult:
     """Oracle, reference and transformers over ids, block by block. ``layer_hook(layer, module)``
-    may edit each transformers layer after loading (the tests plant faults through it)."""
+    may edit each transformers layer after loading (the tests plant faults through it).
+
+    ``oracle=False`` leaves the float64 oracle out: transformers is then measured against the
+    reference at the same dtype (``result.reference`` is empty), the two-subject side-by-side
+    whose memory benchmarks/memory.py compares with two full models.
+    """
     if feed not in ("own", "oracle"):
         raise InputError(f"--feed: {feed!r} is not 'own' or 'oracle'")
+    if feed == "oracle" and not oracle:
+        raise InputError("--feed oracle needs the oracle")
     if dtype not in DTYPES or dtype == "float64":
         raise InputError(f"--dtype: {dtype!r} is not float32, bfloat16 or float16")
     source = WeightSource(path)
@@ -197,15 +204,17 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
 
     truth = Store()
     ref_err, tf_err = Errors(truth), Errors(truth)
+    ref_sink = ref_err if oracle else truth     # without the oracle the reference is the truth
     config = _hf_config(source, attn)
 
     # Embeddings: look the rows up first, then cast (a cast is elementwise: same numbers).
     emb = source.tensor("tok_embeddings.weight")
     rows = emb[ids.cpu()].to(device)
-    h_or, h_ref, h_tf = rows.to(f64), rows.to(dt), rows.to(dt)
+    h_or, h_ref, h_tf = rows.to(f64) if oracle else None, rows.to(dt), rows.to(dt)
     del emb, rows
-    truth((None, "embed"), h_or)
-    ref_err((None, "embed"), h_ref)
+    if oracle:
+        truth((None, "embed"), h_or)
+    ref_sink((None, "embed"), h_ref)
     tf_err((None, "embed"), h_tf)
 
     freqs64 = precompute_freqs_cis(args.head_dim, seq, args.rope_theta, f64).to(device)
@@ -218,18 +227,19 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     hf_mask = _hf_mask(config, h_tf, position_ids, attn)
 
     for layer in range(args.n_layers):
-        meta64, _ = source.block(layer, f64, device)
-        block = _ref_block(args, layer, meta64)
-        with Capture(truth, fine).reference_block(block, layer):
-            h_next = block(h_or, 0, freqs64, None if mask is None else mask.to(f64), False)
-        del block, meta64
-        if feed == "oracle":
-            h_ref, h_tf = h_or.to(dt), h_or.to(dt)
-        h_or = h_next
+        if oracle:
+            meta64, _ = source.block(layer, f64, device)
+            block = _ref_block(args, layer, meta64)
+            with Capture(truth, fine).reference_block(block, layer):
+                h_next = block(h_or, 0, freqs64, None if mask is None else mask.to(f64), False)
+            del block, meta64
+            if feed == "oracle":
+                h_ref, h_tf = h_or.to(dt), h_or.to(dt)
+            h_or = h_next
 
         meta, hf = source.block(layer, dt, device)
         block = _ref_block(args, layer, meta)
-        with Capture(ref_err, fine).reference_block(block, layer):
+        with Capture(ref_sink, fine).reference_block(block, layer):
             h_ref = block(h_ref, 0, freqs32, None if mask is None else mask.to(dt), False)
         del block, meta
 
@@ -245,7 +255,8 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
 
     norm_w, out_w = source.tensor("norm.weight"), source.tensor("output.weight")
     logits = {}
-    for name, h, d, sink in (("oracle-fp64", h_or, f64, truth), ("reference", h_ref, dt, ref_err)):
+    runs = [("oracle-fp64", h_or, f64, truth)] if oracle else []
+    for name, h, d, sink in runs + [("reference", h_ref, dt, ref_sink)]:
         norm = RMSNorm(args.dim, args.norm_eps).to(device)
         norm.weight = torch.nn.Parameter(norm_w.to(device, d), requires_grad=False)
         x = norm(h)
@@ -262,7 +273,10 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     tf_err((None, "head"), y)
     logits["transformers"] = y.float().cpu()
 
-    metrics = {name: compare(logits[name], logits["oracle-fp64"]) for name in ("reference", "transformers")}
+    if oracle:
+        metrics = {name: compare(logits[name], logits["oracle-fp64"]) for name in ("reference", "transformers")}
+    else:
+        metrics = {"transformers": compare(logits["transformers"], logits["reference"])}
     return StreamResult(point_order(args.n_layers, fine), ref_err.errors, tf_err.errors, logits, metrics, feed)
 
 

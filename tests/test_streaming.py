@@ -118,3 +118,15 @@ def test_cli_stream_writes_curve_and_logits_metrics(models, tmp_path):
     ops = {c["case"]["op"] for c in summary["cells"]}
     assert {"embed", "attn", "mlp", "norm", "head", "logits"} <= ops
     assert main(["stream", "--model", str(models["tiny-gqa/meta"]), "--feed", "x", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_without_oracle_transformers_is_measured_against_the_reference(models):
+    from harness.metrics import compare
+    path = models["tiny-gqa/hf"]
+    ids = make_inputs(Shape(1, 8), 512, 0)
+    with_oracle = stream_compare(path, ids, "bfloat16")
+    pair = stream_compare(path, ids, "bfloat16", oracle=False)
+    assert pair.reference == {} and set(pair.transformers) == set(pair.order)
+    assert torch.equal(pair.logits["transformers"], with_oracle.logits["transformers"])
+    expected, _ = compare(with_oracle.logits["transformers"], with_oracle.logits["reference"])
+    assert pair.metrics["transformers"][0] == expected
