@@ -44,3 +44,22 @@ def register(sub) -> None:
     mp.add_argument("--seed", type=int, default=0)
     mp.add_argument("--out", default="reports/latest/mp")
     mp.set_defaults(func=cmd_mp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.mp_cli mp ...` until `mp` is registered in harness/cli.py."""
+    import sys
+
+    from reference_model.errors import CheckpointError
+    parser = argparse.ArgumentParser(prog="python -m harness.mp_cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (InputError, CheckpointError) as e:
+        print(f"llama-parity: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -103,3 +103,43 @@ def test_bad_input_exits_2_naming_the_argument(models, tmp_path, capsys, argv, n
     if "mp" in cli.build_parser()._subparsers._group_actions[0].choices:
         assert main(base + argv) == 2
         assert named in capsys.readouterr().err
+
+
+# --- the matrix merge ------------------------------------------------------------------------------
+
+def _fake_run(root, folder, release, rows):
+    from harness.store import write_results
+    return write_results(root / folder / "mp", "mp", rows, {"transformers": release})
+
+
+def test_matrix_merges_releases_suites_and_cases(tmp_path):
+    import pandas as pd
+
+    from harness.matrix import merge
+    from harness.store import Row
+    case = {"dtype": "bfloat16", "degree": 2, "tp": 2}
+    _fake_run(tmp_path, "b", "4.46.3", [Row("mp", case, "transformers", "mp-original", "rel_l2", 0.25, status="info")])
+    _fake_run(tmp_path, "a", "4.31.0", [Row("mp", case, "transformers", "mp-original", "rel_l2", 0.5, status="info")])
+    _fake_run(tmp_path, "c", "10.0.0", [Row("mp", case, "transformers", "mp-original", "all", None, status="n/a",
+                                             reason="pretraining_tp is a no-op here")])
+    (tmp_path / "c" / "pytest.xml").write_text(
+        '<testsuites><testsuite><testcase classname="t" name="x"><skipped message="needs sdpa"/></testcase>'
+        '<testcase classname="t" name="y"/></testsuite></testsuites>')
+    frame = merge(tmp_path)
+    assert len(frame) == 5 and set(frame.release) == {"4.31.0", "4.46.3", "10.0.0"}
+    assert len(pd.read_csv(tmp_path / "matrix.csv")) == 5
+    md = (tmp_path / "matrix.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| case"))
+    assert header.index("4.31.0") < header.index("4.46.3") < header.index("10.0.0")   # by version, not text
+    row = next(line for line in md.splitlines() if line.startswith("| dtype=bfloat16"))
+    assert "| 0.5 | 0.25 | n/a |" in row
+    assert "n/a at 10.0.0: pretraining_tp is a no-op here" in md
+    assert "`t::x`" not in md   # one release only: nothing to contrast, but counted
+    assert "| 10.0.0 | 1 | 0 | 1 |" in md
+
+
+def test_matrix_refuses_an_empty_or_missing_root(tmp_path):
+    from harness.matrix import main, merge
+    with pytest.raises(InputError, match="--root"):
+        merge(tmp_path / "absent")
+    assert main(["--root", str(tmp_path)]) == 2
