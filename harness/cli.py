@@ -33,7 +33,7 @@ def cmd_logits(a: argparse.Namespace) -> int:
         shapes=parse_shapes(a.shapes or list(DEFAULT_SHAPES)),
         device=a.device, seed=a.seed, policy=load_policy(a.policy), fault=get_fault(a.plant),
         out=Path(a.out), progress=not a.no_progress,
-        tokens=tokens, tokens_path=Path(a.tokens) if a.tokens else None,
+        tokens=tokens, tokens_path=Path(a.tokens) if a.tokens else None, resume=not a.no_resume,
     )
     if a.model and not Path(a.model).exists():
         raise InputError(f"--model: {a.model}: no such file or folder")
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--out", default="reports/latest/logits",
                     help="output folder; a rerun with the same folder resumes, skipping finished cells")
     lg.add_argument("--no-progress", action="store_true")
+    lg.add_argument("--no-resume", action="store_true", help="forget finished cells journaled in --out; rerun all")
     lg.set_defaults(func=cmd_logits)
 
     mm = sub.add_parser("make-model", help="write a deterministic synthetic checkpoint")

@@ -29,7 +29,7 @@ from .environment import environment
 from .errors import InputError
 from .faults import Fault
 from .metrics import METRICS, compare
-from .store import FAIL, NA, PASS, Journal, Row, clear_results, exit_code, fingerprint, write_results
+from .store import FAIL, JOURNAL, NA, PASS, Journal, Row, clear_results, exit_code, fingerprint, write_results
 from .subjects import DTYPES, HFFolder, ReferenceSubject, TransformersSubject, attn_implementations, tp_honoured
 from .tolerance import Policy
 
@@ -53,6 +53,7 @@ class LogitsRun:
     progress: bool = True
     tokens: list[list[int]] | None = None   # --tokens: the user's own ids, instead of shapes
     tokens_path: Path | None = None
+    resume: bool = True   # False: forget the journal in --out and run every cell
     log: list[str] = field(default_factory=list)
 
 
@@ -180,6 +181,8 @@ def run_logits(run: LogitsRun) -> int:
         "environment": {k: env[k] for k in ("torch", "transformers", "device", "torch_threads", "harness_commit")},
     }
     clear_results(run.out)
+    if not run.resume and (run.out / JOURNAL).exists():
+        (run.out / JOURNAL).unlink()
     journal = Journal.open(run.out)
     if journal.dropped:
         run.log.append(f"note: {journal.dropped} unreadable line(s) in {journal.path} dropped; their groups run again")

@@ -60,6 +60,16 @@ def test_rerun_resumes_and_writes_the_same_results(models, tmp_path, capsys):
         assert (out / name).read_bytes() == data, name
 
 
+def test_no_resume_reruns_everything(models, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _logits(models["tiny-mha/meta"], out, "--dtypes", "float32") == 0
+    capsys.readouterr()
+    assert _logits(models["tiny-mha/meta"], out, "--dtypes", "float32", "--no-resume") == 0
+    assert "resumed" not in capsys.readouterr().err
+    assert json.loads((out / "timing.json").read_text())["groups_resumed"] == 0
+    assert len(Journal.open(out).entries) == 2
+
+
 def test_changed_seed_reuses_nothing(models, tmp_path, capsys):
     out = tmp_path / "o"
     assert _logits(models["tiny-mha/meta"], out, "--dtypes", "float32") == 0
