@@ -13,21 +13,29 @@ from pathlib import Path
 from .errors import InputError
 
 
-def cmd_report(a: argparse.Namespace) -> int:
+def render_report(results: list[Path], out: Path, title: str = "llama-parity") -> int:
+    """Write index.html, report.md and junit.xml for stored results; 1 when a suite fails, else 0.
+
+    Public so that a suite's command can render its own report right after a run.
+    """
     from . import junit, report, report_html
-    dirs = report.find_results([Path(p) for p in a.results])
+    dirs = report.find_results([Path(p) for p in results])
     summaries = [report.load_summary(d) for d in dirs]
-    out = Path(a.out)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {out}: exists and is not a folder")
     bases = [d if d.is_dir() else d.parent for d in dirs]
-    report_html.write_html(out / "index.html", summaries, bases, title=a.title)
+    report_html.write_html(out / "index.html", summaries, bases, title=title)
     report.atomic_write_text(out / "report.md", report.markdown_report(summaries))
     junit.write_junit(out / "junit.xml", summaries)
     failing = [s["suite"] for s in summaries if s["verdict"] == "fail"]
     print(f"report: {out}/index.html, {out}/report.md, {out}/junit.xml"
           + (f"  (failing: {', '.join(failing)})" if failing else "  (all pass)"))
     return 1 if failing else 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    return render_report(a.results, Path(a.out), a.title)
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
