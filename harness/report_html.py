@@ -10,7 +10,7 @@ browser, tests/test_report_html_browser.py).
 
 Evidence is drawn when the results hold it:
   - error vs dtype x setting heatmap: any suite whose cases have a "dtype";
-  - KL and top-1 agreement distributions: cells with kl_* / top1_disagree metrics, plus the
+  - KL and top-1 agreement distributions: cells with kl_mean / top1_disagree metrics, plus the
     per-position KL of a row's extra["kl_per_position"] where a suite records it;
   - error vs position: extra["per_position"] (list of floats, one per position);
   - per-layer error curves: extra["per_layer"] ({capture point: error}, in forward order);
@@ -129,8 +129,8 @@ def distributions(summary: dict) -> str:
     for c in cells:
         label = f"{c['subject']} vs {c['against']}"
         v = _finite(c["value"])
-        if c["metric"] in ("kl_mean", "kl_max") and v is not None:
-            kl.setdefault(f"{label} ({c['metric']})", []).append(max(v, 1e-16))
+        if c["metric"] == "kl_mean" and v is not None:
+            kl.setdefault(label, []).append(max(v, 1e-16))
         if c["metric"] == "top1_disagree" and v is not None:
             agree.setdefault(label, []).append(1.0 - v)
         pos = (c.get("extra") or {}).get("kl_per_position")
@@ -147,8 +147,8 @@ def distributions(summary: dict) -> str:
         i += 1
         for label, vals in sorted(kl.items()):
             ax.hist([math.log10(v) for v in vals], bins=20, alpha=0.5, label=label)
-        ax.set_xlabel("log10 KL (nats), one count per cell")
-        ax.set_title("KL(truth || subject)")
+        ax.set_xlabel("log10 mean KL (nats), one count per cell")
+        ax.set_title("KL(truth || subject), mean over positions")
         ax.legend(fontsize=6)
     if agree:
         ax = axes[i]
