@@ -17,7 +17,6 @@ import torch
 
 from harness import runner, store
 from harness.cli import main
-from harness.environment import _git_commit
 from harness.store import Journal, Row
 from reference_model import checkpoint
 from reference_model.errors import CheckpointError
@@ -47,7 +46,14 @@ def _bad(argv: list[str], out: Path, capsys) -> str:
 
 # --- resume and interruption ------------------------------------------------------------------
 
-def test_rerun_resumes_and_writes_the_same_results(models, tmp_path, capsys):
+@pytest.fixture
+def pinned_commit(monkeypatch):
+    """The commit is part of every group's key; colleagues committing mid-test must not move it."""
+    import harness.environment
+    monkeypatch.setattr(harness.environment, "_git_commit", lambda: "pinned-for-this-test")
+
+
+def test_rerun_resumes_and_writes_the_same_results(pinned_commit, models, tmp_path, capsys):
     out = tmp_path / "o"
     assert _logits(models["tiny-gqa/meta"], out, "--dtypes", "float32,bfloat16") == 0
     first = {n: (out / n).read_bytes() for n in ("results.csv", "summary.json")}
@@ -60,7 +66,7 @@ def test_rerun_resumes_and_writes_the_same_results(models, tmp_path, capsys):
         assert (out / name).read_bytes() == data, name
 
 
-def test_no_resume_reruns_everything(models, tmp_path, capsys):
+def test_no_resume_reruns_everything(pinned_commit, models, tmp_path, capsys):
     out = tmp_path / "o"
     assert _logits(models["tiny-mha/meta"], out, "--dtypes", "float32") == 0
     capsys.readouterr()
@@ -70,7 +76,7 @@ def test_no_resume_reruns_everything(models, tmp_path, capsys):
     assert len(Journal.open(out).entries) == 2
 
 
-def test_changed_seed_reuses_nothing(models, tmp_path, capsys):
+def test_changed_seed_reuses_nothing(pinned_commit, models, tmp_path, capsys):
     out = tmp_path / "o"
     assert _logits(models["tiny-mha/meta"], out, "--dtypes", "float32") == 0
     capsys.readouterr()
@@ -81,7 +87,7 @@ def test_changed_seed_reuses_nothing(models, tmp_path, capsys):
     assert len(Journal.open(out).entries) == 4     # both seeds' groups are kept, keyed apart
 
 
-def test_extending_the_matrix_reuses_the_finished_part(models, tmp_path, capsys):
+def test_extending_the_matrix_reuses_the_finished_part(pinned_commit, models, tmp_path, capsys):
     out = tmp_path / "o"
     assert _logits(models["tiny-mha/meta"], out, "--dtypes", "float32") == 0
     capsys.readouterr()
@@ -92,7 +98,7 @@ def test_extending_the_matrix_reuses_the_finished_part(models, tmp_path, capsys)
     assert (out / "results.csv").read_bytes() == (fresh / "results.csv").read_bytes()
 
 
-def test_torn_journal_line_is_dropped_and_its_group_rerun(models, tmp_path, capsys):
+def test_torn_journal_line_is_dropped_and_its_group_rerun(pinned_commit, models, tmp_path, capsys):
     out = tmp_path / "o"
     assert _logits(models["tiny-mha/meta"], out, "--dtypes", "float32") == 0
     expected = (out / "results.csv").read_bytes()
@@ -115,7 +121,7 @@ def _journal_lines(path: Path) -> int:
         return 0
 
 
-def test_killed_run_leaves_no_corrupt_file_and_the_rerun_resumes(models, tmp_path, capsys):
+def test_killed_run_leaves_no_corrupt_file_and_the_rerun_resumes(pinned_commit, models, tmp_path, capsys):
     """SIGKILL a real CLI process after its first journaled group; then rerun with the same --out."""
     out = tmp_path / "o"
     args = ["--dtypes", "float32,bfloat16,float16", "--attn", "eager,sdpa", "--tp", "1", "--shapes", "1x6",
@@ -125,8 +131,10 @@ def test_killed_run_leaves_no_corrupt_file_and_the_rerun_resumes(models, tmp_pat
     out.mkdir()
     (out / "summary.json").write_text('{"verdict": "pass"}')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    head = _git_commit()
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "logits", "--model", str(model), "--out", str(out),
+    # The child pins the commit as the pinned_commit fixture does here, so its groups' keys match ours.
+    child = ("import sys, harness.environment as e; e._git_commit = lambda: 'pinned-for-this-test'; "
+             "from harness.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", child, "logits", "--model", str(model), "--out", str(out),
                              *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / store.JOURNAL
     deadline = time.monotonic() + 300
@@ -148,9 +156,7 @@ def test_killed_run_leaves_no_corrupt_file_and_the_rerun_resumes(models, tmp_pat
     capsys.readouterr()
     code = main(["logits", "--model", str(model), "--out", str(out), *args])
     assert code == 0
-    if _git_commit() != head:   # the commit is part of a group's key: a new one rightly reuses nothing
-        pytest.skip("the repository's HEAD moved during the test (a concurrent commit)")
-    assert "resumed:" in capsys.readouterr().err
+    assert f"resumed: {finished} finished cell group(s)" in capsys.readouterr().err
     fresh = tmp_path / "fresh"
     assert main(["logits", "--model", str(model), "--out", str(fresh), *args]) == 0
     assert (out / "results.csv").read_bytes() == (fresh / "results.csv").read_bytes()
