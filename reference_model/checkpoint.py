@@ -74,7 +74,8 @@ def torch_load(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for truncation
         kind = "refused: it holds objects other than tensors" if "weights_only" in str(e) else "unreadable"
-        raise CheckpointError(str(path), None, f"{kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")[:200]   # no ANSI colour
+        raise CheckpointError(str(path), None, f"{kind} ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(str(path), None, "expected a flat dict of name -> tensor")
     return obj
@@ -173,8 +174,32 @@ def load_meta(path: Path, vocab_size: int | None = None) -> Checkpoint:
     if args.vocab_size == -1 and "tok_embeddings.weight" in state:
         args.vocab_size = state["tok_embeddings.weight"].shape[0]
     validate_args(args, str(path / "params.json"))
+    _check_vocab_rows(args, state, "tok_embeddings.weight", path / "params.json", files[0])
+    _check_shard_count(args, state, files)
     state = check_state(state, expected_meta_shapes(args), str(files[0] if len(files) == 1 else path), META_IGNORED)
     return Checkpoint(args, state, "meta", path, len(files))
+
+
+def _check_vocab_rows(args: ModelArgs, state: dict, key: str, config: Path, file: Path) -> None:
+    """A vocab_size that disagrees with the embedding is the config's fault: name both."""
+    w = state.get(key)
+    if w is not None and w.dim() == 2 and w.shape[0] != args.vocab_size and w.shape[1] == args.dim:
+        raise CheckpointError(str(config), "vocab_size", f"{args.vocab_size}, but {file.name} [{key}] has "
+                                                         f"{w.shape[0]} rows")
+
+
+def _check_shard_count(args: ModelArgs, state: dict, files: list[Path]) -> None:
+    """Shards that concatenate to a multiple or fraction of the expected size: one too many or few."""
+    expected = expected_meta_shapes(args)
+    for key, w in state.items():
+        if key not in expected or shard_dim(key) is None or w.dim() != len(expected[key]):
+            continue
+        d = shard_dim(key)
+        per = w.shape[d] // len(files)
+        if w.shape[d] != expected[key][d] and per and expected[key][d] % per == 0:
+            raise CheckpointError(str(files[-1]), key, f"{len(files)} shards ({files[0].name} .. {files[-1].name}) "
+                                  f"concatenate to {tuple(w.shape)}, expected {expected[key]}: "
+                                  f"{expected[key][d] // per} shard(s) of this size would fit")
 
 
 def split_shards(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
@@ -270,6 +295,10 @@ def load_hf(path: Path) -> Checkpoint:
         except KeyError:
             raise CheckpointError(str(files[0] if len(files) == 1 else path), key,
                                   "unexpected tensor (not part of a Llama 2 checkpoint)") from None
+    emb = hf_state.get("model.embed_tokens.weight")
+    if emb is not None and emb.dim() == 2 and emb.shape[0] != args.vocab_size and emb.shape[1] == args.dim:
+        raise CheckpointError(str(config_path), "vocab_size", f"{args.vocab_size}, but [model.embed_tokens.weight] "
+                                                              f"has {emb.shape[0]} rows")
     # Shapes are checked in Meta names but reported in the HF names the user's file holds.
     for key, shape in expected_meta_shapes(args).items():
         if key not in shapes:
