@@ -37,7 +37,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     run = BenchRun(model=model, tasks=tasks, limit=a.limit, out=Path(a.out), dtype=a.dtype,
                    batch_size=a.batch_size, max_length=a.max_length, num_fewshot=a.num_fewshot,
                    effects=a.effects, fault=a.plant, policy=load_bench_policy(a.policy),
-                   tokenizer=Path(a.tokenizer) if a.tokenizer else None, device=a.device)
+                   tokenizer=Path(a.tokenizer) if a.tokenizer else None, device=a.device,
+                   subjects=tuple(a.subjects or ("reference", "hf", "adapter-hf")))
     code = run_bench(run)
     for line in run.log:
         print(line, file=sys.stderr)
@@ -61,5 +62,7 @@ def register(sub) -> None:
     b.add_argument("--tokenizer", help="tokenizer.model (default: beside the weights, else the built fixture)")
     b.add_argument("--policy", help="benchmark tolerance TOML (default: suites/bench_tolerance.toml)")
     b.add_argument("--plant", help="plant a known fault in the transformers subject (drop-bos)")
+    b.add_argument("--subjects", type=_csv,
+                   help="comma list from reference,hf,adapter-hf (default: all three)")
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=cmd_bench)

@@ -1,7 +1,7 @@
 """Benchmark data that is not generated here: QuaRTz, fetched once in a set-up step and cached.
 
 QuaRTz (Tafjord et al. 2019, AllenAI; CC BY 4.0) is a 2-way qualitative-relations benchmark. The
-`evals` wheel on PyPI (OpenAI's evals, MIT) ships its 3,860 test items as chat prompts in
+`evals` wheel on PyPI (OpenAI's evals, MIT) ships 3,860 of its questions as chat prompts in
 ``evals/registry/data/quartz/samples.jsonl``. The wheel is fetched with pip (a registry client,
 no hub), its sha256 checked, and each item converted to lm-eval's multiple-choice shape:
 question stem as context, the two option texts as choices, the letter as the label.
@@ -25,10 +25,12 @@ EVALS_WHEEL = f"evals-{EVALS_VERSION}-py3-none-any.whl"
 EVALS_SHA256 = "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78"
 MEMBER = "evals/registry/data/quartz/samples.jsonl"
 PROVENANCE = {
-    "dataset": "QuaRTz (test split as shipped in OpenAI evals)",
+    "dataset": "QuaRTz as shipped in OpenAI evals (3,860 questions; QuaRTz has 3,864 over "
+               "train/dev/test and evals does not say which it took)",
     "citation": "Tafjord, Gardner, Lin, Clark. QuaRTz: An Open-Domain Dataset of Qualitative "
                 "Relationship Questions. EMNLP 2019.",
-    "licence": "CC BY 4.0 (dataset, AllenAI); the evals package itself is MIT",
+    "licence": "CC BY 4.0, as published by AllenAI. The wheel's LICENSE.md (MIT for the package) "
+               "lists per-dataset licences but not quartz; the dataset keeps its own licence.",
     "source": f"PyPI evals=={EVALS_VERSION}, {MEMBER}",
     "wheel_sha256": EVALS_SHA256,
 }

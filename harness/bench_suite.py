@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,7 @@ class BenchRun:
     policy: Any = None
     tokenizer: Path | None = None
     device: str = "cpu"
+    subjects: tuple[str, ...] = ("reference", "hf", "adapter-hf")
     log: list[str] = field(default_factory=list)
 
 
@@ -175,14 +177,17 @@ class Subjects:
         raise InputError(f"unknown subject {spec.name!r}")
 
 
+@lru_cache(maxsize=4)
+def task_manager(tasks_dir: str):
+    """lm-eval indexes every task YAML it ships (thousands) on construction: do it once."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=tasks_dir)
+
+
 def evaluate(lm, tasks_dir: Path, tasks: list[str], limit: int | None, num_fewshot: int) -> dict:
     """One lm-eval run: aggregate results and per-document samples, keyed by task."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
-    manager = TaskManager(include_path=str(tasks_dir))
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise InputError(f"--tasks: unknown task(s) {', '.join(unknown)} (local: {', '.join(LOCAL_TASKS)})")
+    manager = task_manager(str(tasks_dir))
     res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   log_samples=True, task_manager=manager, bootstrap_iters=1000,
                                   random_seed=0, numpy_random_seed=0, torch_random_seed=0,
@@ -206,26 +211,35 @@ def run_bench(run: BenchRun) -> int:
     from .bench_compare import compare_runs, scores_rows, drift_rows
     from .environment import environment
     from .store import exit_code, write_results
+    unknown = [n for n in run.subjects if n not in ("reference", "hf", "adapter-hf")]
+    if unknown or "reference" not in run.subjects or len(run.subjects) < 2:
+        raise InputError(f"--subjects: {', '.join(run.subjects)} (reference and at least one of hf, adapter-hf)")
     with tempfile.TemporaryDirectory(prefix="llama-parity-bench-") as tmp:
+        # Bad input (unknown task, missing model) must fail before anything is written to --out.
+        tasks_dir = materialise_tasks(run.tasks, Path(tmp))
+        manager = task_manager(str(tasks_dir))
+        missing = [t for t in run.tasks if t not in manager.all_tasks]
+        if missing:
+            raise InputError(f"--tasks: unknown task(s) {', '.join(missing)} (local: {', '.join(LOCAL_TASKS)})")
         subjects = Subjects(run, Path(tmp))
-        tasks_dir = materialise_tasks(run.tasks, run.out)
-        main = {n: SubjectSpec(n, run.dtype, run.batch_size) for n in ("reference", "hf", "adapter-hf")}
+        main = {n: SubjectSpec(n, run.dtype, run.batch_size) for n in run.subjects}
         evals = {n: run_subject(subjects, s, tasks_dir, run) for n, s in main.items()}
         rows = []
         rows += scores_rows(evals, run)
-        pairs = [("hf", "reference", True), ("adapter-hf", "reference", True), ("hf", "adapter-hf", True)]
+        pairs = [(x, y, True) for x, y in (("hf", "reference"), ("adapter-hf", "reference"), ("hf", "adapter-hf"))
+                 if x in main and y in main]
         effects = {}
         if run.effects:
             other_bs = 1 if run.batch_size != 1 else 8
             low = "bfloat16" if run.dtype != "bfloat16" else "float32"
-            for n in ("reference", "hf"):
+            for n in [n for n in ("reference", "hf") if n in main]:
                 effects[f"{n}@bs{other_bs}"] = run_subject(subjects, SubjectSpec(n, run.dtype, other_bs), tasks_dir, run)
                 effects[f"{n}@{low}"] = run_subject(subjects, SubjectSpec(n, low, run.batch_size), tasks_dir, run)
             evals.update(effects)
             rows += scores_rows({k: v for k, v in effects.items()}, run)
-            pairs += [(f"{n}@bs{other_bs}", n, False) for n in ("reference", "hf")]
-            pairs += [(f"{n}@{low}", n, False) for n in ("reference", "hf")]
-            pairs += [(f"hf@{low}", f"reference@{low}", True)]
+            pairs += [(k, k.split("@")[0], False) for k in effects]
+            if f"hf@{low}" in effects:
+                pairs += [(f"hf@{low}", f"reference@{low}", True)]
         for subject, against, gated in pairs:
             a, b = evals[subject], evals[against]
             dtype = a["settings"]["dtype"] if a["settings"]["dtype"] == b["settings"]["dtype"] else run.dtype
@@ -239,6 +253,8 @@ def run_bench(run: BenchRun) -> int:
                              "scores": _scores(v)} for k, v in evals.items()},
         }
         write_samples(run.out, evals)
+        import shutil
+        shutil.copytree(tasks_dir, run.out / "tasks", dirs_exist_ok=True)   # what was run, for lm-eval's CLI
         summary = write_results(run.out, "bench", rows, environment(run.device), summary_extra)
     from .bench_report import write_report
     write_report(run.out, summary)

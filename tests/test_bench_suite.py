@@ -1,0 +1,113 @@
+"""The lm-eval adapter and `llama-parity bench` end to end on a small random 32000-vocab model.
+
+Kept small (a few documents per task) so the file runs in about a minute on two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+fixtures = pytest.importorskip("harness.fixtures", reason="the real tokenizer fixture (harness/fixtures.py)")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from harness.bench_cli import register  # noqa: E402
+from harness.errors import InputError  # noqa: E402
+from harness.lmeval_model import ParityLM  # noqa: E402
+from harness.models import write_preset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fixtures.ensure_tokenizer_model()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_preset("default", tmp_path_factory.mktemp("bench") / "meta", fmt="meta", seed=3)
+
+
+def _bench(argv):
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(["bench", *argv])
+    return a.func(a)
+
+
+def _req(kind, args, i):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=i)
+
+
+def test_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+    assert get_model("llama-parity") is ParityLM and get_model("llama-parity-reference") is ParityLM
+
+
+def test_adapter_scores_do_not_depend_on_batch_size(model, tokenizer):
+    reqs = [_req("loglikelihood", (c, k), i) for i, (c, k) in enumerate(
+        [("The if statement", " is used for conditional execution."), ("A", " b"), ("Long " * 20, " tail"),
+         ("", "Empty context scores from BOS.")])]
+    one = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=1).loglikelihood(reqs)
+    many = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=3).loglikelihood(reqs)
+    assert [g for _, g in one] == [g for _, g in many]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(one, many)) < 1e-4
+
+
+def test_adapter_generation_batched_equals_one_by_one(model, tokenizer):
+    kw = {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}
+    reqs = [_req("generate_until", (c, kw), i) for i, c in enumerate(["One two", "Three four", "Five six"])]
+    one = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=1).generate_until(reqs)
+    many = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=3).generate_until(reqs)
+    assert one == many and all(isinstance(t, str) for t in one)
+
+
+def test_adapter_rolling_scores_text_after_bos(model, tokenizer):
+    """Rolling loglikelihood of a text == loglikelihood of that text after an empty context (BOS)."""
+    lm = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=2)
+    text = "Names refer to objects."
+    (rolling,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", (text,), 0)])
+    ((ll, _),) = lm.loglikelihood([_req("loglikelihood", ("", text), 0)])
+    assert rolling == pytest.approx(ll, abs=1e-4)
+
+
+def test_bench_passes_clean_and_catches_a_dropped_bos(model, tokenizer, tmp_path):
+    common = ["--model", str(model), "--tokenizer", str(tokenizer), "--limit", "3", "--batch-size", "2"]
+    clean = tmp_path / "clean"
+    code = _bench([*common, "--tasks", "parity_heldout_mc,parity_heldout_ppl,parity_heldout_gen",
+                   "--out", str(clean)])
+    summary = json.loads((clean / "summary.json").read_text())
+    fails = [c for c in summary["cells"] if c["status"] == "fail"]
+    assert code == 0 and summary["verdict"] == "pass", fails
+    gated = [c for c in summary["cells"] if c["status"] == "pass"]
+    assert {c["metric"] for c in gated} >= {"ll_diff_max", "choice_flip_rate", "gen_mismatch_rate",
+                                           "mcnemar_p", "config_drift"}
+    # The wrapper's rolling-BOS behaviour is measured and shown, not hidden.
+    known = [c for c in summary["cells"] if "hf-rolling-double-bos" in c["reason"]]
+    assert known and all(c["status"] == "info" for c in known)
+    assert (clean / "results.csv").is_file() and (clean / "report.md").is_file()
+
+    planted = tmp_path / "planted"
+    code = _bench([*common, "--tasks", "parity_heldout_mc", "--subjects", "reference,hf",
+                   "--plant", "drop-bos", "--out", str(planted)])
+    summary = json.loads((planted / "summary.json").read_text())
+    failed = {(c["metric"], c["case"]["task"]) for c in summary["cells"] if c["status"] == "fail"}
+    assert code == 1 and summary["verdict"] == "fail"
+    assert ("ll_diff_max", "parity_heldout_mc") in failed
+    drift = [c for c in summary["cells"] if c["metric"] == "config_drift"]
+    assert drift[0]["status"] == "fail" and "bos: False vs True" in drift[0]["reason"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--limit", "0"], "--limit"),
+    (["--tasks", "no_such_task_xyz", "--limit", "1"], "no_such_task_xyz"),
+    (["--plant", "nonsense"], "--plant"),
+    (["--model", "/nonexistent/model"], "--model"),
+    (["--subjects", "hf,adapter-hf"], "--subjects"),
+])
+def test_bad_input_is_input_error_and_writes_nothing(model, tokenizer, tmp_path, argv, match):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=match):
+        _bench(["--model", str(model), "--tokenizer", str(tokenizer), *argv, "--out", str(out)])
+    assert not out.exists()
