@@ -13,7 +13,8 @@ Evidence is drawn when the results hold it:
   - KL and top-1 agreement distributions: cells with kl_mean / top1_disagree metrics, plus the
     per-position KL of a row's extra["kl_per_position"] where a suite records it;
   - error vs position: extra["per_position"] (list of floats, one per position);
-  - per-layer error curves: extra["per_layer"] ({capture point: error}, in forward order);
+  - per-layer error curves: rows whose case has a "layer" (the hidden-states and localise
+    suites), or extra["per_layer"] ({capture point: error}, in forward order);
   - tokenizer divergences: extra["pieces"] ({subject: [piece, ...]}), drawn as piece strips;
   - benchmark scatter: samples/<subject>.<task>.jsonl beside summary.json (lm-eval responses).
 """
@@ -196,6 +197,44 @@ def curves(summary: dict, key: str, xlabel: str, title: str) -> str:
     return _img(fig, f"{summary['suite']}: {title}")
 
 
+def layer_curves(summary: dict) -> str:
+    """Per-layer error curves from suites that record one row per capture point.
+
+    Rows whose case has a "layer" (and maybe an "op") are points along the forward pass, in the
+    order the suite wrote them (harness/hidden_states.py, harness/localise.py); one line per
+    (other settings, subject, against, metric).
+    """
+    lines: dict[str, tuple[list[str], list[float | None]]] = {}
+    for c in summary["cells"]:
+        case = c["case"]
+        if "layer" not in case or c["status"] == "n/a":
+            continue
+        point = str(case["layer"]) + (f".{case['op']}" if case.get("op") not in (None, "", "-") else "")
+        rest = ",".join(f"{k}={v}" for k, v in case.items() if k not in ("layer", "op", "device"))
+        label = f"{rest} {c['subject']} vs {c['against']} {c['metric']}"
+        names, ys = lines.setdefault(label, ([], []))
+        names.append(point)
+        ys.append(_finite(c["value"]))
+    lines = {k: v for k, v in lines.items() if len(v[0]) > 1}
+    if not lines:
+        return ""
+    fig = Figure(figsize=(9, 4.2))
+    ax = fig.subplots()
+    longest: list[str] = []
+    for label, (names, ys) in list(lines.items())[:12]:
+        ax.plot(range(len(ys)), [y if y is not None and y > 0 else math.nan for y in ys], marker=".", label=label)
+        longest = names if len(names) > len(longest) else longest
+    if len(longest) <= 40:
+        ax.set_xticks(range(len(longest)), longest, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("capture point (forward order)")
+    ax.set_ylabel("error")
+    more = f" (first 12 of {len(lines)})" if len(lines) > 12 else ""
+    ax.set_title(f"{summary['suite']}: per-layer error{more}")
+    ax.legend(fontsize=6)
+    return _img(fig, f"{summary['suite']}: per-layer error curves")
+
+
 def bench_scatter(results_dir: Path | None) -> str:
     """Per-sample loglikelihood, reference vs transformers, from lm-eval's stored responses."""
     if results_dir is None or not (Path(results_dir) / "samples").is_dir():
@@ -319,6 +358,7 @@ def suite_section(summary: dict, results_dir: Path | None) -> str:
         heatmap(s),
         curves(s, "per_position", "position", "error vs position"),
         curves(s, "per_layer", "capture point (forward order)", "per-layer error"),
+        layer_curves(s),
         distributions(s),
         piece_strips(s),
         bench_scatter(results_dir),

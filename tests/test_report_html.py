@@ -183,3 +183,14 @@ def test_a_folder_of_results_folders_is_one_report(tmp_path):
     assert report_cli.main(["report", "--results", str(root), "--out", str(tmp_path / "r")]) == 1
     page = (tmp_path / "r" / "index.html").read_text()
     assert 'id="suite-logits"' in page and 'id="suite-tokenizer"' in page
+
+
+def test_per_layer_curves_from_rows_with_a_layer(tmp_path):
+    """The hidden-states and localise suites write one row per capture point (case key "layer")."""
+    rows = [Row("hidden", {"dtype": "bfloat16", "attn": "eager", "layer": name}, "transformers", "oracle-fp64",
+                "hidden_rel_l2", err, 1.0, PASS) for name, err in (("embedding", 1e-3), ("block0", 5e-3), ("final", 8e-3))]
+    write_results(tmp_path, "hidden", rows, {"device": "cpu"}, {"seed": 0})
+    section = report_html.suite_section(report.load_summary(tmp_path), tmp_path)
+    alts = [a["alt"] for t, a in parse(section).tags if t == "img"]
+    assert "hidden: per-layer error curves" in alts
+    assert report_html.layer_curves(report.load_summary(CLEAN)) == ""   # logits rows have no layer
