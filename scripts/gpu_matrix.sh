@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU part of the matrix, prepared and run by one script (about 10 minutes on one H100).
+#
+#   scripts/gpu_matrix.sh [OUT]      default OUT: reports/matrix-gpu/<gpu>-transformers-<version>
+#
+# Needs a CUDA torch and transformers already installed (bring your own; the CPU pin does not
+# apply). Runs the logits suite at bfloat16/float16 with every attention implementation this
+# release and card offer (flash_attention_2 only when flash_attn is installed; the suite records
+# n/a with the reason otherwise), and the mp suite on CUDA: emulated ranks on one GPU, and real
+# NCCL ranks when the machine has as many GPUs as the degree. Nothing here is needed by the CPU path.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || { echo "no CUDA device" >&2; exit 2; }
+gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
+ver=$("$PY" -c "import transformers; print(transformers.__version__)")
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+out=${1:-reports/matrix-gpu/$gpu-transformers-$ver}
+mkdir -p "$out"
+worst=0
+step() { local name=$1; shift; local t0=$SECONDS; timeout 300 "$@" > "$out/$name.log" 2>&1; local c=$?
+         echo "$name exit=$c seconds=$((SECONDS - t0))" | tee -a "$out/steps.txt"; (( c > worst )) && worst=$c; }
+slice=$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')
+step logits "$PY" -m harness logits --device cuda --dtypes bfloat16,float16 \
+    --attn eager,sdpa,flash_attention_2,flex_attention --tp 1,2 --shapes 1x128,4x2048 --no-progress --out "$out/logits"
+step mp-slice7b "$PY" -m harness.mp_cli mp --device cuda --model "$slice" --degrees 1,2,4,8 \
+    --dtypes float32,bfloat16,float16 --shapes 1x512 --out "$out/mp-slice7b"
+if (( ngpu >= 2 )); then
+    step mp-real "$PY" -m harness.mp_cli mp --device cuda --ranks real --model "$slice" --degrees 2 \
+        --dtypes bfloat16 --shapes 1x512 --out "$out/mp-real"
+fi
+exit $worst
