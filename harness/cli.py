@@ -14,6 +14,23 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _tokenizer_vocab(path: str) -> int:
+    """Number of pieces in a SentencePiece tokenizer.model: the vocabulary the checkpoint must have."""
+    try:
+        from reference_model.tokenizer import TokenizerFileError, read_model_file
+    except ImportError:
+        raise InputError("--tokenizer: this installation has no tokenizer reader") from None
+    if not Path(path).is_file():
+        raise InputError(f"--tokenizer {path}: file not found")
+    try:
+        model = read_model_file(path)
+    except TokenizerFileError as e:
+        raise InputError(f"--tokenizer {e}") from None
+    if not model.pieces:
+        raise InputError(f"--tokenizer {path}: no pieces (not a SentencePiece model)")
+    return len(model.pieces)
+
+
 def cmd_logits(a: argparse.Namespace) -> int:
     from .cases import DEFAULT_ATTN, DEFAULT_DTYPES, DEFAULT_SHAPES, DEFAULT_TP, KNOWN_ATTN, KNOWN_DTYPES
     from .cases import check_choices, parse_shapes, parse_tp
@@ -25,6 +42,7 @@ def cmd_logits(a: argparse.Namespace) -> int:
     if a.tokens and a.shapes:
         raise InputError("--tokens and --shapes: give one (the token file fixes the shape)")
     tokens = read_tokens(a.tokens) if a.tokens else None
+    tokenizer_vocab = _tokenizer_vocab(a.tokenizer) if a.tokenizer else None
     run = LogitsRun(
         model=Path(a.model) if a.model else default_model(),
         dtypes=check_choices("--dtypes", a.dtypes or list(DEFAULT_DTYPES), KNOWN_DTYPES),
@@ -34,6 +52,7 @@ def cmd_logits(a: argparse.Namespace) -> int:
         device=a.device, seed=a.seed, policy=load_policy(a.policy), fault=get_fault(a.plant),
         out=Path(a.out), progress=not a.no_progress,
         tokens=tokens, tokens_path=Path(a.tokens) if a.tokens else None, resume=not a.no_resume,
+        tokenizer_vocab=tokenizer_vocab,
     )
     if a.model and not Path(a.model).exists():
         raise InputError(f"--model: {a.model}: no such file or folder")
@@ -75,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--tp", type=_csv, help="comma list of pretraining_tp values (default: 1,2)")
     lg.add_argument("--shapes", type=_csv, help="comma list of BATCHxSEQ (default: 1x16,2x64)")
     lg.add_argument("--tokens", help="JSON file: a list of equal-length token-id lists to run instead of --shapes")
+    lg.add_argument("--tokenizer", help="SentencePiece tokenizer.model: the checkpoint's vocab_size must match it "
+                                        "(fills params.json's -1)")
     lg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     lg.add_argument("--seed", type=int, default=0)
     lg.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")

@@ -54,6 +54,7 @@ class LogitsRun:
     tokens: list[list[int]] | None = None   # --tokens: the user's own ids, instead of shapes
     tokens_path: Path | None = None
     resume: bool = True   # False: forget the journal in --out and run every cell
+    tokenizer_vocab: int | None = None   # --tokenizer: the checkpoint's vocab_size must equal it
     log: list[str] = field(default_factory=list)
 
 
@@ -163,7 +164,7 @@ def _compare(subject: torch.Tensor, truth: torch.Tensor, dtype: str, notes: dict
 
 def run_logits(run: LogitsRun) -> int:
     check_device(run.device)
-    ckpt = checkpoint.load(run.model)
+    ckpt = checkpoint.load(run.model, vocab_size=run.tokenizer_vocab)
     policy = run.policy
     env = environment(run.device)
     support = env["dtype_support"]
@@ -262,6 +263,7 @@ def run_logits(run: LogitsRun) -> int:
                    "shapes": [str(s) for s in shapes], "sha": settings["inputs"]},
         "policy": {"path": str(policy.path), "version": policy.version},
         "plant": run.fault.name if run.fault else None,
+        "tokenizer_vocab": run.tokenizer_vocab,
         "weights": {d: n for d, n in notes.items() if n} or None,
     }
     timing = {"wall_seconds": round(time.perf_counter() - started, 3),

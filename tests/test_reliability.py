@@ -396,3 +396,41 @@ def test_pickled_callable_in_hf_bin_is_refused(models, tmp_path, capsys):
 class _Boom:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+# --- --tokenizer: the checkpoint's vocabulary must be the tokenizer's -------------------------
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    """A real SentencePiece model of 60 pieces, trained here on a few lines (no download)."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("reference_model.tokenizer")   # the tokenizer reader this option uses
+    d = tmp_path_factory.mktemp("sp")
+    (d / "text.txt").write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "m"), vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    return d / "m.model"
+
+
+def test_tokenizer_vocab_mismatch_is_bad_input(models, tmp_path, capsys, sp_model):
+    err = _bad(["logits", "--model", str(models["tiny-mha/meta"]), "--tokenizer", str(sp_model)], tmp_path / "o", capsys)
+    assert "params.json [vocab_size]: 512, but the tokenizer has 60 pieces" in err
+
+
+def test_file_that_is_not_a_sentencepiece_model(models, tmp_path, capsys):
+    pytest.importorskip("reference_model.tokenizer")
+    bogus = tmp_path / "tokenizer.model"
+    bogus.write_text("this is not a protobuf\n")
+    err = _bad(["logits", "--model", str(models["tiny-mha/meta"]), "--tokenizer", str(bogus)], tmp_path / "o", capsys)
+    assert f"--tokenizer {bogus}" in err and "byte" in err
+
+
+def test_tokenizer_fills_vocab_minus_one_and_the_run_goes_on(tmp_path, sp_model):
+    from harness.models import preset_args, random_state
+    args = preset_args("tiny-mha")
+    args.vocab_size = 60
+    path = checkpoint.save_meta(tmp_path / "m", args, random_state(args, 0))
+    _edit_json(path / "params.json", vocab_size=-1)        # Meta's "take it from the tokenizer"
+    assert _logits(path, tmp_path / "o", "--dtypes", "float32", "--tokenizer", str(sp_model)) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["model"]["args"]["vocab_size"] == 60 == summary["tokenizer_vocab"]
