@@ -17,7 +17,7 @@ from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
 
 from .errors import InputError
-from .store import FAIL, INFO, PASS, Row
+from .store import FAIL, INFO, Row
 from .subjects import DTYPES, attn_implementations, transformers_version
 from .tolerance import Policy, load_policy
 
@@ -153,6 +153,3 @@ def failed(suite: str, case: dict, subject: str, against: str, error: Exception,
     why = f"{what} failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     return Row(suite, dict(case), subject, against, "all", None, None, FAIL, why)
 
-
-__all__ = ["BehaviourRun", "PLANTS", "PASS", "FAIL", "judge", "info", "failed", "plant", "load_hf",
-           "reference", "attn_reason", "ORACLE"]

@@ -14,7 +14,7 @@ import torch
 from .behaviour import BehaviourRun, attn_reason, cache_kwarg, failed, judge, load_hf, plant, reference
 from .cases import Shape, make_inputs
 from .metrics import compare
-from .store import NA, Row
+from .store import FAIL, NA, Row
 
 SUITE = "cache"
 SHAPE, PREFILL = Shape(2, 24), 8
@@ -88,6 +88,6 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                     row = judge(r.policy, SUITE, case, "transformers", "transformers-full-forward",
                                 f"cache_{m}", vals[m], ref_vals[m])
                     if nonfinite:
-                        row.status, row.reason = "fail", nonfinite
+                        row.status, row.reason = FAIL, nonfinite
                     rows.append(row)
     return rows

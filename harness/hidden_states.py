@@ -8,7 +8,7 @@ import torch
 
 from .behaviour import ORACLE, BehaviourRun, attn_reason, failed, judge, load_hf, plant, reference
 from .cases import Shape, make_inputs
-from .store import NA, Row
+from .store import FAIL, NA, Row
 
 HIDDEN_SUITE = "hidden"
 
@@ -57,7 +57,7 @@ def run_hidden(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                 continue
             if len(hidden) != len(truth):
                 out.append(Row(HIDDEN_SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers",
-                               ORACLE, "hidden_count", float(len(hidden)), float(len(truth)), "fail",
+                               ORACLE, "hidden_count", float(len(hidden)), float(len(truth)), FAIL,
                                f"{len(hidden)} hidden states, the reference has {len(truth)}"))
                 continue
             for name, h, t, rv in zip(names, hidden, truth, ref):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .behaviour import BehaviourRun, attn_reason, failed, info, judge, load_hf, plant, reference
+from .behaviour import BehaviourRun, attn_reason, failed, judge, load_hf, plant, reference
 from .metrics import compare
-from .store import NA, Row
+from .store import FAIL, NA, Row
 
 SUITE = "padding"
 LENGTHS = (16, 11, 5)
@@ -177,7 +177,7 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                     row = judge(r.policy, SUITE, case, "transformers", "transformers-alone", f"pad_{metric}",
                                 vals[metric], rounding[metric])
                     if nonfinite:
-                        row.status, row.reason = "fail", nonfinite
+                        row.status, row.reason = FAIL, nonfinite
                     out.append(row)
             pad_row = resized.get_input_embeddings()(torch.tensor([hf_pad], device=r.device)).abs().max().item()
             out.append(judge(r.policy, SUITE, {**base, "attn": attn, "pad_token": "added"}, "transformers", "zero",
