@@ -197,8 +197,9 @@ def _check_shard_count(args: ModelArgs, state: dict, files: list[Path]) -> None:
         d = shard_dim(key)
         per = w.shape[d] // len(files)
         if w.shape[d] != expected[key][d] and per and expected[key][d] % per == 0:
-            raise CheckpointError(str(files[-1]), key, f"{len(files)} shards ({files[0].name} .. {files[-1].name}) "
-                                  f"concatenate to {tuple(w.shape)}, expected {expected[key]}: "
+            found = (f"{len(files)} shards ({files[0].name} .. {files[-1].name}) concatenate to"
+                     if len(files) > 1 else f"the only shard holds")
+            raise CheckpointError(str(files[-1]), key, f"{found} {tuple(w.shape)}, expected {expected[key]}: "
                                   f"{expected[key][d] // per} shard(s) of this size would fit")
 
 

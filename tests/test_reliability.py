@@ -343,6 +343,14 @@ def test_extra_shard(models, tmp_path, capsys):
     assert "consolidated.02.pth [" in err and "3 shards" in err and "2 shard(s) of this size would fit" in err
 
 
+def test_last_shard_missing(models, tmp_path, capsys):
+    """Only consolidated.00.pth of a 2-shard model: nothing is missing by name, the sizes say it."""
+    path = _copy(models, "tiny-gqa/meta2", tmp_path)
+    (path / "consolidated.01.pth").unlink()
+    err = _bad(["logits", "--model", str(path)], tmp_path / "o", capsys)
+    assert "consolidated.00.pth [" in err and "the only shard holds" in err and "2 shard(s) of this size would fit" in err
+
+
 def test_gap_in_shards_names_the_missing_one(models, tmp_path, capsys):
     path = _copy(models, "tiny-gqa/meta2", tmp_path)
     shutil.copy(path / "consolidated.01.pth", path / "consolidated.02.pth")
