@@ -198,7 +198,7 @@ def _check_shard_count(args: ModelArgs, state: dict, files: list[Path]) -> None:
         per = w.shape[d] // len(files)
         if w.shape[d] != expected[key][d] and per and expected[key][d] % per == 0:
             found = (f"{len(files)} shards ({files[0].name} .. {files[-1].name}) concatenate to"
-                     if len(files) > 1 else f"the only shard holds")
+                     if len(files) > 1 else "the only shard holds")
             raise CheckpointError(str(files[-1]), key, f"{found} {tuple(w.shape)}, expected {expected[key]}: "
                                   f"{expected[key][d] // per} shard(s) of this size would fit")
 
