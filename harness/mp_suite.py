@@ -120,8 +120,8 @@ def run_mp(run: MPRun) -> int:
                 check_degree(ckpt.args, k, str(run.model))
             except CheckpointError as e:
                 rows += [Row(SUITE, {"dtype": d, "degree": k, "tp": "-", "shape": str(s), "attn": run.attn},
-                             "transformers", "mp-original", "all", None, status=NA, reason=f"degree {k}: {e.key} = {e.problem}")
-                         for d in run.dtypes for s in run.shapes]
+                             "transformers", against, "all", None, status=NA, reason=f"degree {k}: {e.key} = {e.problem}")
+                         for d in run.dtypes for s in run.shapes for against in ("mp-original", "oracle-fp64")]
                 continue
             mp_path = checkpoint.save_meta(Path(tmp.name) / f"mp{k}", ckpt.args, ckpt.state, n_shards=k)
             for shape, ids in inputs.items():
@@ -136,9 +136,10 @@ def run_mp(run: MPRun) -> int:
                     for tp in dict.fromkeys((1, k)):
                         case = {"dtype": dtype, "degree": k, "tp": tp, "shape": str(shape), "attn": run.attn}
                         if tp > 1 and not tp_live:
-                            rows.append(Row(SUITE, case, "transformers", "mp-original", "all", None, status=NA,
-                                            reason="pretraining_tp is a no-op in this transformers release "
-                                                   "(live only in 4.31-4.46)"))
+                            rows += [Row(SUITE, case, "transformers", against, "all", None, status=NA,
+                                         reason="pretraining_tp is a no-op in this transformers release "
+                                                "(live only in 4.31-4.46)")
+                                     for against in ("mp-original", "oracle-fp64")]
                             continue
                         logits = hf_logits(dtype, tp)[shape]
                         v_orig, why = compare(logits, original[dtype])
