@@ -3,8 +3,10 @@ the same score head and pooling rule (reference_model/classify.py), both against
 oracle classifier.
 
 Classification cases: left and right padding with a pad token configured (rows of different
-lengths, attention mask given, no position ids, as a user calls it), and no pad token configured
-(batch of one). The score head is drawn from a seeded generator and set on both sides.
+lengths, attention mask given, no position ids, as a user calls it), no pad token configured
+(batch of one), and "eos-inside": the common ``pad_token = eos_token`` with right padding and
+one row holding a real eos mid-sentence, where "the last non-pad token" and "the token before
+the first pad id" are different tokens. The score head is drawn from a seeded generator and set on both sides.
 """
 from __future__ import annotations
 
@@ -25,13 +27,24 @@ def score_weight(dim: int, seed: int) -> torch.Tensor:
     return torch.randn(N_LABELS, dim, generator=gen, dtype=torch.float64) / dim ** 0.5
 
 
+EOS_ID = 2
+PADDINGS = ("left", "right", "none", "eos-inside")
+
+
+def pad_id_for(padding: str) -> int | None:
+    return {"none": None, "eos-inside": EOS_ID}.get(padding, PAD_ID)
+
+
 def _inputs(vocab: int, seed: int, padding: str):
     toks = rows_of_tokens(vocab, seed)
     if padding == "none":
         ids = toks[0][None]
         return ids, torch.ones_like(ids), None
-    ids, mask, positions = pad_batch(toks, padding, 0, PAD_ID)
-    return ids, mask, positions
+    if padding == "eos-inside":
+        toks[0] = toks[0].clone()
+        toks[0][len(toks[0]) // 2] = EOS_ID      # a real eos, attended, mid-row
+        return pad_batch(toks, "right", 0, EOS_ID)
+    return pad_batch(toks, padding, 0, PAD_ID)
 
 
 def _classifier(ckpt, dtype, device, pad_id, weight):
@@ -47,11 +60,11 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
     vocab, weight = ckpt.args.vocab_size, score_weight(ckpt.args.dim, r.seed)
     out: list[Row] = []
-    paddings = ("left", "right", "none")
+    paddings = PADDINGS
     truth = {}
     for padding in paddings:
         ids, mask, positions = _inputs(vocab, r.seed, padding)
-        pad_id = None if padding == "none" else PAD_ID
+        pad_id = pad_id_for(padding)
         oracle = _classifier(ckpt, "float64", r.device, pad_id, weight)
         truth[padding] = oracle(ids.to(r.device), key_mask=mask.to(r.device),
                                 positions=None if positions is None else positions.to(r.device)).cpu()
@@ -59,7 +72,7 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
         ref_err, ref_scores = {}, {}
         for padding in paddings:
             ids, mask, positions = _inputs(vocab, r.seed, padding)
-            pad_id = None if padding == "none" else PAD_ID
+            pad_id = pad_id_for(padding)
             clf = _classifier(ckpt, dtype, r.device, pad_id, weight)
             ref_scores[padding] = clf(ids.to(r.device), key_mask=mask.to(r.device),
                                       positions=None if positions is None else positions.to(r.device)).cpu()
@@ -76,7 +89,7 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                 ids, mask, _ = _inputs(vocab, r.seed, padding)
                 try:
                     hf = load_hf("LlamaForSequenceClassification", hf_path, dtype, r.device, attn,
-                                 num_labels=N_LABELS, pad_token_id=None if padding == "none" else PAD_ID)
+                                 num_labels=N_LABELS, pad_token_id=pad_id_for(padding))
                     hf.score.weight.data = weight.to(hf.score.weight.dtype).to(r.device)
                     plant(hf, r.plant)
                     with torch.inference_mode():

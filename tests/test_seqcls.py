@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.subjects import transformers_version
 from reference_model.classify import last_real_token
 
 from behaviour_helpers import failing, run_suite
@@ -22,15 +23,20 @@ def test_pooling_picks_the_rightmost_non_pad_token():
 
 def test_seqcls_suite_passes_on_a_correct_transformers(models, tmp_path):
     code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "seqcls", dtypes=("float32", "bfloat16"))
-    assert code == 0, failing(cells)
+    # 4.46 pools "one before the first pad id", which differs when the pad id (here eos) also
+    # occurs inside a row (measured: 4.46.3 fails exactly those cells; 5.24.0 passes all).
+    assert {c["case"]["padding"] for c in failing(cells)} <= {"eos-inside"}
+    if transformers_version() >= (5, 0):
+        assert code == 0, failing(cells)
     paddings = {c["case"]["padding"] for c in cells if c["subject"] == "transformers" and c["status"] == "pass"}
-    assert paddings == {"left", "right", "none"}
+    assert paddings == {"left", "right", "none", "eos-inside"}
 
 
 def test_wrong_pooling_is_caught_under_right_padding_only(models, tmp_path):
     code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "seqcls", plant="pool-last-position")
     assert code == 1
-    assert {c["case"]["padding"] for c in failing(cells)} == {"right"}
+    # Left padding ends every row with a real token, so only right-padded cases can see it.
+    assert {c["case"]["padding"] for c in failing(cells)} == {"right", "eos-inside"}
 
 
 def test_hidden_states_pass_and_a_last_block_bug_is_localised(models, tmp_path):
