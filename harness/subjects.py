@@ -83,8 +83,15 @@ class TransformersSubject:
         kwargs = {"config": config}
         if transformers_version() >= (4, 36):
             kwargs["attn_implementation"] = attn
+        if (4, 36) <= transformers_version() < (4, 46):
+            # 4.36-4.38 (at least) drop attn_implementation="eager" when a config is passed too (the
+            # config already *reads* "eager" by default) and then pick SDPA: set it on the config.
+            config._attn_implementation = attn
         kwargs["dtype" if transformers_version() >= (4, 56) else "torch_dtype"] = DTYPES[dtype]
         self.model = LlamaForCausalLM.from_pretrained(hf_path, **kwargs).to(device).eval()
+        loaded = getattr(self.model.config, "_attn_implementation", "eager")
+        if loaded != attn:   # never report one implementation's numbers under another's name
+            raise RuntimeError(f"asked for attn_implementation={attn!r}, transformers loaded {loaded!r}")
         self.device, self.fault = device, fault
         if fault is not None:
             fault.edit_model(self.model)
