@@ -28,8 +28,8 @@ def test_seqcls_suite_passes_on_a_correct_transformers(models, tmp_path):
     assert {c["case"]["padding"] for c in failing(cells)} <= {"eos-inside"}
     if transformers_version() >= (5, 0):
         assert code == 0, failing(cells)
-    paddings = {c["case"]["padding"] for c in cells if c["subject"] == "transformers" and c["status"] == "pass"}
-    assert paddings == {"left", "right", "none", "eos-inside"}
+    gated = {c["case"]["padding"] for c in cells if c["subject"] == "transformers" and c["status"] in ("pass", "fail")}
+    assert gated == {"left", "right", "none", "eos-inside"}
 
 
 def test_wrong_pooling_is_caught_under_right_padding_only(models, tmp_path):
