@@ -22,6 +22,7 @@ of its attention module with its own ``apply_rotary_pos_emb``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Iterable, Optional
 
@@ -170,6 +171,12 @@ class Capture:
         self._emit((layer, "k"), k)
         self._emit((layer, "v"), v)
         self._pending_qk = (q, k)
+        # Releases before 5 (4.46) return eager's weights only when asked; asking changes nothing
+        # else for eager (for sdpa it would switch kernels, so sdpa is never asked).
+        if "output_attentions" in inspect.signature(attn.forward).parameters and \
+                getattr(attn.config, "_attn_implementation", None) == "eager":
+            return args, {**kwargs, "output_attentions": True}
+        return None
 
     def _transformers_weights(self, layer: int, out) -> None:
         # eager returns its own weights (so a mask bug shows); sdpa and friends return None,

@@ -46,36 +46,48 @@ class WeightSource:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.format = detect_format(self.path)
+        self._open: dict[Path, object] = {}
         if self.format == "meta":
             self.files = meta_shard_files(self.path)
-            # mmap: opening a 70B shard costs address space, not memory.
-            self._shards = [torch_load(f) for f in self.files]
             self.args = load_meta_args(self.path)
             if self.args.vocab_size == -1:
-                self.args.vocab_size = self._shards[0]["tok_embeddings.weight"].shape[0]
+                self.args.vocab_size = self._file(self.files[0])["tok_embeddings.weight"].shape[0]
             self.hf_config = args_to_hf_config(self.args)
         else:
             self.hf_config = read_json(self.path / "config.json")
             self.args = hf_config_to_args(self.hf_config, str(self.path / "config.json"))
-            files, weight_map, _ = hf_weight_files(self.path)
-            self._where: dict[str, object] = {}
+            files, _, _ = hf_weight_files(self.path)
+            self._where: dict[str, Path] = {}
             for f in files:
-                if f.suffix == ".safetensors":
-                    from safetensors import safe_open
-                    handle = safe_open(str(f), framework="pt", device="cpu")
-                    for key in handle.keys():
-                        self._where[key] = (f, handle)
-                else:
-                    part = torch_load(f)
-                    for key in part:
-                        self._where[key] = (f, part)
+                for key in self._keys(f):
+                    self._where[key] = f
+        self._close()
         self.shapes = expected_meta_shapes(self.args)
+
+    # Files are mapped for one block at a time and closed after it: a mapping kept open would
+    # keep every page read so far resident, and the peak would grow to the whole checkpoint.
+    def _file(self, f: Path):
+        if f not in self._open:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+            else:
+                self._open[f] = torch_load(f)     # mmap=True, weights_only=True
+        return self._open[f]
+
+    def _keys(self, f: Path) -> list[str]:
+        handle = self._file(f)
+        return list(handle.keys())
+
+    def _close(self) -> None:
+        self._open.clear()
 
     def _raw(self, meta_key: str) -> torch.Tensor:
         """The tensor in the file's own layout (HF: permuted q/k)."""
         if self.format == "meta":
             parts = []
-            for f, shard in zip(self.files, self._shards):
+            for f in self.files:
+                shard = self._file(f)
                 if meta_key not in shard:
                     raise CheckpointError(str(f), meta_key, "missing tensor")
                 parts.append(shard[meta_key])
@@ -85,7 +97,7 @@ class WeightSource:
             hf_key = meta_to_hf_key(meta_key)
             if hf_key not in self._where:
                 raise CheckpointError(str(self.path), hf_key, "missing tensor")
-            f, handle = self._where[hf_key]
+            handle = self._file(self._where[hf_key])
             w = handle.get_tensor(hf_key) if hasattr(handle, "get_tensor") else handle[hf_key]
         if tuple(w.shape) != self.shapes[meta_key]:
             raise CheckpointError(str(self.path), meta_key, f"shape {tuple(w.shape)}, expected {self.shapes[meta_key]}")
@@ -106,10 +118,13 @@ class WeightSource:
                 meta[suffix], hf[local_hf] = native.contiguous(), other.contiguous()
             else:
                 meta[suffix] = hf[local_hf] = w
+        self._close()
         return meta, hf
 
     def tensor(self, meta_key: str) -> torch.Tensor:
-        return self._raw(meta_key)
+        w = self._raw(meta_key)
+        self._close()
+        return w
 
 
 # --- transformers pieces, built one block at a time ------------------------------------------
