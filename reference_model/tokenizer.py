@@ -334,6 +334,9 @@ class Tokenizer:
                 ids.extend(hit)
         elif text:
             ids.extend(self._ids(self._bpe(text)))
+        if not self._m.byte_fallback:     # without byte fallback, a run of unknown symbols is one <unk>
+            unk = self.unk_id
+            ids = [t for k, t in enumerate(ids) if t != unk or k == 0 or ids[k - 1] != unk]
         if eos:
             ids.append(self.eos_id)
         return ids
