@@ -66,9 +66,16 @@ def load_hf(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eage
     kwargs = {"config": config}
     if transformers_version() >= (4, 36):
         kwargs["attn_implementation"] = attn
+    if (4, 36) <= transformers_version() < (4, 46):
+        # As in subjects.TransformersSubject: these releases drop attn_implementation="eager" when
+        # a config is passed too and pick SDPA; set it on the config.
+        config._attn_implementation = attn
     kwargs["dtype" if transformers_version() >= (4, 56) else "torch_dtype"] = DTYPES[dtype]
-    cls = getattr(transformers, kind)
-    return cls.from_pretrained(hf_path, **kwargs).to(device).eval()
+    model = getattr(transformers, kind).from_pretrained(hf_path, **kwargs).to(device).eval()
+    loaded = getattr(model.config, "_attn_implementation", "eager")
+    if loaded != attn:   # never report one implementation's numbers under another's name
+        raise RuntimeError(f"asked for attn_implementation={attn!r}, transformers loaded {loaded!r}")
+    return model
 
 
 # --- planted bugs: each suite must be able to fail ----------------------------------------------
