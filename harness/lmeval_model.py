@@ -6,8 +6,8 @@ transformers' LlamaForCausalLM behind the *same* adapter, so that comparing it w
 ``hf`` wrapper on the same weights isolates what the wrapper does (BOS, splits, padding, batching).
 
     python -m harness.lmeval_model run --model llama-parity \\
-        --model_args model=models/tiny-llama2,dtype=float32 --tasks parity_heldout_mc \\
-        --include_path suites/lmeval          # lm-eval's own CLI, with this model registered
+        --model_args model=models/tiny-llama2,dtype=float32 --batch_size 8 --device cpu \\
+        --tasks parity_heldout_mc --include_path reports/latest/bench/tasks   # lm-eval's own CLI
 
 Conventions, each one a setting that the bench compares between subjects:
 - BOS: every context starts with BOS (``add_bos_token=True``, Llama 2's training convention); an
@@ -140,6 +140,10 @@ class ParityLM(TemplateLM):
         self.softmax_dtype = _dtype(softmax_dtype, "softmax_dtype")
         self._max_length, self._max_gen_toks = int(max_length), int(max_gen_toks)
         self.add_bos_token = _bool(add_bos_token)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes device=cuda by default; its own HF wrapper falls back the same way.
+            print(f"llama-parity: device {device!r} unavailable, using cpu", file=sys.stderr)
+            device = "cpu"
         self._device = device
         self.backend_name = backend
         self.tokenizer_path = resolve_tokenizer(self.model_path, tokenizer)
