@@ -24,6 +24,7 @@ safetensors, stored at the run dtype) and removed afterwards unless --keep.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -77,14 +78,12 @@ class AnonPeak(threading.Thread):
 
 def child(mode: str, path: Path, dtype: str, shape: str) -> dict:
     """One measurement; runs in its own process so that its peak is its own."""
-    import torch
-
     from harness.cases import make_inputs, parse_shapes
     from harness.streaming import WeightSource, shared_reference, stream_compare
     from harness.subjects import DTYPES, TransformersSubject
     from reference_model import checkpoint
-    import transformers  # noqa: F401  (imported before the baseline in every mode alike)
-    from transformers.models.llama import modeling_llama  # noqa: F401
+    # transformers' Llama modules imported before the baseline, in every mode alike
+    importlib.import_module("transformers.models.llama.modeling_llama")
 
     args = WeightSource(path).args
     ids = make_inputs(parse_shapes([shape])[0], args.vocab_size, 0)

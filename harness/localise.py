@@ -55,8 +55,8 @@ def locate(order: list[Point], subject: dict[Point, float], reference: dict[Poin
     r = ratios(subject, reference, dtype)
     points = [p for p in order if p in r]
     bad = [not math.isfinite(subject[p]) or not (r[p] <= limit) for p in points]
-    rule = f"detect: a point's error > {limit:g}x the reference's at {dtype}; attribute: the start of the " \
-           f"run of points > {onset:g}x that leads there"
+    rule = f"detect: a point's error more than {limit:g}x the reference's at {dtype}; attribute: the start of the " \
+           f"run of points above {onset:g}x that leads there"
     if not any(bad):
         worst = max(points, key=lambda p: r[p]) if points else None
         return {"layer": None, "op": None, "group": None, "point": None, "rule": rule,

@@ -42,9 +42,9 @@ def _write(out: Path, suite: str, rows, found: dict, extra: dict, device: str, t
              else f"layer {found['layer']}, op {found['op']} ({found['point']}; {found['ratio']:.3g}x "
                   f"the reference's error, a {found['jump']:.3g}x jump)")
     text = (f"# {suite}: {summary['verdict'].upper()}\n\n"
-            f"First divergence of transformers: **{html.escape(where)}**\n\n"
-            f"Rule: {html.escape(found['rule'])}. Errors are relative L2 against the float64 oracle.\n\n"
-            f"Settings: {html.escape(', '.join(f'{k}={v}' for k, v in extra['case'].items()))}\n\n"
+            f"First divergence of transformers: **{html.escape(where, quote=False)}**\n\n"
+            f"Rule: {html.escape(found['rule'], quote=False)}. Errors are relative L2 against the float64 oracle.\n\n"
+            f"Settings: {html.escape(', '.join(f'{k}={v}' for k, v in extra['case'].items()), quote=False)}\n\n"
             f"## Error curve per subject\n\n{table}")
     atomic_write_text(out / "report.md", text)
     print(f"first divergence: {where}")

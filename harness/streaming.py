@@ -17,22 +17,20 @@ transformers' own tensors wherever the layouts agree.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from reference_model.checkpoint import (META_SHARD, detect_format, hf_weight_files, load_meta_args,
+from reference_model.checkpoint import (detect_format, hf_weight_files, load_meta_args,
                                         meta_shard_files, read_json, shard_dim, torch_load)
 from reference_model.convert import (expected_meta_shapes, hf_config_to_args, meta_to_hf_key, permute,
                                      unpermute, args_to_hf_config)
 from reference_model.errors import CheckpointError
 from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_cis
 
-from .capture import Capture, Errors, Store, point_order, rel_l2
+from .capture import Capture, Errors, Store, point_order
 from .errors import InputError
 from .metrics import compare
 from .subjects import DTYPES
