@@ -52,14 +52,18 @@ def cmd_logits(a: argparse.Namespace) -> int:
         device=a.device, seed=a.seed, policy=load_policy(a.policy), fault=get_fault(a.plant),
         out=Path(a.out), progress=not a.no_progress,
         tokens=tokens, tokens_path=Path(a.tokens) if a.tokens else None, resume=not a.no_resume,
-        tokenizer_vocab=tokenizer_vocab,
+        tokenizer_vocab=tokenizer_vocab, localise=not a.no_localise,
     )
     if a.model and not Path(a.model).exists():
         raise InputError(f"--model: {a.model}: no such file or folder")
     code = run_logits(run)
     for line in run.log:
         print(line, file=sys.stderr)
-    print(f"results: {run.out}/results.csv, {run.out}/summary.json, {run.out}/report.md")
+    if a.html:
+        from .report_cli import render_report
+        render_report([run.out], run.out / "report")
+    print(f"results: {run.out}/results.csv, {run.out}/summary.json, {run.out}/report.md"
+          + (f", {run.out}/report/index.html" if a.html else ""))
     return code
 
 
@@ -103,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--out", default="reports/latest/logits",
                     help="output folder; a rerun with the same folder resumes, skipping finished cells")
     lg.add_argument("--no-progress", action="store_true")
+    lg.add_argument("--no-localise", action="store_true",
+                    help="skip naming the first diverging layer/op of failing cells")
+    lg.add_argument("--html", action="store_true",
+                    help="also render the self-contained HTML report and JUnit XML into OUT/report")
     lg.add_argument("--no-resume", action="store_true", help="forget finished cells journaled in --out; rerun all")
     lg.set_defaults(func=cmd_logits)
 
@@ -126,12 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Suites that live in their own modules register here."""
-    try:
-        from .tokenizer_cli import register
-    except ImportError:
-        return
-    register(sub)
+    """Suites that live in their own modules register their subcommands here."""
+    from .behaviour_cli import register as behaviour
+    from .bench_cli import register as bench
+    from .localise_cli import register as localise
+    from .matrix import register as matrix
+    from .mp_cli import register as mp
+    from .report_cli import register as report
+    from .tokenizer_cli import register as tokenizer
+    for register in (tokenizer, behaviour, bench, mp, matrix, localise, report):
+        register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

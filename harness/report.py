@@ -87,7 +87,7 @@ def write_markdown(path: Path, summary: dict) -> None:
         markdown_table(pd.DataFrame([{k: env.get(k) for k in ("torch", "transformers", "device", "python", "platform",
                                                                 "harness_commit")}])),
     ]
-    for key in ("model", "truth", "seed", "policy", "plant"):
+    for key in ("model", "truth", "seed", "policy", "plant", "first_divergence"):
         if key in summary:
             lines.append(f"- **{key}**: `{_md_escape(str(summary[key]))}`")
     lines += ["", "## Cells (failing first; worst metric of each cell)", "", markdown_table(worst_cells(summary))]

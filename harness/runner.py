@@ -54,6 +54,7 @@ class LogitsRun:
     tokens: list[list[int]] | None = None   # --tokens: the user's own ids, instead of shapes
     tokens_path: Path | None = None
     resume: bool = True   # False: forget the journal in --out and run every cell
+    localise: bool = True  # name the first diverging layer/op of each failing group
     tokenizer_vocab: int | None = None   # --tokenizer: the checkpoint's vocab_size must equal it
     log: list[str] = field(default_factory=list)
 
@@ -266,12 +267,47 @@ def run_logits(run: LogitsRun) -> int:
         "tokenizer_vocab": run.tokenizer_vocab,
         "weights": {d: n for d, n in notes.items() if n} or None,
     }
+    if run.localise:
+        summary_extra.update(_localise_failures(run, ckpt, rows, inputs))
     timing = {"wall_seconds": round(time.perf_counter() - started, 3),
               "groups_resumed": len(journal.reused)}
     summary = write_results(run.out, SUITE, rows, env, summary_extra, timing=timing)
     report.write_markdown(run.out / "report.md", summary)
     report.print_console(summary)
     return exit_code(rows)
+
+
+def _localise_failures(run: LogitsRun, ckpt, rows: list[Row], inputs: dict) -> dict:
+    """For each failing transformers group, name the first layer and op that diverge (issue: "where?").
+
+    Runs on the group's smallest failing input; a localisation error is reported, never fatal.
+    """
+    from .localise import first_divergence
+    failing: dict[tuple, Row] = {}
+    for r in rows:
+        if r.subject == "transformers" and r.against == "oracle-fp64" and r.status == FAIL:
+            key = (r.case["dtype"], r.case["attn"], r.case["tp"])
+            failing.setdefault(key, r)
+    if not failing:
+        return {}
+    found = []
+    by_name = {str(s): s for s in inputs}
+    hf = HFFolder(ckpt)
+    try:
+        for (dtype, attn, tp), r in failing.items():
+            try:
+                d = first_divergence(ckpt, hf.path, inputs[by_name[r.case["shape"]]], dtype, run.device,
+                                     attn, tp, run.fault)
+            except Exception as e:  # noqa: BLE001 - evidence gathering must not lose the verdict
+                d = {"layer": None, "op": None, "error": f"{type(e).__name__}: {e}"}
+            found.append({"case": dict(r.case), **{k: v for k, v in d.items() if _jsonable(v)}})
+    finally:
+        hf.close()
+    return {"first_divergence": found[0], "divergences": found}
+
+
+def _jsonable(v) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool, list, dict))
 
 
 def _run_transformers(run, hf, dtype, attn, tp, group: list[Case], inputs, truth, ref_logits, ref_metrics,

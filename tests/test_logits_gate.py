@@ -117,3 +117,12 @@ def test_llama2_7b_shaped_slice(tmp_path):
     assert main(["logits", "--model", str(model), "--out", str(tmp_path / "a"), "--dtypes", "float32,bfloat16", *args]) == 0
     assert main(["logits", "--model", str(model), "--out", str(tmp_path / "b"), "--dtypes", "float32",
                  "--plant", "no-permute", *args]) == 1
+
+
+@pytest.mark.parametrize("fault, op", [("swap-gate-up", "mlp"), ("no-permute", "q")])
+def test_failing_run_names_the_first_diverging_layer_and_op(models, tmp_path, fault, op):
+    code, summary = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float32", "--plant", fault)
+    assert code == 1
+    found = summary["first_divergence"]
+    assert found["layer"] == 0 and found["op"] == op, found
+    assert "first_divergence" in (tmp_path / "report.md").read_text()
