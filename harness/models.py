@@ -81,8 +81,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLAMA_PARITY_CACHE") or Path.home() / ".cache" / "llama-parity")
 
 
+EMBEDDED = Path(__file__).resolve().parent.parent / "models" / "tiny-llama2"
+
+
 def default_model() -> Path:
-    """The embedded default model (Meta format), generated on first use into the cache."""
+    """The embedded default: the small trained Llama 2 committed in models/tiny-llama2."""
+    if not (EMBEDDED / "params.json").exists():
+        raise InputError(f"--model: the embedded model {EMBEDDED} is missing (a non-editable install does "
+                         "not carry it); pass --model PATH")
+    return EMBEDDED
+
+
+def random_default_model() -> Path:
+    """The random-weight `default` preset (real vocab size), generated on first use into the cache."""
     path = cache_dir() / "models" / "default-seed0"
     if not (path / "params.json").exists():
         write_preset("default", path, fmt="meta", seed=0)
