@@ -16,12 +16,12 @@ tolerance = the allowed value, extra = the baseline's value and status.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .tolerance import read_policy_toml
 from .report import policy_version
 from .store import FAIL, INFO, PASS, Row
 
@@ -66,14 +66,7 @@ def _allowance(spec: Any, where: str, fallback: Allowance | None) -> Allowance:
 
 def load_regression_policy(path: str | Path | None = None) -> RegressionPolicy:
     path = Path(path) if path else DEFAULT_REGRESSION_POLICY
-    if not path.is_file():
-        raise InputError(f"--regression-policy: {path}: file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid TOML ({e})") from None
-    if not isinstance(data.get("version"), str):
-        raise InputError(f"{path}: missing string key 'version'")
+    data = read_policy_toml(path, "--regression-policy")
     if "default" not in data:
         raise InputError(f"{path}: missing table [default]")
     default = _allowance(data["default"], f"{path}: [default]", None)

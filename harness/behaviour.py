@@ -18,7 +18,7 @@ from reference_model.checkpoint import Checkpoint
 
 from .errors import InputError
 from .store import FAIL, INFO, Row
-from .subjects import DTYPES, attn_implementations, transformers_version
+from .subjects import DTYPES, attn_implementations, load_transformers
 from .tolerance import Policy, load_policy
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "suites" / "behaviour.toml"
@@ -56,26 +56,7 @@ def attn_reason(attn: str, device: str) -> str:
 def load_hf(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eager", **config_edits):
     """transformers' LlamaForCausalLM / LlamaModel / LlamaForSequenceClassification, loaded as a
     user would; config_edits (e.g. num_labels, pad_token_id) are set on the config first."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()   # "newly initialised score weights" is expected: we set them
-    config = transformers.LlamaConfig.from_pretrained(hf_path)
-    for k, v in config_edits.items():
-        setattr(config, k, v)
-    kwargs = {"config": config}
-    if transformers_version() >= (4, 36):
-        kwargs["attn_implementation"] = attn
-    if (4, 36) <= transformers_version() < (4, 46):
-        # As in subjects.TransformersSubject: these releases drop attn_implementation="eager" when
-        # a config is passed too and pick SDPA; set it on the config.
-        config._attn_implementation = attn
-    kwargs["dtype" if transformers_version() >= (4, 56) else "torch_dtype"] = DTYPES[dtype]
-    model = getattr(transformers, kind).from_pretrained(hf_path, **kwargs).to(device).eval()
-    loaded = getattr(model.config, "_attn_implementation", "eager")
-    if loaded != attn:   # never report one implementation's numbers under another's name
-        raise RuntimeError(f"asked for attn_implementation={attn!r}, transformers loaded {loaded!r}")
-    return model
+    return load_transformers(kind, hf_path, dtype, device, attn, **config_edits)
 
 
 # --- planted bugs: each suite must be able to fail ----------------------------------------------

@@ -11,13 +11,13 @@ Every gated number has a limit in suites/bench_tolerance.toml, per dtype, with i
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .tolerance import read_policy_toml
 from .store import FAIL, INFO, NA, PASS, Row
 
 DEFAULT_BENCH_POLICY = Path(__file__).resolve().parent.parent / "suites" / "bench_tolerance.toml"
@@ -71,14 +71,7 @@ class BenchPolicy:
 
 def load_bench_policy(path: str | Path | None = None) -> BenchPolicy:
     path = Path(path) if path else DEFAULT_BENCH_POLICY
-    if not path.is_file():
-        raise InputError(f"--policy: {path}: file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid TOML ({e})") from None
-    if not isinstance(data.get("version"), str):
-        raise InputError(f"{path}: missing string key 'version'")
+    data = read_policy_toml(path, "--policy")
     limits, deviations = {}, []
     for name, spec in (data.get("known_deviations") or {}).items():
         try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError
+from .store import atomic_write_bytes
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -76,21 +77,6 @@ def default_cache_dir() -> Path:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -311,11 +297,11 @@ def build(cache_dir: Path) -> Path:
         "licence": LICENCE_NOTE,
         "recipe": RECIPE,
     }
-    _atomic_write_bytes(cache_dir / INP_FILE, members[INP_MEMBER])
-    _atomic_write_bytes(cache_dir / OUT_FILE, members[OUT_MEMBER])
-    _atomic_write_bytes(cache_dir / MODEL_FILE, model_bytes)
+    atomic_write_bytes(cache_dir / INP_FILE, members[INP_MEMBER])
+    atomic_write_bytes(cache_dir / OUT_FILE, members[OUT_MEMBER])
+    atomic_write_bytes(cache_dir / MODEL_FILE, model_bytes)
     # Written last: its checksums are what marks the cache complete.
-    _atomic_write_bytes(cache_dir / PROVENANCE_FILE,
+    atomic_write_bytes(cache_dir / PROVENANCE_FILE,
                         (json.dumps(provenance, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     return cache_dir / MODEL_FILE
 

@@ -67,31 +67,42 @@ def attn_implementations(device: str) -> dict[str, str]:
     return out
 
 
+def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eager",
+                      edit_config=None, **config_edits):
+    """transformers' ``kind`` (LlamaForCausalLM, LlamaModel, ...) loaded with from_pretrained as a
+    user would. ``config_edits`` are set on the config first, then ``edit_config(config)`` runs."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # our own bars count cells; one bar per load is noise
+    hf_logging.set_verbosity_error()    # e.g. "newly initialised score weights": expected, we set them
+    config = transformers.LlamaConfig.from_pretrained(hf_path)
+    for k, v in config_edits.items():
+        setattr(config, k, v)
+    if edit_config is not None:
+        edit_config(config)
+    kwargs = {"config": config}
+    if transformers_version() >= (4, 36):
+        kwargs["attn_implementation"] = attn
+    if (4, 36) <= transformers_version() < (4, 46):
+        # 4.36-4.38 (at least) drop attn_implementation="eager" when a config is passed too (the
+        # config already *reads* "eager" by default) and then pick SDPA: set it on the config.
+        config._attn_implementation = attn
+    kwargs["dtype" if transformers_version() >= (4, 56) else "torch_dtype"] = DTYPES[dtype]
+    model = getattr(transformers, kind).from_pretrained(hf_path, **kwargs).to(device).eval()
+    loaded = getattr(model.config, "_attn_implementation", "eager")
+    if loaded != attn:   # never report one implementation's numbers under another's name
+        raise RuntimeError(f"asked for attn_implementation={attn!r}, transformers loaded {loaded!r}")
+    return model
+
+
 class TransformersSubject:
     """transformers' LlamaForCausalLM loaded with from_pretrained, as a user would load it."""
 
     name = "transformers"
 
     def __init__(self, hf_path: Path, dtype: str, device: str, attn: str = "eager", tp: int = 1, fault=None):
-        from transformers import LlamaConfig, LlamaForCausalLM
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()   # our own bar counts cells; one bar per load is noise
-        config = LlamaConfig.from_pretrained(hf_path)
-        config.pretraining_tp = tp
-        if fault is not None:
-            fault.edit_config(config)
-        kwargs = {"config": config}
-        if transformers_version() >= (4, 36):
-            kwargs["attn_implementation"] = attn
-        if (4, 36) <= transformers_version() < (4, 46):
-            # 4.36-4.38 (at least) drop attn_implementation="eager" when a config is passed too (the
-            # config already *reads* "eager" by default) and then pick SDPA: set it on the config.
-            config._attn_implementation = attn
-        kwargs["dtype" if transformers_version() >= (4, 56) else "torch_dtype"] = DTYPES[dtype]
-        self.model = LlamaForCausalLM.from_pretrained(hf_path, **kwargs).to(device).eval()
-        loaded = getattr(self.model.config, "_attn_implementation", "eager")
-        if loaded != attn:   # never report one implementation's numbers under another's name
-            raise RuntimeError(f"asked for attn_implementation={attn!r}, transformers loaded {loaded!r}")
+        edit = fault.edit_config if fault is not None else None
+        self.model = load_transformers("LlamaForCausalLM", hf_path, dtype, device, attn, edit, pretraining_tp=tp)
         self.device, self.fault = device, fault
         if fault is not None:
             fault.edit_model(self.model)

@@ -21,7 +21,6 @@ status "info" with reason "known divergence: ...": still counted, still shown, n
 from __future__ import annotations
 
 import fnmatch
-import os
 import shutil
 import sys
 import tempfile

@@ -54,16 +54,22 @@ class Policy:
         return tol, FAIL, f"{value:.3g} > {tol:.3g}"
 
 
-def load_policy(path: str | Path | None = None) -> Policy:
-    path = Path(path) if path else DEFAULT_POLICY
+def read_policy_toml(path: Path, arg: str) -> dict:
+    """A policy file's table, with its string 'version' checked; errors name the argument or file."""
     if not path.is_file():
-        raise InputError(f"--policy: {path}: file not found")
+        raise InputError(f"{arg}: {path}: file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
     if not isinstance(data.get("version"), str):
         raise InputError(f"{path}: missing string key 'version'")
+    return data
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    path = Path(path) if path else DEFAULT_POLICY
+    data = read_policy_toml(path, "--policy")
     limits = {}
     for dtype, table in data.items():
         if not isinstance(table, dict) or dtype == "metadata":
