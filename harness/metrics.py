@@ -62,3 +62,16 @@ def compare(subject: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | Non
     out["topk_miss"] = (~(in_a & in_b)).double().mean().item()
     out["logprob_diff_max"] = (la.gather(-1, arg_b[:, None]) - lb.gather(-1, arg_b[:, None])).abs().max().item()
     return out, ""
+
+
+def per_position(subject: torch.Tensor, truth: torch.Tensor) -> dict[str, list[float]]:
+    """Error along the sequence (max over batch rows): errors that grow with position show here."""
+    a = subject.detach().to("cpu", torch.float64)
+    b = truth.detach().to("cpu", torch.float64)
+    if not torch.isfinite(a).all():
+        return {}
+    err = (a - b).abs().amax(dim=-1).amax(dim=0)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (lb.exp() * (lb - la)).sum(-1).clamp_min(0.0).amax(dim=0)
+    return {"per_position": [float(f"{v:.4g}") for v in err.tolist()],
+            "kl_per_position": [float(f"{v:.4g}") for v in kl.tolist()]}

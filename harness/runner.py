@@ -28,7 +28,7 @@ from .cases import Case, Shape, make_inputs, matrix
 from .environment import environment
 from .errors import InputError
 from .faults import Fault
-from .metrics import METRICS, compare
+from .metrics import METRICS, compare, per_position
 from .store import FAIL, JOURNAL, NA, PASS, Journal, Row, clear_results, exit_code, fingerprint, write_results
 from .subjects import DTYPES, HFFolder, ReferenceSubject, TransformersSubject, attn_implementations, tp_honoured
 from .tolerance import Policy
@@ -232,7 +232,9 @@ def run_logits(run: LogitsRun) -> int:
                     values, why = _compare(ref_logits[shape], truth()[shape], dtype, notes)
                     ref_metrics[shape] = values
                     case = {"dtype": dtype, "attn": "-", "tp": "-", "shape": str(shape), "device": run.device}
-                    ref_rows += _judge(_metric_rows(case, "reference", "oracle-fp64", values, why), policy, dtype, None)
+                    ref_rows += _attach_positions(
+                        _judge(_metric_rows(case, "reference", "oracle-fp64", values, why), policy, dtype, None),
+                        ref_logits[shape], truth()[shape])
                 del reference
                 if done[key_of(ref_group)] is None:
                     journal.append(key_of(ref_group), ref_group, ref_rows)
@@ -275,6 +277,17 @@ def run_logits(run: LogitsRun) -> int:
     report.write_markdown(run.out / "report.md", summary)
     report.print_console(summary)
     return exit_code(rows)
+
+
+def _attach_positions(rows: list[Row], logits: torch.Tensor, truth: torch.Tensor) -> list[Row]:
+    """Per-position curves ride on the max_abs and kl_max rows (for the report's plots)."""
+    curves = per_position(logits, truth)
+    for r in rows:
+        if r.metric == "max_abs" and "per_position" in curves:
+            r.extra["per_position"] = curves["per_position"]
+        elif r.metric == "kl_max" and "kl_per_position" in curves:
+            r.extra["kl_per_position"] = curves["kl_per_position"]
+    return rows
 
 
 def _localise_failures(run: LogitsRun, ckpt, rows: list[Row], inputs: dict) -> dict:
@@ -338,8 +351,8 @@ def _run_transformers(run, hf, dtype, attn, tp, group: list[Case], inputs, truth
             rows.append(Row(SUITE, case.settings(), "transformers", "oracle-fp64", "all", None, status=FAIL, reason=why))
             continue
         values, why = _compare(logits, truth()[case.shape], dtype, notes)
-        rows += _judge(_metric_rows(case.settings(), "transformers", "oracle-fp64", values, why),
-                       policy, dtype, ref_metrics[case.shape])
+        rows += _attach_positions(_judge(_metric_rows(case.settings(), "transformers", "oracle-fp64", values, why),
+                                         policy, dtype, ref_metrics[case.shape]), logits, truth()[case.shape])
         pair, why = compare(logits, ref_logits[case.shape])
         for m in METRICS:
             rows.append(Row(SUITE, case.settings(), "transformers", "reference", m, pair[m], status="info",

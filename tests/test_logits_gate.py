@@ -37,6 +37,9 @@ def test_summary_schema(models, tmp_path):
     assert {"case", "subject", "against", "metric", "value", "tolerance", "passed", "status"} <= cell.keys()
     assert {"dtype", "attn", "tp", "shape", "device"} <= cell["case"].keys()
     assert summary["policy"]["version"]
+    curves = [c for c in summary["cells"] if c["metric"] == "max_abs" and c["case"]["shape"] == "2x24"
+              and c["against"] == "oracle-fp64"]
+    assert curves and all(len(c["extra"]["per_position"]) == 24 for c in curves)
     assert (tmp_path / "results.csv").read_text().startswith("suite,")
     assert "PASS" in (tmp_path / "report.md").read_text()
 
