@@ -26,6 +26,7 @@ run() {
         (( code > worst )) && worst=$code
     }
     step logits "$PY" -m harness logits --shapes 1x16,2x64 --no-progress --out "$out/logits"
+    step tokenizer "$PY" -m harness tokenizer --no-progress --out "$out/tokenizer"
     step mp "$PY" -m harness.mp_cli mp --degrees 1,2 --shapes 1x64 --out "$out/mp"
     step mp-mha "$PY" -m harness.mp_cli mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "tiny-mha-seed0"; (p / "params.json").exists() or write_preset("tiny-mha", p); print(p)')" \
         --degrees 1,2,4 --shapes 1x64 --out "$out/mp-mha"
