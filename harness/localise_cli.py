@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import sys
 from pathlib import Path
 
 from .errors import InputError
@@ -143,17 +142,10 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """These two commands alone, with the CLI's exit codes (2 for bad input)."""
-    from reference_model.errors import CheckpointError
-    parser = argparse.ArgumentParser(prog="llama-parity")
-    register(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(argv)
-    try:
-        return a.func(a)
-    except (InputError, CheckpointError) as e:
-        print(f"llama-parity: error: {e}", file=sys.stderr)
-        return 2
+    """The full `llama-parity` CLI (these commands are registered there): same exit codes."""
+    from .cli import main as cli_main
+    return cli_main(argv)
 
 
-if __name__ == "__main__":   # python -m harness.localise_cli, until cli.py registers it
-    sys.exit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,10 +23,10 @@ step() { local name=$1; shift; local t0=$SECONDS; timeout 300 "$@" > "$out/$name
 slice=$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')
 step logits "$PY" -m harness logits --device cuda --dtypes bfloat16,float16 \
     --attn eager,sdpa,flash_attention_2,flex_attention --tp 1,2 --shapes 1x128,4x2048 --no-progress --out "$out/logits"
-step mp-slice7b "$PY" -m harness.mp_cli mp --device cuda --model "$slice" --degrees 1,2,4,8 \
+step mp-slice7b "$PY" -m harness mp --device cuda --model "$slice" --degrees 1,2,4,8 \
     --dtypes float32,bfloat16,float16 --shapes 1x512 --out "$out/mp-slice7b"
 if (( ngpu >= 2 )); then
-    step mp-real "$PY" -m harness.mp_cli mp --device cuda --ranks real --model "$slice" --degrees 2 \
+    step mp-real "$PY" -m harness mp --device cuda --ranks real --model "$slice" --degrees 2 \
         --dtypes bfloat16 --shapes 1x512 --out "$out/mp-real"
 fi
 exit $worst

@@ -27,14 +27,14 @@ run() {
     }
     step logits "$PY" -m harness logits --shapes 1x16,2x64 --no-progress --out "$out/logits"
     step tokenizer "$PY" -m harness tokenizer --no-progress --out "$out/tokenizer"
-    step mp "$PY" -m harness.mp_cli mp --degrees 1,2 --shapes 1x64 --out "$out/mp"
-    step mp-mha "$PY" -m harness.mp_cli mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "tiny-mha-seed0"; (p / "params.json").exists() or write_preset("tiny-mha", p); print(p)')" \
+    step mp "$PY" -m harness mp --degrees 1,2 --shapes 1x64 --out "$out/mp"
+    step mp-mha "$PY" -m harness mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "tiny-mha-seed0"; (p / "params.json").exists() or write_preset("tiny-mha", p); print(p)')" \
         --degrees 1,2,4 --shapes 1x64 --out "$out/mp-mha"
     if [[ -f models/tiny-llama2/params.json || -f models/tiny-llama2/config.json ]]; then
-        step mp-trained "$PY" -m harness.mp_cli mp --model models/tiny-llama2 --degrees 1,2 --shapes 1x64 --out "$out/mp-trained"
+        step mp-trained "$PY" -m harness mp --model models/tiny-llama2 --degrees 1,2 --shapes 1x64 --out "$out/mp-trained"
     fi
     if [[ ${MATRIX_SLICE:-0} == 1 ]]; then
-        step mp-slice7b "$PY" -m harness.mp_cli mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')" \
+        step mp-slice7b "$PY" -m harness mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')" \
             --degrees 1,2,4,8 --shapes 1x32 --out "$out/mp-slice7b"
     fi
     if [[ ${MATRIX_PYTEST:-1} == 1 ]]; then
