@@ -305,10 +305,10 @@ are committed with the script that made them):
 
     {info['command']}
 
-Limitation: {info['steps']} steps is short. The step count was chosen for the wall time this
-shared machine gave (other jobs kept the load near 9 on 2 cores: ~7-10 s per step instead of
-~0.7 s alone), so the model is undertrained (docs/DESIGN measured perplexity ~50 after ~2300
-steps). It is peaked enough for parity work; `--steps 2300` on an idle machine gives a better one.
+Limitation: {info['steps']} steps is short of the ~2300 that DESIGN measured to reach held-out
+perplexity ~50. The step count was chosen for the wall time this shared machine gave
+({info['wall_s'] / info['steps']:.1f} s per step here, against ~0.7 s on an idle 2-core machine). It is
+peaked enough for parity work; `--steps 2300` on an idle machine gives a better one.
 
 The lm-eval task data in `suites/lmeval/data/` is rebuilt from the same held-out paragraphs with
 `python scripts/train_tiny.py --data-only`.
