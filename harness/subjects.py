@@ -22,10 +22,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ReferenceSubject:
     """The independent reference. ``oracle=True``: float64 everywhere, RoPE angles included."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: str, device: str, oracle: bool = False):
+    def __init__(self, ckpt: Checkpoint, dtype: str, device: str, oracle: bool = False,
+                 device_map: dict | None = None, offload_dir: str | Path | None = None):
         self.name = "oracle-fp64" if oracle else "reference"
         rope = torch.float64 if oracle else torch.float32
-        self.model = build_model(ckpt, DTYPES[dtype], device, rope_dtype=rope)
+        # With a device map the weights are built on the CPU and accelerate places them (harness/placement.py).
+        self.model = build_model(ckpt, DTYPES[dtype], "cpu" if device_map else device, rope_dtype=rope)
+        if device_map:
+            from .placement import place_reference
+            place_reference(self.model, device_map, offload_dir)
         self.device = device
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -68,9 +73,11 @@ def attn_implementations(device: str) -> dict[str, str]:
 
 
 def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eager",
-                      edit_config=None, **config_edits):
+                      edit_config=None, device_map=None, max_memory=None, offload_folder=None, **config_edits):
     """transformers' ``kind`` (LlamaForCausalLM, LlamaModel, ...) loaded with from_pretrained as a
-    user would. ``config_edits`` are set on the config first, then ``edit_config(config)`` runs."""
+    user would. ``config_edits`` are set on the config first, then ``edit_config(config)`` runs.
+    ``device_map`` (with ``max_memory``, ``offload_folder``) is passed through: accelerate places
+    the model, and ``device`` is then not applied."""
     import transformers
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # our own bars count cells; one bar per load is noise
@@ -88,7 +95,10 @@ def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: s
         # config already *reads* "eager" by default) and then pick SDPA: set it on the config.
         config._attn_implementation = attn
     kwargs["dtype" if transformers_version() >= (4, 56) else "torch_dtype"] = DTYPES[dtype]
-    model = getattr(transformers, kind).from_pretrained(hf_path, **kwargs).to(device).eval()
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    model = getattr(transformers, kind).from_pretrained(hf_path, **kwargs)
+    model = (model if device_map is not None else model.to(device)).eval()
     loaded = getattr(model.config, "_attn_implementation", "eager")
     if loaded != attn:   # never report one implementation's numbers under another's name
         raise RuntimeError(f"asked for attn_implementation={attn!r}, transformers loaded {loaded!r}")
@@ -100,9 +110,11 @@ class TransformersSubject:
 
     name = "transformers"
 
-    def __init__(self, hf_path: Path, dtype: str, device: str, attn: str = "eager", tp: int = 1, fault=None):
+    def __init__(self, hf_path: Path, dtype: str, device: str, attn: str = "eager", tp: int = 1, fault=None,
+                 device_map=None, max_memory=None, offload_folder=None):
         edit = fault.edit_config if fault is not None else None
-        self.model = load_transformers("LlamaForCausalLM", hf_path, dtype, device, attn, edit, pretraining_tp=tp)
+        self.model = load_transformers("LlamaForCausalLM", hf_path, dtype, device, attn, edit, device_map,
+                                       max_memory, offload_folder, pretraining_tp=tp)
         self.device, self.fault = device, fault
         if fault is not None:
             fault.edit_model(self.model)
