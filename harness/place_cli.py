@@ -112,7 +112,8 @@ def cmd_place(a: argparse.Namespace) -> int:
              "policy": {"path": str(policy.path), "version": policy.version}, "plant": a.plant,
              "placement": placement}
     out = Path(a.out)
-    summary = write_results(out, SUITE, rows, environment("cpu"), extra)
+    on_gpu = any(isinstance(d, int) for d in (*work_map.values(), *oracle_map.values()))
+    summary = write_results(out, SUITE, rows, environment("cuda" if on_gpu else "cpu"), extra)
     write_markdown(out / "report.md", summary)
     text = (out / "report.md").read_text(encoding="utf-8")
     text += ("\n## Placement (accelerate device maps)\n\n"
