@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--cpu-gib", type=float, default=256.0, help="CPU memory for what does not fit (GiB)")
     a = p.parse_args()
     logging.getLogger("accelerate").setLevel(logging.ERROR)   # "Device N is not available": planning only
-    print(f"float16, {a.gib:g} GiB per GPU, {a.cpu_gib:g} GiB CPU; blocks 'first-last (count)' and weight GiB per device")
+    print(f"float16, {a.gib:g} GiB per GPU, {a.cpu_gib:g} GiB CPU; "
+          "blocks 'first-last (count)' and weight GiB per device")
     for name, params in SHAPES.items():
         args = ModelArgs.from_params(params)
         model = empty_reference(args, torch.float16)

@@ -26,7 +26,8 @@ def _maps(a, ckpt) -> tuple[dict, dict]:
         return tuple(plan(empty_reference(ckpt.args, DTYPES[d]), max_memory, DTYPES[d], a.device_map)
                      for d in (a.dtype, "float64"))
     if max_memory is not None:
-        raise InputError("--max-memory: only with --device-map auto or balanced (a map file says where everything goes)")
+        raise InputError("--max-memory: only with --device-map auto or balanced "
+                         "(a map file says where everything goes)")
     fixed = read_device_map(a.device_map)
     return fixed, fixed
 
