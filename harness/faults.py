@@ -19,6 +19,12 @@ class Fault:
     doc = ""
     #: dtypes where the fault changes anything (a precision bug is invisible in float32)
     visible_at = ("float32", "bfloat16", "float16")
+    #: the shortest sequence on which the logits suite sees it (the `axes` suite runs long ones)
+    min_positions = 1
+
+    def not_applicable(self) -> str:
+        """Why the installed transformers cannot be planted with this fault ('' when it can)."""
+        return ""
 
     def edit_config(self, config) -> None:
         pass
@@ -48,6 +54,13 @@ class NoPermute(Fault):
 class RopeBase(Fault):
     name, doc = "rope-base", "RoPE base 1% off (10100 instead of 10000)"
     visible_at = ("float32",)   # below float32, short inputs hide it in rounding noise (measured)
+
+    def not_applicable(self):
+        import transformers
+        config = transformers.LlamaConfig()
+        if hasattr(config, "rope_theta") or "rope_theta" in (getattr(config, "rope_parameters", None) or {}):
+            return ""
+        return f"transformers {transformers.__version__} has no rope_theta (its RoPE base is fixed at 10000)"
 
     def edit_config(self, config):
         params = getattr(config, "rope_parameters", None)
@@ -165,13 +178,39 @@ class ActGelu(Fault):
         config.hidden_act = "gelu"
 
 
+class RopeLowPrecision(Fault):
+    name, doc = "rope-low-precision", "RoPE frequencies (inv_freq) held in the activation dtype, not float32"
+    # The angle position * inv_freq inherits inv_freq's relative rounding (2^-9 in bfloat16), so
+    # its absolute error grows with position: invisible on short inputs, plain after ~1000 tokens
+    # on head_dim 128 (measured with `llama-parity axes`).
+    visible_at = ("bfloat16", "float16")
+    min_positions = 1024
+
+    def not_applicable(self):
+        import inspect
+
+        import transformers
+        from transformers.models.llama import modeling_llama
+        if "inv_freq" in inspect.getsource(modeling_llama.LlamaRotaryEmbedding.forward):
+            return ""
+        return (f"transformers {transformers.__version__} builds its cos/sin cache once at load, so inv_freq's "
+                "dtype is not used by the forward")
+
+    def edit_model(self, model):
+        dtype = next(model.parameters()).dtype
+        for name, buf in list(model.named_buffers()):
+            if "rotary" in name and buf.is_floating_point():
+                owner = model.get_submodule(name.rsplit(".", 1)[0])
+                setattr(owner, name.rsplit(".", 1)[1], buf.to(dtype))
+
+
 # Not planted: positions counted from 1. RoPE is relative, so a full forward without cache or
 # padding cannot see a constant position offset (measured: ratio ~1 at every dtype); the cache
 # and padding suites are where that bug shows.
 
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoPermute, RopeBase, MaskShift, NormEps, NormLowPrecision, SwapGateUp, GqaTile, TiedEmbeddings,
-    NoFinalNorm, AttnScale, PermuteV, ActGelu)}
+    NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision)}
 
 
 def get_fault(name: str | None) -> Fault | None:
@@ -179,4 +218,8 @@ def get_fault(name: str | None) -> Fault | None:
         return None
     if name not in FAULTS:
         raise InputError(f"--plant: unknown fault {name!r} (known: {', '.join(FAULTS)})")
-    return FAULTS[name]()
+    fault = FAULTS[name]()
+    why = fault.not_applicable()
+    if why:
+        raise InputError(f"--plant {name}: not applicable here: {why}")
+    return fault
