@@ -33,6 +33,11 @@ PRESETS: dict[str, dict] = {
     # The embedded default: real 32000 vocab, GQA, head_dim 64.
     "default": dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=64,
                     norm_eps=1e-5),
+    # Long positions on Llama 2's head_dim (128: RoPE frequencies down to 10000^(-126/128)) with a
+    # short max_position_embeddings (2048, Llama 1's), so `axes` can also run beyond it cheaply.
+    # HF format only: Meta's params.json has no place for max_seq_len.
+    "long-hd128": dict(dim=256, n_layers=2, n_heads=2, vocab_size=1024, multiple_of=64, norm_eps=1e-5,
+                       max_seq_len=2048),
     # Real Llama-2-7B shapes (head_dim 128, FFN 11008, vocab 32000), one layer.
     "slice-7b": dict(dim=4096, n_layers=1, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5),
     # One Llama-2-70B block: GQA 64/8, FFN 28672.
@@ -90,6 +95,14 @@ def default_model() -> Path:
         raise InputError(f"--model: the embedded model {EMBEDDED} is missing (a non-editable install does "
                          "not carry it); pass --model PATH")
     return EMBEDDED
+
+
+def long_positions_model() -> Path:
+    """The `long-hd128` preset (HF folder, seed 0), generated on first use into the cache."""
+    path = cache_dir() / "models" / "long-hd128-seed0"
+    if not (path / "config.json").exists():
+        write_preset("long-hd128", path, fmt="hf", seed=0)
+    return path
 
 
 def random_default_model() -> Path:
