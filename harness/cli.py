@@ -135,14 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Suites that live in their own modules register their subcommands here."""
+    from .axes_cli import register as axes
     from .behaviour_cli import register as behaviour
     from .bench_cli import register as bench
     from .localise_cli import register as localise
     from .matrix import register as matrix
     from .mp_cli import register as mp
+    from .place_cli import register as place
     from .report_cli import register as report
     from .tokenizer_cli import register as tokenizer
-    for register in (tokenizer, behaviour, bench, mp, matrix, localise, report):
+    for register in (tokenizer, behaviour, axes, bench, mp, matrix, localise, place, report):
         register(sub)
 
 
