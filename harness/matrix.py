@@ -69,10 +69,10 @@ def collect(root: Path) -> pd.DataFrame:
     records = []
     for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         release = None
-        for summary_path in sorted(run_dir.glob("*/summary.json")):
+        for summary_path in sorted(run_dir.rglob("summary.json")):   # behaviour/cache, axes/cast, ...
             summary = read_summary(summary_path)
             release = summary["environment"].get("transformers") or "unknown"
-            suite = summary_path.parent.name
+            suite = summary_path.parent.relative_to(run_dir).as_posix()
             for c in summary["cells"]:
                 records.append({"release": release, "run": run_dir.name, "suite": suite,
                                 "case": _case_str(c["case"]), "subject": c["subject"], "against": c["against"],
