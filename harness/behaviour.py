@@ -79,7 +79,12 @@ def cache_kwarg(model) -> str:
 def _decode_off_by_one(module, args, kwargs):
     ids = kwargs.get("input_ids", args[0] if args else None)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if cache is None:
+        past = 0
+    elif hasattr(cache, "get_seq_length"):
+        past = cache.get_seq_length()
+    else:   # 4.31-4.35: a tuple of (key, value) per layer, keys (batch, heads, seq, head_dim)
+        past = cache[0][0].shape[2]
     if ids is None or ids.shape[1] != 1 or not past:
         return args, kwargs
     pos = kwargs.get("position_ids")

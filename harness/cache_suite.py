@@ -43,9 +43,22 @@ def make_cache(model, kind: str, batch: int, length: int):
                                         device=model.device, dtype=model.dtype)
 
 
+def legacy_cache() -> bool:
+    """4.31-4.35 have no Cache classes: the dynamic cache is the tuple the model hands back."""
+    import transformers
+    return not hasattr(transformers, "DynamicCache")
+
+
 @torch.inference_mode()
 def _transformers_pair(model, ids, kind):
     full = model(input_ids=ids, use_cache=False).logits
+    if kind == "dynamic" and legacy_cache():
+        out = model(input_ids=ids[:, :PREFILL], use_cache=True)
+        steps = [out.logits]
+        for t in range(PREFILL, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+        return full, torch.cat(steps, dim=1)
     kw = {cache_kwarg(model): make_cache(model, kind, ids.shape[0], ids.shape[1]), "use_cache": True}
     steps = [model(input_ids=ids[:, :PREFILL], **kw).logits]
     for t in range(PREFILL, ids.shape[1]):

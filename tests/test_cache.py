@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from reference_model import checkpoint
 
@@ -33,14 +34,17 @@ def test_cache_suite_passes_on_a_correct_transformers(models, tmp_path):
     assert code == 0, failing(cells)
     kinds = {c["case"]["cache"] for c in cells if c["subject"] == "transformers"}
     assert kinds == {"dynamic", "static"}
-    assert all(c["status"] == "pass" for c in cells)
+    for c in cells:   # StaticCache arrives in 4.38: before it, n/a with the reason
+        assert c["status"] == "pass" or (c["status"] == "n/a" and c["case"]["cache"] == "static"
+                                         and "StaticCache" in c["reason"] and not hasattr(transformers, "StaticCache"))
 
 
 def test_cache_off_by_one_is_caught(models, tmp_path):
     code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "cache", plant="cache-off-by-one")
     assert code == 1
     bad = failing(cells)
-    assert {c["case"]["cache"] for c in bad} == {"dynamic", "static"}
+    assert {c["case"]["cache"] for c in bad} == ({"dynamic", "static"} if hasattr(transformers, "StaticCache")
+                                                 else {"dynamic"})
     assert all(c["subject"] == "transformers" for c in bad)
 
 
