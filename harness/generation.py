@@ -42,13 +42,22 @@ def first_divergence(tokens: list[int], truth: list[int]) -> int | None:
 
 
 @torch.inference_mode()
+def _has_output_logits() -> bool:
+    from transformers import GenerationConfig
+    return hasattr(GenerationConfig(), "output_logits")
+
+
 def hf_greedy(model, prompt: list[int], device: str) -> tuple[list[int], torch.Tensor]:
     ids = torch.tensor([prompt], device=device)
+    # Raw logits per step: output_logits from 4.38. Before it, the scores: greedy search with no
+    # penalty, length or forced-token setting runs no logits processor, so they are the logits.
+    raw = _has_output_logits()
     g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                       eos_token_id=EOS_ID, pad_token_id=EOS_ID, output_logits=True,
-                       return_dict_in_generate=True, num_beams=1, top_k=None, top_p=None, temperature=None)
+                       eos_token_id=EOS_ID, pad_token_id=EOS_ID, return_dict_in_generate=True,
+                       num_beams=1, top_k=None, top_p=None, temperature=None,
+                       **({"output_logits": True} if raw else {"output_scores": True}))
     tokens = g.sequences[0, len(prompt):].tolist()
-    return tokens, torch.stack([x[0].double().cpu() for x in g.logits])
+    return tokens, torch.stack([x[0].double().cpu() for x in (g.logits if raw else g.scores)])
 
 
 def _measure(tokens, logits, truth_tokens, truth_logits) -> dict:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.subjects import attn_implementations
+
 from harness.generation import first_divergence
 from reference_model import checkpoint
 from reference_model.generate import greedy, top2_margin
@@ -32,7 +34,8 @@ def test_cached_greedy_equals_greedy_by_full_forwards(models):
 
 
 def test_generation_suite_passes_on_a_correct_transformers(models, tmp_path):
-    code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "generate", attns=("sdpa",))
+    attn = "eager" if attn_implementations("cpu")["sdpa"] else "sdpa"   # no SDPA before 4.36
+    code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "generate", attns=(attn,))
     assert code == 0, failing(cells)
     assert any(c["metric"] == "gen_divergence_margin" and c["subject"] == "transformers" for c in cells)
 
@@ -40,5 +43,9 @@ def test_generation_suite_passes_on_a_correct_transformers(models, tmp_path):
 def test_decoding_off_by_one_is_caught(models, tmp_path):
     code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "generate", plant="cache-off-by-one")
     assert code == 1
-    assert {c["metric"] for c in failing(cells)} >= {"gen_step_max_abs"}
-    assert all(c["subject"] == "transformers" for c in failing(cells))
+    bad = failing(cells)
+    assert bad and all(c["subject"] == "transformers" for c in bad)
+    # 4.31-4.35 index their RoPE cache by position: one position too far is an IndexError there,
+    # a failed cell naming it; later releases compute the angle and give wrong logits instead.
+    assert ({c["metric"] for c in bad} >= {"gen_step_max_abs"}
+            or all(c["metric"] == "all" and "IndexError" in c["reason"] for c in bad))
