@@ -23,7 +23,8 @@ def _run(model, out, dtypes) -> tuple[int, list[dict], dict]:
 
 
 def _gated(cells, dtype=None):
-    return [c for c in cells if c["status"] != "info" and (dtype is None or c["case"]["dtype"] == dtype)]
+    """Cells the gate judged: not info, and not n/a (an implementation the release lacks)."""
+    return [c for c in cells if c["status"] not in ("info", "n/a") and (dtype is None or c["case"]["dtype"] == dtype)]
 
 
 def _poisoned(tmp_path, key, index, value):

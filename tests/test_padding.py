@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.subjects import attn_implementations
+
 from harness.padding import add_pad_token_reference, pad_batch
 from reference_model import checkpoint
 
@@ -57,7 +59,11 @@ def test_padding_suite_passes_on_a_correct_transformers(models, tmp_path):
     assert code == 0, failing(cells)
     gated = {(c["case"].get("side"), c["case"].get("pad_token"), c["case"]["attn"])
              for c in cells if c["subject"] == "transformers" and c["status"] == "pass"}
-    assert ("left", "added", "sdpa") in gated and ("right", "unk+mask", "eager") in gated
+    assert ("right", "unk+mask", "eager") in gated and ("left", "added", "eager") in gated
+    if attn_implementations("cpu")["sdpa"]:   # this release has no SDPA path: n/a with the reason
+        assert any(c["case"]["attn"] == "sdpa" and c["status"] == "n/a" and c["reason"] for c in cells)
+    else:
+        assert ("left", "added", "sdpa") in gated
 
 
 def test_pads_attended_are_caught(models, tmp_path):
