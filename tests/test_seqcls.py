@@ -25,7 +25,10 @@ def test_seqcls_suite_passes_on_a_correct_transformers(models, tmp_path):
     code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "seqcls", dtypes=("float32", "bfloat16"))
     # 4.46 pools "one before the first pad id", which differs when the pad id (here eos) also
     # occurs inside a row (measured: 4.46.3 fails exactly those cells; 5.24.0 passes all).
-    assert {c["case"]["padding"] for c in failing(cells)} <= {"eos-inside"}
+    # 4.31 pools at "number of non-pad tokens - 1", which under left padding is a position inside
+    # the padding or the prompt, not the last token (measured: 4.31.0 fails left and eos-inside).
+    allowed = {"eos-inside", "left"} if transformers_version() < (4, 35) else {"eos-inside"}
+    assert {c["case"]["padding"] for c in failing(cells)} <= allowed
     if transformers_version() >= (5, 0):
         assert code == 0, failing(cells)
     gated = {c["case"]["padding"] for c in cells if c["subject"] == "transformers" and c["status"] in ("pass", "fail")}

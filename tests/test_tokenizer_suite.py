@@ -10,6 +10,7 @@ import pytest
 from harness import fixtures
 from harness.errors import InputError
 from harness.store import FAIL, INFO, NA, PASS
+from harness.subjects import transformers_version
 from harness.tokenizer_suite import (Catalogue, discover_subjects, fuzz_texts, load_catalogue,
                                      run_tokenizer_suite)
 
@@ -48,6 +49,11 @@ def test_transformers_divergences_are_recorded_with_evidence(tokenizer_model, tm
     s = _summary(out)
     cells = s["cells"]
     assert cells and code == (1 if any(c["status"] == FAIL for c in cells) else 0)
+    if all(c["status"] == NA for c in cells):
+        # 4.x AutoTokenizer cannot load a folder holding only tokenizer.model (it wants config.json):
+        # recorded as n/a with the loader's own error, which is what this release offers.
+        assert transformers_version() < (5, 0) and all("loading failed" in c["reason"] for c in cells)
+        return
     # special-token strings in text: matched by transformers, known, so info with the reason
     special = [c for c in cells if c["case"]["case"] == "special-bos-string" and c["metric"] == "encode"]
     assert special and special[0]["status"] == INFO and special[0]["reason"].startswith("known divergence:")
