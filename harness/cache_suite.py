@@ -44,7 +44,7 @@ def make_cache(model, kind: str, batch: int, length: int):
 
 
 def legacy_cache() -> bool:
-    """4.31-4.35 have no Cache classes: the dynamic cache is the tuple the model hands back."""
+    """Releases before the Cache classes (4.31; 4.38 has them): the cache is the tuple the model returns."""
     import transformers
     return not hasattr(transformers, "DynamicCache")
 

@@ -49,7 +49,7 @@ def _has_output_logits() -> bool:
 
 def hf_greedy(model, prompt: list[int], device: str) -> tuple[list[int], torch.Tensor]:
     ids = torch.tensor([prompt], device=device)
-    # Raw logits per step: output_logits from 4.38. Before it, the scores: greedy search with no
+    # Raw logits per step: output_logits (in 4.38, not in 4.31). Without it, the scores: greedy search with no
     # penalty, length or forced-token setting runs no logits processor, so they are the logits.
     raw = _has_output_logits()
     g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,

@@ -45,7 +45,7 @@ def test_decoding_off_by_one_is_caught(models, tmp_path):
     assert code == 1
     bad = failing(cells)
     assert bad and all(c["subject"] == "transformers" for c in bad)
-    # 4.31-4.35 index their RoPE cache by position: one position too far is an IndexError there,
+    # 4.31 indexes its cos/sin cache by position: one position too far is an IndexError there,
     # a failed cell naming it; later releases compute the angle and give wrong logits instead.
     assert ({c["metric"] for c in bad} >= {"gen_step_max_abs"}
             or all(c["metric"] == "all" and "IndexError" in c["reason"] for c in bad))
