@@ -157,15 +157,13 @@ class Capture:
         return self
 
     def _transformers_qkv(self, attn, layer: int, args, kwargs) -> None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
         h = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs["position_embeddings"]
         b, s, _ = h.shape
         hd = attn.head_dim
         q = attn.q_proj(h).view(b, s, -1, hd).transpose(1, 2)
         k = attn.k_proj(h).view(b, s, -1, hd).transpose(1, 2)
         v = attn.v_proj(h).view(b, s, -1, hd)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = _transformers_rope(attn, q, k, v.transpose(1, 2), kwargs)
         q, k = _interleave(q.transpose(1, 2)), _interleave(k.transpose(1, 2))
         self._emit((layer, "q"), q)
         self._emit((layer, "k"), k)
@@ -173,8 +171,9 @@ class Capture:
         self._pending_qk = (q, k)
         # Releases before 5 (4.46) return eager's weights only when asked; asking changes nothing
         # else for eager (for sdpa it would switch kernels, so sdpa is never asked).
+        # A release without _attn_implementation (before 4.36) has eager only.
         if "output_attentions" in inspect.signature(attn.forward).parameters and \
-                getattr(attn.config, "_attn_implementation", None) == "eager":
+                getattr(attn.config, "_attn_implementation", "eager") == "eager":
             return args, {**kwargs, "output_attentions": True}
         return None
 
@@ -196,6 +195,27 @@ class Capture:
         self._on(model.model.norm, (None, "norm"))
         self._on(model.lm_head, (None, "head"))
         return self
+
+
+def _transformers_rope(attn, q, k, v, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (batch, heads, seq, head_dim) after RoPE, as this release's attention module applies it.
+
+    Release adapter: from 4.44 (checked: 4.44, 4.45, 4.46, 4.48, 5.x) the model hands every
+    attention ``position_embeddings`` (cos, sin). Before, the attention computes them from
+    ``position_ids`` with its own ``rotary_emb``: 4.38-4.43 call it with position_ids; 4.31-4.37
+    with a length, and ``apply_rotary_pos_emb`` indexes the tables by position_ids. Asked of what
+    the call carries and of the signatures, not of the version number.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    if kwargs.get("position_embeddings") is not None:
+        cos, sin = kwargs["position_embeddings"]
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    position_ids, rotary = kwargs["position_ids"], attn.rotary_emb
+    if "position_ids" in inspect.signature(rotary.forward).parameters:
+        cos, sin = rotary(v, position_ids)
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    cos, sin = rotary(v, seq_len=q.shape[2])       # no cache here: the keys are the queries' positions
+    return apply_rotary_pos_emb(q, k, cos, sin, position_ids)
 
 
 def _interleave(x: torch.Tensor) -> torch.Tensor:

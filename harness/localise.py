@@ -84,8 +84,12 @@ def capture_full(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device: str
     Returns (order, reference errors, transformers errors); errors are point -> rel L2 against
     the oracle. Only the oracle's activations are kept; the subjects are measured as they run.
     """
-    from .subjects import ReferenceSubject, TransformersSubject
+    from .errors import InputError
+    from .subjects import ReferenceSubject, TransformersSubject, attn_implementations
 
+    why = attn_implementations(device).get(attn, f"unknown attention implementation {attn!r}")
+    if why:     # checked before three model loads, not after two
+        raise InputError(f"--attn {attn}: {why}")
     oracle = ReferenceSubject(ckpt, "float64", device, oracle=True)
     truth = Store()
     with Capture(truth, fine).reference(oracle.model):

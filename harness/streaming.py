@@ -16,7 +16,9 @@ transformers' own tensors wherever the layouts agree.
 """
 from __future__ import annotations
 
+import copy
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_ci
 from .capture import Capture, Errors, Store, point_order
 from .errors import InputError
 from .metrics import compare
-from .subjects import DTYPES
+from .subjects import DTYPES, attn_implementations
 
 _QK = ("attention.wq.weight", "attention.wk.weight")
 
@@ -126,6 +128,14 @@ class WeightSource:
 
 
 # --- transformers pieces, built one block at a time ------------------------------------------
+#
+# Release adapters. Between 4.31 and 5.x the decoder layer's constructor (no layer_idx in 4.31),
+# the arguments its forward takes (position_ids only in 4.31; cache_position; position_embeddings
+# from 4.44), the causal mask (4D additive from _prepare_decoder_attention_mask in 4.31,
+# _update_causal_mask in 4.38-4.4x, masking_utils in 5.x; SDPA sometimes None) and where RoPE's
+# tables live (each attention module before 4.44, the model after) all changed. So none of that
+# is rebuilt here: the installed release's own LlamaModel is run once, with a stand-in for its
+# first layer that records the call, and every streamed layer is called the same way.
 
 def _hf_config(source: WeightSource, attn: str):
     from transformers import LlamaConfig
@@ -135,41 +145,71 @@ def _hf_config(source: WeightSource, attn: str):
     return config
 
 
-def _hf_mask(config, h: torch.Tensor, position_ids: torch.Tensor, attn: str):
-    """The causal mask the installed release's LlamaModel would pass its layers (no padding)."""
+@contextmanager
+def _parameters_on_meta():
+    """Modules built inside get meta parameters (nothing allocated, loaded later with assign=True)
+    but real buffers: RoPE's tables (and 4.38's causal-mask table) are computed as the release
+    computes them, which building on the meta device would leave empty."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
     try:
-        from transformers.masking_utils import create_causal_mask
-    except ImportError:
-        create_causal_mask = None
-    if create_causal_mask is not None:
-        params = inspect.signature(create_causal_mask).parameters
-        kwargs = {"config": config, "attention_mask": None}
-        kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = h
-        for name in ("cache", "past_key_values"):
-            if name in params:
-                kwargs[name] = None
-        if "cache_position" in params:
-            kwargs["cache_position"] = position_ids[0]
-        if "position_ids" in params:
-            kwargs["position_ids"] = position_ids
-        return create_causal_mask(**kwargs)
-    # Before masking_utils (4.46 and older): sdpa gets None (is_causal), eager an additive 4D mask.
-    seq = h.shape[1]
-    if attn == "sdpa":
-        return None
-    mask = torch.full((seq, seq), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)
-    return mask[None, None].expand(h.shape[0], 1, seq, seq)
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
-def _hf_layer(config, layer: int, state: dict):
+class _LayerCall(Exception):
+    """Raised by the stand-in first layer with the arguments LlamaModel passed it."""
+
+    def __init__(self, args, kwargs):
+        super().__init__("recorded")
+        self.args, self.kwargs = args, kwargs
+
+
+class _Recorder(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise _LayerCall(args, kwargs)
+
+
+def _layer_call(config, h: torch.Tensor) -> tuple[tuple, dict]:
+    """(args after hidden_states, kwargs) the installed LlamaModel passes its decoder layers for
+    inputs_embeds h: the mask, positions, RoPE tables, cache flags, in this release's format."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    with _parameters_on_meta():
+        model = LlamaModel(one)
+    model.layers[0] = _Recorder()
+    for m in model.modules():       # the buffers (RoPE, mask tables) to h's device; parameters stay meta
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.to(h.device)
+    try:
+        model.eval()(inputs_embeds=h, use_cache=False)
+    except _LayerCall as call:
+        args, kwargs = call.args, dict(call.kwargs)
+        kwargs.pop("hidden_states", None)
+        return args[1:], kwargs
+    raise RuntimeError("transformers' LlamaModel never called its first decoder layer")
+
+
+def _hf_layer(config, layer: int, state: dict, device: str):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    with torch.device("meta"):
-        module = LlamaDecoderLayer(config, layer)
+    # 4.31 takes no layer_idx (4.36 does).
+    extra = (layer,) if "layer_idx" in inspect.signature(LlamaDecoderLayer.__init__).parameters else ()
+    with _parameters_on_meta():
+        module = LlamaDecoderLayer(config, *extra)
     module.load_state_dict(state, strict=False, assign=True)
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"transformers layer {layer}: parameters not loaded: {leftover}")
-    return module.eval()
+    return module.to(device).eval()
 
 
 def _ref_block(args, layer: int, state: dict):
@@ -207,6 +247,9 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
         raise InputError("--feed oracle needs the oracle")
     if dtype not in DTYPES or dtype == "float64":
         raise InputError(f"--dtype: {dtype!r} is not float32, bfloat16 or float16")
+    why = attn_implementations(device).get(attn, f"unknown attention implementation {attn!r}")
+    if why:
+        raise InputError(f"--attn {attn}: {why}")
     source = WeightSource(path)
     args = source.args
     if ids.max().item() >= args.vocab_size or ids.min().item() < 0:
@@ -233,11 +276,7 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     freqs64 = precompute_freqs_cis(args.head_dim, seq, args.rope_theta, f64).to(device)
     freqs32 = precompute_freqs_cis(args.head_dim, seq, args.rope_theta, torch.float32).to(device)
     mask = torch.full((seq, seq), float("-inf"), device=device).triu(1) if seq > 1 else None
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    rotary = LlamaRotaryEmbedding(config=config).to(device)
-    position_ids = torch.arange(seq, device=device)[None]
-    position_embeddings = rotary(h_tf, position_ids)
-    hf_mask = _hf_mask(config, h_tf, position_ids, attn)
+    call_args, call_kwargs = _layer_call(config, h_tf)
 
     for layer in range(args.n_layers):
         if oracle:
@@ -256,12 +295,11 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
             h_ref = block(h_ref, 0, freqs32, None if mask is None else mask.to(dt), False)
         del block, meta
 
-        module = _hf_layer(config, layer, hf)
+        module = _hf_layer(config, layer, hf, device)
         if layer_hook is not None:
             layer_hook(layer, module)
         with Capture(tf_err, fine).transformers_block(module, layer):
-            out = module(h_tf, attention_mask=hf_mask, position_ids=position_ids,
-                         position_embeddings=position_embeddings)
+            out = module(h_tf, *call_args, **call_kwargs)
         h_tf = out[0] if isinstance(out, (tuple, list)) else out
         del module, hf
         truth.points = {p: t for p, t in truth.points.items() if p[0] is None}   # this block is done

@@ -12,7 +12,7 @@ from harness.errors import InputError
 from harness.localise import capture_full, locate
 from harness.localise_cli import main
 from harness.streaming import WeightSource, shared_reference, stream_compare
-from harness.subjects import HFFolder, ReferenceSubject, TransformersSubject
+from harness.subjects import HFFolder, ReferenceSubject, TransformersSubject, attn_implementations
 from reference_model import checkpoint
 from reference_model.errors import CheckpointError
 
@@ -24,6 +24,9 @@ from reference_model.errors import CheckpointError
     ("tiny-ffnmult/hf-sharded", "float32", "sdpa"),
 ])
 def test_streamed_equals_full_model_comparison(models, name, dtype, attn):
+    why = attn_implementations("cpu")[attn]
+    if why:
+        pytest.skip(f"{attn}: {why}")
     ckpt = checkpoint.load(models[name])
     hf = HFFolder(ckpt)
     ids = make_inputs(Shape(2, 12), ckpt.args.vocab_size, 1)
@@ -95,6 +98,9 @@ def test_bad_input(models, tmp_path):
         stream_compare(models["tiny-mha/meta"], ids, "float32", feed="teacher")
     with pytest.raises(InputError, match="token ids"):
         stream_compare(models["tiny-mha/meta"], ids + 1000, "float32")
+    # An implementation this machine or release lacks is refused with the reason, not run as another.
+    with pytest.raises(InputError, match="--attn flash_attention_2: needs a CUDA device"):
+        stream_compare(models["tiny-mha/meta"], ids, "float32", attn="flash_attention_2")
     broken = tmp_path / "broken"
     shutil.copytree(models["tiny-mha/hf-sharded"], broken)
     index = json.loads((broken / "model.safetensors.index.json").read_text())
