@@ -6,7 +6,8 @@
 # Needs a CUDA torch and transformers already installed (bring your own; the CPU pin does not
 # apply). Runs the logits suite at bfloat16/float16 with every attention implementation this
 # release and card offer (flash_attention_2 only when flash_attn is installed; the suite records
-# n/a with the reason otherwise), and the mp suite on CUDA: emulated ranks on one GPU, and real
+# n/a with the reason otherwise), the axes suite (cast paths and flags, 4096 positions),
+# placement across GPUs when there are two or more, and the mp suite on CUDA: emulated ranks on one GPU, and real
 # NCCL ranks when the machine has as many GPUs as the degree. Nothing here is needed by the CPU path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,11 @@ step logits "$PY" -m harness logits --device cuda --dtypes bfloat16,float16 \
     --attn eager,sdpa,flash_attention_2,flex_attention --tp 1,2 --shapes 1x128,4x2048 --no-progress --out "$out/logits"
 step mp-slice7b "$PY" -m harness mp --device cuda --model "$slice" --degrees 1,2,4,8 \
     --dtypes float32,bfloat16,float16 --shapes 1x512 --out "$out/mp-slice7b"
+step axes "$PY" -m harness axes --device cuda --dtypes bfloat16,float16 \
+    --attn eager,sdpa,flash_attention_2,flex_attention --lengths 16,4096 --out "$out/axes"
+if (( ngpu >= 2 )); then
+    step place "$PY" -m harness place --device-map balanced --model "$slice" --dtype bfloat16 --out "$out/place"
+fi
 if (( ngpu >= 2 )); then
     step mp-real "$PY" -m harness mp --device cuda --ranks real --model "$slice" --degrees 2 \
         --dtypes bfloat16 --shapes 1x512 --out "$out/mp-real"
