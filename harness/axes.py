@@ -17,7 +17,6 @@ unless ``--strict``.
 from __future__ import annotations
 
 import contextlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from .hidden_states import _layer_names, _reference_hidden, _rel_l2
 from .metrics import METRICS, compare
 from .store import FAIL, INFO, NA, Row
 from .subjects import DTYPES, attn_implementations, load_transformers
-from .tolerance import Policy
+from .tolerance import Policy, read_policy_toml
 
 AXES_FILE = Path(__file__).resolve().parent.parent / "suites" / "axes.toml"
 ORACLE = "oracle-fp64"
@@ -70,14 +69,7 @@ class AxesSpec:
 
 def load_spec(path: Path | None = None) -> AxesSpec:
     path = Path(path) if path else AXES_FILE
-    if not path.is_file():
-        raise InputError(f"--spec: {path}: file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid TOML ({e})") from None
-    if not isinstance(data.get("version"), str):
-        raise InputError(f"{path}: missing string key 'version'")
+    data = read_policy_toml(path, "--spec")   # the same versioned-TOML checks as the policies
     defaults = data.get("defaults")
     if not isinstance(defaults, dict):
         raise InputError(f"{path}: missing table [defaults]")
