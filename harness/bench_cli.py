@@ -13,11 +13,10 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise InputError("bench: lm-eval is not installed (pip install 'llama-parity[bench]'; "
-                         "lm-eval 0.4.13 cannot be installed beside transformers 4.31)") from None
+    from .bench_suite import lmeval_unsupported
+    why = lmeval_unsupported()
+    if why:
+        raise InputError(f"bench: {why}")
     from .bench_compare import load_bench_policy
     from .bench_suite import DEFAULT_TASKS, FAULTS, BenchRun, run_bench
     from .subjects import DTYPES

@@ -41,6 +41,25 @@ OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def lmeval_unsupported() -> str:
+    """Why lm-eval cannot run against the installed transformers here ('' when it can)."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return ("lm-eval is not installed (pip install 'llama-parity[bench]'; lm-eval 0.4.13 cannot be "
+                "installed beside transformers 4.31)")
+    import inspect
+
+    import transformers
+    from transformers import modeling_utils
+    # lm-eval 0.4.13's HFLM calls from_pretrained(..., gguf_file=...): a TypeError in releases
+    # that do not know the argument (measured: 4.38.2 fails, 4.46.3 and later accept it).
+    if "gguf_file" not in inspect.getsource(modeling_utils.PreTrainedModel.from_pretrained):
+        return (f"lm-eval 0.4.13's HF wrapper passes gguf_file= to from_pretrained, which transformers "
+                f"{transformers.__version__} does not accept")
+    return ""
+
+
 def go_offline() -> None:
     """Must run before datasets/huggingface_hub are imported: they read these once at import."""
     os.environ.update(OFFLINE_ENV)

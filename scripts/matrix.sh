@@ -29,10 +29,11 @@ run() {
     step tokenizer "$PY" -m harness tokenizer --no-progress --out "$out/tokenizer"
     step behaviour "$PY" -m harness behaviour --out "$out/behaviour"
     step axes "$PY" -m harness axes --out "$out/axes"
-    if "$PY" -c "import lm_eval" 2>/dev/null; then
+    why=$("$PY" -c "from harness.bench_suite import lmeval_unsupported; print(lmeval_unsupported())")
+    if [[ -z $why ]]; then
         step bench "$PY" -m harness bench --limit 40 --out "$out/bench"
-    else   # lm-eval 0.4.13 needs transformers >= 4.43; recorded, never silently left out
-        echo "bench n/a: lm_eval is not importable beside transformers $ver here (lm-eval 0.4.13 cannot be installed with 4.31; the tox envs install it for 4.38 and later)" | tee -a "$out/steps.txt"
+    else   # recorded with the reason, never silently left out
+        echo "bench n/a: $why" | tee -a "$out/steps.txt"
     fi
     step mp "$PY" -m harness mp --degrees 1,2 --shapes 1x64 --out "$out/mp"
     step mp-mha "$PY" -m harness mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "tiny-mha-seed0"; (p / "params.json").exists() or write_preset("tiny-mha", p); print(p)')" \

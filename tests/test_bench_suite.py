@@ -14,6 +14,10 @@ fixtures = pytest.importorskip("harness.fixtures", reason="the real tokenizer fi
 # lm-eval 0.4.13 cannot be installed beside transformers 4.31 (pip: conflicting requirements): the
 # bench suite is not applicable there, and pytest says so instead of failing to collect.
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (it cannot be beside transformers 4.31)")
+from harness.bench_suite import lmeval_unsupported  # noqa: E402
+
+if lmeval_unsupported():
+    pytest.skip(lmeval_unsupported(), allow_module_level=True)
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from harness.bench_cli import register  # noqa: E402
