@@ -133,3 +133,14 @@ def test_bad_spec_file_is_named(models, tmp_path, capsys):
     code = main(["axes", "--model", str(models["tiny-gqa/hf"]), "--out", str(tmp_path / "o"), "--spec", str(spec)])
     assert code == 2 and str(spec) in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_fault_this_release_cannot_plant_is_bad_input(models, tmp_path, capsys):
+    """e.g. rope-base on 4.31 (no rope_theta): exit 2 with the reason, never a silent no-op plant."""
+    unplantable = {n: f().not_applicable() for n, f in FAULTS.items() if f().not_applicable()}
+    if not unplantable:
+        pytest.skip("every fault can be planted in this transformers release")
+    for name, why in unplantable.items():
+        code = main(["logits", "--model", str(models["tiny-gqa/hf"]), "--out", str(tmp_path / name), "--plant", name])
+        assert code == 2 and why in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
