@@ -52,17 +52,17 @@ def legacy_cache() -> bool:
 @torch.inference_mode()
 def _transformers_pair(model, ids, kind):
     full = model(input_ids=ids, use_cache=False).logits
-    if kind == "dynamic" and legacy_cache():
-        out = model(input_ids=ids[:, :PREFILL], use_cache=True)
-        steps = [out.logits]
-        for t in range(PREFILL, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-        return full, torch.cat(steps, dim=1)
-    kw = {cache_kwarg(model): make_cache(model, kind, ids.shape[0], ids.shape[1]), "use_cache": True}
-    steps = [model(input_ids=ids[:, :PREFILL], **kw).logits]
-    for t in range(PREFILL, ids.shape[1]):
-        steps.append(model(input_ids=ids[:, t:t + 1], **kw).logits)
+    # A dynamic cache is the one the previous step returned: 4.31 has only tuples, and 4.38 copies
+    # a DynamicCache it is given into a new one (the caller's object stays empty); later releases
+    # update it in place and return the same object.
+    cache = None if kind == "dynamic" and legacy_cache() else make_cache(model, kind, ids.shape[0], ids.shape[1])
+    name = cache_kwarg(model)
+    steps = []
+    for start, end in [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, ids.shape[1])]:
+        out = model(input_ids=ids[:, start:end], use_cache=True, **{name: cache})
+        if kind == "dynamic":
+            cache = out.past_key_values   # a StaticCache is the caller's, written in place
+        steps.append(out.logits)
     return full, torch.cat(steps, dim=1)
 
 

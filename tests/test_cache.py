@@ -29,11 +29,26 @@ def test_reference_cache_with_padding_matches_full_forward(models):
     torch.testing.assert_close(inc[real], full[real], rtol=0, atol=1e-10)
 
 
+def _static_cache_counts_seen_tokens() -> bool:
+    """4.38's StaticCache reports its length from a seen_tokens counter; driven outside generate()
+    (no cache_position) it writes past its end (measured:
+    IndexError on 4.38.2; passing cache_position by hand gives wrong logits there instead).
+    Dynamic caches pass there."""
+    import inspect
+    cache = getattr(transformers, "StaticCache", None)
+    return cache is not None and "seen_tokens" in inspect.getsource(cache.get_seq_length)
+
+
 def test_cache_suite_passes_on_a_correct_transformers(models, tmp_path):
     code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "cache")
-    assert code == 0, failing(cells)
     kinds = {c["case"]["cache"] for c in cells if c["subject"] == "transformers"}
     assert kinds == {"dynamic", "static"}
+    if _static_cache_counts_seen_tokens():
+        broken = failing(cells)
+        assert broken and all(c["case"]["cache"] == "static" and "IndexError" in c["reason"] for c in broken)
+        cells = [c for c in cells if c not in broken]
+        code = 0 if not failing(cells) else code
+    assert code == 0, failing(cells)
     for c in cells:   # no StaticCache in 4.31 (4.38 has it): n/a with the reason
         assert c["status"] == "pass" or (c["status"] == "n/a" and c["case"]["cache"] == "static"
                                          and "StaticCache" in c["reason"] and not hasattr(transformers, "StaticCache"))
