@@ -147,18 +147,9 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `place` alone (before it is registered in harness/cli.py), with the CLI's exit codes."""
-    import sys
-
-    from reference_model.errors import CheckpointError
-    parser = argparse.ArgumentParser(prog="llama-parity")
-    register(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(argv)
-    try:
-        return a.func(a)
-    except (InputError, CheckpointError) as e:
-        print(f"llama-parity: error: {e}", file=sys.stderr)
-        return 2
+    """The full `llama-parity` CLI (`place` is registered there): same exit codes."""
+    from .cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
