@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.cases import parse_shapes
-from harness.faults import FAULTS, get_fault
-from harness.models import write_preset
-from harness.runner import LogitsRun, run_logits
-from harness.tolerance import load_policy
+from harness.core.cases import parse_shapes
+from harness.core.faults import FAULTS, get_fault
+from harness.core.presets import write_preset
+from harness.suites.logits import LogitsRun, run_logits
+from harness.core.tolerance import load_policy
 
 
 def ratios(summary: dict) -> list[dict]:

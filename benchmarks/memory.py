@@ -78,9 +78,9 @@ class AnonPeak(threading.Thread):
 
 def child(mode: str, path: Path, dtype: str, shape: str) -> dict:
     """One measurement; runs in its own process so that its peak is its own."""
-    from harness.cases import make_inputs, parse_shapes
-    from harness.streaming import WeightSource, shared_reference, stream_compare
-    from harness.subjects import DTYPES, TransformersSubject
+    from harness.core.cases import make_inputs, parse_shapes
+    from harness.scale.stream import WeightSource, shared_reference, stream_compare
+    from harness.core.subjects import DTYPES, TransformersSubject
     from reference_model import checkpoint
     # transformers' Llama modules imported before the baseline, in every mode alike
     importlib.import_module("transformers.models.llama.modeling_llama")
@@ -122,7 +122,7 @@ def weight_bytes(params: dict, dtype: str) -> int:
 def write_model(params: dict, path: Path, dtype: str) -> None:
     """In a subprocess too, so the parent stays small while the children measure."""
     code = ("import sys, json, torch; from pathlib import Path;"
-            "from harness.models import random_state; from reference_model.checkpoint import save_hf;"
+            "from harness.core.presets import random_state; from reference_model.checkpoint import save_hf;"
             "from reference_model.model import ModelArgs;"
             "a = ModelArgs.from_params(json.loads(sys.argv[1]));"
             "save_hf(Path(sys.argv[2]), a, random_state(a, 0, getattr(torch, sys.argv[3])))")

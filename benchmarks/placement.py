@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from harness.placement import blocks_per_device, bytes_per_device, empty_reference, plan
+from harness.scale.place import blocks_per_device, bytes_per_device, empty_reference, plan
 from reference_model.model import ModelArgs
 
 # Meta's params.json for each size (vocab 32000).

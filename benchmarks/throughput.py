@@ -41,9 +41,9 @@ def _time(fn, device: str) -> float:
 
 
 def forward_part(device: str, shape: str, rounds: int, dtypes: list[str]) -> None:
-    from harness.cases import make_inputs, parse_shapes
-    from harness.models import random_state
-    from harness.subjects import ReferenceSubject, TransformersSubject
+    from harness.core.cases import make_inputs, parse_shapes
+    from harness.core.presets import random_state
+    from harness.core.subjects import ReferenceSubject, TransformersSubject
     from reference_model.checkpoint import Checkpoint, save_hf
     from reference_model.model import ModelArgs
 
@@ -72,11 +72,11 @@ def forward_part(device: str, shape: str, rounds: int, dtypes: list[str]) -> Non
 
 
 def overhead_part(device: str) -> None:
-    from harness import subjects as subj
-    from harness.cases import parse_shapes
-    from harness.models import default_model
-    from harness.runner import LogitsRun, run_logits
-    from harness.tolerance import load_policy
+    from harness.core import subjects as subj
+    from harness.core.cases import parse_shapes
+    from harness.core.presets import default_model
+    from harness.suites.logits import LogitsRun, run_logits
+    from harness.core.tolerance import load_policy
 
     spent = {"forward": 0.0, "load": 0.0, "passes": 0}
 

@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--tokenizer")
     a = ap.parse_args()
     import sentencepiece as spm
-    from harness.fixtures import ensure_tokenizer_model
+    from harness.core.real_tokenizer import ensure_tokenizer_model
     from reference_model.tokenizer import Tokenizer
     path = Path(a.tokenizer) if a.tokenizer else ensure_tokenizer_model()
     text = english(int(a.mb * 1e6))

@@ -11,12 +11,12 @@ from pathlib import Path
 def run_axes(run, suites: list[str]) -> int:
     from reference_model import checkpoint
 
-    from . import report
-    from .axes import run_cast, run_flags
-    from .environment import environment
-    from .runner import check_device
-    from .store import exit_code, write_results
-    from .subjects import HFFolder
+    from harness.results import markdown as report
+    from harness.suites.axes import run_cast, run_flags
+    from harness.core.environment import environment
+    from harness.suites.logits import check_device
+    from harness.core.store import exit_code, write_results
+    from harness.core.subjects import HFFolder
 
     check_device(run.device)
     ckpt = checkpoint.load(run.model)
@@ -47,13 +47,13 @@ def run_axes(run, suites: list[str]) -> int:
 
 
 def cmd_axes(a: argparse.Namespace) -> int:
-    from .axes import CASTS, FLAGS, SUITES, AxesRun, load_spec, parse_lengths
-    from .behaviour import DEFAULT_POLICY as BEHAVIOUR_POLICY
-    from .cases import KNOWN_ATTN, KNOWN_DTYPES, check_choices
-    from .errors import InputError
-    from .faults import get_fault
-    from .models import long_positions_model
-    from .tolerance import load_policy
+    from harness.suites.axes import CASTS, FLAGS, SUITES, AxesRun, load_spec, parse_lengths
+    from harness.suites.behaviour.common import DEFAULT_POLICY as BEHAVIOUR_POLICY
+    from harness.core.cases import KNOWN_ATTN, KNOWN_DTYPES, check_choices
+    from harness.core.errors import InputError
+    from harness.core.faults import get_fault
+    from harness.core.presets import long_positions_model
+    from harness.core.tolerance import load_policy
 
     spec = load_spec(a.spec)
     d = spec.defaults
@@ -77,7 +77,7 @@ def cmd_axes(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from .cli import _csv
+    from harness.cli import _csv
     p = sub.add_parser("axes", help="cast paths (load/to/autocast) with long positions, and output flags")
     p.add_argument("--suite", type=_csv, help="comma list of cast,flags (default: both)")
     p.add_argument("--model", help="Meta or HF checkpoint; default: the long-hd128 preset (head_dim 128, "

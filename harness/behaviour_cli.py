@@ -11,7 +11,7 @@ SUITES = ("generate", "cache", "padding", "seqcls", "hidden")
 
 
 def _suite_runner(name: str):
-    from . import cache_suite, generation, hidden_states, padding, seqcls
+    from harness.suites.behaviour import cache as cache_suite; from harness.suites.behaviour import generate as generation; from harness.suites.behaviour import hidden as hidden_states; from harness.suites.behaviour import padding; from harness.suites.behaviour import seqcls
     return {"generate": generation.run, "cache": cache_suite.run, "padding": padding.run,
             "seqcls": seqcls.run, "hidden": hidden_states.run_hidden}[name]
 
@@ -20,12 +20,12 @@ def run_suites(run, suites: list[str]) -> int:
     """Run the suites on one checkpoint, write each one's results, return the exit code."""
     from reference_model import checkpoint
 
-    from . import report
-    from .behaviour import PLANTS
-    from .environment import environment
-    from .runner import check_device
-    from .store import exit_code, write_results
-    from .subjects import HFFolder
+    from harness.results import markdown as report
+    from harness.suites.behaviour.common import PLANTS
+    from harness.core.environment import environment
+    from harness.suites.logits import check_device
+    from harness.core.store import exit_code, write_results
+    from harness.core.subjects import HFFolder
 
     check_device(run.device)
     ckpt = checkpoint.load(run.model)
@@ -51,11 +51,11 @@ def run_suites(run, suites: list[str]) -> int:
 
 
 def cmd_behaviour(a: argparse.Namespace) -> int:
-    from .behaviour import BehaviourRun, DEFAULT_POLICY, check_plant
-    from .cases import KNOWN_ATTN, KNOWN_DTYPES, check_choices
-    from .errors import InputError
-    from .models import default_model
-    from .tolerance import load_policy
+    from harness.suites.behaviour.common import BehaviourRun, DEFAULT_POLICY, check_plant
+    from harness.core.cases import KNOWN_ATTN, KNOWN_DTYPES, check_choices
+    from harness.core.errors import InputError
+    from harness.core.presets import default_model
+    from harness.core.tolerance import load_policy
 
     suites = list(SUITES) if a.suite == ["all"] else check_choices("--suite", a.suite, SUITES)
     if a.model and not Path(a.model).exists():
@@ -75,7 +75,7 @@ def cmd_behaviour(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from .cli import _csv
+    from harness.cli import _csv
     b = sub.add_parser("behaviour", help="generation, KV cache, padding/batching, sequence classification, "
                                          "hidden-state parity")
     b.add_argument("--suite", type=_csv, default=["all"], help=f"comma list of {', '.join(SUITES)} or all")

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from harness.core.errors import InputError
 
 
 def _csv(value: str) -> list[str]:
@@ -13,13 +13,13 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from .bench_suite import lmeval_unsupported
+    from harness.suites.bench.run import lmeval_unsupported
     why = lmeval_unsupported()
     if why:
         raise InputError(f"bench: {why}")
-    from .bench_compare import load_bench_policy
-    from .bench_suite import DEFAULT_TASKS, FAULTS, BenchRun, run_bench
-    from .subjects import DTYPES
+    from harness.suites.bench.paired import load_bench_policy
+    from harness.suites.bench.run import DEFAULT_TASKS, FAULTS, BenchRun, run_bench
+    from harness.core.subjects import DTYPES
     if a.model and not Path(a.model).exists():
         raise InputError(f"--model: {a.model}: no such file or folder")
     if a.tokenizer and not Path(a.tokenizer).is_file():
@@ -35,7 +35,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.model:
         model = Path(a.model)
     else:
-        from .models import default_model
+        from harness.core.presets import default_model
         model = default_model()
     tasks = [t for group in (a.tasks or [list(DEFAULT_TASKS)]) for t in group]
     run = BenchRun(model=model, tasks=tasks, limit=a.limit, out=Path(a.out), dtype=a.dtype,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from reference_model.errors import CheckpointError
 
-from .errors import InputError
+from harness.core.errors import InputError
 
 
 def _csv(value: str) -> list[str]:
@@ -32,12 +32,12 @@ def _tokenizer_vocab(path: str) -> int:
 
 
 def cmd_logits(a: argparse.Namespace) -> int:
-    from .cases import DEFAULT_ATTN, DEFAULT_DTYPES, DEFAULT_SHAPES, DEFAULT_TP, KNOWN_ATTN, KNOWN_DTYPES
-    from .cases import check_choices, parse_shapes, parse_tp
-    from .faults import get_fault
-    from .models import default_model
-    from .runner import LogitsRun, read_tokens, run_logits
-    from .tolerance import load_policy
+    from harness.core.cases import DEFAULT_ATTN, DEFAULT_DTYPES, DEFAULT_SHAPES, DEFAULT_TP, KNOWN_ATTN, KNOWN_DTYPES
+    from harness.core.cases import check_choices, parse_shapes, parse_tp
+    from harness.core.faults import get_fault
+    from harness.core.presets import default_model
+    from harness.suites.logits import LogitsRun, read_tokens, run_logits
+    from harness.core.tolerance import load_policy
 
     if a.tokens and a.shapes:
         raise InputError("--tokens and --shapes: give one (the token file fixes the shape)")
@@ -60,7 +60,7 @@ def cmd_logits(a: argparse.Namespace) -> int:
     for line in run.log:
         print(line, file=sys.stderr)
     if a.html:
-        from .report_cli import render_report
+        from harness.report_cli import render_report
         render_report([run.out], run.out / "report")
     print(f"results: {run.out}/results.csv, {run.out}/summary.json, {run.out}/report.md"
           + (f", {run.out}/report/index.html" if a.html else ""))
@@ -68,7 +68,7 @@ def cmd_logits(a: argparse.Namespace) -> int:
 
 
 def cmd_make_model(a: argparse.Namespace) -> int:
-    from .models import write_preset
+    from harness.core.presets import write_preset
     if a.shards < 1:
         raise InputError("--shards: must be >= 1")
     path = write_preset(a.preset, Path(a.out), fmt=a.format, shards=a.shards, seed=a.seed)
@@ -135,15 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Suites that live in their own modules register their subcommands here."""
-    from .axes_cli import register as axes
-    from .behaviour_cli import register as behaviour
-    from .bench_cli import register as bench
-    from .localise_cli import register as localise
-    from .matrix import register as matrix
-    from .mp_cli import register as mp
-    from .place_cli import register as place
-    from .report_cli import register as report
-    from .tokenizer_cli import register as tokenizer
+    from harness.axes_cli import register as axes
+    from harness.behaviour_cli import register as behaviour
+    from harness.bench_cli import register as bench
+    from harness.localise_cli import register as localise
+    from harness.results.matrix import register as matrix
+    from harness.mp_cli import register as mp
+    from harness.place_cli import register as place
+    from harness.report_cli import register as report
+    from harness.tokenizer_cli import register as tokenizer
     for register in (tokenizer, behaviour, axes, bench, mp, matrix, localise, place, report):
         register(sub)
 

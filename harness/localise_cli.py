@@ -4,7 +4,7 @@ localise: full models, one at a time (oracle, reference, transformers), every po
 stream:   block by block from the checkpoint's mapped files; peak memory about one block.
 
 Both write results.csv / summary.json (with ``first_divergence``) / report.md in the common
-schema, and exit 1 when a point of transformers breaks the rule of ``harness.localise``.
+schema, and exit 1 when a point of transformers breaks the rule of ``harness.scale.localise``.
 """
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ import argparse
 import html
 from pathlib import Path
 
-from .errors import InputError
+from harness.core.errors import InputError
 
 SUITE_LOCALISE, SUITE_STREAM = "localise", "stream"
 
 
 def _one_shape(spec: str):
-    from .cases import parse_shapes
+    from harness.core.cases import parse_shapes
     shapes = parse_shapes([spec])
     return shapes[0]
 
 
 def _check_common(a) -> None:
-    from .cases import KNOWN_ATTN, KNOWN_DTYPES
+    from harness.core.cases import KNOWN_ATTN, KNOWN_DTYPES
     if a.dtype not in KNOWN_DTYPES:
         raise InputError(f"--dtype: unknown value {a.dtype!r} (choose from {', '.join(KNOWN_DTYPES)})")
     if a.attn not in KNOWN_ATTN:
@@ -34,8 +34,8 @@ def _check_common(a) -> None:
 
 
 def _write(out: Path, suite: str, rows, found: dict, extra: dict, device: str, table: str) -> int:
-    from .environment import environment
-    from .store import atomic_write_text, exit_code, write_results
+    from harness.core.environment import environment
+    from harness.core.store import atomic_write_text, exit_code, write_results
     summary = write_results(out, suite, rows, environment(device), {"first_divergence": found, **extra})
     where = ("none: every point is within the rule" if found["layer"] is None and found["op"] is None
              else f"layer {found['layer']}, op {found['op']} ({found['point']}; {found['ratio']:.3g}x "
@@ -54,12 +54,12 @@ def _write(out: Path, suite: str, rows, found: dict, extra: dict, device: str, t
 def cmd_localise(a: argparse.Namespace) -> int:
     from reference_model import checkpoint
 
-    from .cases import make_inputs
-    from .faults import get_fault
-    from .localise import capture_full, curve_markdown, curve_rows, locate
-    from .models import default_model
-    from .runner import check_device
-    from .subjects import HFFolder, attn_implementations
+    from harness.core.cases import make_inputs
+    from harness.core.faults import get_fault
+    from harness.scale.localise import capture_full, curve_markdown, curve_rows, locate
+    from harness.core.presets import default_model
+    from harness.suites.logits import check_device
+    from harness.core.subjects import HFFolder, attn_implementations
 
     _check_common(a)
     check_device(a.device)
@@ -87,13 +87,13 @@ def cmd_localise(a: argparse.Namespace) -> int:
 
 
 def cmd_stream(a: argparse.Namespace) -> int:
-    from .cases import make_inputs
-    from .localise import curve_markdown, curve_rows, locate
-    from .metrics import METRICS
-    from .models import default_model
-    from .runner import check_device
-    from .store import INFO, Row
-    from .streaming import WeightSource, stream_compare
+    from harness.core.cases import make_inputs
+    from harness.scale.localise import curve_markdown, curve_rows, locate
+    from harness.core.metrics import METRICS
+    from harness.core.presets import default_model
+    from harness.suites.logits import check_device
+    from harness.core.store import INFO, Row
+    from harness.scale.stream import WeightSource, stream_compare
 
     _check_common(a)
     check_device(a.device)
@@ -143,7 +143,7 @@ def register(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The full `llama-parity` CLI (these commands are registered there): same exit codes."""
-    from .cli import main as cli_main
+    from harness.cli import main as cli_main
     return cli_main(argv)
 
 

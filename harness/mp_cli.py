@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import InputError
+from harness.core.errors import InputError
 
 
 def _csv(value: str) -> list[str]:
@@ -12,9 +12,9 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_mp(a: argparse.Namespace) -> int:
-    from .cases import parse_shapes, parse_tp
-    from .models import default_model
-    from .mp_suite import MPRun, run_mp
+    from harness.core.cases import parse_shapes, parse_tp
+    from harness.core.presets import default_model
+    from harness.suites.mp import MPRun, run_mp
 
     if a.model and not Path(a.model).exists():
         raise InputError(f"--model: {a.model}: no such file or folder")
@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The full `llama-parity` CLI (these commands are registered there): same exit codes."""
-    from .cli import main as cli_main
+    from harness.cli import main as cli_main
     return cli_main(argv)
 
 

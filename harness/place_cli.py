@@ -12,15 +12,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from .errors import InputError
+from harness.core.errors import InputError
 
 SUITE = "place"
 
 
 def _maps(a, ckpt) -> tuple[dict, dict]:
     """(map for the working dtype, map for the float64 oracle), both in Meta names."""
-    from .placement import STRATEGIES, empty_reference, parse_max_memory, plan, read_device_map
-    from .subjects import DTYPES
+    from harness.scale.place import STRATEGIES, empty_reference, parse_max_memory, plan, read_device_map
+    from harness.core.subjects import DTYPES
     max_memory = parse_max_memory(a.max_memory)
     if a.device_map in STRATEGIES:
         return tuple(plan(empty_reference(ckpt.args, DTYPES[d]), max_memory, DTYPES[d], a.device_map)
@@ -37,15 +37,15 @@ def cmd_place(a: argparse.Namespace) -> int:
 
     from reference_model import checkpoint
 
-    from .cases import KNOWN_ATTN, KNOWN_DTYPES, make_inputs, parse_shapes
-    from .environment import environment
-    from .metrics import METRICS, compare
-    from .models import default_model
-    from .placement import PLANTS, blocks_per_device, check_map, describe, empty_reference, plant, to_transformers_map
-    from .report import print_console, write_markdown
-    from .store import INFO, Row, atomic_write_text, exit_code, write_results
-    from .subjects import HFFolder, ReferenceSubject, TransformersSubject, attn_implementations
-    from .tolerance import load_policy
+    from harness.core.cases import KNOWN_ATTN, KNOWN_DTYPES, make_inputs, parse_shapes
+    from harness.core.environment import environment
+    from harness.core.metrics import METRICS, compare
+    from harness.core.presets import default_model
+    from harness.scale.place import PLANTS, blocks_per_device, check_map, describe, empty_reference, plant, to_transformers_map
+    from harness.results.markdown import print_console, write_markdown
+    from harness.core.store import INFO, Row, atomic_write_text, exit_code, write_results
+    from harness.core.subjects import HFFolder, ReferenceSubject, TransformersSubject, attn_implementations
+    from harness.core.tolerance import load_policy
 
     if a.dtype not in KNOWN_DTYPES:
         raise InputError(f"--dtype: unknown value {a.dtype!r} (choose from {', '.join(KNOWN_DTYPES)})")
@@ -148,7 +148,7 @@ def register(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The full `llama-parity` CLI (`place` is registered there): same exit codes."""
-    from .cli import main as cli_main
+    from harness.cli import main as cli_main
     return cli_main(argv)
 
 

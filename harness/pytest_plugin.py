@@ -45,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _run_suite(config: pytest.Config) -> Path:
-    from .cli import main
+    from harness.cli import main
     out = config.getoption("llama_parity_out") or tempfile.mkdtemp(prefix="llama-parity-")
     argv = ["logits", "--model", config.getoption("llama_parity_model"), "--out", str(out), "--no-progress"]
     for name, _ in OPTIONS:
@@ -66,7 +66,7 @@ class ParityCell(pytest.Item):
         self.cell = cell
 
     def runtest(self) -> None:
-        from .junit import failure_text
+        from harness.results.junit import failure_text
         status = self.cell["status"]
         if status == "n/a":
             pytest.skip(self.cell.get("reason") or "not applicable")
@@ -84,8 +84,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     if model and stored:
         raise pytest.UsageError("--llama-parity-model and --llama-parity-results: give one, not both")
-    from .errors import InputError
-    from .report import load_summary
+    from harness.core.errors import InputError
+    from harness.results.markdown import load_summary
     try:
         summary = load_summary(_run_suite(config) if model else Path(stored))
     except InputError as e:

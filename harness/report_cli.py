@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import InputError
+from harness.core.errors import InputError
 
 
 def render_report(results: list[Path], out: Path, title: str = "llama-parity") -> int:
@@ -18,7 +18,7 @@ def render_report(results: list[Path], out: Path, title: str = "llama-parity") -
 
     Public so that a suite's command can render its own report right after a run.
     """
-    from . import junit, report, report_html
+    from harness.results import junit; from harness.results import markdown as report; from harness.results import html as report_html
     dirs = report.find_results([Path(p) for p in results])
     summaries = [report.load_summary(d) for d in dirs]
     out = Path(out)
@@ -39,9 +39,9 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from . import baseline, report
-    from .environment import environment
-    from .store import exit_code, write_results
+    from harness.results import regression as baseline; from harness.results import markdown as report
+    from harness.core.environment import environment
+    from harness.core.store import exit_code, write_results
     policy = baseline.load_regression_policy(a.regression_policy)
     base_dirs = report.find_results([Path(a.baseline)])
     cur_dirs = report.find_results([Path(a.current)])

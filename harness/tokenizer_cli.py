@@ -15,7 +15,7 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_tokenizer(a: argparse.Namespace) -> int:
-    from .tokenizer_suite import run_tokenizer_suite
+    from harness.suites.tokenizer import run_tokenizer_suite
     code = run_tokenizer_suite(Path(a.tokenizer) if a.tokenizer else None, Path(a.out),
                                fuzz_examples=a.fuzz_examples, subjects=a.subjects,
                                codepoint_step=a.codepoint_step, vocab_sweep=not a.no_vocab_sweep,
@@ -25,12 +25,12 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
 
 
 def cmd_fixtures(a: argparse.Namespace) -> int:
-    from .fixtures import main_fixtures
+    from harness.core.real_tokenizer import main_fixtures
     return main_fixtures(a)
 
 
 def register(sub) -> None:
-    from .tokenizer_suite import DEFAULT_FUZZ_EXAMPLES
+    from harness.suites.tokenizer import DEFAULT_FUZZ_EXAMPLES
     tk = sub.add_parser("tokenizer", help="every tokenizer (reference, transformers loaders/flags) vs sentencepiece")
     tk.add_argument("--tokenizer", help="a SentencePiece tokenizer.model (default: the built Llama 2 fixture)")
     tk.add_argument("--out", default="reports/latest/tokenizer", help="output folder")

@@ -29,20 +29,20 @@ run() {
     step tokenizer "$PY" -m harness tokenizer --no-progress --out "$out/tokenizer"
     step behaviour "$PY" -m harness behaviour --out "$out/behaviour"
     step axes "$PY" -m harness axes --out "$out/axes"
-    why=$("$PY" -c "from harness.bench_suite import lmeval_unsupported; print(lmeval_unsupported())")
+    why=$("$PY" -c "from harness.suites.bench.run import lmeval_unsupported; print(lmeval_unsupported())")
     if [[ -z $why ]]; then
         step bench "$PY" -m harness bench --limit 40 --out "$out/bench"
     else   # recorded with the reason, never silently left out
         echo "bench n/a: $why" | tee -a "$out/steps.txt"
     fi
     step mp "$PY" -m harness mp --degrees 1,2 --shapes 1x64 --out "$out/mp"
-    step mp-mha "$PY" -m harness mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "tiny-mha-seed0"; (p / "params.json").exists() or write_preset("tiny-mha", p); print(p)')" \
+    step mp-mha "$PY" -m harness mp --model "$("$PY" -c 'from harness.core.presets import cache_dir, write_preset; p = cache_dir() / "models" / "tiny-mha-seed0"; (p / "params.json").exists() or write_preset("tiny-mha", p); print(p)')" \
         --degrees 1,2,4 --shapes 1x64 --out "$out/mp-mha"
     if [[ -f models/tiny-llama2/params.json || -f models/tiny-llama2/config.json ]]; then
         step mp-trained "$PY" -m harness mp --model models/tiny-llama2 --degrees 1,2 --shapes 1x64 --out "$out/mp-trained"
     fi
     if [[ ${MATRIX_SLICE:-0} == 1 ]]; then
-        step mp-slice7b "$PY" -m harness mp --model "$("$PY" -c 'from harness.models import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')" \
+        step mp-slice7b "$PY" -m harness mp --model "$("$PY" -c 'from harness.core.presets import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')" \
             --degrees 1,2,4,8 --shapes 1x32 --out "$out/mp-slice7b"
     fi
     if [[ ${MATRIX_PYTEST:-1} == 1 ]]; then
@@ -54,12 +54,12 @@ run() {
 
 case $cmd in
     run) run ;;
-    merge) "$PY" -m harness.matrix --root "$root" ;;
+    merge) "$PY" -m harness.results.matrix --root "$root" ;;
     all)
         worst=0
         for venv in ${VENVS:-/work/venv /work/venv446 /work/venv448 /work/venv438 /work/venv431}; do
             PY=$venv/bin/python run; code=$?; (( code > worst )) && worst=$code
         done
-        "$PY" -m harness.matrix --root "$root"; exit $worst ;;
+        "$PY" -m harness.results.matrix --root "$root"; exit $worst ;;
     *) echo "usage: scripts/matrix.sh run|merge|all [ROOT]" >&2; exit 2 ;;
 esac

@@ -130,7 +130,7 @@ def corpus() -> dict:
 def tokenizer_path(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from harness.fixtures import ensure_tokenizer_model   # the real Llama 2 tokenizer, built once
+    from harness.core.real_tokenizer import ensure_tokenizer_model   # the real Llama 2 tokenizer, built once
     return ensure_tokenizer_model()
 
 
@@ -291,7 +291,7 @@ parity checks run on a model that behaves like a language model, not on random w
 |---|---|
 | architecture | Llama 2: dim {info['params']['dim']}, {info['params']['n_layers']} layers, {info['params']['n_heads']} query / {info['params']['n_kv_heads']} kv heads (GQA), vocab {info['params']['vocab_size']}, multiple_of {info['params']['multiple_of']}, norm_eps {info['params']['norm_eps']}, RoPE theta 10000 |
 | parameters | {info['n_params']:,} |
-| tokenizer | the real Llama 2 SentencePiece model (32000 pieces), built by `harness.fixtures.ensure_tokenizer_model()` (not committed: built in the set-up step); training used sha256 `{info['tokenizer_sha256'][:16]}...`{(' - ' + info['tokenizer_note']) if info.get('tokenizer_note') else ''} |
+| tokenizer | the real Llama 2 SentencePiece model (32000 pieces), built by `harness.core.real_tokenizer.ensure_tokenizer_model()` (not committed: built in the set-up step); training used sha256 `{info['tokenizer_sha256'][:16]}...`{(' - ' + info['tokenizer_note']) if info.get('tokenizer_note') else ''} |
 | format | Meta (`params.json` + `consolidated.00.pth`), bfloat16 storage, {size / 1e6:.1f} MB; HF format on the fly with `llama-parity convert --model models/tiny-llama2 --to hf --out DIR` |
 | training data | CPython {info['python']} `pydoc_data/topics.py` (sha256 `{info['topics_py_sha256'][:16]}...`) prose paragraphs, deduplicated by paragraph, plus prose paragraphs of the standard library's docstrings; {info['train_paragraphs']} paragraphs, {info['train_tokens']:,} tokens (BOS/EOS per paragraph). PSF licence. |
 | held-out split | {info['heldout_paragraphs']} topic paragraphs ({info['heldout_tokens']:,} tokens): those whose sha256 mod 100 < 20, chosen *after* deduplication; none of them, nor any equal paragraph, is in training |
@@ -323,7 +323,7 @@ The lm-eval task data in `suites/lmeval/data/` is rebuilt from the same held-out
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "models" / "tiny-llama2"))
-    p.add_argument("--tokenizer", help="tokenizer.model (default: harness.fixtures.ensure_tokenizer_model())")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: harness.core.real_tokenizer.ensure_tokenizer_model())")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)

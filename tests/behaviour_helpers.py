@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from harness import behaviour_cli
-from harness.behaviour import BehaviourRun
+from harness.suites.behaviour.common import BehaviourRun
 
 
 def run_suite(model: Path, out: Path, suite: str, plant: str | None = None, dtypes=("float32",),
@@ -23,7 +23,7 @@ def failing(cells: list[dict]) -> list[dict]:
 
 def cli(argv: list[str]) -> int:
     """The `behaviour` subcommand through argparse, as harness/cli.py will register it."""
-    from harness.errors import InputError
+    from harness.core.errors import InputError
     parser = argparse.ArgumentParser(prog="llama-parity")
     behaviour_cli.register(parser.add_subparsers(dest="command", required=True))
     a = parser.parse_args(argv)

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from harness.models import write_preset  # noqa: E402
+from harness.core.presets import write_preset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from harness.axes import buckets
+from harness.suites.axes import buckets
 from harness.cli import main
-from harness.faults import FAULTS
-from harness.models import write_preset
-from harness.subjects import transformers_version
+from harness.core.faults import FAULTS
+from harness.core.presets import write_preset
+from harness.core.subjects import transformers_version
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import baseline, report, report_cli
-from harness.errors import InputError
+from harness.results import regression as baseline; from harness.results import markdown as report; from harness import report_cli
+from harness.core.errors import InputError
 
 DATA = Path(__file__).parent / "data" / "baseline"
 

@@ -7,10 +7,10 @@ import math
 import pytest
 from scipy.stats import binomtest
 
-from harness.bench_compare import (binomial_above_chance, compare_runs, drift_rows, load_bench_policy,
+from harness.suites.bench.paired import (binomial_above_chance, compare_runs, drift_rows, load_bench_policy,
                                    mcnemar_exact, paired_task)
-from harness.bench_data import convert, convert_item
-from harness.errors import InputError
+from harness.suites.bench.data import convert, convert_item
+from harness.core.errors import InputError
 
 
 @pytest.mark.parametrize("a,b", [([1, 1, 1, 0, 0, 1, 1, 1], [0, 0, 1, 0, 1, 0, 0, 1]),

@@ -9,21 +9,21 @@ import json
 
 import pytest
 
-fixtures = pytest.importorskip("harness.fixtures", reason="the real tokenizer fixture (harness/fixtures.py)")
+fixtures = pytest.importorskip("harness.core.real_tokenizer", reason="the real tokenizer fixture (harness/fixtures.py)")
 
 # lm-eval 0.4.13 cannot be installed beside transformers 4.31 (pip: conflicting requirements): the
 # bench suite is not applicable there, and pytest says so instead of failing to collect.
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (it cannot be beside transformers 4.31)")
-from harness.bench_suite import lmeval_unsupported  # noqa: E402
+from harness.suites.bench.run import lmeval_unsupported  # noqa: E402
 
 if lmeval_unsupported():
     pytest.skip(lmeval_unsupported(), allow_module_level=True)
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from harness.bench_cli import register  # noqa: E402
-from harness.errors import InputError  # noqa: E402
-from harness.lmeval_model import ParityLM  # noqa: E402
-from harness.models import write_preset  # noqa: E402
+from harness.core.errors import InputError  # noqa: E402
+from harness.suites.bench.lmeval_model import ParityLM  # noqa: E402
+from harness.core.presets import write_preset  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from reference_model import checkpoint
 from reference_model.errors import CheckpointError
 from reference_model.model import ModelArgs
@@ -29,7 +29,7 @@ MICRO = ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=16, mul
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory) -> dict[str, Path]:
     """A valid micro checkpoint in every layout (a few KB each, so mutations stay cheap)."""
-    from harness.models import random_state
+    from harness.core.presets import random_state
     root = tmp_path_factory.mktemp("micro")
     state = random_state(MICRO, 0)
     return {"meta": checkpoint.save_meta(root / "meta", MICRO, state),

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from harness.subjects import attn_implementations
+from harness.core.subjects import attn_implementations
 
-from harness.generation import first_divergence
+from harness.suites.behaviour.generate import first_divergence
 from reference_model import checkpoint
 from reference_model.generate import greedy, top2_margin
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from harness.cases import Shape, make_inputs
-from harness.faults import Fault
-from harness.localise import ONSET, capture_full, first_divergence, locate, ratios
+from harness.core.cases import Shape, make_inputs
+from harness.core.faults import Fault
+from harness.scale.localise import ONSET, capture_full, first_divergence, locate, ratios
 from harness.localise_cli import main
-from harness.subjects import HFFolder, attn_implementations
+from harness.core.subjects import HFFolder, attn_implementations
 from reference_model import checkpoint
 from reference_model.convert import permute, unpermute
 
@@ -96,7 +96,7 @@ def test_correct_transformers_has_no_divergence(subject, dtype, attn):
     found = locate(order, tf, ref, dtype)
     assert found["layer"] is None and found["op"] is None, found
     assert set(tf) == set(order) == set(ref)          # every point of both subjects was captured
-    # The margin the limit leaves (the docstring of harness.localise quotes it).
+    # The margin the limit leaves (the docstring of harness.scale.localise quotes it).
     assert max(ratios(tf, ref, dtype).values()) < ONSET
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from harness.cli import main
-from harness.faults import FAULTS
-from harness.subjects import attn_implementations, tp_honoured
+from harness.core.faults import FAULTS
+from harness.core.subjects import attn_implementations, tp_honoured
 
 FAST = ["--attn", "eager,sdpa", "--tp", "1", "--shapes", "1x8,2x24", "--no-progress"]
 
@@ -119,7 +119,7 @@ def test_cuda_device_absent_is_bad_input(models, tmp_path, capsys):
 def test_llama2_7b_shaped_slice(tmp_path):
     """Real 7B shapes (head_dim 128, FFN 11008, vocab 32000), one layer: correct passes, a
     missing permute fails. About a minute and 6 GB on CPU."""
-    from harness.models import write_preset
+    from harness.core.presets import write_preset
     model = write_preset("slice-7b", tmp_path / "slice-7b")
     attn = "eager" if attn_implementations("cpu")["sdpa"] else "sdpa"   # 4.31 has no SDPA path
     args = ["--attn", attn, "--tp", "1", "--shapes", "1x64", "--no-progress"]

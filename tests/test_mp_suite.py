@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from harness.cases import Shape
-from harness.errors import InputError
-from harness.mp_suite import MPRun, run_mp
-from harness.subjects import tp_honoured
+from harness.core.cases import Shape
+from harness.core.errors import InputError
+from harness.suites.mp import MPRun, run_mp
+from harness.core.subjects import tp_honoured
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +108,15 @@ def test_bad_input_exits_2_naming_the_argument(models, tmp_path, capsys, argv, n
 # --- the matrix merge ------------------------------------------------------------------------------
 
 def _fake_run(root, folder, release, rows):
-    from harness.store import write_results
+    from harness.core.store import write_results
     return write_results(root / folder / "mp", "mp", rows, {"transformers": release})
 
 
 def test_matrix_merges_releases_suites_and_cases(tmp_path):
     import pandas as pd
 
-    from harness.matrix import merge
-    from harness.store import Row
+    from harness.results.matrix import merge
+    from harness.core.store import Row
     case = {"dtype": "bfloat16", "degree": 2, "tp": 2}
     _fake_run(tmp_path, "b", "4.46.3", [Row("mp", case, "transformers", "mp-original", "rel_l2", 0.25, status="info")])
     _fake_run(tmp_path, "a", "4.31.0", [Row("mp", case, "transformers", "mp-original", "rel_l2", 0.5, status="info")])
@@ -139,7 +139,7 @@ def test_matrix_merges_releases_suites_and_cases(tmp_path):
 
 
 def test_matrix_refuses_an_empty_or_missing_root(tmp_path):
-    from harness.matrix import main, merge
+    from harness.results.matrix import main, merge
     with pytest.raises(InputError, match="--root"):
         merge(tmp_path / "absent")
     assert main(["--root", str(tmp_path)]) == 2

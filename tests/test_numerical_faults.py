@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from harness.cases import Shape, make_inputs
+from harness.core.cases import Shape, make_inputs
 from harness.cli import main
-from harness.models import preset_args, random_state
+from harness.core.presets import preset_args, random_state
 from reference_model.checkpoint import Checkpoint, build_model, save_meta
 
 ARGS = ["--attn", "eager,sdpa", "--tp", "1", "--shapes", "1x6", "--no-progress"]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from harness.subjects import attn_implementations
+from harness.core.subjects import attn_implementations
 
-from harness.padding import add_pad_token_reference, pad_batch
+from harness.suites.behaviour.padding import add_pad_token_reference, pad_batch
 from reference_model import checkpoint
 
 from behaviour_helpers import failing, run_suite

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.models import preset_args, random_state
+from harness.core.presets import preset_args, random_state
 from reference_model import checkpoint
 from reference_model.errors import CheckpointError
 from reference_model.parallel import check_degree, distributed_logits, emulated_logits, load_rank

@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-from harness.cases import Shape, make_inputs
-from harness.models import PRESETS
+from harness.core.cases import Shape, make_inputs
+from harness.core.presets import PRESETS
 from harness.place_cli import main
-from harness.placement import (blocks_per_device, bytes_per_device, empty_reference, plan, to_transformers_map)
-from harness.subjects import HFFolder, ReferenceSubject, TransformersSubject
+from harness.scale.place import (blocks_per_device, bytes_per_device, empty_reference, plan, to_transformers_map)
+from harness.core.subjects import HFFolder, ReferenceSubject, TransformersSubject
 from reference_model import checkpoint
 from reference_model.model import ModelArgs
 

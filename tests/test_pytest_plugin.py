@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from harness import report
-from harness.models import write_preset
+from harness.results import markdown as report
+from harness.core.presets import write_preset
 
 DATA = Path(__file__).parent / "data"
 REGISTERED = any(ep.value == "harness.pytest_plugin" for ep in entry_points(group="pytest11"))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import runner, store
+from harness.suites import logits as runner; from harness.core import store
 from harness.cli import main
-from harness.store import Journal, Row
+from harness.core.store import Journal, Row
 from reference_model import checkpoint
 from reference_model.errors import CheckpointError
 
@@ -49,8 +49,8 @@ def _bad(argv: list[str], out: Path, capsys) -> str:
 @pytest.fixture
 def pinned_commit(monkeypatch):
     """The commit is part of every group's key; colleagues committing mid-test must not move it."""
-    import harness.environment
-    monkeypatch.setattr(harness.environment, "_git_commit", lambda: "pinned-for-this-test")
+    import harness.core.environment
+    monkeypatch.setattr(harness.core.environment, "_git_commit", lambda: "pinned-for-this-test")
 
 
 def test_rerun_resumes_and_writes_the_same_results(pinned_commit, models, tmp_path, capsys):
@@ -132,7 +132,7 @@ def test_killed_run_leaves_no_corrupt_file_and_the_rerun_resumes(pinned_commit, 
     (out / "summary.json").write_text('{"verdict": "pass"}')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The child pins the commit as the pinned_commit fixture does here, so its groups' keys match ours.
-    child = ("import sys, harness.environment as e; e._git_commit = lambda: 'pinned-for-this-test'; "
+    child = ("import sys, harness.core.environment as e; e._git_commit = lambda: 'pinned-for-this-test'; "
              "from harness.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", child, "logits", "--model", str(model), "--out", str(out),
                              *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -448,7 +448,7 @@ def test_file_that_is_not_a_sentencepiece_model(models, tmp_path, capsys):
 
 
 def test_tokenizer_fills_vocab_minus_one_and_the_run_goes_on(tmp_path, sp_model):
-    from harness.models import preset_args, random_state
+    from harness.core.presets import preset_args, random_state
     args = preset_args("tiny-mha")
     args.vocab_size = 60
     path = checkpoint.save_meta(tmp_path / "m", args, random_state(args, 0))

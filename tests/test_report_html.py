@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import report, report_cli, report_html
-from harness.store import FAIL, NA, PASS, Row, write_results
+from harness.results import markdown as report; from harness import report_cli; from harness.results import html as report_html
+from harness.core.store import FAIL, NA, PASS, Row, write_results
 
 DATA = Path(__file__).parent / "data"
 CLEAN = DATA / "baseline" / "clean"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import report, report_html
-from harness.store import FAIL, Row, write_results
+from harness.results import markdown as report; from harness.results import html as report_html
+from harness.core.store import FAIL, Row, write_results
 
 DATA = Path(__file__).parent / "data"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

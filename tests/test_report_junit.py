@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from harness import junit, report
-from harness.store import FAIL, PASS, Row, write_results
+from harness.results import junit; from harness.results import markdown as report
+from harness.core.store import FAIL, PASS, Row, write_results
 
 DATA = Path(__file__).parent / "data"
 SCHEMA = etree.XMLSchema(etree.parse(str(DATA / "junit-10.xsd")))

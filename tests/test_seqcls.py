@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.subjects import transformers_version
+from harness.core.subjects import transformers_version
 from reference_model.classify import last_real_token
 
 from behaviour_helpers import failing, run_suite

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from harness.cases import Shape, make_inputs
-from harness.errors import InputError
-from harness.localise import capture_full, locate
+from harness.core.cases import Shape, make_inputs
+from harness.core.errors import InputError
+from harness.scale.localise import capture_full, locate
 from harness.localise_cli import main
-from harness.streaming import WeightSource, shared_reference, stream_compare
-from harness.subjects import HFFolder, ReferenceSubject, TransformersSubject, attn_implementations
+from harness.scale.stream import WeightSource, shared_reference, stream_compare
+from harness.core.subjects import HFFolder, ReferenceSubject, TransformersSubject, attn_implementations
 from reference_model import checkpoint
 from reference_model.errors import CheckpointError
 
@@ -127,7 +127,7 @@ def test_cli_stream_writes_curve_and_logits_metrics(models, tmp_path):
 
 
 def test_without_oracle_transformers_is_measured_against_the_reference(models):
-    from harness.metrics import compare
+    from harness.core.metrics import compare
     path = models["tiny-gqa/hf"]
     ids = make_inputs(Shape(1, 8), 512, 0)
     with_oracle = stream_compare(path, ids, "bfloat16")

@@ -1,6 +1,6 @@
 """reference_model/tokenizer.py == sentencepiece, on the real Llama 2 tokenizer.model.
 
-The fixture is built once (harness.fixtures, cached under $LLAMA_PARITY_CACHE or
+The fixture is built once (harness.core.real_tokenizer, cached under $LLAMA_PARITY_CACHE or
 ~/.cache/llama-parity/tokenizer); the first run downloads the llama-cpp-python sdist (~77 MB).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from harness import fixtures
+from harness.core import real_tokenizer as fixtures
 from reference_model.tokenizer import Tokenizer, TokenizerFileError, utf8_with_replacement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def test_vectors_parse_and_format():
     inp = "a\n__ggml_vocab_test__\n\n__ggml_vocab_test__\n x\ny\n__ggml_vocab_test__\n".encode()
     out = b" 1 2\n\n 3 4 5\n"
     assert fixtures.parse_vectors(inp, out) == [("a", [1, 2]), ("", []), (" x\ny", [3, 4, 5])]
-    from harness.errors import InputError
+    from harness.core.errors import InputError
     with pytest.raises(InputError, match="vectors"):
         fixtures.parse_vectors(inp, b" 1\n")
     with pytest.raises(InputError, match="separator"):
@@ -125,7 +125,7 @@ def test_every_vocabulary_piece(ref, sp):
 
 
 def test_whole_catalogue(ref, sp):
-    from harness.tokenizer_suite import load_catalogue
+    from harness.suites.tokenizer import load_catalogue
     cat = load_catalogue()
     assert len(cat.encode) >= 40
     for case in cat.encode:

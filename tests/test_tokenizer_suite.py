@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import fixtures
-from harness.errors import InputError
-from harness.store import FAIL, INFO, NA, PASS
-from harness.subjects import transformers_version
-from harness.tokenizer_suite import (Catalogue, discover_subjects, fuzz_texts, load_catalogue,
+from harness.core import real_tokenizer as fixtures
+from harness.core.errors import InputError
+from harness.core.store import FAIL, INFO, NA, PASS
+from harness.core.subjects import transformers_version
+from harness.suites.tokenizer import (Catalogue, discover_subjects, fuzz_texts, load_catalogue,
                                      run_tokenizer_suite)
 
 
@@ -83,7 +83,7 @@ def test_every_subject_is_run_or_na_with_reason(tokenizer_model, tmp_path):
     for s in subjects:
         assert s.na or s.make is not None
         assert not s.na or len(s.na) > 10
-    from harness.tokenizer_suite import load_subject
+    from harness.suites.tokenizer import load_subject
     auto = load_subject(next(s for s in subjects if s.name == "transformers.AutoTokenizer"))
     assert auto.na or auto.encode("Hello world") == [15043, 3186]
     if int(transformers.__version__.split(".")[0]) >= 5:

@@ -1,0 +1,9 @@
+"""The engine's foundation: inputs, checkpoints, subjects, cases, metrics, tolerance, store.
+
+Imports reference_model only and knows no suite. ``ROOT`` is the checkout (``suites/`` and
+``models/`` live beside ``harness/``); every data file is found from here, nowhere else.
+"""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITES = ROOT / "suites"

@@ -1,0 +1,1 @@
+"""Views of stored results: Markdown, HTML, JUnit, the regression gate, the release matrix."""

@@ -1,0 +1,409 @@
+"""The HTML report: one self-contained page rendered from stored results (no model run).
+
+Reading order: the verdict and the environment, then per suite a table of cells (failing first,
+with metric, value, tolerance and margin), then the evidence (plots, piece strips, every row).
+Everything that came from a result file goes through `esc` -- tokenizer pieces, task text and
+reasons included -- so a piece such as "<script>" shows as text. Plots are matplotlib PNGs inlined
+as data: URIs, and a Content-Security-Policy forbids any other load: the page opens from a file
+with no network, and a stray external asset would show up as a console error (tested in a real
+browser, tests/test_report_html_browser.py).
+
+Evidence is drawn when the results hold it:
+  - error vs dtype x setting heatmap: any suite whose cases have a "dtype";
+  - KL and top-1 agreement distributions: cells with kl_mean / top1_disagree metrics, plus the
+    per-position KL of a row's extra["kl_per_position"] where a suite records it;
+  - error vs position: extra["per_position"] (list of floats, one per position);
+  - per-layer error curves: rows whose case has a "layer" (the hidden-states and localise
+    suites), or extra["per_layer"] ({capture point: error}, in forward order);
+  - tokenizer divergences: extra["pieces"] ({subject: [piece, ...]}), drawn as piece strips;
+  - benchmark scatter: samples/<subject>.<task>.jsonl beside summary.json (lm-eval responses).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # no display on CI machines; Figure objects below never touch pyplot's state
+from matplotlib.figure import Figure  # noqa: E402
+
+from harness.results.markdown import _margin, environment_items, policy_version, worst_cells  # noqa: E402
+from harness.core.store import atomic_write_text  # noqa: E402
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+READY_SCRIPT = "document.body.setAttribute('data-report-ready', 'yes');"
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
+h1 .pass,.st-pass{color:#137333} h1 .fail,.st-fail{color:#b3261e} .st-na,.st-info{color:#666}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px} td,th{border:1px solid #ccc;padding:2px 6px;
+text-align:left;vertical-align:top} th{background:#f3f3f3} tr.fail td{background:#fdecea}
+td.num{text-align:right;font-family:ui-monospace,monospace} img{max-width:100%}
+.strip{display:flex;flex-wrap:wrap;gap:2px;margin:2px 0} .piece{font-family:ui-monospace,monospace;
+border:1px solid #999;padding:0 3px;white-space:pre;background:#f8f8f8} .piece.diff{background:#fde2b8}
+.subj{display:inline-block;min-width:9em;font-weight:600} details{margin:.6em 0}
+"""
+
+
+def esc(x) -> str:
+    """Escape anything for HTML text or a quoted attribute."""
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+def _num(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, str):
+        return esc(x)
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return esc(x)
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(fig: Figure, alt: str) -> str:
+    return f'<figure><img alt="{esc(alt)}" src="{_png(fig)}"><figcaption>{esc(alt)}</figcaption></figure>'
+
+
+def _finite(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+def heatmap(summary: dict) -> str:
+    """Worst value/tolerance per (dtype, other settings) for each gated subject: 1.0 is the limit."""
+    cells = [c for c in summary["cells"] if c["status"] in ("pass", "fail") and "dtype" in c["case"]]
+    if not cells:
+        return ""
+    grid: dict[tuple[str, str], float] = {}
+    for c in cells:
+        setting = ", ".join(f"{k}={v}" for k, v in c["case"].items() if k not in ("dtype", "device"))
+        col = f"{c['subject']}: {setting}"
+        ratio = _margin(c["value"], c["tolerance"])
+        ratio = math.inf if ratio is None and c["status"] == "fail" else ratio
+        if ratio is None:
+            continue
+        key = (str(c["case"]["dtype"]), col)
+        grid[key] = max(grid.get(key, 0.0), ratio)
+    if not grid:
+        return ""
+    rows = sorted({k[0] for k in grid})
+    cols = sorted({k[1] for k in grid})
+    data = [[grid.get((r, c), math.nan) for c in cols] for r in rows]
+    shown = [[min(max(v, 1e-6), 1e3) if math.isfinite(v) else (1e3 if v == math.inf else math.nan) for v in line]
+             for line in data]
+    logs = [[math.log10(v) if v == v else math.nan for v in line] for line in shown]
+    fig = Figure(figsize=(max(6.0, 0.55 * len(cols) + 2), 0.6 * len(rows) + 2.6))
+    ax = fig.subplots()
+    im = ax.imshow(logs, cmap="RdYlGn_r", vmin=-4, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows)
+    for i, line in enumerate(data):
+        for j, v in enumerate(line):
+            if v == v:
+                ax.text(j, i, "inf" if v == math.inf else f"{v:.2g}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="log10(value / tolerance), worst metric")
+    ax.set_title(f"{summary['suite']}: error vs dtype x setting (>= 1 fails)")
+    return _img(fig, f"{summary['suite']}: worst value/tolerance per dtype and setting")
+
+
+def distributions(summary: dict) -> str:
+    """KL and top-1 agreement over cells (and over positions where a suite recorded them)."""
+    cells = [c for c in summary["cells"] if c["status"] in ("pass", "fail", "info")]
+    kl = {}
+    agree = {}
+    per_pos = []
+    for c in cells:
+        label = f"{c['subject']} vs {c['against']}"
+        v = _finite(c["value"])
+        if c["metric"] == "kl_mean" and v is not None:
+            kl.setdefault(label, []).append(max(v, 1e-16))
+        if c["metric"] == "top1_disagree" and v is not None:
+            agree.setdefault(label, []).append(1.0 - v)
+        pos = (c.get("extra") or {}).get("kl_per_position")
+        if isinstance(pos, list):
+            per_pos += [max(x, 1e-16) for x in map(_finite, pos) if x is not None]
+    if not kl and not agree and not per_pos:
+        return ""
+    panels = [p for p in (kl, agree, per_pos) if p]
+    fig = Figure(figsize=(5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    i = 0
+    if kl:
+        ax = axes[i]
+        i += 1
+        for label, vals in sorted(kl.items()):
+            ax.hist([math.log10(v) for v in vals], bins=20, alpha=0.5, label=label)
+        ax.set_xlabel("log10 mean KL (nats), one count per cell")
+        ax.set_title("KL(truth || subject), mean over positions")
+        ax.legend(fontsize=6)
+    if agree:
+        ax = axes[i]
+        i += 1
+        for label, vals in sorted(agree.items()):
+            ax.hist(vals, bins=20, range=(min(min(vals), 0.9), 1.0), alpha=0.5, label=label)
+        ax.set_xlabel("top-1 agreement, one count per cell")
+        ax.set_title("top-1 agreement")
+        ax.legend(fontsize=6)
+    if per_pos:
+        ax = axes[i]
+        ax.hist([math.log10(v) for v in per_pos], bins=30)
+        ax.set_xlabel("log10 KL per position")
+        ax.set_title("KL over positions")
+    return _img(fig, f"{summary['suite']}: KL and top-1 agreement distributions")
+
+
+def curves(summary: dict, key: str, xlabel: str, title: str) -> str:
+    """One line per row that recorded extra[key] (per_position list or per_layer mapping)."""
+    series = []
+    for c in summary["cells"]:
+        data = (c.get("extra") or {}).get(key)
+        if isinstance(data, dict):
+            names, ys = list(map(str, data)), [_finite(v) for v in data.values()]
+        elif isinstance(data, list):
+            names, ys = [str(i) for i in range(len(data))], [_finite(v) for v in data]
+        else:
+            continue
+        label = ",".join(f"{k}={v}" for k, v in c["case"].items()) + f" {c['subject']} {c['metric']}"
+        series.append((label, names, ys))
+    if not series:
+        return ""
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    for label, names, ys in series[:12]:
+        ax.plot(range(len(ys)), [y if y is not None and y > 0 else math.nan for y in ys], marker=".", label=label)
+    names = series[0][1]
+    if key == "per_layer" and len(names) <= 40:
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("error")
+    ax.set_title(title + (f" (first 12 of {len(series)})" if len(series) > 12 else ""))
+    ax.legend(fontsize=6)
+    return _img(fig, f"{summary['suite']}: {title}")
+
+
+def layer_curves(summary: dict) -> str:
+    """Per-layer error curves from suites that record one row per capture point.
+
+    Rows whose case has a "layer" (and maybe an "op") are points along the forward pass, in the
+    order the suite wrote them (harness/hidden_states.py, harness/localise.py); one line per
+    (other settings, subject, against, metric).
+    """
+    lines: dict[str, tuple[list[str], list[float | None]]] = {}
+    for c in summary["cells"]:
+        case = c["case"]
+        if "layer" not in case or c["status"] == "n/a":
+            continue
+        point = str(case["layer"]) + (f".{case['op']}" if case.get("op") not in (None, "", "-") else "")
+        rest = ",".join(f"{k}={v}" for k, v in case.items() if k not in ("layer", "op", "device"))
+        label = f"{rest} {c['subject']} vs {c['against']} {c['metric']}"
+        names, ys = lines.setdefault(label, ([], []))
+        names.append(point)
+        ys.append(_finite(c["value"]))
+    lines = {k: v for k, v in lines.items() if len(v[0]) > 1}
+    if not lines:
+        return ""
+    fig = Figure(figsize=(9, 4.2))
+    ax = fig.subplots()
+    longest: list[str] = []
+    for label, (names, ys) in list(lines.items())[:12]:
+        ax.plot(range(len(ys)), [y if y is not None and y > 0 else math.nan for y in ys], marker=".", label=label)
+        longest = names if len(names) > len(longest) else longest
+    if len(longest) <= 40:
+        ax.set_xticks(range(len(longest)), longest, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("capture point (forward order)")
+    ax.set_ylabel("error")
+    more = f" (first 12 of {len(lines)})" if len(lines) > 12 else ""
+    ax.set_title(f"{summary['suite']}: per-layer error{more}")
+    ax.legend(fontsize=6)
+    return _img(fig, f"{summary['suite']}: per-layer error curves")
+
+
+def bench_scatter(results_dir: Path | None) -> str:
+    """Per-sample loglikelihood, reference vs transformers, from lm-eval's stored responses."""
+    if results_dir is None or not (Path(results_dir) / "samples").is_dir():
+        return ""
+    out = []
+    samples = Path(results_dir) / "samples"
+    for ref_file in sorted(samples.glob("reference.*.jsonl")):
+        task = ref_file.name[len("reference."):-len(".jsonl")]
+        hf_file = samples / f"hf.{task}.jsonl"
+        if not hf_file.is_file():
+            continue
+        ref, hf = _loglikelihoods(ref_file), _loglikelihoods(hf_file)
+        pairs = [(ref[k], hf[k]) for k in ref if k in hf]
+        if not pairs:
+            continue
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
+        xs, ys = zip(*pairs)
+        ax.scatter(xs, ys, s=6)
+        lo, hi = min(xs + ys), max(xs + ys)
+        ax.plot([lo, hi], [lo, hi], lw=0.8, color="grey")
+        ax.set_xlabel("reference loglikelihood")
+        ax.set_ylabel("transformers loglikelihood")
+        ax.set_title(f"{task}: {len(pairs)} requests")
+        out.append(_img(fig, f"benchmark {task}: per-request loglikelihood, reference vs transformers"))
+    return "".join(out)
+
+
+def _loglikelihoods(path: Path) -> dict[tuple, float]:
+    """(doc_id, choice index) -> loglikelihood, from lm-eval's resps ([[ll, is_greedy]] per request)."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        for i, resp in enumerate(d.get("resps") or []):
+            first = resp[0] if isinstance(resp, list) and resp else resp
+            val = first[0] if isinstance(first, list) and first else first
+            v = _finite(val)
+            if v is not None:
+                out[(d.get("doc_id"), i)] = v
+    return out
+
+
+# --- text evidence -----------------------------------------------------------------------------
+
+def piece_strips(summary: dict) -> str:
+    """Tokenizer divergences side by side, one strip of pieces per subject; differing pieces marked."""
+    blocks = []
+    for c in summary["cells"]:
+        pieces = (c.get("extra") or {}).get("pieces")
+        if not isinstance(pieces, dict) or not pieces:
+            continue
+        lists = {str(k): [str(p) for p in v] for k, v in pieces.items() if isinstance(v, list)}
+        longest = max((len(v) for v in lists.values()), default=0)
+        strips = []
+        for subject, seq in lists.items():
+            others = [v for k, v in lists.items() if k != subject]
+            spans = "".join(
+                f'<span class="piece{" diff" if any(i >= len(o) or o[i] != p for o in others) else ""}">{esc(p)}</span>'
+                for i, p in enumerate(seq))
+            strips.append(f'<div class="strip"><span class="subj">{esc(subject)}</span>{spans}</div>')
+        head = ", ".join(f"{k}={v}" for k, v in c["case"].items())
+        text = (c.get("extra") or {}).get("text")
+        blocks.append(f"<div><strong>{esc(head)}</strong> ({esc(c['status'])}, {longest} pieces)"
+                      + (f"<br>input: <code>{esc(text)}</code>" if text is not None else "")
+                      + "".join(strips) + "</div>")
+    if not blocks:
+        return ""
+    return "<h4>Tokenizer divergences</h4>" + "".join(blocks)
+
+
+def _table(headers: list[str], rows: list[list], status_col: int | None = None) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = []
+    for r in rows:
+        cls = f' class="{esc(r[status_col])}"' if status_col is not None else ""
+        tds = "".join(f'<td class="num">{_num(v)}</td>' if isinstance(v, float) else f"<td>{_num(v)}</td>"
+                      for v in r)
+        body.append(f"<tr{cls}>{tds}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def cells_table(summary: dict) -> str:
+    """Every gated cell's worst metric, failing first, with value, tolerance and margin."""
+    df = worst_cells(summary)
+    if df.empty:
+        return "<p>(no cells)</p>"
+    df = df[df["status"] != "info"]
+    headers = [c for c in df.columns if c != "value/tol"] + ["value/tol", "margin (tol - value)"]
+    rows = []
+    for rec in df.to_dict("records"):
+        v, t = _finite(rec["value"]), _finite(rec["tolerance"])
+        margin = (t - v) if v is not None and t is not None else None
+        rows.append([rec[h] for h in headers[:-2]] + [rec["value/tol"] if rec["value/tol"] == rec["value/tol"]
+                                                       else None, margin])
+    return _table(headers, rows, status_col=headers.index("status"))
+
+
+def all_rows_table(summary: dict) -> str:
+    keys: list[str] = []
+    for c in summary["cells"]:
+        keys += [k for k in c["case"] if k not in keys]
+    headers = keys + ["subject", "against", "metric", "value", "tolerance", "value/tol", "status", "reason"]
+    rows = []
+    for c in summary["cells"]:
+        ratio = _margin(c["value"], c["tolerance"])
+        rows.append([c["case"].get(k, "") for k in keys] +
+                    [c["subject"], c["against"], c["metric"], _finite(c["value"]) if _finite(c["value"]) is not None
+                     else c["value"], _finite(c["tolerance"]), ratio, c["status"], c.get("reason", "")])
+    return _table(headers, rows, status_col=headers.index("status"))
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+def suite_section(summary: dict, results_dir: Path | None) -> str:
+    s = summary
+    counts = s["counts"]
+    evidence = "".join(x for x in (
+        heatmap(s),
+        curves(s, "per_position", "position", "error vs position"),
+        curves(s, "per_layer", "capture point (forward order)", "per-layer error"),
+        layer_curves(s),
+        distributions(s),
+        piece_strips(s),
+        bench_scatter(results_dir),
+    ) if x)
+    facts = [("verdict", s["verdict"].upper()), ("tolerance policy", policy_version(s))]
+    for key in ("truth", "model", "plant", "seed"):
+        if key in s:
+            val = s[key]
+            if isinstance(val, dict):
+                val = val.get("path", json.dumps(val, default=str))
+            facts.append((key, val))
+    if results_dir is not None:
+        facts.append(("results", str(results_dir)))
+    anchor = esc(f"suite-{s['suite']}")
+    return (f'<section class="suite" id="{anchor}"><h2>{esc(s["suite"])}: '
+            f'<span class="st-{esc(s["verdict"])}">{esc(s["verdict"].upper())}</span></h2>'
+            f"<p>{counts.get('fail', 0)} failing, {counts.get('pass', 0)} passing, {counts.get('n/a', 0)} not "
+            f"applicable, {counts.get('info', 0)} informational (rows are case x subject x metric).</p>"
+            + _table(["", ""], [list(f) for f in facts])
+            + "<h3>Cells (failing first; worst metric of each)</h3>" + cells_table(s)
+            + "<h3>Evidence</h3>" + (evidence or "<p>No plots: these results hold no plottable evidence.</p>")
+            + f"<details><summary>Every row ({len(s['cells'])})</summary>{all_rows_table(s)}</details></section>")
+
+
+def render(summaries: list[dict], results_dirs: list[Path | None] | None = None, title: str = "llama-parity") -> str:
+    """The whole page as a string."""
+    dirs = results_dirs or [None] * len(summaries)
+    overall = "fail" if any(s["verdict"] == "fail" for s in summaries) else "pass"
+    suites = ", ".join(f"{s['suite']} {s['verdict']}" for s in summaries)
+    env_rows = [list(kv) for kv in environment_items(summaries[0])]
+    envs = {json.dumps(s.get("environment"), sort_keys=True, default=str) for s in summaries}
+    env_note = "" if len(envs) == 1 else "<p>The suites ran in different environments: each is in its own results.</p>"
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f"<title>{esc(title)}: {esc(overall.upper())}</title><style>{STYLE}</style></head>"
+        f'<body data-verdict="{esc(overall)}">'
+        f'<h1 id="verdict">{esc(title)}: <span class="{esc(overall)}">{esc(overall.upper())}</span></h1>'
+        f"<p>{esc(suites)}</p>"
+        "<h2>Environment</h2>" + _table(["", ""], env_rows) + env_note
+        + "".join(suite_section(s, d) for s, d in zip(summaries, dirs))
+        + f"<script>{READY_SCRIPT}</script></body></html>\n"
+    )
+
+
+def write_html(path: Path, summaries: list[dict], results_dirs: list[Path | None] | None = None,
+               title: str = "llama-parity") -> None:
+    atomic_write_text(Path(path), render(summaries, results_dirs, title))

@@ -1,0 +1,83 @@
+"""JUnit XML from stored results: one <testcase> per gated cell, for CI systems.
+
+A cell here is one row of summary.json (case x subject x metric). Failing rows become <failure>
+with their numbers (value, tolerance, value/tolerance, reason) so a CI page shows why without
+opening the report; n/a rows become <skipped> with their reason; info rows (measured, not gated)
+are not tests and are left out. The output validates against the common junit-10.xsd
+(tests/data/junit-10.xsd).
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from harness.results.markdown import policy_version
+from harness.core.store import atomic_write_text
+
+# XML 1.0 forbids most control characters even escaped; a tokenizer piece may hold them.
+_BAD_XML = {c: f"\\x{c:02x}" for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)}
+
+
+def _clean(s: object) -> str:
+    return str(s).translate(_BAD_XML)
+
+
+def _num(x) -> str:
+    return "none" if x is None else (f"{x:.6g}" if isinstance(x, (int, float)) else str(x))
+
+
+def case_name(cell: dict) -> str:
+    settings = ",".join(f"{k}={v}" for k, v in cell["case"].items())
+    return f"[{settings}] {cell['metric']}"
+
+
+def failure_text(cell: dict) -> str:
+    value, tol = cell.get("value"), cell.get("tolerance")
+    ratio = ""
+    if isinstance(value, (int, float)) and isinstance(tol, (int, float)) and tol > 0:
+        ratio = f" (value/tolerance {value / tol:.3g})"
+    return (f"{cell['subject']} vs {cell['against']}: {cell['metric']} = {_num(value)}, "
+            f"tolerance {_num(tol)}{ratio}; {cell.get('reason') or 'over tolerance'}")
+
+
+def testsuite(summary: dict) -> ET.Element:
+    cells = [c for c in summary["cells"] if c["status"] in ("pass", "fail", "n/a")]
+    suite = ET.Element("testsuite", {
+        "name": _clean(f"llama-parity.{summary['suite']}"),
+        "tests": str(len(cells)),
+        "failures": str(sum(c["status"] == "fail" for c in cells)),
+        "errors": "0",
+        "skipped": str(sum(c["status"] == "n/a" for c in cells)),
+    })
+    props = ET.SubElement(suite, "properties")
+    env = summary.get("environment", {})
+    for key, value in (("verdict", summary["verdict"]), ("tolerance_policy", policy_version(summary)),
+                       ("seed", summary.get("seed")), ("torch", env.get("torch")),
+                       ("transformers", env.get("transformers")), ("device", env.get("device")),
+                       ("harness_commit", env.get("harness_commit"))):
+        ET.SubElement(props, "property", {"name": key, "value": _clean(value)})
+    for c in cells:
+        tc = ET.SubElement(suite, "testcase", {
+            "classname": _clean(f"llama_parity.{summary['suite']}.{c['subject']}_vs_{c['against']}"),
+            "name": _clean(case_name(c)), "time": "0"})
+        if c["status"] == "fail":
+            text = failure_text(c)
+            ET.SubElement(tc, "failure", {"type": "ParityFailure", "message": _clean(text)}).text = _clean(text)
+        elif c["status"] == "n/a":
+            ET.SubElement(tc, "skipped", {"message": _clean(c.get("reason") or "not applicable")})
+    return suite
+
+
+def junit_xml(summaries: list[dict]) -> str:
+    root = ET.Element("testsuites", {"name": "llama-parity"})
+    for s in summaries:
+        root.append(testsuite(s))
+    root.set("tests", str(sum(int(t.get("tests")) for t in root)))
+    root.set("failures", str(sum(int(t.get("failures")) for t in root)))
+    root.set("errors", "0")
+    ET.indent(root, space=" ")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_junit(path: Path, summaries: list[dict]) -> None:
+    atomic_write_text(Path(path), junit_xml(summaries))

@@ -1,0 +1,1 @@
+"""Large models and where they diverge: capture, localisation, streaming, placement."""

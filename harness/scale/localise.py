@@ -1,0 +1,167 @@
+"""Where does a subject start to diverge? Per-point error curves and the first-divergence rule.
+
+Every point (``harness.scale.capture``) of a subject is measured against the float64 oracle as a
+relative L2 error. A correct implementation at a low dtype drifts too, so each error is read
+against the drift of the reference at the same dtype and point (the same calibration the
+tolerance policy uses for logits):
+
+    ratio(p) = err_subject(p) / max(err_reference(p), floor(dtype))
+
+``floor`` is the dtype's machine epsilon: below it both errors are rounding of one value.
+
+**The rule.** Detection and attribution use two thresholds, as a hysteresis:
+
+1. *Detection*: transformers diverges when some point has ``ratio > RATIO_LIMIT`` (or is not
+   finite). The first such point is where the divergence is certain (``confirmed_at``).
+2. *Attribution*: walking back from there, the run of consecutive points with
+   ``ratio > ONSET`` that ends at it starts at the first divergence. Every point before that
+   run is within ONSET of what a correct implementation drifts there, so the excess is not
+   inherited from the layers before: that point's own computation added it.
+
+Why two: a fault can start small and grow downstream. Measured: RMSNorm eps 1e-6 instead of
+1e-5 in one layer raises that norm's output error 7.6x over the reference's and the next op's
+(the MLP) 8.5x; one threshold would blame the MLP, the hysteresis names the norm.
+
+The numbers: on correct models every per-point ratio is below 1.1 (tiny MHA/GQA models,
+float32/bfloat16/float16, eager/sdpa; ``tests/test_localise.py`` asserts < ONSET), so ONSET = 2
+leaves twice that and RATIO_LIMIT = 8 keeps the verdict clear of noise; the faults planted in the
+tests give 7x to 10^6x. The record also gives the *jump* at the first divergence (its ratio over
+the largest ratio before it), so a reader can tell a sharp fault from a slow creep.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harness.scale.capture import GROUP, Capture, Errors, Point, Store, point_name, point_order
+
+RATIO_LIMIT = 8.0   # detection
+ONSET = 2.0         # attribution
+FLOOR = {"float32": torch.finfo(torch.float32).eps, "bfloat16": torch.finfo(torch.bfloat16).eps,
+         "float16": torch.finfo(torch.float16).eps, "float64": torch.finfo(torch.float64).eps}
+
+
+def ratios(subject: dict[Point, float], reference: dict[Point, float], dtype: str) -> dict[Point, float]:
+    floor = FLOOR[dtype]
+    return {p: subject[p] / max(reference.get(p, 0.0), floor) for p in subject}
+
+
+def locate(order: list[Point], subject: dict[Point, float], reference: dict[Point, float], dtype: str,
+           limit: float = RATIO_LIMIT, onset: float = ONSET) -> dict:
+    """The first-divergence record: layer/op (both None when no point breaks the rule) and why."""
+    r = ratios(subject, reference, dtype)
+    points = [p for p in order if p in r]
+    bad = [not math.isfinite(subject[p]) or not (r[p] <= limit) for p in points]
+    rule = f"detect: a point's error more than {limit:g}x the reference's at {dtype}; attribute: the start of the " \
+           f"run of points above {onset:g}x that leads there"
+    if not any(bad):
+        worst = max(points, key=lambda p: r[p]) if points else None
+        return {"layer": None, "op": None, "group": None, "point": None, "rule": rule,
+                "largest_ratio": None if worst is None else r[worst],
+                "largest_at": None if worst is None else point_name(worst)}
+    confirmed = bad.index(True)
+    start = confirmed
+    while start > 0 and not (r[points[start - 1]] <= onset):
+        start -= 1
+    p = points[start]
+    worst_before = max((r[q] for q in points[:start]), default=1.0)
+    layer, op = p
+    return {"layer": layer, "op": op, "group": GROUP[op], "point": point_name(p),
+            "subject_error": subject[p], "reference_error": reference.get(p), "ratio": r[p],
+            "jump": r[p] / max(worst_before, 1.0), "confirmed_at": point_name(points[confirmed]),
+            "rule": rule}
+
+
+# --- full-model capture of the three runs -----------------------------------------------------
+
+def capture_full(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device: str = "cpu",
+                 attn: str = "eager", tp: int = 1, fault=None, fine: bool = True):
+    """Oracle, reference at dtype and transformers at dtype over ids, one model at a time.
+
+    Returns (order, reference errors, transformers errors); errors are point -> rel L2 against
+    the oracle. Only the oracle's activations are kept; the subjects are measured as they run.
+    """
+    from harness.core.errors import InputError
+    from harness.core.subjects import ReferenceSubject, TransformersSubject, attn_implementations
+
+    why = attn_implementations(device).get(attn, f"unknown attention implementation {attn!r}")
+    if why:     # checked before three model loads, not after two
+        raise InputError(f"--attn {attn}: {why}")
+    oracle = ReferenceSubject(ckpt, "float64", device, oracle=True)
+    truth = Store()
+    with Capture(truth, fine).reference(oracle.model):
+        oracle.logits(ids)
+    del oracle
+
+    reference = ReferenceSubject(ckpt, dtype, device)
+    ref_err = Errors(truth)
+    with Capture(ref_err, fine).reference(reference.model):
+        reference.logits(ids)
+    del reference
+
+    subject = TransformersSubject(hf_path, dtype, device, attn, tp, fault)
+    tf_err = Errors(truth)
+    with Capture(tf_err, fine).transformers(subject.model):
+        subject.logits(ids)
+    del subject
+    return point_order(ckpt.args.n_layers, fine), ref_err.errors, tf_err.errors
+
+
+def first_divergence(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device: str = "cpu",
+                     attn: str = "eager", tp: int = 1, fault=None, fine: bool = True) -> dict:
+    """``{"layer": ..., "op": ..., ...}`` for transformers at this cell (see ``locate``).
+
+    ckpt: a reference_model.checkpoint.Checkpoint; hf_path: the HF folder transformers loads
+    (``HFFolder(ckpt).path``); ids: the cell's token ids (batch, seq); the rest as in the cell.
+    """
+    order, ref, tf = capture_full(ckpt, hf_path, ids, dtype, device, attn, tp, fault, fine)
+    return locate(order, tf, ref, dtype)
+
+
+def curve_rows(suite: str, case: dict, order: list[Point], curves: dict[str, dict[Point, float]],
+               reference: dict[Point, float], dtype: str, limit: float = RATIO_LIMIT):
+    """Rows of the common schema: the reference's curve as info, each other subject's judged."""
+    from harness.core.store import FAIL, INFO, PASS, Row
+    rows = []
+    for name, errors in curves.items():
+        r = ratios(errors, reference, dtype)
+        for p in order:
+            if p not in errors:
+                continue
+            layer, op = p
+            pcase = {**case, "layer": "-" if layer is None else layer, "op": op}
+            if name == "reference":
+                rows.append(Row(suite, pcase, name, "oracle-fp64", "rel_l2", errors[p], status=INFO,
+                                reason="calibration: the reference's own drift at this dtype"))
+            else:
+                bad = not math.isfinite(errors[p]) or r[p] > limit
+                tol = limit * max(reference.get(p, 0.0), FLOOR[dtype])
+                rows.append(Row(suite, pcase, name, "oracle-fp64", "rel_l2", errors[p], tolerance=tol,
+                                status=FAIL if bad else PASS,
+                                reason=f"{r[p]:.3g}x the reference's error" if bad else ""))
+    return rows
+
+
+def curve_markdown(order: list[Point], curves: dict[str, dict[Point, float]], reference: dict[Point, float],
+                   dtype: str, found: dict) -> str:
+    """The per-layer error curve of each subject as a table, first divergence marked."""
+    names = list(curves)
+    head = "| point | " + " | ".join(f"{n} rel L2" for n in names) + " | ratio |\n"
+    head += "|---|" + "---|" * (len(names) + 1) + "\n"
+    lines = []
+    subject = next((n for n in names if n != "reference"), None)
+    r = ratios(curves[subject], reference, dtype) if subject else {}
+    for p in order:
+        if not any(p in c for c in curves.values()):
+            continue
+        mark = " **<- first divergence**" if found.get("point") == point_name(p) else ""
+        cells = " | ".join(_fmt(c.get(p)) for c in curves.values())
+        lines.append(f"| {point_name(p)} | {cells} | {_fmt(r.get(p))}{mark} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3g}"

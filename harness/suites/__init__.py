@@ -1,0 +1,1 @@
+"""The suites: each declares its arguments and returns rows (harness.core.suite)."""

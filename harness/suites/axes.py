@@ -1,0 +1,381 @@
+"""Axes that real users hit beyond the logits matrix (`llama-parity axes`).
+
+- ``cast``: how the weights reach the dtype. ``load`` is from_pretrained in the dtype; ``to`` is
+  from_pretrained in float32 then ``model.to(dtype)``; ``autocast`` keeps float32 weights and runs
+  under ``torch.autocast``. Each is run at short and long lengths, and the logits error is cut into
+  position buckets (edges in suites/axes.toml, plus max_position_embeddings), so an error that grows
+  with position shows in the late buckets even when the whole-sequence figure looks fine.
+- ``flags``: ``output_attentions`` / ``output_hidden_states`` change the code path some releases
+  take (SDPA falls back to eager, or returns no weights); the logits under each flag, the attention
+  probabilities and the hidden states they return are compared with the float64 oracle.
+
+Every transformers figure is judged by the usual rule (harness/tolerance.py), calibrated on the
+reference at the same dtype, same input and same position bucket. Divergences that are understood
+and cited live in suites/axes.toml as known deviations: still measured and shown, status info,
+unless ``--strict``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.core import SUITES
+import torch
+
+from reference_model.checkpoint import Checkpoint
+
+from harness.suites.behaviour.common import reference
+from harness.scale.capture import Capture
+from harness.core.cases import Shape, make_inputs
+from harness.core.errors import InputError
+from harness.core.faults import Fault
+from harness.suites.behaviour.hidden import _layer_names, _reference_hidden, _rel_l2
+from harness.core.metrics import METRICS, compare
+from harness.core.store import FAIL, INFO, NA, Row
+from harness.core.subjects import DTYPES, attn_implementations, load_transformers
+from harness.core.tolerance import Policy, read_policy_toml
+
+AXES_FILE = SUITES / "axes.toml"
+ORACLE = "oracle-fp64"
+CASTS = {
+    "load": "from_pretrained(..., dtype=D)",
+    "to": "from_pretrained(..., dtype=float32).to(D)",
+    "autocast": "float32 weights under torch.autocast(dtype=D)",
+}
+FLAGS = ("none", "attentions", "hidden_states")
+SUITES = ("cast", "flags")
+
+
+@dataclass(frozen=True)
+class KnownDeviation:
+    name: str
+    match: dict          # case fields (and optionally "metric") that must all be equal
+    reason: str
+
+    def matches(self, row: Row) -> bool:
+        fields = {**row.case, "metric": row.metric}
+        return all(str(fields.get(k)) == str(v) for k, v in self.match.items())
+
+
+@dataclass
+class AxesSpec:
+    """suites/axes.toml: what is checked by default, and the deviations understood so far."""
+    version: str
+    path: Path
+    defaults: dict
+    edges: list[int]
+    known: list[KnownDeviation]
+
+
+def load_spec(path: Path | None = None) -> AxesSpec:
+    path = Path(path) if path else AXES_FILE
+    data = read_policy_toml(path, "--spec")   # the same versioned-TOML checks as the policies
+    defaults = data.get("defaults")
+    if not isinstance(defaults, dict):
+        raise InputError(f"{path}: missing table [defaults]")
+    edges = defaults.get("position_edges", [])
+    if not (isinstance(edges, list) and all(isinstance(e, int) and e > 0 for e in edges)):
+        raise InputError(f"{path}: [defaults] position_edges must be a list of positive integers")
+    known = []
+    for name, spec in (data.get("known_deviations") or {}).items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("match"), dict) and spec["match"]
+                and isinstance(spec.get("reason"), str)):
+            raise InputError(f"{path}: [known_deviations.{name}] needs a non-empty table 'match' and a string 'reason'")
+        known.append(KnownDeviation(name, dict(spec["match"]), spec["reason"]))
+    return AxesSpec(data["version"], path, defaults, sorted(set(edges)), known)
+
+
+@dataclass
+class AxesRun:
+    model: Path
+    dtypes: list[str]
+    attns: list[str]
+    casts: list[str]
+    flags: list[str]
+    lengths: list[int]
+    spec: AxesSpec
+    policy: Policy            # logits metrics (suites/tolerance.toml)
+    behaviour_policy: Policy  # hidden_rel_l2, attn_probs_max_abs (suites/behaviour.toml)
+    device: str = "cpu"
+    seed: int = 0
+    fault: Fault | None = None
+    strict: bool = False
+    out: Path = Path("reports/latest/axes")
+    log: list[str] = field(default_factory=list)
+
+
+def parse_lengths(values: list[str]) -> list[int]:
+    out = []
+    for v in values:
+        if not str(v).isdigit() or int(v) < 1:
+            raise InputError(f"--lengths: {v!r} is not a positive integer")
+        out.append(int(v))
+    return sorted(set(out))
+
+
+def buckets(length: int, edges: list[int], max_pos: int) -> list[tuple[int, int, str]]:
+    """(start, end, region) position ranges covering 0..length-1; max_position_embeddings is
+    always an edge so that 'beyond it' is a bucket of its own."""
+    cuts = sorted({0, length, *[e for e in [*edges, max_pos] if 0 < e < length]})
+    return [(a, b, "beyond max_position_embeddings" if a >= max_pos else "within")
+            for a, b in zip(cuts, cuts[1:])]
+
+
+def settle(rows: list[Row], spec: AxesSpec, strict: bool) -> list[Row]:
+    """Failing rows that a known deviation explains become info rows naming it (unless strict)."""
+    if strict:
+        return rows
+    for r in rows:
+        if r.status != FAIL or r.subject != "transformers":
+            continue
+        for k in spec.known:
+            if k.matches(r):
+                r.status, r.reason = INFO, f"known deviation {k.name} (would fail: {r.reason}): {k.reason}"
+                break
+    return rows
+
+
+def _na(suite: str, case: dict, why: str) -> Row:
+    return Row(suite, dict(case), "transformers", ORACLE, "all", None, status=NA, reason=why)
+
+
+def _failed(suite: str, case: dict, e: Exception, what: str) -> Row:
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    return Row(suite, dict(case), "transformers", ORACLE, "all", None, status=FAIL,
+               reason=f"{what} failed: {type(e).__name__}: {msg}")
+
+
+def _load(run: AxesRun, hf_path: Path, dtype: str, attn: str, cast: str = "load", kind: str = "LlamaForCausalLM"):
+    edit = run.fault.edit_config if run.fault else None
+    model = load_transformers(kind, hf_path, dtype if cast == "load" else "float32", run.device, attn, edit)
+    if cast == "to":
+        model = model.to(DTYPES[dtype])
+    if run.fault is not None:
+        run.fault.edit_model(model)
+    return model
+
+
+def _context(run: AxesRun, cast: str, dtype: str):
+    if cast != "autocast":
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.split(":")[0], dtype=DTYPES[dtype])
+
+
+def rope_buffer_dtypes(model) -> str:
+    """The dtypes of the rotary embedding's buffers: what ``.to(dtype)`` silently changes."""
+    found = sorted({f"{n.rsplit('.', 1)[-1]}={str(b.dtype).removeprefix('torch.')}"
+                    for n, b in model.named_buffers() if "rotary" in n})
+    return ", ".join(found) or "none"
+
+
+@torch.inference_mode()
+def _forward(run: AxesRun, model, ids: torch.Tensor, **flags):
+    kwargs = {"use_cache": False, **flags}
+    if run.fault is not None:
+        kwargs.update(run.fault.forward_kwargs(ids))
+    return model(input_ids=ids.to(run.device), **kwargs)
+
+
+def _bucket_rows(suite, case, subject, logits, truth, spans, policy, dtype, ref_values=None, extra=None):
+    """All logits metrics per position bucket; ref_values[(start, end)] calibrates each bucket."""
+    rows, values = [], {}
+    for a, b, region in spans:
+        v, why = compare(logits[:, a:b], truth[:, a:b])
+        values[(a, b)] = v
+        c = {**case, "positions": f"{a}-{b - 1}", "region": region}
+        for m in METRICS:
+            ref = None if ref_values is None else ref_values[(a, b)][m]
+            tol, status, reason = policy.judge(dtype, m, v[m], ref)
+            if why:
+                status, reason = FAIL, why
+            rows.append(Row(suite, c, subject, ORACLE, m, v[m], tol, status, reason,
+                            dict(extra or {}) if m == "max_abs" else {}))
+    return rows, values
+
+
+def run_cast(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
+    suite, vocab, max_pos = "cast", ckpt.args.vocab_size, ckpt.args.max_seq_len
+    inputs = {n: make_inputs(Shape(1, n), vocab, run.seed) for n in run.lengths}
+    spans = {n: buckets(n, run.spec.edges, max_pos) for n in run.lengths}
+    oracle = reference(ckpt, "float64", run.device)
+    with torch.inference_mode():
+        truth = {n: oracle(ids.to(run.device)).cpu() for n, ids in inputs.items()}
+    del oracle
+    rows: list[Row] = []
+    for dtype in run.dtypes:
+        model = reference(ckpt, dtype, run.device)
+        ref_values = {}
+        for n, ids in inputs.items():
+            with torch.inference_mode():
+                logits = model(ids.to(run.device)).cpu()
+            case = {"dtype": dtype, "cast": "-", "attn": "-", "length": n, "device": run.device}
+            got, ref_values[n] = _bucket_rows(suite, case, "reference", logits, truth[n], spans[n], run.policy, dtype)
+            rows += got
+        del model
+        for cast in run.casts:
+            for attn in run.attns:
+                case = {"dtype": dtype, "cast": cast, "attn": attn, "device": run.device}
+                why = attn_implementations(run.device).get(attn, f"unknown attention implementation {attn!r}")
+                if not why and dtype == "float32" and cast != "load":
+                    why = "float32 is the dtype the weights load in: no cast to make"
+                if why:
+                    rows.append(_na(suite, case, why))
+                    continue
+                try:
+                    model = _load(run, hf_path, dtype, attn, cast)
+                except InputError:
+                    raise
+                except Exception as e:   # a release that cannot build this cell fails it, naming the error
+                    rows.append(_failed(suite, case, e, "transformers load"))
+                    continue
+                buffers = rope_buffer_dtypes(model)
+                for n, ids in inputs.items():
+                    try:
+                        with _context(run, cast, dtype):
+                            logits = _forward(run, model, ids).logits.cpu()
+                    except Exception as e:
+                        rows.append(_failed(suite, {**case, "length": n}, e, "transformers forward"))
+                        continue
+                    rows += _bucket_rows(suite, {**case, "length": n}, "transformers", logits, truth[n], spans[n],
+                                         run.policy, dtype, ref_values[n], {"rope_buffers": buffers})[0]
+                del model
+    return settle(rows, run.spec, run.strict)
+
+
+# --- flags ----------------------------------------------------------------------------------------
+
+def _reference_attention(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's attention probabilities (batch, heads, seq, seq), recomputed by the capture
+    hooks from the reference's own post-RoPE q and k."""
+    found: dict[int, torch.Tensor] = {}
+
+    def sink(point, t):
+        if point[1] == "attn_weights":
+            found[point[0]] = t.double().cpu()
+
+    with Capture(sink, fine=True).reference(model), torch.inference_mode():
+        model(ids)
+    return [found[i] for i in sorted(found)]
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def _flag_kwargs(flag: str) -> dict:
+    return {"attentions": {"output_attentions": True},
+            "hidden_states": {"output_hidden_states": True}}.get(flag, {})
+
+
+def run_flags(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
+    suite = "flags"
+    ids = make_inputs(Shape(2, 32), ckpt.args.vocab_size, run.seed).to(run.device)
+    names = _layer_names(ckpt.args.n_layers)
+    oracle = reference(ckpt, "float64", run.device)
+    with torch.inference_mode():
+        truth = oracle(ids).cpu()
+    truth_attn, truth_hidden = _reference_attention(oracle, ids), _reference_hidden(oracle, ids)
+    del oracle
+    rows: list[Row] = []
+    for dtype in run.dtypes:
+        model = reference(ckpt, dtype, run.device)
+        with torch.inference_mode():
+            ref_logits, _ = compare(model(ids).cpu(), truth)
+        ref_attn = [_max_abs(a, t) for a, t in zip(_reference_attention(model, ids), truth_attn)]
+        ref_hidden = [_rel_l2(h, t) for h, t in zip(_reference_hidden(model, ids), truth_hidden)]
+        del model
+        rows += _reference_rows(run, suite, dtype, ref_logits, ref_attn, ref_hidden, names)
+        for attn in run.attns:
+            base = {"dtype": dtype, "attn": attn, "device": run.device}
+            why = attn_implementations(run.device).get(attn, f"unknown attention implementation {attn!r}")
+            if why:
+                rows += [_na(suite, {**base, "flags": f}, why) for f in run.flags]
+                continue
+            try:
+                model = _load(run, hf_path, dtype, attn)
+                plain = _forward(run, model, ids).logits.cpu()
+            except InputError:
+                raise
+            except Exception as e:
+                rows += [_failed(suite, {**base, "flags": f}, e, "transformers load") for f in run.flags]
+                continue
+            for flag in run.flags:
+                case = {**base, "flags": flag}
+                try:
+                    out = _forward(run, model, ids, **_flag_kwargs(flag))
+                except Exception as e:
+                    rows.append(_failed(suite, case, e, "transformers forward"))
+                    continue
+                logits = out.logits.cpu()
+                values, bad = compare(logits, truth)
+                for m in METRICS:
+                    tol, status, reason = run.policy.judge(dtype, m, values[m], ref_logits[m])
+                    rows.append(Row(suite, {**case, "layer": "logits"}, "transformers", ORACLE, m, values[m], tol,
+                                    FAIL if bad else status, bad or reason))
+                changed = _max_abs(logits, plain)
+                rows.append(Row(suite, {**case, "layer": "logits"}, "transformers", "transformers flags=none",
+                                "max_abs", changed, None, INFO,
+                                "the flag changed the code path (logits differ from the same model without it)"
+                                if changed else "same logits as without the flag"))
+                if flag == "attentions":
+                    rows += _attention_rows(run, suite, case, getattr(out, "attentions", None), truth_attn,
+                                            ref_attn, names, dtype)
+                elif flag == "hidden_states":
+                    rows += _hidden_rows(run, suite, case, getattr(out, "hidden_states", None), truth_hidden,
+                                         ref_hidden, names, dtype)
+            del model
+    return settle(rows, run.spec, run.strict)
+
+
+def _reference_rows(run, suite, dtype, logits: dict, attn: list, hidden: list, names) -> list[Row]:
+    """The calibrators, shown and held to the policy's hard ceilings like any subject."""
+    base = {"dtype": dtype, "attn": "-", "device": run.device, "flags": "-"}
+    judged = [({**base, "layer": "logits"}, m, logits[m], run.policy) for m in METRICS]
+    judged += [({**base, "layer": f"block{i}"}, "attn_probs_max_abs", v, run.behaviour_policy)
+               for i, v in enumerate(attn)]
+    judged += [({**base, "layer": n}, "hidden_rel_l2", v, run.behaviour_policy) for n, v in zip(names, hidden)]
+    rows = []
+    for case, metric, value, policy in judged:
+        tol, status, why = policy.judge(dtype, metric, value, None)
+        rows.append(Row(suite, case, "reference", ORACLE, metric, value, tol, status, why))
+    return rows
+
+
+def _returned(suite, case, got, want: int, what: str) -> Row | None:
+    """A FAIL row when transformers did not return one tensor per layer for an output flag."""
+    n = 0 if got is None else len(got)
+    if n == want and all(torch.is_tensor(t) for t in got):
+        return None
+    shown = "None" if got is None else f"a tuple of {n} ({', '.join(type(t).__name__ for t in got[:3])})"
+    return Row(suite, {**case, "layer": "-"}, "transformers", ORACLE, f"{what}_returned", float(n), float(want),
+               FAIL, f"asked for output_{what}=True: got {shown}, expected {want} tensors")
+
+
+def _attention_rows(run, suite, case, got, truth, ref, names, dtype) -> list[Row]:
+    missing = _returned(suite, case, got, len(truth), "attentions")
+    if missing:
+        return [missing]
+    rows = []
+    for i, (a, t, rv) in enumerate(zip(got, truth, ref)):
+        if a.shape != t.shape:
+            rows.append(Row(suite, {**case, "layer": f"block{i}"}, "transformers", ORACLE, "attn_probs_max_abs",
+                            None, None, FAIL, f"attention weights of shape {tuple(a.shape)}, expected {tuple(t.shape)}"))
+            continue
+        v = _max_abs(a, t)
+        tol, status, why = run.behaviour_policy.judge(dtype, "attn_probs_max_abs", v, rv)
+        rows.append(Row(suite, {**case, "layer": f"block{i}"}, "transformers", ORACLE, "attn_probs_max_abs",
+                        v, tol, status, why))
+    return rows
+
+
+def _hidden_rows(run, suite, case, got, truth, ref, names, dtype) -> list[Row]:
+    missing = _returned(suite, case, got, len(truth), "hidden_states")
+    if missing:
+        return [missing]
+    rows = []
+    for name, h, t, rv in zip(names, got, truth, ref):
+        v = _rel_l2(h, t)
+        tol, status, why = run.behaviour_policy.judge(dtype, "hidden_rel_l2", v, rv)
+        rows.append(Row(suite, {**case, "layer": name}, "transformers", ORACLE, "hidden_rel_l2", v, tol, status, why))
+    return rows

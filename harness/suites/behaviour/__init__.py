@@ -1,0 +1,1 @@
+"""Behaviour beyond one forward pass: generation, KV cache, padding, classification, hidden states."""

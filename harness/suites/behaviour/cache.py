@@ -1,0 +1,106 @@
+"""Cache parity: incremental decoding through a KV cache vs one full forward over the same
+tokens, per dtype, for the reference (its own cache) and transformers (dynamic and static cache).
+
+Every position is compared: the prefill's logits and each decoded step's. A subject is judged
+against its own full forward at the same dtype and attention implementation. The tolerance is
+calibrated on rounding: the reference's full forward at that dtype against the float64 oracle
+says how far rounding moves these logits, and a cache may move them at most a stated factor more
+(the reference's own cache error is often exactly zero, a property of its kernels, not a budget).
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.suites.behaviour.common import BehaviourRun, attn_reason, cache_kwarg, failed, judge, load_hf, plant, reference
+from harness.core.cases import Shape, make_inputs
+from harness.core.metrics import compare
+from harness.core.store import FAIL, NA, Row
+
+SUITE = "cache"
+SHAPE, PREFILL = Shape(2, 24), 8
+GATED = ("max_abs", "kl_max", "top1_disagree")
+
+
+def _reference_pair(model, ids):
+    full = model(ids)
+    steps = [model(ids[:, :PREFILL], start_pos=0, use_cache=True)]
+    for t in range(PREFILL, ids.shape[1]):
+        steps.append(model(ids[:, t:t + 1], start_pos=t, use_cache=True))
+    return full, torch.cat(steps, dim=1)
+
+
+def make_cache(model, kind: str, batch: int, length: int):
+    """A fresh cache of this kind for model, in whichever constructor this release offers."""
+    import transformers
+    if kind == "dynamic":
+        return transformers.DynamicCache()
+    if not hasattr(transformers, "StaticCache"):
+        raise NotImplementedError("this transformers release has no StaticCache")
+    try:                                   # 4.56 and later
+        return transformers.StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:                      # 4.38 - 4.55
+        return transformers.StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length,
+                                        device=model.device, dtype=model.dtype)
+
+
+def legacy_cache() -> bool:
+    """Releases before the Cache classes (4.31; 4.38 has them): the cache is the tuple the model returns."""
+    import transformers
+    return not hasattr(transformers, "DynamicCache")
+
+
+@torch.inference_mode()
+def _transformers_pair(model, ids, kind):
+    full = model(input_ids=ids, use_cache=False).logits
+    # A dynamic cache is the one the previous step returned: 4.31 has only tuples, and 4.38 copies
+    # a DynamicCache it is given into a new one (the caller's object stays empty); later releases
+    # update it in place and return the same object.
+    cache = None if kind == "dynamic" and legacy_cache() else make_cache(model, kind, ids.shape[0], ids.shape[1])
+    name = cache_kwarg(model)
+    steps = []
+    for start, end in [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, ids.shape[1])]:
+        out = model(input_ids=ids[:, start:end], use_cache=True, **{name: cache})
+        if kind == "dynamic":
+            cache = out.past_key_values   # a StaticCache is the caller's, written in place
+        steps.append(out.logits)
+    return full, torch.cat(steps, dim=1)
+
+
+def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
+    ids = make_inputs(SHAPE, ckpt.args.vocab_size, r.seed)
+    rows: list[Row] = []
+    truth = reference(ckpt, "float64", r.device)(ids.to(r.device))
+    for dtype in r.dtypes:
+        base = {"dtype": dtype, "device": r.device, "shape": str(SHAPE), "prefill": PREFILL}
+        full, inc = _reference_pair(reference(ckpt, dtype, r.device), ids.to(r.device))
+        ref_vals, _ = compare(full, truth)          # rounding at this dtype: the calibrator
+        own, _ = compare(inc, full)
+        case = {**base, "attn": "-", "cache": "reference"}
+        rows += [judge(r.policy, SUITE, case, "reference", "reference-full-forward", f"cache_{m}", own[m], ref_vals[m])
+                 for m in GATED]
+        for attn in r.attns:
+            for kind in ("dynamic", "static"):
+                case = {**base, "attn": attn, "cache": kind}
+                why = attn_reason(attn, r.device)
+                if why:
+                    rows.append(Row(SUITE, case, "transformers", "transformers-full-forward", "all", None,
+                                    status=NA, reason=why))
+                    continue
+                try:
+                    model = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
+                    full, inc = _transformers_pair(model, ids.to(r.device), kind)
+                except NotImplementedError as e:
+                    rows.append(Row(SUITE, case, "transformers", "transformers-full-forward", "all", None,
+                                    status=NA, reason=str(e)))
+                    continue
+                except Exception as e:   # a release that cannot run this cell fails it, naming why
+                    rows.append(failed(SUITE, case, "transformers", "transformers-full-forward", e, "cached decoding"))
+                    continue
+                vals, nonfinite = compare(inc, full)
+                for m in GATED:
+                    row = judge(r.policy, SUITE, case, "transformers", "transformers-full-forward",
+                                f"cache_{m}", vals[m], ref_vals[m])
+                    if nonfinite:
+                        row.status, row.reason = FAIL, nonfinite
+                    rows.append(row)
+    return rows

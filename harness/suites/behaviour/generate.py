@@ -1,0 +1,122 @@
+"""Greedy generation parity: the same prompts through the reference (its own KV-cache decoding,
+reference_model/generate.py) and transformers' ``generate``, both against the float64 oracle's
+greedy tokens.
+
+For each subject and prompt: the first step whose token differs from the oracle's, and the
+oracle's margin between its top two logits at that step. A divergence where the truth itself
+was a near tie is rounding; one where the truth had a clear winner is a bug: the margin is what
+the policy gates. The step logits, up to and including the first divergence (the steps computed
+from the same prefix), are compared with the oracle's as well.
+"""
+from __future__ import annotations
+
+import torch
+
+from reference_model.generate import greedy, top2_margin
+
+from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, info, judge, load_hf, plant, reference
+from harness.core.store import NA, Row
+
+SUITE = "generate"
+PROMPT_LENGTHS = (4, 9, 17)
+NEW_TOKENS = 24
+EOS_ID = 2
+
+
+def prompts(vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed * 104729 + 3)
+    out = []
+    for n in PROMPT_LENGTHS:
+        ids = torch.randint(3, vocab, (n,), generator=gen)
+        ids[0] = 1
+        out.append(ids.tolist())
+    return out
+
+
+def first_divergence(tokens: list[int], truth: list[int]) -> int | None:
+    """First step where the sequences differ (one stopping early counts), None when identical."""
+    for i in range(max(len(tokens), len(truth))):
+        if i >= len(tokens) or i >= len(truth) or tokens[i] != truth[i]:
+            return i
+    return None
+
+
+@torch.inference_mode()
+def _has_output_logits() -> bool:
+    from transformers import GenerationConfig
+    return hasattr(GenerationConfig(), "output_logits")
+
+
+def hf_greedy(model, prompt: list[int], device: str) -> tuple[list[int], torch.Tensor]:
+    ids = torch.tensor([prompt], device=device)
+    # Raw logits per step: output_logits (in 4.38, not in 4.31). Without it, the scores: greedy search with no
+    # penalty, length or forced-token setting runs no logits processor, so they are the logits.
+    raw = _has_output_logits()
+    g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                       eos_token_id=EOS_ID, pad_token_id=EOS_ID, return_dict_in_generate=True,
+                       num_beams=1, top_k=None, top_p=None, temperature=None,
+                       **({"output_logits": True} if raw else {"output_scores": True}))
+    tokens = g.sequences[0, len(prompt):].tolist()
+    return tokens, torch.stack([x[0].double().cpu() for x in (g.logits if raw else g.scores)])
+
+
+def _measure(tokens, logits, truth_tokens, truth_logits) -> dict:
+    d = first_divergence(tokens, truth_tokens)
+    upto = len(truth_tokens) if d is None else min(d + 1, len(tokens), len(truth_tokens))
+    step_err = (logits[:upto].double() - truth_logits[:upto].double()).abs().max().item() if upto else 0.0
+    margin = 0.0
+    own = None
+    if d is not None and d < len(truth_tokens):
+        margin = top2_margin(truth_logits[d])
+        own = top2_margin(logits[d]) if d < len(logits) else None
+    return {"divergence": d, "margin": margin, "own_margin": own, "step_max_abs": step_err}
+
+
+def _rows(r, case, subject, m, ref_m) -> list[Row]:
+    d = m["divergence"]
+    extra = {"first_divergence_step": d, "subject_margin": m["own_margin"]}
+    rows = [info(SUITE, case, subject, ORACLE, "gen_first_divergence", None if d is None else float(d),
+                 "no divergence" if d is None else f"first differing token at step {d}")]
+    rows.append(judge(r.policy, SUITE, case, subject, ORACLE, "gen_divergence_margin", m["margin"],
+                      None if ref_m is None else ref_m["margin"], extra))
+    rows.append(judge(r.policy, SUITE, case, subject, ORACLE, "gen_step_max_abs", m["step_max_abs"],
+                      None if ref_m is None else ref_m["step_max_abs"]))
+    return rows
+
+
+def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
+    ps = prompts(ckpt.args.vocab_size, r.seed)
+    oracle = reference(ckpt, "float64", r.device)
+    truth = [greedy(oracle, p, NEW_TOKENS, EOS_ID) for p in ps]
+    del oracle
+    out: list[Row] = []
+    for dtype in r.dtypes:
+        model = reference(ckpt, dtype, r.device)
+        ref_m = []
+        for i, (p, t) in enumerate(zip(ps, truth)):
+            g = greedy(model, p, NEW_TOKENS, EOS_ID)
+            ref_m.append(_measure(g.tokens, g.logits, t.tokens, t.logits))
+            case = {"dtype": dtype, "device": r.device, "attn": "-", "prompt": f"{i}:len{len(p)}"}
+            out += _rows(r, case, "reference", ref_m[-1], None)
+        del model
+        for attn in r.attns:
+            why = attn_reason(attn, r.device)
+            if why:
+                out.append(Row(SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers", ORACLE,
+                               "all", None, status=NA, reason=why))
+                continue
+            try:
+                hf = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
+            except Exception as e:
+                out.append(failed(SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers",
+                                  ORACLE, e, "loading"))
+                continue
+            for i, (p, t) in enumerate(zip(ps, truth)):
+                case = {"dtype": dtype, "device": r.device, "attn": attn, "prompt": f"{i}:len{len(p)}"}
+                try:
+                    tokens, logits = hf_greedy(hf, p, r.device)
+                except Exception as e:
+                    out.append(failed(SUITE, case, "transformers", ORACLE, e, "generate"))
+                    continue
+                out += _rows(r, case, "transformers", _measure(tokens, logits, t.tokens, t.logits), ref_m[i])
+    return out

@@ -1,0 +1,185 @@
+"""Padding and batching invariance: each sequence alone vs inside a padded batch.
+
+Rows of different lengths are padded on the left or the right, to the longest row ("few") or
+48 positions further ("many"), with explicit position ids (counted over real tokens, as
+``generate`` does) or none (the release's default: 0..n-1 over the padded row, which under left
+padding shifts every real token; RoPE is relative, so only rounding can tell). Only real tokens
+are compared, each with the same subject's logits for the row alone at the same dtype and
+attention implementation. The tolerance is calibrated on rounding, not on the reference's own
+padding error (which is often exactly zero, a property of its kernels rather than of the dtype):
+the reference's error against the float64 oracle on the rows alone, at the same dtype, says how
+far rounding at that dtype moves these logits; batching may move them at most a stated factor
+more. The reference's padded cells are judged by the same rule.
+
+A pad token added as the docs advise (a new ``<pad>`` id, embeddings resized, ``padding_idx``
+set so that its row embeds to zeros) must leave the logits of real tokens unchanged: those
+cells compare the resized model's padded batch with the original model's rows alone.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, load_hf, plant, reference
+from harness.core.metrics import compare
+from harness.core.store import FAIL, NA, Row
+
+SUITE = "padding"
+LENGTHS = (16, 11, 5)
+EXTRA = {"few": 0, "many": 48}
+PAD_ID = 0                       # unk: never among the inputs (make_inputs draws ids >= 3)
+GATED = ("max_abs", "kl_max", "top1_disagree")
+
+
+def rows_of_tokens(vocab: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed * 7919 + 11)
+    rows = []
+    for n in LENGTHS:
+        ids = torch.randint(3, vocab, (n,), generator=gen)
+        ids[0] = 1                               # BOS
+        rows.append(ids)
+    return rows
+
+
+def pad_batch(rows: list[torch.Tensor], side: str, extra: int, pad_id: int):
+    """(ids, mask, positions): positions count real tokens only (pads get 0, never compared)."""
+    width = max(len(x) for x in rows) + extra
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, x in enumerate(rows):
+        sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+        ids[i, sl], mask[i, sl] = x, 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, positions
+
+
+def _gather_real(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits.detach().cpu()[mask.bool()]          # (n_real, vocab), row by row in order
+
+
+def _reference_logits(model, ids, mask, positions, explicit: bool):
+    return model(ids, key_mask=mask, positions=positions if explicit else None)
+
+
+@torch.inference_mode()
+def _hf_logits(model, ids, mask, positions, explicit: bool):
+    kw = {"attention_mask": mask, "use_cache": False}
+    if explicit:
+        kw["position_ids"] = positions
+    return model(input_ids=ids, **kw).logits
+
+
+def add_pad_token_hf(model) -> int:
+    """The documented recipe: a new token id, embeddings resized, padding_idx on its zero row."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab + 1)
+    model.config.pad_token_id = vocab
+    emb = model.get_input_embeddings()
+    emb.padding_idx = vocab
+    with torch.no_grad():
+        emb.weight[vocab].zero_()
+    return vocab
+
+
+def add_pad_token_reference(model) -> int:
+    """The same recipe on the reference: one more embedding row (zeros) and output row."""
+    vocab, dim = model.tok_embeddings.weight.shape
+    w = model.tok_embeddings.weight
+    emb = nn.Embedding(vocab + 1, dim, padding_idx=vocab).to(w.device, w.dtype)
+    out = nn.Linear(dim, vocab + 1, bias=False).to(w.device, w.dtype)
+    with torch.no_grad():
+        emb.weight[:vocab] = w
+        emb.weight[vocab].zero_()
+        out.weight[:vocab] = model.output.weight
+        out.weight[vocab] = model.output.weight.mean(0)
+    model.tok_embeddings, model.output = emb, out
+    return vocab
+
+
+def _cells():
+    for side in ("left", "right"):
+        for pads in ("few", "many"):
+            for positions in ("explicit", "implicit"):
+                yield {"side": side, "pads": pads, "positions": positions, "pad_token": "unk+mask"}
+        yield {"side": side, "pads": "few", "positions": "explicit", "pad_token": "added"}
+
+
+def _errors(run_batch, alone: list[torch.Tensor], rows, cell, pad_id, vocab):
+    ids, mask, positions = pad_batch(rows, cell["side"], EXTRA[cell["pads"]], pad_id)
+    got = _gather_real(run_batch(ids, mask, positions, cell["positions"] == "explicit"), mask)[:, :vocab]
+    want = torch.cat(alone)
+    vals, nonfinite = compare(got, want)
+    return vals, nonfinite
+
+
+def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
+    vocab = ckpt.args.vocab_size
+    toks = rows_of_tokens(vocab, r.seed)
+    out: list[Row] = []
+    oracle = reference(ckpt, "float64", r.device)
+    truth = [oracle(x[None].to(r.device))[0].cpu() for x in toks]
+    del oracle
+    for dtype in r.dtypes:
+        base = {"dtype": dtype, "device": r.device}
+        # --- the reference: alone, then every padded cell; its errors calibrate the policy
+        model = reference(ckpt, dtype, r.device)
+        alone = [model(x[None].to(r.device))[0].cpu() for x in toks]
+        rounding, _ = compare(torch.cat(alone), torch.cat(truth))
+        ref_vals = {}
+        for cell in _cells():
+            if cell["pad_token"] == "added":
+                continue
+            batch = lambda i, m, p, e: _reference_logits(model, i.to(r.device), m.to(r.device), p.to(r.device), e)
+            ref_vals[tuple(cell.values())], _ = _errors(batch, alone, toks, cell, PAD_ID, vocab)
+        padded = reference(ckpt, dtype, r.device)
+        new_pad = add_pad_token_reference(padded)
+        for cell in _cells():
+            if cell["pad_token"] != "added":
+                continue
+            batch = lambda i, m, p, e: _reference_logits(padded, i.to(r.device), m.to(r.device), p.to(r.device), e)
+            ref_vals[tuple(cell.values())], _ = _errors(batch, alone, toks, cell, new_pad, vocab)
+        for key, vals in ref_vals.items():
+            case = {**base, "attn": "-", **dict(zip(("side", "pads", "positions", "pad_token"), key))}
+            out += [judge(r.policy, SUITE, case, "reference", "reference-alone", f"pad_{m}", vals[m], rounding[m])
+                    for m in GATED]
+        pad_row = padded.tok_embeddings(torch.tensor([new_pad], device=r.device)).abs().max().item()
+        out.append(judge(r.policy, SUITE, {**base, "attn": "-", "pad_token": "added"}, "reference", "zero",
+                         "pad_row_abs", pad_row, None))
+        del model, padded
+
+        # --- transformers, per attention implementation
+        for attn in r.attns:
+            why = attn_reason(attn, r.device)
+            if why:
+                out.append(Row(SUITE, {**base, "attn": attn}, "transformers", "transformers-alone", "all", None,
+                               status=NA, reason=why))
+                continue
+            try:
+                hf = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
+                with torch.inference_mode():
+                    hf_alone = [hf(input_ids=x[None].to(r.device), use_cache=False).logits[0].float().cpu()
+                                for x in toks]
+                resized = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
+                hf_pad = add_pad_token_hf(resized)
+            except Exception as e:
+                out.append(failed(SUITE, {**base, "attn": attn}, "transformers", "transformers-alone", e, "loading"))
+                continue
+            for cell in _cells():
+                case = {**base, "attn": attn, **cell}
+                m, pad_id = (resized, hf_pad) if cell["pad_token"] == "added" else (hf, PAD_ID)
+                batch = lambda i, k, p, e: _hf_logits(m, i.to(r.device), k.to(r.device), p.to(r.device), e)
+                try:
+                    vals, nonfinite = _errors(batch, hf_alone, toks, cell, pad_id, vocab)
+                except Exception as e:
+                    out.append(failed(SUITE, case, "transformers", "transformers-alone", e, "padded forward"))
+                    continue
+                for metric in GATED:
+                    row = judge(r.policy, SUITE, case, "transformers", "transformers-alone", f"pad_{metric}",
+                                vals[metric], rounding[metric])
+                    if nonfinite:
+                        row.status, row.reason = FAIL, nonfinite
+                    out.append(row)
+            pad_row = resized.get_input_embeddings()(torch.tensor([hf_pad], device=r.device)).abs().max().item()
+            out.append(judge(r.policy, SUITE, {**base, "attn": attn, "pad_token": "added"}, "transformers", "zero",
+                             "pad_row_abs", pad_row, None))
+    return out

@@ -1,0 +1,1 @@
+"""lm-eval benchmark scores of the reference and transformers, compared per document."""

@@ -1,0 +1,315 @@
+"""lm-eval models for the parity bench: the reference (and transformers) behind one adapter.
+
+``llama-parity`` (alias ``llama-parity-reference``) is registered with lm-eval's model registry on
+import. It scores with the independent reference by default; ``backend=transformers`` puts
+transformers' LlamaForCausalLM behind the *same* adapter, so that comparing it with lm-eval's own
+``hf`` wrapper on the same weights isolates what the wrapper does (BOS, splits, padding, batching).
+
+    python -m harness.suites.bench.lmeval_model run --model llama-parity \\
+        --model_args model=models/tiny-llama2,dtype=float32 --batch_size 8 --device cpu \\
+        --tasks parity_heldout_mc --include_path reports/latest/bench/tasks   # lm-eval's own CLI
+
+Conventions, each one a setting that the bench compares between subjects:
+- BOS: every context starts with BOS (``add_bos_token=True``, Llama 2's training convention); an
+  empty context is BOS alone; a rolling document is BOS + text, scoring the text only.
+- context/continuation split: lm-eval's TemplateLM rule (tokenise context+continuation, split at
+  len(tokenise(context)), trailing spaces moved to the continuation).
+- batching: requests sorted by length (longest first), right-padded; right padding cannot change a
+  causal model's earlier positions, so no attention mask is needed.
+- generation: greedy, kv cache on, batched by equal context length (so no padding at all).
+- log-softmax in ``softmax_dtype`` (float32 by default) over the model's float32 logits.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from harness.core.errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+BOS_ID, EOS_ID = 1, 2
+
+
+def _dtype(name: str, arg: str) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise InputError(f"{arg}: unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _bool(v) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+
+
+def resolve_tokenizer(model: Path, tokenizer: str | None) -> Path:
+    """tokenizer.model: the argument, else beside the weights, else the harness's built fixture."""
+    if tokenizer:
+        path = Path(tokenizer)
+        if not path.is_file():
+            raise InputError(f"tokenizer: {path}: file not found")
+        return path
+    if (model / "tokenizer.model").is_file():
+        return model / "tokenizer.model"
+    from harness.core.real_tokenizer import ensure_tokenizer_model
+    return ensure_tokenizer_model()
+
+
+# --- backends: token ids -> float32 logits, and a cached greedy decode -----------------------------
+
+class ReferenceBackend:
+    name = "reference"
+
+    def __init__(self, model: Path, dtype: torch.dtype, device: str):
+        from reference_model.checkpoint import build_model, load
+        self.model = build_model(load(model), dtype, device)
+        self.device = device
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device)).float()
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device), start_pos=0, use_cache=True)[:, -1].float()
+
+    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.model(tok.to(self.device), start_pos=pos, use_cache=True)[:, -1].float()
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model: Path, dtype: torch.dtype, device: str):
+        from transformers import LlamaForCausalLM
+        from harness.core.subjects import transformers_version
+        key = "dtype" if transformers_version() >= (4, 56) else "torch_dtype"
+        self.model = LlamaForCausalLM.from_pretrained(model, **{key: dtype}).to(device).eval()
+        self.device, self._past = device, None
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids.to(self.device), use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        out = self.model(input_ids=tok.to(self.device), past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[:, -1].float()
+
+
+# --- the adapter ---------------------------------------------------------------------------------
+
+@register_model("llama-parity", "llama-parity-reference")
+class ParityLM(TemplateLM):
+    """lm-eval LM over the reference (or transformers) with the conventions in the module doc."""
+
+    def __init__(self, model: str | None = None, backend: str = "reference", tokenizer: str | None = None,
+                 dtype: str = "float32", softmax_dtype: str = "float32", batch_size: int | str = 1,
+                 max_length: int | str = 2048, add_bos_token: bool | str = True, device: str = "cpu",
+                 max_gen_toks: int | str = 256, hf_model: str | None = None, **_ignored):
+        super().__init__()
+        import sentencepiece as spm
+        if model is None:
+            from harness.core.presets import default_model
+            model = default_model()
+        self.model_path = Path(model)
+        if not self.model_path.exists():
+            raise InputError(f"model: {self.model_path}: no such file or folder")
+        if backend not in ("reference", "transformers"):
+            raise InputError(f"backend: {backend!r} (reference or transformers)")
+        if str(batch_size).startswith("auto"):
+            raise InputError("batch_size: 'auto' is not supported; give an integer (it is compared between subjects)")
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise InputError(f"batch_size: must be >= 1, got {batch_size}")
+        self.dtype_name = str(dtype)
+        self.dtype = _dtype(dtype, "dtype")
+        self.softmax_dtype_name = str(softmax_dtype)
+        self.softmax_dtype = _dtype(softmax_dtype, "softmax_dtype")
+        self._max_length, self._max_gen_toks = int(max_length), int(max_gen_toks)
+        self.add_bos_token = _bool(add_bos_token)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes device=cuda by default; its own HF wrapper falls back the same way.
+            print(f"llama-parity: device {device!r} unavailable, using cpu", file=sys.stderr)
+            device = "cpu"
+        self._device = device
+        self.backend_name = backend
+        self.tokenizer_path = resolve_tokenizer(self.model_path, tokenizer)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
+        if backend == "reference":
+            self.net = ReferenceBackend(self.model_path, self.dtype, device)
+        else:
+            # transformers needs an HF folder; the caller passes the one it converted (hf_model)
+            # so that both transformers subjects load the very same files.
+            self.net = TransformersBackend(Path(hf_model or self.model_path), self.dtype, device)
+
+    # -- what the bench compares between subjects
+    def settings(self) -> dict:
+        return {"bos": self.add_bos_token, "batch_size": self.batch_size_per_gpu, "padding_side": "right",
+                "max_length": self._max_length, "dtype": self.dtype_name,
+                "softmax_dtype": self.softmax_dtype_name}
+
+    # -- lm-eval's protocol
+    @property
+    def eot_token_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def prefix_token_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer_path)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        add_bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        return ([BOS_ID] if add_bos else []) + self.sp.encode(string)
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.sp.decode(list(tokens))
+
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(context, continuation) token lists -> (sum log p(continuation), all greedy), one forward."""
+        inputs = [(ctx + cont)[-(self._max_length + 1):][:-1] for ctx, cont in batch]
+        width = max(len(i) for i in inputs)
+        ids = torch.zeros(len(inputs), width, dtype=torch.long)
+        for row, inp in enumerate(inputs):
+            ids[row, : len(inp)] = torch.tensor(inp)
+        logprobs = F.log_softmax(self.net.logits(ids), dim=-1, dtype=self.softmax_dtype)
+        out = []
+        for row, (inp, (_ctx, cont)) in enumerate(zip(inputs, batch)):
+            n = len(cont)
+            lp = logprobs[row, len(inp) - n: len(inp)]
+            target = torch.tensor(cont, device=lp.device)
+            ll = lp.gather(-1, target[:, None]).sum().item()
+            out.append((float(ll), bool((lp.argmax(-1) == target).all())))
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        for _, ctx, cont in requests:
+            if not ctx or not cont:
+                raise InputError("loglikelihood: a request has an empty context or continuation after tokenising")
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        results: list = [None] * len(requests)
+        bs = self.batch_size_per_gpu
+        for start in range(0, len(order), bs):
+            idx = order[start: start + bs]
+            scored = self._score_batch([(requests[i][1], requests[i][2]) for i in idx])
+            for i, r in zip(idx, scored):
+                results[i] = r
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], r)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for n, req in enumerate(requests):
+            (text,) = req.args
+            tokens = self.tok_encode(text, add_special_tokens=False)
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=BOS_ID, max_seq_len=self._max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owner.append(n)
+        scores = self._loglikelihood_tokens(windows)
+        totals = [0.0] * len(requests)
+        for n, (ll, _greedy) in zip(owner, scores):
+            totals[n] += ll
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list = [None] * len(requests)
+        prepared = []
+        for n, req in enumerate(requests):
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
+                raise InputError("generate_until: only greedy decoding is compared (do_sample false, temperature 0)")
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", self._max_gen_toks))
+            ids = self.tok_encode(context)[-(self._max_length - max_new):]
+            prepared.append((n, ids, until, max_new))
+        # Equal context lengths batch without padding; longest first like the scoring path.
+        groups: dict[tuple, list] = {}
+        for item in prepared:
+            groups.setdefault((len(item[1]), tuple(item[2]), item[3]), []).append(item)
+        for key in sorted(groups, key=lambda k: -k[0]):
+            items = groups[key]
+            for start in range(0, len(items), self.batch_size_per_gpu):
+                chunk = items[start: start + self.batch_size_per_gpu]
+                for (n, _, _, _), text in zip(chunk, self._greedy(chunk)):
+                    results[n] = text
+                    self.cache_hook.add_partial("generate_until", requests[n].args, text)
+        return results
+
+    def _greedy(self, chunk) -> list[str]:
+        _, _, until, max_new = chunk[0]
+        ids = torch.tensor([c[1] for c in chunk])
+        logits = self.net.prefill(ids)
+        generated = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        pos = ids.shape[1]
+        for _ in range(max_new):
+            nxt = logits.argmax(-1)
+            for row, tok in enumerate(nxt.tolist()):
+                if done[row]:
+                    continue
+                if tok == EOS_ID:
+                    done[row] = True
+                    continue
+                generated[row].append(tok)
+                if any(u and u in self.tok_decode(generated[row]) for u in until):
+                    done[row] = True
+            if all(done):
+                break
+            logits = self.net.step(nxt[:, None], pos)
+            pos += 1
+        texts = []
+        for toks in generated:
+            text = self.tok_decode(toks)
+            for u in until:
+                if u:
+                    text = text.split(u)[0]
+            texts.append(text)
+        return texts
+
+
+def lm_eval_main(argv: list[str] | None = None) -> None:
+    """lm-eval's own command line with the models above registered (lm-eval has no plugin hook)."""
+    from lm_eval.__main__ import cli_evaluate
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    lm_eval_main()

@@ -1,0 +1,304 @@
+"""The benchmark suite: the same lm-eval tasks through the reference and through transformers,
+compared document by document, judged by suites/bench_tolerance.toml.
+
+Subjects (all on the same weights and the same tokenizer.model):
+  reference          the independent reference behind harness.lmeval_model.ParityLM
+  hf                 transformers through lm-eval's own HFLM wrapper (what users run)
+  adapter-hf         transformers behind ParityLM: same wrapper as the reference, so
+                     reference vs adapter-hf is model numerics alone and adapter-hf vs hf is
+                     the wrapper's behaviour alone.
+Effects (``effects=True``): each of reference and hf at batch size 1 vs the main batch size, and
+at bfloat16 vs float32 (measured, reported as info), plus reference vs hf both at bfloat16 (gated).
+
+Runs are offline by construction: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE are set before lm-eval or
+datasets are imported, task YAMLs are rewritten with absolute data paths, the HF folder is local.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from harness.core import ROOT, SUITES
+from harness.core.errors import InputError
+
+TASK_DIR = SUITES / "lmeval"
+LOCAL_TASKS = ("parity_heldout_mc", "parity_heldout_ppl", "parity_heldout_gen", "parity_quartz")
+DEFAULT_TASKS = LOCAL_TASKS
+FAULTS = {
+    # A dropped BOS in the transformers subject: its tokenizer folder says add_bos_token false
+    # (what transformers 5 gives for a folder with only tokenizer.model), every setting left alone.
+    "drop-bos": "HF tokenizer_config.json with add_bos_token=false",
+}
+OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def lmeval_unsupported() -> str:
+    """Why lm-eval cannot run against the installed transformers here ('' when it can)."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return ("lm-eval is not installed (pip install 'llama-parity[bench]'; lm-eval 0.4.13 cannot be "
+                "installed beside transformers 4.31)")
+    import inspect
+
+    import transformers
+    from transformers import modeling_utils
+    # lm-eval 0.4.13's HFLM calls from_pretrained(..., gguf_file=...): a TypeError in releases
+    # that do not know the argument (measured: 4.38.2 fails, 4.46.3 and later accept it).
+    if "gguf_file" not in inspect.getsource(modeling_utils.PreTrainedModel.from_pretrained):
+        return (f"lm-eval 0.4.13's HF wrapper passes gguf_file= to from_pretrained, which transformers "
+                f"{transformers.__version__} does not accept")
+    return ""
+
+
+def go_offline() -> None:
+    """Must run before datasets/huggingface_hub are imported: they read these once at import."""
+    os.environ.update(OFFLINE_ENV)
+    for mod in ("datasets", "huggingface_hub"):
+        if mod in sys.modules:
+            from importlib import import_module
+            cfg = import_module(mod + ".config") if mod == "datasets" else import_module(mod + ".constants")
+            for attr in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+                if hasattr(cfg, attr):
+                    setattr(cfg, attr, True)
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
+def materialise_tasks(names: list[str], out: Path, data_root: Path | None = None) -> Path:
+    """Copy the task YAMLs named (local ones) into out/tasks with absolute data_files paths.
+    Names that are not local are left to lm-eval's own registry (they need their data reachable)."""
+    tasks_dir = out / "tasks"
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src = TASK_DIR / f"{name}.yaml"
+        if not src.is_file():
+            continue
+        text = src.read_text(encoding="utf-8")
+        if name == "parity_quartz":
+            from harness.suites.bench.data import ensure_quartz
+            data = ensure_quartz()
+            text = text.replace("test: quartz/quartz.jsonl", f"test: {json.dumps(str(data))}")
+        else:
+            text = re.sub(r"test: (suites/lmeval/data/\S+)",
+                          lambda m: f"test: {json.dumps(str((data_root or ROOT) / m.group(1)))}", text)
+        (tasks_dir / src.name).write_text(text, encoding="utf-8")
+    return tasks_dir
+
+
+# --- subjects --------------------------------------------------------------------------------------
+
+HF_TOKENIZER_CONFIG = {
+    # What a Llama 2 HF folder carries; add_bos_token is explicit because transformers 5 defaults
+    # it to false for a folder that has only tokenizer.model (measured).
+    "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+    "legacy": False, "model_max_length": 4096, "clean_up_tokenization_spaces": False,
+}
+
+
+def write_hf_folder(ckpt, tokenizer_model: Path, path: Path, fault: str | None = None) -> Path:
+    """The HF folder transformers loads: harness-converted weights + the same tokenizer.model."""
+    import shutil
+    from reference_model.checkpoint import save_hf
+    save_hf(path, ckpt.args, ckpt.state)
+    shutil.copyfile(tokenizer_model, path / "tokenizer.model")
+    config = dict(HF_TOKENIZER_CONFIG)
+    if fault == "drop-bos":
+        config["add_bos_token"] = False
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    (path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}) + "\n")
+    return path
+
+
+def hflm_settings(lm) -> dict:
+    """HFLM's effective settings, measured where a flag could be overridden by the tokenizer."""
+    bos_id = lm.tokenizer.bos_token_id
+    probe = lm.tok_encode("probe")
+    dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+    softmax = lm.softmax_dtype
+    return {"bos": bool(probe and probe[0] == bos_id), "batch_size": int(lm.batch_size),
+            # HFLM right-pads scoring batches (pad_and_concat) and left-pads generation batches.
+            "padding_side": "right", "max_length": int(lm.max_length), "dtype": dtype,
+            "softmax_dtype": str(softmax).replace("torch.", "") if softmax is not None else "float32"}
+
+
+@dataclass
+class SubjectSpec:
+    name: str             # reference | hf | adapter-hf
+    dtype: str
+    batch_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.dtype},bs{self.batch_size}]"
+
+
+@dataclass
+class BenchRun:
+    model: Path
+    tasks: list[str]
+    limit: int | None
+    out: Path
+    dtype: str = "float32"
+    batch_size: int = 8
+    max_length: int = 2048
+    num_fewshot: int = 0
+    effects: bool = False
+    fault: str | None = None
+    policy: Any = None
+    tokenizer: Path | None = None
+    device: str = "cpu"
+    subjects: tuple[str, ...] = ("reference", "hf", "adapter-hf")
+    log: list[str] = field(default_factory=list)
+
+
+class Subjects:
+    """Builds lm-eval LMs for each subject spec on one set of weights, once each."""
+
+    def __init__(self, run: BenchRun, workdir: Path):
+        from reference_model.checkpoint import load
+        from harness.suites.bench.lmeval_model import resolve_tokenizer
+        self.run = run
+        self.ckpt = load(run.model)
+        self.tokenizer = resolve_tokenizer(Path(run.model), str(run.tokenizer) if run.tokenizer else None)
+        self.hf_dir = write_hf_folder(self.ckpt, self.tokenizer, workdir / "hf")
+        self.hf_fault_dir = (write_hf_folder(self.ckpt, self.tokenizer, workdir / "hf-fault", run.fault)
+                             if run.fault else None)
+
+    def build(self, spec: SubjectSpec):
+        from harness.suites.bench.lmeval_model import ParityLM
+        r = self.run
+        common = dict(dtype=spec.dtype, batch_size=spec.batch_size, max_length=r.max_length, device=r.device)
+        if spec.name == "reference":
+            lm = ParityLM(model=str(r.model), tokenizer=str(self.tokenizer), **common)
+            return lm, lm.settings()
+        hf_dir = self.hf_fault_dir or self.hf_dir
+        if spec.name == "adapter-hf":
+            lm = ParityLM(model=str(r.model), backend="transformers", hf_model=str(hf_dir),
+                          tokenizer=str(self.tokenizer), **common)
+            return lm, lm.settings()
+        if spec.name == "hf":
+            from lm_eval.models.huggingface import HFLM
+            lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), backend="causal",
+                      softmax_dtype="float32", **common)
+            return lm, hflm_settings(lm)
+        raise InputError(f"unknown subject {spec.name!r}")
+
+
+@lru_cache(maxsize=4)
+def task_manager(tasks_dir: str):
+    """lm-eval indexes every task YAML it ships (thousands) on construction: do it once."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=tasks_dir)
+
+
+def evaluate(lm, tasks_dir: Path, tasks: list[str], limit: int | None, num_fewshot: int) -> dict:
+    """One lm-eval run: aggregate results and per-document samples, keyed by task."""
+    import lm_eval
+    manager = task_manager(str(tasks_dir))
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  log_samples=True, task_manager=manager, bootstrap_iters=1000,
+                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                  fewshot_random_seed=0, verbosity="ERROR")
+    return {"results": res["results"], "samples": res["samples"], "configs": res.get("configs", {})}
+
+
+def run_subject(subjects: Subjects, spec: SubjectSpec, tasks_dir: Path, run: BenchRun) -> dict:
+    t0 = time.time()
+    lm, settings = subjects.build(spec)
+    out = evaluate(lm, tasks_dir, run.tasks, run.limit, run.num_fewshot)
+    settings = {**settings, "num_fewshot": run.num_fewshot}
+    out.update(settings=settings, label=spec.label, seconds=round(time.time() - t0, 2))
+    run.log.append(f"{spec.label}: {out['seconds']}s")
+    return out
+
+
+def run_bench(run: BenchRun) -> int:
+    """Evaluate every subject, compare, judge, write results; return the exit code."""
+    go_offline()
+    from harness.suites.bench.paired import compare_runs, scores_rows, drift_rows
+    from harness.core.environment import environment
+    from harness.core.store import exit_code, write_results
+    unknown = [n for n in run.subjects if n not in ("reference", "hf", "adapter-hf")]
+    if unknown or "reference" not in run.subjects or len(run.subjects) < 2:
+        raise InputError(f"--subjects: {', '.join(run.subjects)} (reference and at least one of hf, adapter-hf)")
+    with tempfile.TemporaryDirectory(prefix="llama-parity-bench-") as tmp:
+        # Bad input (unknown task, missing model) must fail before anything is written to --out.
+        tasks_dir = materialise_tasks(run.tasks, Path(tmp))
+        manager = task_manager(str(tasks_dir))
+        missing = [t for t in run.tasks if t not in manager.all_tasks]
+        if missing:
+            raise InputError(f"--tasks: unknown task(s) {', '.join(missing)} (local: {', '.join(LOCAL_TASKS)})")
+        subjects = Subjects(run, Path(tmp))
+        main = {n: SubjectSpec(n, run.dtype, run.batch_size) for n in run.subjects}
+        evals = {n: run_subject(subjects, s, tasks_dir, run) for n, s in main.items()}
+        rows = []
+        rows += scores_rows(evals, run)
+        pairs = [(x, y, True) for x, y in (("hf", "reference"), ("adapter-hf", "reference"), ("hf", "adapter-hf"))
+                 if x in main and y in main]
+        effects = {}
+        if run.effects:
+            other_bs = 1 if run.batch_size != 1 else 8
+            low = "bfloat16" if run.dtype != "bfloat16" else "float32"
+            for n in [n for n in ("reference", "hf") if n in main]:
+                effects[f"{n}@bs{other_bs}"] = run_subject(subjects, SubjectSpec(n, run.dtype, other_bs), tasks_dir, run)
+                effects[f"{n}@{low}"] = run_subject(subjects, SubjectSpec(n, low, run.batch_size), tasks_dir, run)
+            evals.update(effects)
+            rows += scores_rows({k: v for k, v in effects.items()}, run)
+            pairs += [(k, k.split("@")[0], False) for k in effects]
+            if f"hf@{low}" in effects:
+                pairs += [(f"hf@{low}", f"reference@{low}", True)]
+        for subject, against, gated in pairs:
+            a, b = evals[subject], evals[against]
+            dtype = a["settings"]["dtype"] if a["settings"]["dtype"] == b["settings"]["dtype"] else run.dtype
+            if gated:
+                rows += drift_rows(subject, against, a, b)
+            rows += compare_runs(subject, against, a, b, run.policy, dtype, gated)
+        summary_extra = {
+            "model": str(run.model), "tasks": run.tasks, "limit": run.limit, "fault": run.fault,
+            "policy_version": run.policy.version, "policy": str(run.policy.path),
+            "subjects": {k: {"label": v["label"], "settings": v["settings"], "seconds": v["seconds"],
+                             "scores": _scores(v)} for k, v in evals.items()},
+        }
+        write_samples(run.out, evals)
+        import shutil
+        shutil.copytree(tasks_dir, run.out / "tasks", dirs_exist_ok=True)   # what was run, for lm-eval's CLI
+        summary = write_results(run.out, "bench", rows, environment(run.device), summary_extra)
+    from harness.suites.bench.report import write_report
+    write_report(run.out, summary)
+    for r in rows:
+        if r.status == "fail":
+            run.log.append(f"FAIL {r.cell_id()}: {r.reason}")
+    return exit_code(rows)
+
+
+def _scores(ev: dict) -> dict:
+    out = {}
+    for task, metrics in ev["results"].items():
+        out[task] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+    return out
+
+
+def write_samples(out: Path, evals: dict) -> None:
+    """Per-document responses of every subject (JSONL per subject and task), for the paired view."""
+    from harness.core.store import atomic_write_text
+    for name, ev in evals.items():
+        for task, samples in ev["samples"].items():
+            lines = []
+            for s in samples:
+                lines.append(json.dumps({"doc_id": s["doc_id"], "target": s.get("target"),
+                                         "resps": s.get("resps"), "filtered_resps": s.get("filtered_resps"),
+                                         **{k: s[k] for k in s if k in ("acc", "acc_norm", "exact_match")}},
+                                        default=str, ensure_ascii=False))
+            atomic_write_text(out / "samples" / f"{name}.{task}.jsonl", "\n".join(lines) + "\n")
