@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .convert import (_META_TYPES, HF_IGNORED, META_IGNORED, args_to_hf_config, check_state, check_types,
+from .convert import (_META_TYPES, HF_IGNORED, META_IGNORED, args_to_hf_config, check_state, check_tensor, check_types,
                       check_vocab, expected_meta_shapes, hf_config_to_args, hf_to_meta_key, hf_to_meta_state,
                       meta_params, meta_to_hf_key, meta_to_hf_state, nonfinite_weights, validate_args)
 from .errors import CheckpointError
@@ -61,7 +61,7 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(str(path), None, "file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # deep nesting recurses
         raise CheckpointError(str(path), None, f"not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(str(path), None, "expected a JSON object")
@@ -152,6 +152,9 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], files: list[Path]) -> di
         except KeyError:
             raise CheckpointError(str(files[0]), key, "unexpected tensor (not part of a Llama 2 checkpoint)") from None
         parts = [s[key] for s in shards]
+        for f, p in zip(files[1:], parts[1:]):
+            if p.dtype != parts[0].dtype:   # torch.cat would promote silently
+                raise CheckpointError(str(f), key, f"dtype {p.dtype} differs from shard 0's {parts[0].dtype}")
         if dim is None:
             for f, p in zip(files[1:], parts[1:]):
                 if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
@@ -306,6 +309,7 @@ def load_hf(path: Path) -> Checkpoint:
             raise CheckpointError(str(path), meta_to_hf_key(key), "missing tensor")
         if shapes[key] != shape:
             raise CheckpointError(str(path), meta_to_hf_key(key), f"shape {shapes[key]}, expected {shape}")
+        check_tensor(str(path), meta_to_hf_key(key), hf_state[meta_to_hf_key(key)])
     return Checkpoint(args, hf_to_meta_state(hf_state, args), "hf", path, len(files))
 
 

@@ -85,7 +85,25 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
             raise CheckpointError(where, key, "missing tensor")
         if tuple(state[key].shape) != tuple(shape):
             raise CheckpointError(where, key, f"shape {tuple(state[key].shape)}, expected {tuple(shape)}")
+        check_tensor(where, key, state[key])
     return {k: state[k] for k in expected}
+
+
+# Weights a float64 oracle can be compared with: real floating point, stored densely. Anything
+# else would be cast silently (integers, float8, quantized) or cannot be read at all (meta).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(where: str, key: str, w: torch.Tensor) -> None:
+    if w.layout != torch.strided:
+        raise CheckpointError(where, key, f"{w.layout} tensor: only dense weights are compared")
+    if w.is_meta:
+        raise CheckpointError(where, key, "a meta tensor holds no values")
+    if w.is_quantized:
+        raise CheckpointError(where, key, f"quantized ({w.dtype}): the harness compares unquantized weights")
+    if w.dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(where, key, f"dtype {str(w.dtype).removeprefix('torch.')}: weights must be "
+                                          "float32, bfloat16, float16 or float64")
 
 
 def meta_to_hf_key(key: str) -> str:
