@@ -78,15 +78,17 @@ class AnonPeak(threading.Thread):
 
 def child(mode: str, path: Path, dtype: str, shape: str) -> dict:
     """One measurement; runs in its own process so that its peak is its own."""
-    from harness.core.cases import make_inputs, parse_shapes
-    from harness.scale.stream import WeightSource, shared_reference, stream_compare
+    from harness.core.cases import make_inputs
+    from harness.core.checkpoints import open_model
+    from harness.core.inputs import shape as parse_shape
+    from harness.scale.stream import shared_reference, stream_compare
     from harness.core.subjects import DTYPES, TransformersSubject
     from reference_model import checkpoint
     # transformers' Llama modules imported before the baseline, in every mode alike
     importlib.import_module("transformers.models.llama.modeling_llama")
 
-    args = WeightSource(path).args
-    ids = make_inputs(parse_shapes([shape])[0], args.vocab_size, 0)
+    args = open_model(path).args
+    ids = make_inputs(parse_shape("--shape", shape), args.vocab_size, 0)
     base, base_anon = _rss(), _anon()
     sampler = AnonPeak()
     sampler.start()

@@ -1,6 +1,6 @@
 """Print accelerate's device maps for Llama-2 7B/13B/70B shapes on 1, 2, 4 and 8 GPUs of 80 GiB.
 
-Planning only: the models are built on the meta device (harness.placement.empty_reference), so no
+Planning only: the models are built on the meta device (harness.scale.place.empty_reference), so no
 weight is allocated and no GPU is needed (accelerate warns that the GPUs are absent). Each row:
 blocks per device and weight GiB per device, in float16, under `--device-map auto` and `balanced`.
 

@@ -41,7 +41,8 @@ def _time(fn, device: str) -> float:
 
 
 def forward_part(device: str, shape: str, rounds: int, dtypes: list[str]) -> None:
-    from harness.core.cases import make_inputs, parse_shapes
+    from harness.core.cases import make_inputs
+    from harness.core.inputs import shape as parse_shape
     from harness.core.presets import random_state
     from harness.core.subjects import ReferenceSubject, TransformersSubject
     from reference_model.checkpoint import Checkpoint, save_hf
@@ -49,7 +50,7 @@ def forward_part(device: str, shape: str, rounds: int, dtypes: list[str]) -> Non
 
     args = ModelArgs.from_params(MODEL)
     ckpt = Checkpoint(args, random_state(args, 0), "meta", Path("(generated)"))
-    ids = make_inputs(parse_shapes([shape])[0], args.vocab_size, 0)
+    ids = make_inputs(parse_shape("--shape", shape), args.vocab_size, 0)
     print(f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, FFN {args.ffn_hidden}, "
           f"vocab {args.vocab_size}; input {shape}; median of {rounds} rounds after one warm-up")
     print(f"{'dtype':<10}{'reference ms':>14}{'eager ms':>10}{'sdpa ms':>10}{'ref/eager':>11}{'ref/sdpa':>10}")
@@ -72,11 +73,8 @@ def forward_part(device: str, shape: str, rounds: int, dtypes: list[str]) -> Non
 
 
 def overhead_part(device: str) -> None:
+    from harness.cli import main
     from harness.core import subjects as subj
-    from harness.core.cases import parse_shapes
-    from harness.core.presets import default_model
-    from harness.suites.logits import LogitsRun, run_logits
-    from harness.core.tolerance import load_policy
 
     spent = {"forward": 0.0, "load": 0.0, "passes": 0}
 
@@ -95,13 +93,11 @@ def overhead_part(device: str) -> None:
     for cls in (subj.ReferenceSubject, subj.TransformersSubject):
         cls.logits = timed(cls.logits, "forward")
         cls.__init__ = timed(cls.__init__, "load")
-    model = default_model()
     dtypes, attns, shapes = ["float32", "bfloat16"], ["eager", "sdpa"], ["1x16", "2x64"]
     with tempfile.TemporaryDirectory() as out:
-        run = LogitsRun(model=model, dtypes=dtypes, attns=attns, tps=[1], shapes=parse_shapes(shapes),
-                        device=device, policy=load_policy(None), out=Path(out), progress=False)
         t0 = time.perf_counter()
-        run_logits(run)
+        main(["logits", "--dtypes", ",".join(dtypes), "--attn", ",".join(attns), "--tp", "1",
+              "--shapes", ",".join(shapes), "--device", device, "--out", out, "--no-progress", "--no-resume"])
         wall = time.perf_counter() - t0
     other = wall - spent["forward"] - spent["load"]
     print(f"matrix: default model, dtypes {dtypes}, attn {attns}, tp 1, shapes {shapes}")

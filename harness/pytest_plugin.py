@@ -85,7 +85,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if model and stored:
         raise pytest.UsageError("--llama-parity-model and --llama-parity-results: give one, not both")
     from harness.core.errors import InputError
-    from harness.results.markdown import load_summary
+    from harness.results.stored import load_summary
     try:
         summary = load_summary(_run_suite(config) if model else Path(stored))
     except InputError as e:

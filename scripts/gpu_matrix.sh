@@ -21,7 +21,7 @@ mkdir -p "$out"
 worst=0
 step() { local name=$1; shift; local t0=$SECONDS; timeout 300 "$@" > "$out/$name.log" 2>&1; local c=$?
          echo "$name exit=$c seconds=$((SECONDS - t0))" | tee -a "$out/steps.txt"; (( c > worst )) && worst=$c; }
-slice=$("$PY" -c 'from harness.core.presets import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')
+slice=$("$PY" -c 'from harness.core.presets import cached; print(cached("slice-7b"))')
 step logits "$PY" -m harness logits --device cuda --dtypes bfloat16,float16 \
     --attn eager,sdpa,flash_attention_2,flex_attention --tp 1,2 --shapes 1x128,4x2048 --no-progress --out "$out/logits"
 step mp-slice7b "$PY" -m harness mp --device cuda --model "$slice" --degrees 1,2,4,8 \

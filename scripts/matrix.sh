@@ -36,13 +36,13 @@ run() {
         echo "bench n/a: $why" | tee -a "$out/steps.txt"
     fi
     step mp "$PY" -m harness mp --degrees 1,2 --shapes 1x64 --out "$out/mp"
-    step mp-mha "$PY" -m harness mp --model "$("$PY" -c 'from harness.core.presets import cache_dir, write_preset; p = cache_dir() / "models" / "tiny-mha-seed0"; (p / "params.json").exists() or write_preset("tiny-mha", p); print(p)')" \
+    step mp-mha "$PY" -m harness mp --model "$("$PY" -c 'from harness.core.presets import cached; print(cached("tiny-mha"))')" \
         --degrees 1,2,4 --shapes 1x64 --out "$out/mp-mha"
     if [[ -f models/tiny-llama2/params.json || -f models/tiny-llama2/config.json ]]; then
         step mp-trained "$PY" -m harness mp --model models/tiny-llama2 --degrees 1,2 --shapes 1x64 --out "$out/mp-trained"
     fi
     if [[ ${MATRIX_SLICE:-0} == 1 ]]; then
-        step mp-slice7b "$PY" -m harness mp --model "$("$PY" -c 'from harness.core.presets import cache_dir, write_preset; p = cache_dir() / "models" / "slice-7b-seed0"; (p / "params.json").exists() or write_preset("slice-7b", p); print(p)')" \
+        step mp-slice7b "$PY" -m harness mp --model "$("$PY" -c 'from harness.core.presets import cached; print(cached("slice-7b"))')" \
             --degrees 1,2,4,8 --shapes 1x32 --out "$out/mp-slice7b"
     fi
     if [[ ${MATRIX_PYTEST:-1} == 1 ]]; then

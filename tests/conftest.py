@@ -1,6 +1,8 @@
-"""Shared fixtures: deterministic tiny checkpoints written once per test session."""
+"""Shared fixtures and helpers: deterministic tiny checkpoints written once per test session, and
+the one way tests run a command (``harness.cli.main``, as a user's shell would)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from harness.cli import main  # noqa: E402
 from harness.core.presets import write_preset  # noqa: E402
 
 
@@ -26,3 +29,21 @@ def models(tmp_path_factory) -> dict[str, Path]:
         out[f"{preset}/hf-sharded"] = write_preset(preset, root / preset / "hf-sharded", fmt="hf",
                                                    hf_shard_tensors=7)
     return out
+
+
+def summary(out: Path) -> dict | None:
+    path = Path(out) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def failing(cells: list[dict]) -> list[dict]:
+    return [c for c in cells if c["status"] == "fail"]
+
+
+def run_suite(model: Path, out: Path, suite: str, plant: str | None = None, dtypes=("float32",),
+              attns=("eager",)) -> tuple[int, list[dict]]:
+    """One behaviour sub-suite through the CLI: (exit code, its cells)."""
+    argv = ["behaviour", "--model", str(model), "--suite", suite, "--dtypes", ",".join(dtypes),
+            "--attn", ",".join(attns), "--out", str(out), "--no-progress"]
+    code = main(argv + (["--plant", plant] if plant else []))
+    return code, summary(Path(out) / suite)["cells"]

@@ -9,7 +9,7 @@ from harness.suites.axes import buckets
 from harness.cli import main
 from harness.core.faults import FAULTS
 from harness.core.presets import write_preset
-from harness.core.subjects import transformers_version
+from harness.core.compat import transformers_version
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import regression as baseline; from harness.results import markdown as report; from harness import report_cli
+from harness.cli import main
+from harness.results import regression as baseline
+from harness.results import stored as report
 from harness.core.errors import InputError
 
 DATA = Path(__file__).parent / "data" / "baseline"
@@ -32,7 +34,7 @@ def test_the_planted_regression_is_under_its_absolute_tolerance():
 
 
 def test_compare_flags_exactly_the_planted_cell(tmp_path, capsys):
-    code = report_cli.main(["compare", "--baseline", str(DATA / "clean"), "--current", str(DATA / "regressed"),
+    code = main(["compare", "--baseline", str(DATA / "clean"), "--current", str(DATA / "regressed"),
                             "--out", str(tmp_path)])
     assert code == 1
     out = json.loads((tmp_path / "summary.json").read_text())
@@ -48,7 +50,7 @@ def test_compare_flags_exactly_the_planted_cell(tmp_path, capsys):
 
 
 def test_same_results_do_not_move(tmp_path):
-    code = report_cli.main(["compare", "--baseline", str(DATA / "clean"), "--current", str(DATA / "clean"),
+    code = main(["compare", "--baseline", str(DATA / "clean"), "--current", str(DATA / "clean"),
                             "--out", str(tmp_path)])
     out = json.loads((tmp_path / "summary.json").read_text())
     gated = [c for c in _cells("clean") if c["status"] in ("pass", "fail")]
@@ -99,7 +101,7 @@ def test_bad_regression_policy_names_file_and_key(tmp_path):
     p.write_text('version = "x"\n[default]\nfactor = 2\nslack = 0\nreason = "r"\n[metric.kl_mean]\nslack = "a"\n')
     with pytest.raises(InputError, match=r"\[metric\.kl_mean\]"):
         baseline.load_regression_policy(p)
-    code = report_cli.main(["compare", "--baseline", str(DATA / "clean"), "--current", str(DATA / "clean"),
+    code = main(["compare", "--baseline", str(DATA / "clean"), "--current", str(DATA / "clean"),
                             "--regression-policy", str(tmp_path / "none.toml"), "--out", str(tmp_path / "o")])
     assert code == 2 and not (tmp_path / "o").exists()
 

@@ -7,7 +7,8 @@ import transformers
 
 from reference_model import checkpoint
 
-from behaviour_helpers import cli, failing, run_suite
+from conftest import failing, run_suite
+from harness.cli import main as cli
 
 
 def test_reference_cache_with_padding_matches_full_forward(models):

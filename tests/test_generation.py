@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from harness.core.subjects import attn_implementations
+from harness.core.compat import attn_implementations
 
 from harness.suites.behaviour.generate import first_divergence
 from reference_model import checkpoint
 from reference_model.generate import greedy, top2_margin
 
-from behaviour_helpers import failing, run_suite
+from conftest import failing, run_suite
 
 
 def test_first_divergence():

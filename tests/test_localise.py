@@ -8,9 +8,10 @@ import torch
 
 from harness.core.cases import Shape, make_inputs
 from harness.core.faults import Fault
-from harness.scale.localise import ONSET, capture_full, first_divergence, locate, ratios
-from harness.localise_cli import main
-from harness.core.subjects import HFFolder, attn_implementations
+from harness.scale.localise import capture_full, first_divergence, locate, ratios, thresholds
+from harness.cli import main
+from harness.core.checkpoints import HFFolder
+from harness.core.compat import attn_implementations
 from reference_model import checkpoint
 from reference_model.convert import permute, unpermute
 
@@ -97,7 +98,7 @@ def test_correct_transformers_has_no_divergence(subject, dtype, attn):
     assert found["layer"] is None and found["op"] is None, found
     assert set(tf) == set(order) == set(ref)          # every point of both subjects was captured
     # The margin the limit leaves (the docstring of harness.scale.localise quotes it).
-    assert max(ratios(tf, ref, dtype).values()) < ONSET
+    assert max(ratios(tf, ref, dtype).values()) < thresholds()[1]
 
 
 @pytest.mark.parametrize("layer,edit,op", [
@@ -113,7 +114,7 @@ def test_planted_fault_is_named_at_its_layer_and_op(subject, layer, edit, op):
     ckpt, hf_path, ids = subject
     found = first_divergence(ckpt, hf_path, ids, "float32", attn="eager", fault=OneLayer(layer, edit))
     assert (found["layer"], found["op"]) == (layer, op), found
-    assert found["ratio"] > ONSET and found["jump"] > ONSET
+    assert found["ratio"] > thresholds()[1] and found["jump"] > thresholds()[1]
 
 
 def test_head_fault_is_named_head_with_no_layer(subject):
@@ -159,7 +160,7 @@ def test_cli_localise_clean_model_exits_0(models, tmp_path):
 
 @pytest.mark.parametrize("argv,named", [
     (["--dtype", "float8"], "--dtype"),
-    (["--shape", "12"], "--shapes"),
+    (["--shape", "12"], "--shape:"),
     (["--plant", "nope"], "--plant"),
     (["--model", "/nonexistent/model"], "--model"),
 ])

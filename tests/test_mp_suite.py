@@ -5,18 +5,19 @@ import json
 
 import pytest
 
-from harness.core.cases import Shape
+from harness.cli import main
+from harness.core.compat import tp_honoured
 from harness.core.errors import InputError
-from harness.suites.mp import MPRun, run_mp
-from harness.core.subjects import tp_honoured
+
+
+def mp(model, out, *argv) -> int:
+    return main(["mp", "--model", str(model), "--out", str(out), "--no-progress", *argv])
 
 
 @pytest.fixture(scope="module")
 def mp_run(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("mp")
-    run = MPRun(model=models["tiny-mha/meta"], degrees=[1, 2, 4], dtypes=["float32", "bfloat16"],
-                shapes=[Shape(1, 9)], out=out)
-    code = run_mp(run)
+    code = mp(models["tiny-mha/meta"], out, "--degrees", "1,2,4", "--dtypes", "float32,bfloat16", "--shapes", "1x9")
     return code, json.loads((out / "summary.json").read_text()), out
 
 
@@ -65,19 +66,19 @@ def test_claim_rows_restate_the_measured_distances(mp_run):
 
 
 def test_a_degree_that_splits_kv_heads_is_not_applicable(models, tmp_path):
-    run = MPRun(model=models["tiny-gqa/meta"], degrees=[4], dtypes=["float32"], shapes=[Shape(1, 5)], out=tmp_path)
-    assert run_mp(run) == 0
+    assert mp(models["tiny-gqa/meta"], tmp_path, "--degrees", "4", "--dtypes", "float32", "--shapes", "1x5") == 0
     cells = json.loads((tmp_path / "summary.json").read_text())["cells"]
     assert cells and all(c["status"] == "n/a" and "n_kv_heads" in c["reason"] for c in cells)
 
 
 def test_real_ranks_agree_with_the_emulation(models, tmp_path):
-    run = MPRun(model=models["tiny-mha/meta"], degrees=[2], dtypes=["float32", "float16"], shapes=[Shape(1, 6)],
-                ranks="real", out=tmp_path)
-    assert run_mp(run) == 0
+    assert mp(models["tiny-mha/meta"], tmp_path, "--degrees", "2", "--dtypes", "float32,float16", "--shapes", "1x6",
+              "--ranks", "real") == 0
     checks = [c for c in json.loads((tmp_path / "summary.json").read_text())["cells"]
               if c["subject"] == "mp-real-ranks"]
-    assert len(checks) == 2 and all(c["status"] == "pass" and c["value"] == 0.0 for c in checks)
+    # within the reduction rounding bound (separate processes may block their matmuls differently)
+    assert len(checks) == 2 and all(c["status"] == "pass" and c["value"] <= c["tolerance"] for c in checks)
+    assert all(c["tolerance"] < 1e-4 for c in checks if c["case"]["dtype"] == "float32")
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -87,22 +88,10 @@ def test_real_ranks_agree_with_the_emulation(models, tmp_path):
     (["--attn", "magic"], "--attn"),
 ])
 def test_bad_input_exits_2_naming_the_argument(models, tmp_path, capsys, argv, named):
-    import argparse
-
-    from harness.cli import main
-    from harness.mp_cli import register
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    base = ["mp", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path)]
-    a = parser.parse_args(base + argv)
-    with pytest.raises(InputError, match=named):
-        a.func(a)
-    # and through the real entry point when the subcommand is registered there
-    from harness import cli
-    if "mp" in cli.build_parser()._subparsers._group_actions[0].choices:
-        assert main(base + argv) == 2
-        assert named in capsys.readouterr().err
+    base = ["mp", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path / "o")]
+    assert main(base + argv) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 # --- the matrix merge ------------------------------------------------------------------------------

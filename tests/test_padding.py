@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from harness.core.subjects import attn_implementations
+from harness.core.compat import attn_implementations
 
 from harness.suites.behaviour.padding import add_pad_token_reference, pad_batch
 from reference_model import checkpoint
 
-from behaviour_helpers import failing, run_suite
+from conftest import failing, run_suite
 
 
 def test_pad_batch_places_real_tokens_and_counts_positions_over_them():

@@ -1,4 +1,4 @@
-"""Placement by accelerate device maps (harness/placement.py, `llama-parity place`), on CPU.
+"""Placement by accelerate device maps (harness/scale/place.py, `llama-parity place`), on CPU.
 
 No GPU here: plans over GPU budgets are made on meta-device models (accelerate only warns that
 GPU 0 and 1 are absent), and execution is checked with "cpu" and "disk" entries, which go through
@@ -13,9 +13,11 @@ import torch
 
 from harness.core.cases import Shape, make_inputs
 from harness.core.presets import PRESETS
-from harness.place_cli import main
-from harness.scale.place import (blocks_per_device, bytes_per_device, empty_reference, plan, to_transformers_map)
-from harness.core.subjects import HFFolder, ReferenceSubject, TransformersSubject
+from harness.cli import main
+from harness.scale.place import (blocks_per_device, bytes_per_device, empty_reference, place_reference, plan,
+                                 to_transformers_map)
+from harness.core.checkpoints import HFFolder
+from harness.core.subjects import ReferenceSubject, TransformersSubject, reference
 from reference_model import checkpoint
 from reference_model.model import ModelArgs
 
@@ -58,14 +60,14 @@ def test_reference_on_cpu_and_disk_gives_bit_identical_logits(models, tmp_path, 
     ckpt = checkpoint.load(models["tiny-gqa/meta"])
     ids = make_inputs(Shape(2, 12), ckpt.args.vocab_size, 0)
     plain = ReferenceSubject(ckpt, dtype, "cpu", oracle=oracle).logits(ids)
-    placed = ReferenceSubject(ckpt, dtype, "cpu", oracle=oracle, device_map=CPU_DISK, offload_dir=tmp_path)
+    placed = place_reference(reference(ckpt, dtype, "cpu"), CPU_DISK, tmp_path)
     # Offloaded for real: the disk blocks' weights are not in memory but in files accelerate reads back.
-    assert placed.model.layers[0].attention.wq.weight.device.type == "meta"
-    assert placed.model.output.weight.device.type == "meta"
-    assert placed.model.layers[1].attention.wq.weight.device.type == "cpu"
+    assert placed.layers[0].attention.wq.weight.device.type == "meta"
+    assert placed.output.weight.device.type == "meta"
+    assert placed.layers[1].attention.wq.weight.device.type == "cpu"
     assert (tmp_path / "layers.0.attention.wq.weight.dat").is_file()
-    assert torch.equal(placed.logits(ids), plain)
-    assert torch.equal(placed.logits(ids), plain)                              # again: reloads from disk
+    assert torch.equal(placed(ids), plain)
+    assert torch.equal(placed(ids), plain)                                     # again: reloads from disk
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

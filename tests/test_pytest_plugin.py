@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from harness.results import markdown as report
+from harness.results import stored as report
 from harness.core.presets import write_preset
 
 DATA = Path(__file__).parent / "data"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.suites import logits as runner; from harness.core import store
+from harness.core import store
+from harness.suites import logits as runner
 from harness.cli import main
 from harness.core.store import Journal, Row
 from reference_model import checkpoint

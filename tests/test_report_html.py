@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import markdown as report; from harness import report_cli; from harness.results import html as report_html
+from harness.cli import main
+from harness.results import html as report_html
+from harness.results import markdown
+from harness.results import stored as report
 from harness.core.store import FAIL, NA, PASS, Row, write_results
 
 DATA = Path(__file__).parent / "data"
@@ -62,10 +65,10 @@ def hostile_summary(tmp_path: Path) -> Path:
 
 
 def test_report_command_writes_three_files_and_gates(tmp_path):
-    assert report_cli.main(["report", "--results", str(CLEAN), "--out", str(tmp_path / "ok")]) == 0
+    assert main(["report", "--results", str(CLEAN), "--out", str(tmp_path / "ok")]) == 0
     assert {p.name for p in (tmp_path / "ok").iterdir()} == {"index.html", "report.md", "junit.xml"}
     # a failing result set gives exit 1 (CI may gate on the report step), and the files still
-    assert report_cli.main(["report", "--results", str(FAILING), "--out", str(tmp_path / "bad")]) == 1
+    assert main(["report", "--results", str(FAILING), "--out", str(tmp_path / "bad")]) == 1
     assert (tmp_path / "bad" / "index.html").is_file()
 
 
@@ -123,10 +126,10 @@ def test_every_string_from_results_is_escaped(tmp_path):
 
 def test_markdown_escapes_and_puts_failing_first(tmp_path):
     out = hostile_summary(tmp_path)
-    md = report.markdown_report([report.load_summary(out)])
+    md = markdown.markdown_report([report.load_summary(out)])
     assert "<script>" not in md and "&lt;script&gt;" in md
     assert md.startswith("# llama-parity: **FAIL**")
-    md_fail = report.markdown_report([report.load_summary(FAILING)])
+    md_fail = markdown.markdown_report([report.load_summary(FAILING)])
     rows = [line for line in md_fail.splitlines() if line.startswith("| float") or line.startswith("| bfloat")]
     statuses = [line.split("|")[8].strip() for line in rows]
     assert statuses[0] == "fail" and "fail" not in statuses[statuses.index("pass"):]
@@ -162,15 +165,15 @@ def test_evidence_plots_drawn_where_recorded(tmp_path):
 
 
 def test_bad_results_are_input_errors_naming_the_path(tmp_path, capsys):
-    assert report_cli.main(["report", "--results", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["report", "--results", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "summary.json").write_text("{not json")
-    assert report_cli.main(["report", "--results", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["report", "--results", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert str(bad / "summary.json") in capsys.readouterr().err
     (bad / "summary.json").write_text(json.dumps({"suite": "x", "verdict": "pass"}))
-    assert report_cli.main(["report", "--results", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["report", "--results", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "missing key 'counts'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -180,7 +183,7 @@ def test_a_folder_of_results_folders_is_one_report(tmp_path):
     hostile_summary(root)
     (root / "logits").mkdir(parents=True)
     (root / "logits" / "summary.json").write_text((CLEAN / "summary.json").read_text())
-    assert report_cli.main(["report", "--results", str(root), "--out", str(tmp_path / "r")]) == 1
+    assert main(["report", "--results", str(root), "--out", str(tmp_path / "r")]) == 1
     page = (tmp_path / "r" / "index.html").read_text()
     assert 'id="suite-logits"' in page and 'id="suite-tokenizer"' in page
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import markdown as report; from harness.results import html as report_html
+from harness.results import html as report_html
+from harness.results import stored as report
 from harness.core.store import FAIL, Row, write_results
 
 DATA = Path(__file__).parent / "data"

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from harness.results import junit; from harness.results import markdown as report
+from harness.results import junit
+from harness.results import stored as report
 from harness.core.store import FAIL, PASS, Row, write_results
 
 DATA = Path(__file__).parent / "data"

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.core.subjects import transformers_version
+from harness.core.compat import transformers_version
 from reference_model.classify import last_real_token
 
-from behaviour_helpers import failing, run_suite
+from conftest import failing, run_suite
 
 
 def test_pooling_picks_the_rightmost_non_pad_token():

@@ -10,9 +10,12 @@ import torch
 from harness.core.cases import Shape, make_inputs
 from harness.core.errors import InputError
 from harness.scale.localise import capture_full, locate
-from harness.localise_cli import main
-from harness.scale.stream import WeightSource, shared_reference, stream_compare
-from harness.core.subjects import HFFolder, ReferenceSubject, TransformersSubject, attn_implementations
+from harness.cli import main
+from harness.core.checkpoints import open_model
+from harness.scale.stream import shared_reference, stream_compare
+from harness.core.checkpoints import HFFolder
+from harness.core.compat import attn_implementations
+from harness.core.subjects import ReferenceSubject, TransformersSubject
 from reference_model import checkpoint
 from reference_model.errors import CheckpointError
 
@@ -66,10 +69,10 @@ def test_streamed_localisation_names_the_planted_layer(models):
 
 def test_blocks_are_read_one_at_a_time(models, monkeypatch):
     """Every block tensor is read for its own block only: no whole-model load on the way."""
-    source = WeightSource(models["tiny-ffnmult/meta2"])
+    source = open_model(models["tiny-ffnmult/meta2"]).lazy()
     reads: list[str] = []
-    real = source._raw
-    monkeypatch.setattr(source, "_raw", lambda key: reads.append(key) or real(key))
+    real = source.raw
+    monkeypatch.setattr(source, "raw", lambda key: reads.append(key) or real(key))
     meta, hf = source.block(1, torch.float32, "cpu")
     assert reads and all(k.startswith("layers.1.") for k in reads)
     # Shared where the layouts agree; only q/k are separate tensors.

@@ -125,7 +125,7 @@ def test_every_vocabulary_piece(ref, sp):
 
 
 def test_whole_catalogue(ref, sp):
-    from harness.suites.tokenizer import load_catalogue
+    from harness.suites.tokenizer.catalogue import load_catalogue
     cat = load_catalogue()
     assert len(cat.encode) >= 40
     for case in cat.encode:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.cli import main
 from harness.core import real_tokenizer as fixtures
-from harness.core.errors import InputError
-from harness.core.store import FAIL, INFO, NA, PASS
-from harness.core.subjects import transformers_version
-from harness.suites.tokenizer import (Catalogue, discover_subjects, fuzz_texts, load_catalogue,
-                                     run_tokenizer_suite)
+from harness.core.compat import transformers_version
+from harness.core.deviations import Deviation
+from harness.core.store import FAIL, INFO, NA, PASS, Row
+from harness.suites.tokenizer.catalogue import load_catalogue
+from harness.suites.tokenizer.checks import fuzz_texts
+from harness.suites.tokenizer.subjects import discover_subjects, load_subject
 
 
 @pytest.fixture(scope="session")
@@ -25,10 +27,14 @@ def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
+def tokenizer(model: Path, out: Path, *argv) -> int:
+    return main(["tokenizer", "--tokenizer", str(model), "--out", str(out), "--no-progress", *argv])
+
+
 def test_reference_alone_passes_everything(tokenizer_model, tmp_path):
     out = tmp_path / "ref"
-    code = run_tokenizer_suite(tokenizer_model, out, fuzz_examples=60, subjects=["reference"],
-                               codepoint_step=997, progress=False)
+    code = tokenizer(tokenizer_model, out, "--fuzz-examples", "60", "--subjects", "reference",
+                     "--codepoint-step", "997")
     s = _summary(out)
     assert code == 0 and s["verdict"] == PASS and s["suite"] == "tokenizer"
     metrics = {c["metric"] for c in s["cells"]}
@@ -44,8 +50,8 @@ def test_reference_alone_passes_everything(tokenizer_model, tmp_path):
 def test_transformers_divergences_are_recorded_with_evidence(tokenizer_model, tmp_path):
     """AutoTokenizer on a folder with only tokenizer.model (transformers 5.x: tokenizers-backed)."""
     out = tmp_path / "auto"
-    code = run_tokenizer_suite(tokenizer_model, out, fuzz_examples=60, subjects=["transformers.AutoTokenizer*"],
-                               codepoint_step=4999, vocab_sweep=False, progress=False)
+    code = tokenizer(tokenizer_model, out, "--fuzz-examples", "60", "--subjects", "transformers.AutoTokenizer*",
+                     "--codepoint-step", "4999", "--no-vocab-sweep")
     s = _summary(out)
     cells = s["cells"]
     assert cells and code == (1 if any(c["status"] == FAIL for c in cells) else 0)
@@ -56,7 +62,7 @@ def test_transformers_divergences_are_recorded_with_evidence(tokenizer_model, tm
         return
     # special-token strings in text: matched by transformers, known, so info with the reason
     special = [c for c in cells if c["case"]["case"] == "special-bos-string" and c["metric"] == "encode"]
-    assert special and special[0]["status"] == INFO and special[0]["reason"].startswith("known divergence:")
+    assert special and special[0]["status"] == INFO and special[0]["reason"].startswith("known deviation ")
     ev = special[0]["extra"]["divergences"][0]
     assert ev["text"] == "<s>" and ev["expected"] == [529, 29879, 29958] and ev["got"] == [1]
     assert ev["expected_pieces"] == ["▁<", "s", ">"] and ev["got_pieces"] == ["<s>"]
@@ -66,11 +72,14 @@ def test_transformers_divergences_are_recorded_with_evidence(tokenizer_model, tm
 
 
 def test_known_divergence_matching():
-    cat = Catalogue("t", [], [], [], [], [{"subjects": "transformers.*/add_prefix_space=False", "cases": "*",
-                                           "reason": "deliberate"}])
-    assert cat.known_reason("transformers.LlamaTokenizer/from_pretrained/add_prefix_space=False", "x", "encode")
-    assert not cat.known_reason("transformers.LlamaTokenizer/from_pretrained", "x", "encode")
-    assert not cat.known_reason("reference/model_path", "x", "encode")
+    known = Deviation("deliberate", {"subject": "transformers.*", "flags": "add_prefix_space=False"}, "deliberate")
+
+    def row(subject, flags):
+        return Row("tokenizer", {"kind": "encode", "case": "x", "loader": "from_pretrained", "flags": flags},
+                   subject, "sentencepiece", "encode", 1.0, 0.0, FAIL)
+    assert known.applies_to(row("transformers.LlamaTokenizer", "add_prefix_space=False"), None)
+    assert not known.applies_to(row("transformers.LlamaTokenizer", ""), None)
+    assert not known.applies_to(row("reference", "add_prefix_space=False"), None)
 
 
 def test_every_subject_is_run_or_na_with_reason(tokenizer_model, tmp_path):
@@ -83,7 +92,6 @@ def test_every_subject_is_run_or_na_with_reason(tokenizer_model, tmp_path):
     for s in subjects:
         assert s.na or s.make is not None
         assert not s.na or len(s.na) > 10
-    from harness.suites.tokenizer import load_subject
     auto = load_subject(next(s for s in subjects if s.name == "transformers.AutoTokenizer"))
     assert auto.na or auto.encode("Hello world") == [15043, 3186]
     if int(transformers.__version__.split(".")[0]) >= 5:
@@ -110,25 +118,25 @@ def test_catalogue_is_complete():
     (b"not a model", "--tokenizer"),
     (b"", "no pieces"),
 ])
-def test_bad_tokenizer_file_is_input_error(tmp_path, content, match):
+def test_bad_tokenizer_file_is_input_error(tmp_path, capsys, content, match):
     path = tmp_path / "tokenizer.model"
     path.write_bytes(content)
-    with pytest.raises(InputError, match=match) as e:
-        run_tokenizer_suite(path, tmp_path / "out", fuzz_examples=0, progress=False)
-    assert str(path) in str(e.value)
+    assert tokenizer(path, tmp_path / "out", "--fuzz-examples", "0") == 2
+    err = capsys.readouterr().err
+    assert match in err and str(path) in err
+    assert not (tmp_path / "out").exists()
 
 
-def test_missing_file_and_bad_catalogue(tmp_path, tokenizer_model):
-    with pytest.raises(InputError, match="no such file"):
-        run_tokenizer_suite(tmp_path / "nope.model", tmp_path / "out", progress=False)
+def test_missing_file_and_bad_catalogue(tmp_path, tokenizer_model, capsys):
+    assert tokenizer(tmp_path / "nope.model", tmp_path / "out") == 2
+    assert "file not found" in capsys.readouterr().err
     bad = tmp_path / "cases.toml"
-    bad.write_text("[[encode]]\nname = 1\n")
-    with pytest.raises(InputError, match=str(bad)):
-        run_tokenizer_suite(tokenizer_model, tmp_path / "out", cases_file=bad, progress=False)
+    bad.write_text('version = "x"\n[[encode]]\nname = 1\n')
+    assert tokenizer(tokenizer_model, tmp_path / "out", "--cases", str(bad)) == 2
+    assert str(bad) in capsys.readouterr().err
 
 
 def test_cli_exit_codes(tokenizer_model, tmp_path, capsys):
-    from harness.cli import main
     assert main(["tokenizer", "--tokenizer", str(tmp_path / "missing.model"), "--out", str(tmp_path / "o")]) == 2
     assert main(["tokenizer", "--tokenizer", str(tokenizer_model), "--out", str(tmp_path / "o"),
                  "--subjects", "reference", "--fuzz-examples", "20", "--codepoint-step", "4999",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import platform
 import subprocess
-from pathlib import Path
 from typing import Any
 
 from harness.core import ROOT

@@ -1,22 +1,30 @@
 """Planted bugs: the mistakes a real Llama 2 port makes, applied to the transformers subject.
 
-``llama-parity logits --plant NAME`` runs the matrix with one of them, so a user can see that
-their tolerance policy catches it (exit 1); the tests do exactly that for every fault here.
-Each fault edits the config before loading, the loaded model, or the forward arguments; none
-depends on private transformers functions, so every release is planted the same way.
+The one registry of them. ``--plant NAME`` on any suite that lists the fault runs that suite
+with it, so a user can see that their tolerance policy catches it (exit 1); the tests do exactly
+that for every fault here. Each fault edits the config before loading, the loaded model (or one
+decoder layer, so that streaming can plant it too), the forward arguments, or the tokenizer
+config of an HF folder; none depends on private transformers functions, so every release is
+planted the same way. ``suites`` says where a fault is planted; ``shows_in`` narrows that to the
+sub-suites (behaviour's) whose checks can see it.
 """
 from __future__ import annotations
 
 import torch
 
-from reference_model.convert import unpermute
-
+from harness.core import compat
 from harness.core.errors import InputError
+from reference_model.convert import permute, unpermute
+
+MODEL_SUITES = ("logits", "localise", "axes")      # full-model faults
+LAYER_SUITES = (*MODEL_SUITES, "stream")           # faults inside one decoder layer stream too
 
 
 class Fault:
     name = ""
     doc = ""
+    suites: tuple[str, ...] = MODEL_SUITES
+    shows_in: tuple[str, ...] = ()
     #: dtypes where the fault changes anything (a precision bug is invisible in float32)
     visible_at = ("float32", "bfloat16", "float16")
     #: the shortest sequence on which the logits suite sees it (the `axes` suite runs long ones)
@@ -30,37 +38,45 @@ class Fault:
         pass
 
     def edit_model(self, model) -> None:
+        """Any Llama model class (CausalLM, the bare LlamaModel, SequenceClassification)."""
+        for layer in _layers(model):
+            self.edit_layer(layer, model.config)
+
+    def edit_layer(self, layer, config) -> None:
         pass
 
     def forward_kwargs(self, ids: torch.Tensor) -> dict:
         return {}
 
+    def edit_tokenizer_config(self, config: dict) -> None:
+        pass
+
 
 def _layers(model):
-    return model.model.layers
+    return model.layers if hasattr(model, "layers") else model.model.layers
 
 
 class NoPermute(Fault):
     name, doc = "no-permute", "q/k weights converted without Meta->HF permute (interleaved vs rotate_half RoPE)"
 
-    def edit_model(self, model):
-        c = model.config
-        for layer in _layers(model):
-            a = layer.self_attn
-            a.q_proj.weight.data = unpermute(a.q_proj.weight.data, c.num_attention_heads)
-            a.k_proj.weight.data = unpermute(a.k_proj.weight.data, c.num_key_value_heads)
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, c):
+        a = layer.self_attn
+        a.q_proj.weight.data = unpermute(a.q_proj.weight.data, c.num_attention_heads)
+        a.k_proj.weight.data = unpermute(a.k_proj.weight.data, c.num_key_value_heads)
 
 
 class RopeBase(Fault):
     name, doc = "rope-base", "RoPE base 1% off (10100 instead of 10000)"
     visible_at = ("float32",)   # below float32, short inputs hide it in rounding noise (measured)
 
+    suites = LAYER_SUITES
+
     def not_applicable(self):
-        import transformers
-        config = transformers.LlamaConfig()
-        if hasattr(config, "rope_theta") or "rope_theta" in (getattr(config, "rope_parameters", None) or {}):
+        if compat.has_rope_theta():
             return ""
-        return f"transformers {transformers.__version__} has no rope_theta (its RoPE base is fixed at 10000)"
+        return f"transformers {compat.transformers_release()} has no rope_theta (its RoPE base is fixed at 10000)"
 
     def edit_config(self, config):
         params = getattr(config, "rope_parameters", None)
@@ -73,7 +89,9 @@ class RopeBase(Fault):
 class MaskShift(Fault):
     name, doc = "mask-shift", "causal mask off by one: each position also sees the next token"
 
-    def edit_model(self, model):
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, config):
         def hook(module, args, kwargs):
             h = kwargs.get("hidden_states", args[0] if args else None)
             seq = h.shape[1]
@@ -83,13 +101,13 @@ class MaskShift(Fault):
             kwargs["attention_mask"] = mask[None, None].expand(h.shape[0], 1, seq, seq)
             return args, kwargs
 
-        for layer in _layers(model):
-            layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+        layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 class NormEps(Fault):
     name, doc = "norm-eps", "RMSNorm eps 1e-6 (transformers' default) instead of Llama 2's 1e-5"
     visible_at = ("float32",)
+    suites = LAYER_SUITES
 
     def edit_config(self, config):
         config.rms_norm_eps = 1e-6
@@ -100,12 +118,16 @@ class NormLowPrecision(Fault):
     # float16 with large activations: x**2 overflows 65504 (Llama 2 has activations in the
     # thousands). bfloat16 on CPU accumulates the mean in float32 and hides it (measured).
     visible_at = ("float16",)
+    suites = LAYER_SUITES
 
     def edit_model(self, model):
+        self.edit_layer(model, model.config)
+
+    def edit_layer(self, layer, config):
         def forward(self, x):
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
-        for module in model.modules():
+        for module in layer.modules():
             if type(module).__name__ == "LlamaRMSNorm":
                 module.forward = forward.__get__(module)
 
@@ -113,17 +135,19 @@ class NormLowPrecision(Fault):
 class SwapGateUp(Fault):
     name, doc = "swap-gate-up", "w1 and w3 swapped in conversion: silu(up) * gate"
 
-    def edit_model(self, model):
-        for layer in _layers(model):
-            m = layer.mlp
-            m.gate_proj.weight.data, m.up_proj.weight.data = m.up_proj.weight.data, m.gate_proj.weight.data
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, config):
+        m = layer.mlp
+        m.gate_proj.weight.data, m.up_proj.weight.data = m.up_proj.weight.data, m.gate_proj.weight.data
 
 
 class GqaTile(Fault):
     name, doc = "gqa-tile", "GQA kv heads repeated by tiling (head i uses kv i % n_kv) not by blocks"
 
-    def edit_model(self, model):
-        c = model.config
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, c):
         n, n_kv = c.num_attention_heads, c.num_key_value_heads
         if n == n_kv:
             raise InputError("--plant gqa-tile: the model has no GQA (n_kv_heads == n_heads)")
@@ -132,10 +156,9 @@ class GqaTile(Fault):
         # i with the kv head that tiling would give old head order[i] reproduces the tiling bug.
         order = [j * n_kv + g for g in range(n_kv) for j in range(rep)]
         rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in order])
-        for layer in _layers(model):
-            a = layer.self_attn
-            a.q_proj.weight.data = a.q_proj.weight.data[rows].clone()
-            a.o_proj.weight.data = a.o_proj.weight.data[:, rows].clone()
+        a = layer.self_attn
+        a.q_proj.weight.data = a.q_proj.weight.data[rows].clone()
+        a.o_proj.weight.data = a.o_proj.weight.data[:, rows].clone()
 
 
 class TiedEmbeddings(Fault):
@@ -155,24 +178,26 @@ class NoFinalNorm(Fault):
 class AttnScale(Fault):
     name, doc = "attn-scale", "attention scores scaled by 1/head_dim instead of 1/sqrt(head_dim)"
 
-    def edit_model(self, model):
-        hd = model.config.hidden_size // model.config.num_attention_heads
-        for layer in _layers(model):
-            layer.self_attn.q_proj.weight.data /= hd ** 0.5
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, config):
+        layer.self_attn.q_proj.weight.data /= (config.hidden_size // config.num_attention_heads) ** 0.5
 
 
 class PermuteV(Fault):
     name, doc = "permute-v", "the q/k permute also applied to v (a converter that permutes every projection)"
 
-    def edit_model(self, model):
-        from reference_model.convert import permute
-        for layer in _layers(model):
-            v = layer.self_attn.v_proj
-            v.weight.data = permute(v.weight.data, model.config.num_key_value_heads)
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, config):
+        v = layer.self_attn.v_proj
+        v.weight.data = permute(v.weight.data, config.num_key_value_heads)
 
 
 class ActGelu(Fault):
     name, doc = "act-gelu", "hidden_act gelu instead of silu in the config"
+
+    suites = LAYER_SUITES
 
     def edit_config(self, config):
         config.hidden_act = "gelu"
@@ -187,13 +212,9 @@ class RopeLowPrecision(Fault):
     min_positions = 1024
 
     def not_applicable(self):
-        import inspect
-
-        import transformers
-        from transformers.models.llama import modeling_llama
-        if "inv_freq" in inspect.getsource(modeling_llama.LlamaRotaryEmbedding.forward):
+        if compat.rope_uses_inv_freq_at_forward():
             return ""
-        return (f"transformers {transformers.__version__} builds its cos/sin cache once at load, so inv_freq's "
+        return (f"transformers {compat.transformers_release()} builds its cos/sin cache once at load, so inv_freq's "
                 "dtype is not used by the forward")
 
     def edit_model(self, model):
@@ -206,18 +227,145 @@ class RopeLowPrecision(Fault):
 
 # Not planted: positions counted from 1. RoPE is relative, so a full forward without cache or
 # padding cannot see a constant position offset (measured: ratio ~1 at every dtype); the cache
-# and padding suites are where that bug shows.
+# and padding suites are where that bug shows (cache-off-by-one).
+
+
+# --- behaviour: what the suites beyond one forward pass catch ------------------------------------
+
+class PadAttend(Fault):
+    name, doc = "pad-attend", "the attention mask is dropped: pad tokens are attended"
+    suites, shows_in = ("behaviour",), ("padding", "seqcls")
+
+    def edit_model(self, model):
+        def drop_mask(module, args, kwargs):
+            # Every token marked real, so pads are attended. (Passing no mask at all is not the same
+            # bug in 5.x: with explicit position_ids it infers packed sequences from the position resets.)
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                kwargs["attention_mask"] = torch.ones_like(mask)
+            return args, kwargs
+        model.register_forward_pre_hook(drop_mask, with_kwargs=True)
+
+
+class CacheOffByOne(Fault):
+    name, doc = "cache-off-by-one", "decoding steps put the new token one position too far"
+    suites, shows_in = ("behaviour",), ("cache", "generate")
+
+    def edit_model(self, model):
+        def shift(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is None:
+                past = 0
+            elif hasattr(cache, "get_seq_length"):
+                past = cache.get_seq_length()
+            else:   # 4.31-4.35: a tuple of (key, value) per layer, keys (batch, heads, seq, head_dim)
+                past = cache[0][0].shape[2]
+            if ids is None or ids.shape[1] != 1 or not past:
+                return args, kwargs
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.full_like(ids, int(past))
+            kwargs["position_ids"] = pos + 1           # the decoded token sits one further than it should
+            return args, kwargs
+        model.register_forward_pre_hook(shift, with_kwargs=True)
+
+
+class PoolLastPosition(Fault):
+    name, doc = "pool-last-position", ("pad_token_id set to a token that never occurs: pooling takes the last "
+                                       "position even under right padding")
+    suites, shows_in = ("behaviour",), ("seqcls",)
+
+    def edit_model(self, model):
+        model.config.pad_token_id = model.config.vocab_size - 1
+
+
+class LastLayerGateUp(Fault):
+    name, doc = "last-layer-gate-up", "w1/w3 swapped in the last block only"
+    suites, shows_in = ("behaviour",), ("hidden", "generate")
+
+    def edit_model(self, model):
+        SwapGateUp().edit_layer(_layers(model)[-1], model.config)
+
+
+# --- placement: a block lost or mangled on its way between devices -------------------------------
+
+def _placement_hooks():
+    from accelerate.hooks import ModelHook
+
+    class DropBlock(ModelHook):
+        """The block's output is its input: a placement that loses a block on the way."""
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.seen = args[0] if args else kwargs["hidden_states"]
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            return (self.seen, *output[1:]) if isinstance(output, tuple) else self.seen
+
+    class HalfHop(ModelHook):
+        """The hidden state reaches the block through float16: a transfer in the wrong dtype."""
+
+        def pre_forward(self, module, *args, **kwargs):
+            if args:
+                args = (args[0].to(torch.float16).to(args[0].dtype), *args[1:])
+            else:
+                h = kwargs["hidden_states"]
+                kwargs["hidden_states"] = h.to(torch.float16).to(h.dtype)
+            return args, kwargs
+
+    return {"drop-block": DropBlock, "half-hop": HalfHop}
+
+
+class PlacementFault(Fault):
+    """Added to the last block on top of accelerate's own hook there (after dispatch)."""
+    suites = ("place",)
+
+    def edit_model(self, model):
+        from accelerate.hooks import add_hook_to_module
+        add_hook_to_module(_layers(model)[-1], _placement_hooks()[self.name](), append=True)
+
+
+class DropBlock(PlacementFault):
+    name, doc = "drop-block", "the last block's output is replaced by its input"
+
+
+class HalfHop(PlacementFault):
+    name, doc = "half-hop", "the last block's input passes through float16 (visible at float32)"
+
+
+# --- bench: what lm-eval's wrapper is handed -----------------------------------------------------
+
+class DropBos(Fault):
+    # What transformers 5 gives for a folder with only tokenizer.model: its tokenizer says
+    # add_bos_token false, every setting left alone.
+    name, doc = "drop-bos", "HF tokenizer_config.json with add_bos_token=false"
+    suites = ("bench",)
+
+    def edit_tokenizer_config(self, config: dict) -> None:
+        config["add_bos_token"] = False
+
 
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoPermute, RopeBase, MaskShift, NormEps, NormLowPrecision, SwapGateUp, GqaTile, TiedEmbeddings,
-    NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision)}
+    NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision,
+    PadAttend, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos)}
 
 
-def get_fault(name: str | None) -> Fault | None:
+def faults_for(suite: str) -> list[str]:
+    return [name for name, f in FAULTS.items() if suite in f.suites]
+
+
+def get_fault(name: str | None, suite: str = "logits") -> Fault | None:
+    """The fault --plant names, checked against the suite and the installed release."""
     if name is None:
         return None
+    known = faults_for(suite)
     if name not in FAULTS:
-        raise InputError(f"--plant: unknown fault {name!r} (known: {', '.join(FAULTS)})")
+        raise InputError(f"--plant: unknown fault {name!r} (known for {suite}: {', '.join(known)})")
+    if name not in known:
+        raise InputError(f"--plant {name}: planted in {', '.join(FAULTS[name].suites)}, not in {suite} "
+                         f"(known for {suite}: {', '.join(known) or 'none'})")
     fault = FAULTS[name]()
     why = fault.not_applicable()
     if why:

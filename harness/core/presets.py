@@ -7,10 +7,9 @@ norm weight must not get away with it because every weight was 1.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from harness.core import ROOT
+from harness.core import ROOT, cache_dir
 import torch
 
 from reference_model.checkpoint import save_hf, save_meta
@@ -83,10 +82,6 @@ def write_preset(name: str, out: Path, fmt: str = "meta", shards: int = 1, seed:
     raise InputError(f"--format: unknown checkpoint format {fmt!r} (meta or hf)")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLAMA_PARITY_CACHE") or Path.home() / ".cache" / "llama-parity")
-
-
 EMBEDDED = ROOT / "models" / "tiny-llama2"
 
 
@@ -98,17 +93,19 @@ def default_model() -> Path:
     return EMBEDDED
 
 
-def long_positions_model() -> Path:
-    """The `long-hd128` preset (HF folder, seed 0), generated on first use into the cache."""
-    path = cache_dir() / "models" / "long-hd128-seed0"
-    if not (path / "config.json").exists():
-        write_preset("long-hd128", path, fmt="hf", seed=0)
+def cached(name: str, fmt: str = "meta", seed: int = 0) -> Path:
+    """A preset generated on first use into the cache (the same bytes every time)."""
+    path = cache_dir() / "models" / (f"{name}-seed{seed}" + ("" if fmt == "meta" else f"-{fmt}"))
+    if not (path / ("params.json" if fmt == "meta" else "config.json")).exists():
+        write_preset(name, path, fmt=fmt, seed=seed)
     return path
+
+
+def long_positions_model() -> Path:
+    """The `long-hd128` preset (HF only: Meta's params.json cannot hold max_seq_len)."""
+    return cached("long-hd128", fmt="hf")
 
 
 def random_default_model() -> Path:
-    """The random-weight `default` preset (real vocab size), generated on first use into the cache."""
-    path = cache_dir() / "models" / "default-seed0"
-    if not (path / "params.json").exists():
-        write_preset("default", path, fmt="meta", seed=0)
-    return path
+    """The random-weight `default` preset (real vocab size)."""
+    return cached("default")

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from harness.core import cache_dir
 from harness.core.errors import InputError
 from harness.core.store import atomic_write_bytes
 
@@ -67,12 +68,8 @@ RECIPE = [
 ]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LLAMA_PARITY_CACHE") or Path.home() / ".cache" / "llama-parity")
-
-
 def default_cache_dir() -> Path:
-    return cache_root() / "tokenizer"
+    return cache_dir() / "tokenizer"
 
 
 def _sha256(data: bytes) -> str:

@@ -11,15 +11,16 @@ correct implementation at that dtype reaches on this model and input. NaN/Inf ne
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.core import SUITES
+from harness.core.datafiles import read_toml
 from harness.core.errors import InputError
 from harness.core.store import FAIL, PASS
 
 DEFAULT_POLICY = SUITES / "tolerance.toml"
+POLICY_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -42,48 +43,64 @@ class Policy:
         except KeyError:
             raise InputError(f"{self.path}: no tolerance for dtype {dtype!r}, metric {metric!r}") from None
 
+    def require(self, dtypes, metrics) -> "Policy":
+        """Every (dtype, metric) a run will judge must have a limit: checked before the run starts."""
+        missing = [f"[{d}.{m}]" for d in dtypes for m in metrics if (d, m) not in self.limits]
+        if missing:
+            raise InputError(f"{self.path}: no tolerance for {', '.join(missing[:6])}"
+                             + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+        return self
+
     def judge(self, dtype: str, metric: str, value: float, reference_value: float | None) -> tuple[float, str, str]:
         """(tolerance, status, reason) for one value; reference_value None judges the reference itself."""
         lim = self.limit(dtype, metric)
         tol = lim.abs
         if reference_value is not None and math.isfinite(reference_value):
             tol = min(lim.abs, max(lim.floor, lim.factor * reference_value))
-        if not math.isfinite(value):
+        if value is None or not math.isfinite(value):
             return tol, FAIL, "non-finite value"
         if value <= tol:
             return tol, PASS, ""
         return tol, FAIL, f"{value:.3g} > {tol:.3g}"
 
 
-def read_policy_toml(path: Path, arg: str) -> dict:
-    """A policy file's table, with its string 'version' checked; errors name the argument or file."""
-    if not path.is_file():
-        raise InputError(f"{arg}: {path}: file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid TOML ({e})") from None
-    if not isinstance(data.get("version"), str):
-        raise InputError(f"{path}: missing string key 'version'")
-    return data
+def _number(spec: dict, key: str, where: str, low: float) -> float:
+    v = spec.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+        raise InputError(f"{where}: {key} = {v!r} must be a finite number >= {low:g}")
+    return float(v)
 
 
-def load_policy(path: str | Path | None = None) -> Policy:
+def load_policy(path: str | Path | None = None, arg: str = "--policy", metrics=None) -> Policy:
+    """A tolerance policy, every number checked when it is read. ``metrics``: the metric names the
+    policy may hold (a misspelled table is an error, not a silently unused one)."""
     path = Path(path) if path else DEFAULT_POLICY
-    data = read_policy_toml(path, "--policy")
+    data = read_toml(path, arg)
     limits = {}
     for dtype, table in data.items():
-        if not isinstance(table, dict) or dtype == "metadata":
+        if dtype in ("version", "metadata"):
             continue
+        if dtype not in POLICY_DTYPES or not isinstance(table, dict):
+            raise InputError(f"{path}: [{dtype}]: not a dtype table (known: {', '.join(POLICY_DTYPES)})")
         factor = table.get("factor")
         for metric, spec in table.items():
-            if not isinstance(spec, dict):
+            if metric == "factor":
                 continue
             where = f"{path}: [{dtype}.{metric}]"
-            try:
-                lim = Limit(abs=float(spec["abs"]), factor=float(spec.get("factor", factor)),
-                            floor=float(spec["floor"]), reason=str(spec["reason"]))
-            except (KeyError, TypeError, ValueError) as e:
-                raise InputError(f"{where}: needs numbers abs, floor, factor and a reason ({e})") from None
+            if not isinstance(spec, dict):
+                raise InputError(f"{where}: must be a table with abs, floor and a reason")
+            if metrics is not None and metric not in metrics:
+                raise InputError(f"{where}: unknown metric (known: {', '.join(metrics)})")
+            unknown = sorted(set(spec) - {"abs", "floor", "factor", "reason"})
+            if unknown:
+                raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}")
+            if not isinstance(spec.get("reason"), str) or not spec["reason"].strip():
+                raise InputError(f"{where}: needs a reason (a string saying why this number)")
+            f = spec.get("factor", factor)
+            lim = Limit(abs=_number(spec, "abs", where, 0.0),
+                        factor=_number({"factor": f}, "factor", f"{where} (or [{dtype}] factor)", 1.0),
+                        floor=_number(spec, "floor", where, 0.0), reason=spec["reason"])
+            if lim.floor > lim.abs:
+                raise InputError(f"{where}: floor {lim.floor:g} is above abs {lim.abs:g}")
             limits[(dtype, metric)] = lim
     return Policy(data["version"], path, limits)

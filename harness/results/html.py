@@ -21,6 +21,7 @@ Evidence is drawn when the results hold it:
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -32,10 +33,10 @@ import matplotlib
 matplotlib.use("Agg")   # no display on CI machines; Figure objects below never touch pyplot's state
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.results.markdown import _margin, environment_items, policy_version, worst_cells  # noqa: E402
+from harness.results.markdown import margin as _margin, worst_cells  # noqa: E402
+from harness.results.stored import environment_items, policy_version  # noqa: E402
 from harness.core.store import atomic_write_text  # noqa: E402
 
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 READY_SCRIPT = "document.body.setAttribute('data-report-ready', 'yes');"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -47,6 +48,16 @@ td.num{text-align:right;font-family:ui-monospace,monospace} img{max-width:100%}
 border:1px solid #999;padding:0 3px;white-space:pre;background:#f8f8f8} .piece.diff{background:#fde2b8}
 .subj{display:inline-block;min-width:9em;font-weight:600} details{margin:.6em 0}
 """
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+# Our own style and script only, by hash: nothing injected into the page can run or restyle it,
+# and nothing is fetched (images are data: URIs).
+CSP = (f"default-src 'none'; img-src data:; style-src {_sha256(STYLE)}; script-src {_sha256(READY_SCRIPT)}; "
+       "base-uri 'none'; form-action 'none'")
 
 
 def esc(x) -> str:
@@ -375,8 +386,9 @@ def suite_section(summary: dict, results_dir: Path | None) -> str:
     anchor = esc(f"suite-{s['suite']}")
     return (f'<section class="suite" id="{anchor}"><h2>{esc(s["suite"])}: '
             f'<span class="st-{esc(s["verdict"])}">{esc(s["verdict"].upper())}</span></h2>'
-            f"<p>{counts.get('fail', 0)} failing, {counts.get('pass', 0)} passing, {counts.get('n/a', 0)} not "
-            f"applicable, {counts.get('info', 0)} informational (rows are case x subject x metric).</p>"
+            f"<p>{esc(counts.get('fail', 0))} failing, {esc(counts.get('pass', 0))} passing, "
+            f"{esc(counts.get('n/a', 0))} not applicable, {esc(counts.get('info', 0))} informational "
+            "(rows are case x subject x metric).</p>"
             + _table(["", ""], [list(f) for f in facts])
             + "<h3>Cells (failing first; worst metric of each)</h3>" + cells_table(s)
             + "<h3>Evidence</h3>" + (evidence or "<p>No plots: these results hold no plottable evidence.</p>")
@@ -406,4 +418,7 @@ def render(summaries: list[dict], results_dirs: list[Path | None] | None = None,
 
 def write_html(path: Path, summaries: list[dict], results_dirs: list[Path | None] | None = None,
                title: str = "llama-parity") -> None:
-    atomic_write_text(Path(path), render(summaries, results_dirs, title))
+    # Names from results are text, never mathtext: '$' in a case value must not be parsed (or fail).
+    with matplotlib.rc_context({"text.parse_math": False}):
+        page = render(summaries, results_dirs, title)
+    atomic_write_text(Path(path), page)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness.results.markdown import policy_version
+from harness.results.stored import policy_version
 from harness.core.store import atomic_write_text
 
 # XML 1.0 forbids most control characters even escaped; a tokenizer piece may hold them.
 _BAD_XML = {c: f"\\x{c:02x}" for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)}
+_BAD_XML.update({c: f"\\u{c:04x}" for c in (0xFFFE, 0xFFFF, *range(0xD800, 0xE000))})
 
 
 def _clean(s: object) -> str:

@@ -1,30 +1,50 @@
-"""Human-readable views of a summary: a console table and a Markdown report.
+"""Human-readable views of a summary: the console table and report.md, one writer for every suite.
 
 Both are rendered from summary.json's content only, so they can be rebuilt without a model run.
-Markdown cells are escaped: strings that came from a model or tokenizer must not become markup.
+A suite adds its own sections (the mp claims, the bench scores, a localisation curve) as
+Markdown handed back in its Result; everything that came from a model, a tokenizer or a file
+goes through ``md_escape`` first, so that text cannot become markup.
 """
 from __future__ import annotations
 
-import html
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from harness.core.store import atomic_write_text
+from harness.results.stored import environment_items, policy_version
 
 GATED = ("pass", "fail")
+_MD_SPECIAL = {c: "\\" + c for c in "\\`[]|"}
+_MD_SPECIAL.update({"<": "&lt;", ">": "&gt;", "&": "&amp;", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def md_escape(x) -> str:
+    """Text for a Markdown cell or line: no tags, links, code spans, table breaks or raw control
+    characters (shown as \\n, \\xNN) survive."""
+    s = "" if x is None else str(x)
+    out = []
+    for ch in s:
+        if ch in _MD_SPECIAL:
+            out.append(_MD_SPECIAL[ch])
+        elif ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 or 0xd800 <= ord(ch) < 0xe000:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _cells_frame(summary: dict) -> pd.DataFrame:
     records = []
     for c in summary["cells"]:
         rec = dict(c["case"])
-        rec.update({k: c[k] for k in ("subject", "against", "metric", "value", "tolerance", "status", "reason")})
+        rec.update({k: c.get(k) for k in ("subject", "against", "metric", "value", "tolerance", "status", "reason")})
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
-def _margin(value, tol) -> float | None:
+def margin(value, tol) -> float | None:
     if value is None or tol is None:
         return None
     try:
@@ -41,14 +61,15 @@ def worst_cells(summary: dict) -> pd.DataFrame:
     df = _cells_frame(summary)
     if df.empty:
         return df
-    case_cols = list(summary["cells"][0]["case"].keys())
-    df["ratio"] = [_margin(v, t) for v, t in zip(df["value"], df["tolerance"])]
+    case_cols = list(dict.fromkeys(k for c in summary["cells"] for k in c["case"]))
+    df[case_cols] = df[case_cols].astype(object).where(df[case_cols].notna(), "")
+    df["ratio"] = [margin(v, t) for v, t in zip(df["value"], df["tolerance"])]
     lines = []
     for key, g in df.groupby(case_cols + ["subject", "against"], sort=False, dropna=False):
         status = "fail" if (g["status"] == "fail").any() else g["status"].iloc[0]
         gated = g[g["ratio"].notna()]
         worst = gated.loc[gated["ratio"].idxmax()] if not gated.empty else g.iloc[0]
-        reasons = "; ".join(sorted({r for r in g.loc[g["status"] == "fail", "reason"] if r}))
+        reasons = "; ".join(sorted({str(r) for r in g.loc[g["status"] == "fail", "reason"] if r}))
         lines.append({**dict(zip(case_cols + ["subject", "against"], key)), "status": status,
                       "worst metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "value/tol": worst["ratio"], "reason": reasons or (worst["reason"] if status != "pass" else "")})
@@ -63,35 +84,46 @@ def _fmt(x) -> str:
     return "" if x is None else str(x)
 
 
-def _md_escape(s: str) -> str:
-    return html.escape(s, quote=False).replace("|", "\\|").replace("\n", " ")
-
-
 def markdown_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "_(no cells)_\n"
-    head = "| " + " | ".join(_md_escape(str(c)) for c in df.columns) + " |"
+    head = "| " + " | ".join(md_escape(c) for c in df.columns) + " |"
     sep = "|" + "---|" * len(df.columns)
-    body = ["| " + " | ".join(_md_escape(_fmt(v)) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(md_escape(_fmt(v)) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, sep, *body]) + "\n"
 
 
-def write_markdown(path: Path, summary: dict) -> None:
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table of already-chosen values (escaped here)."""
+    return markdown_table(pd.DataFrame(rows, columns=headers))
+
+
+FACTS = ("model", "truth", "seed", "policy", "plant", "first_divergence")
+
+
+def render(summary: dict, sections: list[tuple[str, str]] = ()) -> str:
     env = summary["environment"]
     counts = summary["counts"]
     lines = [
-        f"# llama-parity {summary['suite']}: **{summary['verdict'].upper()}**", "",
+        f"# llama-parity {md_escape(summary['suite'])}: **{md_escape(summary['verdict']).upper()}**", "",
         f"{counts.get('fail', 0)} failing, {counts.get('pass', 0)} passing, {counts.get('n/a', 0)} not applicable "
         f"(rows are case x subject x metric).", "",
         "## Environment", "",
         markdown_table(pd.DataFrame([{k: env.get(k) for k in ("torch", "transformers", "device", "python", "platform",
                                                                 "harness_commit")}])),
     ]
-    for key in ("model", "truth", "seed", "policy", "plant", "first_divergence"):
+    for key in FACTS:
         if key in summary:
-            lines.append(f"- **{key}**: `{_md_escape(str(summary[key]))}`")
+            value = summary[key] if isinstance(summary[key], str) else json.dumps(summary[key], default=str)
+            lines.append(f"- **{key}**: {md_escape(value)}")
+    for title, text in sections:
+        lines += ["", f"## {md_escape(title)}", "", text]
     lines += ["", "## Cells (failing first; worst metric of each cell)", "", markdown_table(worst_cells(summary))]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, summary: dict, sections: list[tuple[str, str]] = ()) -> None:
+    atomic_write_text(path, render(summary, sections))
 
 
 def print_console(summary: dict) -> None:
@@ -108,88 +140,22 @@ def print_console(summary: dict) -> None:
     print(f"\nverdict: {summary['verdict']}  ({summary['counts']})")
 
 
-# --- reading stored results back, for `llama-parity report` / `compare` (no model run) ------------
-
-def load_summary(path: Path) -> dict:
-    """summary.json of one results folder (or the file itself), checked enough to render."""
-    import json
-    from harness.core.errors import InputError
-    path = Path(path)
-    file = path / "summary.json" if path.is_dir() else path
-    if not file.is_file():
-        raise InputError(f"--results: {path}: no summary.json there")
-    try:
-        summary = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{file}: not valid JSON ({e})") from None
-    for key in ("suite", "verdict", "counts", "environment", "cells"):
-        if key not in summary:
-            raise InputError(f"{file}: missing key {key!r} (not a llama-parity summary)")
-    for i, c in enumerate(summary["cells"]):
-        missing = [k for k in ("case", "subject", "against", "metric", "value", "tolerance", "status") if k not in c]
-        if missing:
-            raise InputError(f"{file}: cells[{i}] lacks {', '.join(missing)}")
-    return summary
-
-
-def find_results(paths: list[Path]) -> list[Path]:
-    """Results folders under each path: the path itself when it holds summary.json, else its children."""
-    from harness.core.errors import InputError
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_file() or (p / "summary.json").is_file():
-            found.append(p)
-            continue
-        if not p.is_dir():
-            raise InputError(f"--results: {p}: no such folder")
-        children = sorted(c.parent for c in p.glob("*/summary.json"))
-        if not children:
-            raise InputError(f"--results: {p}: no summary.json in it or in its subfolders")
-        found += children
-    return found
-
-
-def policy_version(summary: dict) -> str:
-    """The tolerance policy version a summary was judged with (suites spell it two ways)."""
-    pol = summary.get("policy")
-    if isinstance(pol, dict) and pol.get("version"):
-        return str(pol["version"])
-    return str(summary.get("policy_version") or "unknown")
-
-
-ENV_KEYS = ("device", "gpu", "machine", "processor", "platform", "python", "torch", "transformers",
-            "tokenizers", "cuda", "torch_threads", "harness_commit")
-
-
-def environment_items(summary: dict) -> list[tuple[str, str]]:
-    """What a reader needs to reproduce the run, in reading order (verdict comes before this)."""
-    env = summary.get("environment", {})
-    items = [(k, env[k]) for k in ENV_KEYS if env.get(k) is not None]
-    support = env.get("dtype_support")
-    if isinstance(support, dict):
-        items.append(("dtype support", ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in support.items())))
-    items.append(("seed", summary.get("seed", "not recorded")))
-    items.append(("tolerance policy", policy_version(summary)))
-    return [(k, _fmt(v)) for k, v in items]
-
-
 def markdown_report(summaries: list[dict], regression_note: str = "") -> str:
     """One Markdown page over several suites, for a pull request: verdict, environment, cells."""
     overall = "fail" if any(s["verdict"] == "fail" for s in summaries) else "pass"
     lines = [f"# llama-parity: **{overall.upper()}**", ""]
     for s in summaries:
         c = s["counts"]
-        lines.append(f"- **{_md_escape(str(s['suite']))}**: {s['verdict'].upper()} ({c.get('fail', 0)} failing, "
+        lines.append(f"- **{md_escape(s['suite'])}**: {md_escape(s['verdict']).upper()} ({c.get('fail', 0)} failing, "
                      f"{c.get('pass', 0)} passing, {c.get('n/a', 0)} n/a; policy "
-                     f"`{_md_escape(policy_version(s))}`)")
+                     f"{md_escape(policy_version(s))})")
     if regression_note:
-        lines += ["", _md_escape(regression_note)]
+        lines += ["", md_escape(regression_note)]
     lines += ["", "## Environment", "", "| key | value |", "|---|---|"]
-    lines += [f"| {_md_escape(k)} | {_md_escape(v)} |" for k, v in environment_items(summaries[0])]
+    lines += [f"| {md_escape(k)} | {md_escape(v)} |" for k, v in environment_items(summaries[0])]
     for s in summaries:
-        table = worst_cells(s)
-        if not table.empty:
-            table = table[table["status"] != "info"]
-        lines += ["", f"## {_md_escape(str(s['suite']))} (failing first; worst metric of each cell)", "",
-                  markdown_table(table)]
+        t = worst_cells(s)
+        if not t.empty:
+            t = t[t["status"] != "info"]
+        lines += ["", f"## {md_escape(s['suite'])} (failing first; worst metric of each cell)", "", markdown_table(t)]
     return "\n".join(lines) + "\n"

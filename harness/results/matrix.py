@@ -11,7 +11,6 @@ Only pandas and the standard library: the tox ``matrix`` env installs nothing el
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -20,6 +19,8 @@ import pandas as pd
 
 from harness.core.errors import InputError
 from harness.core.store import atomic_write_text
+from harness.core.suite import Command
+from harness.results.markdown import md_escape
 
 KEY_METRICS = ("rel_l2", "max_abs", "all")   # the metric shown in the .md, first present wins
 
@@ -33,14 +34,8 @@ def _case_str(case: dict) -> str:
 
 
 def read_summary(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a readable summary.json ({e})") from None
-    for key in ("environment", "cells"):
-        if key not in data:
-            raise InputError(f"{path}: missing key {key!r}")
-    return data
+    from harness.results.stored import load_summary
+    return load_summary(path)
 
 
 def read_junit(path: Path) -> list[dict]:
@@ -105,10 +100,6 @@ def _cell(rows: pd.DataFrame) -> str:
     return rows.iloc[0].status
 
 
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(frame: pd.DataFrame) -> str:
     releases = sorted(frame.release.unique(), key=_release_key)
     lines = ["# transformers version matrix", "",
@@ -123,10 +114,10 @@ def render_markdown(frame: pd.DataFrame) -> str:
         for case, subject, against in keys:
             sel = part[(part.case == case) & (part.subject == subject) & (part.against == against)]
             cells = [_cell(sel[sel.release == rel]) for rel in releases]
-            lines.append(f"| {_md_escape(case)} | {subject} vs {against} | " + " | ".join(cells) + " |")
+            lines.append(f"| {md_escape(case)} | {subject} vs {against} | " + " | ".join(cells) + " |")
         reasons = part[part.status == "n/a"][["release", "reason"]].drop_duplicates()
         for rel, reason in reasons.itertuples(index=False):
-            lines.append(f"- n/a at {rel}: {_md_escape(reason)}")
+            lines.append(f"- n/a at {rel}: {md_escape(reason)}")
         lines.append("")
     tests = frame[frame.suite == "pytest"]
     if not tests.empty:
@@ -142,7 +133,7 @@ def render_markdown(frame: pd.DataFrame) -> str:
         if differing:
             lines += ["", "Tests whose outcome depends on the release (or that fail):", ""]
             for case, g in differing:
-                outcomes = "; ".join(f"{r.release}: {r.status}" + (f" ({_md_escape(r.reason[:120])})" if r.reason else "")
+                outcomes = "; ".join(f"{r.release}: {r.status}" + (f" ({md_escape(r.reason[:120])})" if r.reason else "")
                                      for r in g.sort_values("release", key=lambda s: s.map(_release_key)).itertuples())
                 lines.append(f"- `{case}`: {outcomes}")
         lines.append("")
@@ -156,26 +147,28 @@ def merge(root: Path) -> pd.DataFrame:
     return frame
 
 
-def cmd_matrix(a: argparse.Namespace) -> int:
-    frame = merge(Path(a.root))
-    releases = sorted(frame.release.unique(), key=_release_key)
-    print(f"merged {len(frame)} rows from {len(releases)} release(s) ({', '.join(releases)}) into "
-          f"{a.root}/matrix.csv and {a.root}/matrix.md")
-    return 1 if (frame.status == "fail").any() else 0
+class Matrix(Command):
+    name = "matrix"
+    help = "merge per-release results into one release x suite x case matrix"
 
+    def add_arguments(self, p) -> None:
+        p.add_argument("--root", default="reports/matrix", help="folder of per-release result folders")
 
-def register(sub) -> None:
-    m = sub.add_parser("matrix", help="merge per-release results into one release x suite x case matrix")
-    m.add_argument("--root", default="reports/matrix", help="folder of per-release result folders")
-    m.set_defaults(func=cmd_matrix)
+    def run(self, a, ctx=None) -> int:
+        frame = merge(Path(a.root))
+        releases = sorted(frame.release.unique(), key=_release_key)
+        print(f"merged {len(frame)} rows from {len(releases)} release(s) ({', '.join(releases)}) into "
+              f"{a.root}/matrix.csv and {a.root}/matrix.md")
+        return 1 if (frame.status == "fail").any() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.results.matrix --root DIR`: the tox matrix env runs this with pandas alone."""
     p = argparse.ArgumentParser(prog="python -m harness.results.matrix", description=__doc__.splitlines()[0])
-    p.add_argument("--root", default="reports/matrix")
+    Matrix().add_arguments(p)
     a = p.parse_args(argv)
     try:
-        return cmd_matrix(a)
+        return Matrix().run(a)
     except InputError as e:
         print(f"matrix: error: {e}", file=sys.stderr)
         return 2

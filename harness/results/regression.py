@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.core import SUITES
+from harness.core.datafiles import read_toml
 from harness.core.errors import InputError
-from harness.core.tolerance import read_policy_toml
-from harness.results.markdown import policy_version
 from harness.core.store import FAIL, INFO, PASS, Row
+from harness.core.suite import Context, Part, Result, Suite
+from harness.results.stored import find_results, load_summary, policy_version
 
 DEFAULT_REGRESSION_POLICY = SUITES / "regression.toml"
 SUITE = "compare"
@@ -67,7 +68,7 @@ def _allowance(spec: Any, where: str, fallback: Allowance | None) -> Allowance:
 
 def load_regression_policy(path: str | Path | None = None) -> RegressionPolicy:
     path = Path(path) if path else DEFAULT_REGRESSION_POLICY
-    data = read_policy_toml(path, "--regression-policy")
+    data = read_toml(path, "--regression-policy")
     if "default" not in data:
         raise InputError(f"{path}: missing table [default]")
     default = _allowance(data["default"], f"{path}: [default]", None)
@@ -156,3 +157,28 @@ def summary_extra(baseline: list[dict], current: list[dict], policy: RegressionP
         "policy": {"path": str(policy.path), "version": policy.version},
         "rule": "current > max(factor * baseline, baseline + slack) fails, even under the absolute tolerance",
     }
+
+
+class Compare(Suite):
+    name = "compare"
+    help = "regression gate: which cells moved from a baseline, and did any get worse"
+
+    def add_arguments(self, p) -> None:
+        p.add_argument("--baseline", required=True, help="baseline results folder")
+        p.add_argument("--current", required=True, help="current results folder")
+        p.add_argument("--regression-policy", help="regression policy TOML (default: suites/regression.toml)")
+        p.add_argument("--allow-missing", action="store_true",
+                       help="a baseline cell absent from the current run is info, not a failure")
+
+    def run(self, a, ctx: Context) -> Result:
+        policy = load_regression_policy(a.regression_policy)
+        base_dirs, cur_dirs = find_results([Path(a.baseline)]), find_results([Path(a.current)])
+        base = [load_summary(d) for d in base_dirs]
+        cur = [load_summary(d) for d in cur_dirs]
+        rows = compare(base, cur, policy, allow_missing=a.allow_missing)
+        notes = [f"{r.status.upper():4} {r.cell_id()}: {r.reason}" for r in moved(rows)]
+        failed = sum(r.status == FAIL for r in rows)
+        notes.append(f"compare: {failed} regressed, {len(moved(rows)) - failed} moved within policy or new/missing, "
+                     f"{sum(r.status == PASS for r in rows)} compared (regression policy {policy.version}); "
+                     f"results in {a.out}")
+        return Result([Part(SUITE, rows, summary_extra(base, cur, policy, base_dirs, cur_dirs))], notes)

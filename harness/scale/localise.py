@@ -11,37 +11,55 @@ tolerance policy uses for logits):
 
 **The rule.** Detection and attribution use two thresholds, as a hysteresis:
 
-1. *Detection*: transformers diverges when some point has ``ratio > RATIO_LIMIT`` (or is not
+1. *Detection*: transformers diverges when some point has ``ratio > ratio_limit`` (or is not
    finite). The first such point is where the divergence is certain (``confirmed_at``).
 2. *Attribution*: walking back from there, the run of consecutive points with
-   ``ratio > ONSET`` that ends at it starts at the first divergence. Every point before that
-   run is within ONSET of what a correct implementation drifts there, so the excess is not
+   ``ratio > onset`` that ends at it starts at the first divergence. Every point before that
+   run is within onset of what a correct implementation drifts there, so the excess is not
    inherited from the layers before: that point's own computation added it.
 
 Why two: a fault can start small and grow downstream. Measured: RMSNorm eps 1e-6 instead of
 1e-5 in one layer raises that norm's output error 7.6x over the reference's and the next op's
 (the MLP) 8.5x; one threshold would blame the MLP, the hysteresis names the norm.
 
-The numbers: on correct models every per-point ratio is below 1.1 (tiny MHA/GQA models,
-float32/bfloat16/float16, eager/sdpa; ``tests/test_localise.py`` asserts < ONSET), so ONSET = 2
-leaves twice that and RATIO_LIMIT = 8 keeps the verdict clear of noise; the faults planted in the
-tests give 7x to 10^6x. The record also gives the *jump* at the first divergence (its ratio over
-the largest ratio before it), so a reader can tell a sharp fault from a slow creep.
+The numbers and why they are what they are: suites/localise.toml. The record also gives the
+*jump* at the first divergence (its ratio over the largest ratio before it), so a reader can tell
+a sharp fault from a slow creep.
+
+``llama-parity localise`` runs the three full models one at a time on one input and writes the
+curve; ``llama-parity logits`` calls ``first_divergence`` for each failing cell group.
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from harness.core import compat, inputs
+from harness.core.datafiles import suite_data
+from harness.core.errors import InputError
+from harness.core.faults import faults_for, get_fault
+from harness.core.store import FAIL, INFO, PASS, Row
+from harness.core.subjects import ORACLE, ReferenceSubject, TransformersSubject
+from harness.core.suite import Context, Part, Result, Suite
 from harness.scale.capture import GROUP, Capture, Errors, Point, Store, point_name, point_order
 
-RATIO_LIMIT = 8.0   # detection
-ONSET = 2.0         # attribution
 FLOOR = {"float32": torch.finfo(torch.float32).eps, "bfloat16": torch.finfo(torch.bfloat16).eps,
          "float16": torch.finfo(torch.float16).eps, "float64": torch.finfo(torch.float64).eps}
+
+
+@lru_cache(maxsize=None)
+def thresholds() -> tuple[float, float]:
+    """(ratio_limit, onset) from suites/localise.toml: detection and attribution."""
+    data = suite_data("localise")
+    limit, onset = data.get("ratio_limit"), data.get("onset")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 1 for x in (limit, onset)) \
+            or onset > limit:
+        raise InputError("suites/localise.toml: ratio_limit and onset must be numbers >= 1, onset <= ratio_limit")
+    return float(limit), float(onset)
 
 
 def ratios(subject: dict[Point, float], reference: dict[Point, float], dtype: str) -> dict[Point, float]:
@@ -50,8 +68,10 @@ def ratios(subject: dict[Point, float], reference: dict[Point, float], dtype: st
 
 
 def locate(order: list[Point], subject: dict[Point, float], reference: dict[Point, float], dtype: str,
-           limit: float = RATIO_LIMIT, onset: float = ONSET) -> dict:
+           limit: float | None = None, onset: float | None = None) -> dict:
     """The first-divergence record: layer/op (both None when no point breaks the rule) and why."""
+    limit = thresholds()[0] if limit is None else limit
+    onset = thresholds()[1] if onset is None else onset
     r = ratios(subject, reference, dtype)
     points = [p for p in order if p in r]
     bad = [not math.isfinite(subject[p]) or not (r[p] <= limit) for p in points]
@@ -84,10 +104,7 @@ def capture_full(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device: str
     Returns (order, reference errors, transformers errors); errors are point -> rel L2 against
     the oracle. Only the oracle's activations are kept; the subjects are measured as they run.
     """
-    from harness.core.errors import InputError
-    from harness.core.subjects import ReferenceSubject, TransformersSubject, attn_implementations
-
-    why = attn_implementations(device).get(attn, f"unknown attention implementation {attn!r}")
+    why = compat.attn_reason(attn, device)
     if why:     # checked before three model loads, not after two
         raise InputError(f"--attn {attn}: {why}")
     oracle = ReferenceSubject(ckpt, "float64", device, oracle=True)
@@ -122,9 +139,9 @@ def first_divergence(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device:
 
 
 def curve_rows(suite: str, case: dict, order: list[Point], curves: dict[str, dict[Point, float]],
-               reference: dict[Point, float], dtype: str, limit: float = RATIO_LIMIT):
+               reference: dict[Point, float], dtype: str, limit: float | None = None):
     """Rows of the common schema: the reference's curve as info, each other subject's judged."""
-    from harness.core.store import FAIL, INFO, PASS, Row
+    limit = thresholds()[0] if limit is None else limit
     rows = []
     for name, errors in curves.items():
         r = ratios(errors, reference, dtype)
@@ -134,12 +151,12 @@ def curve_rows(suite: str, case: dict, order: list[Point], curves: dict[str, dic
             layer, op = p
             pcase = {**case, "layer": "-" if layer is None else layer, "op": op}
             if name == "reference":
-                rows.append(Row(suite, pcase, name, "oracle-fp64", "rel_l2", errors[p], status=INFO,
+                rows.append(Row(suite, pcase, name, ORACLE, "rel_l2", errors[p], status=INFO,
                                 reason="calibration: the reference's own drift at this dtype"))
             else:
                 bad = not math.isfinite(errors[p]) or r[p] > limit
                 tol = limit * max(reference.get(p, 0.0), FLOOR[dtype])
-                rows.append(Row(suite, pcase, name, "oracle-fp64", "rel_l2", errors[p], tolerance=tol,
+                rows.append(Row(suite, pcase, name, ORACLE, "rel_l2", errors[p], tolerance=tol,
                                 status=FAIL if bad else PASS,
                                 reason=f"{r[p]:.3g}x the reference's error" if bad else ""))
     return rows
@@ -147,7 +164,8 @@ def curve_rows(suite: str, case: dict, order: list[Point], curves: dict[str, dic
 
 def curve_markdown(order: list[Point], curves: dict[str, dict[Point, float]], reference: dict[Point, float],
                    dtype: str, found: dict) -> str:
-    """The per-layer error curve of each subject as a table, first divergence marked."""
+    """The per-layer error curve of each subject as a table, first divergence marked (point names
+    and numbers are the harness's own: nothing here needs escaping)."""
     names = list(curves)
     head = "| point | " + " | ".join(f"{n} rel L2" for n in names) + " | ratio |\n"
     head += "|---|" + "---|" * (len(names) + 1) + "\n"
@@ -165,3 +183,74 @@ def curve_markdown(order: list[Point], curves: dict[str, dict[Point, float]], re
 
 def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.3g}"
+
+
+# --- the localise and stream commands ------------------------------------------------------------
+
+def where(found: dict) -> str:
+    if found["layer"] is None and found["op"] is None:
+        return "none: every point is within the rule"
+    return (f"layer {found['layer']}, op {found['op']} ({found['point']}; {found['ratio']:.3g}x "
+            f"the reference's error, a {found['jump']:.3g}x jump)")
+
+
+def curve_part(suite: str, rows: list[Row], found: dict, extra: dict, device: str, table: str) -> Result:
+    """The results of a localisation (full or streamed): rows, the record and the curve."""
+    from harness.results.markdown import md_escape
+    text = (f"First divergence of transformers: **{md_escape(where(found))}**\n\n"
+            f"Rule: {md_escape(found['rule'])}. Errors are relative L2 against the float64 oracle.\n\n"
+            f"Settings: {md_escape(', '.join(f'{k}={v}' for k, v in extra['case'].items()))}\n\n{table}")
+    part = Part(suite, rows, {"first_divergence": found, **extra}, sections=[("Error curve per subject", text)],
+                device=device)
+    return Result([part], [f"first divergence: {where(found)}"])
+
+
+def add_common_arguments(p) -> None:
+    p.add_argument("--model", help="Meta or HF folder; default: the embedded model")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--attn", default="eager", help="attention implementation (default eager)")
+    p.add_argument("--shape", default="1x16", help="BATCHxSEQ of the input (default 1x16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--seed", default="0", help="input seed (default 0)")
+    p.add_argument("--coarse", action="store_true", help="skip the per-op points (q, k, v, attention weights)")
+
+
+def common_inputs(a) -> tuple[str, str, object, str, int]:
+    """(dtype, attn, shape, device, seed), validated."""
+    dtype = inputs.choice("--dtype", a.dtype, inputs.KNOWN_DTYPES)
+    attn = inputs.choice("--attn", a.attn, inputs.KNOWN_ATTN)
+    device = inputs.device(a.device)
+    why = compat.attn_reason(attn, device)
+    if why:
+        raise InputError(f"--attn {attn}: {why}")
+    return dtype, attn, inputs.shape("--shape", a.shape), device, inputs.seed(a.seed)
+
+
+class Localise(Suite):
+    name = "localise"
+    help = "name the first layer and op where transformers diverges"
+
+    def add_arguments(self, p) -> None:
+        add_common_arguments(p)
+        p.add_argument("--tp", default="1", help="pretraining_tp (default 1)")
+        p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "
+                                       f"{', '.join(faults_for('localise'))}")
+
+    def run(self, a, ctx: Context) -> Result:
+        from harness.core.cases import make_inputs
+        from harness.core.checkpoints import HFFolder, open_model
+        dtype, attn, shape, device, seed = common_inputs(a)
+        tp = inputs.integer("--tp", a.tp, 1, 4096)
+        fault = get_fault(a.plant, "localise")
+        folder = open_model(a.model)
+        ckpt = folder.load()
+        ids = make_inputs(shape, ckpt.args.vocab_size, seed)
+        with HFFolder(ckpt) as hf:
+            order, ref, tf = capture_full(ckpt, hf.path, ids, dtype, device, attn, tp, fault, fine=not a.coarse)
+        found = locate(order, tf, ref, dtype)
+        case = {"dtype": dtype, "attn": attn, "tp": tp, "shape": str(shape), "device": device}
+        curves = {"reference": ref, "transformers": tf}
+        rows = curve_rows("localise", case, order, curves, ref, dtype)
+        extra = {"case": case, "model": str(folder.path), "seed": seed, "plant": a.plant,
+                 "truth": "oracle-fp64 (the reference entirely in float64)"}
+        return curve_part("localise", rows, found, extra, device, curve_markdown(order, curves, ref, dtype, found))

@@ -13,19 +13,17 @@ subjects put the same block on the same device.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from harness.core import inputs
 from harness.core.errors import InputError
+from harness.core.suite import Part, Result, Suite
 
 NO_SPLIT_REFERENCE = ["TransformerBlock"]
 STRATEGIES = ("auto", "balanced")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 # --- the user's spec -----------------------------------------------------------------------------
@@ -55,12 +53,9 @@ def parse_max_memory(spec: str | None) -> dict | None:
         device = parse_device(key.strip(), f"--max-memory {part!r}")
         if device == "disk":
             raise InputError(f"--max-memory {part!r}: disk takes what does not fit elsewhere; it has no budget")
-        m = _SIZE.fullmatch(size.strip())
-        if not m:
-            raise InputError(f"--max-memory {part!r}: {size.strip()!r} is not a size (e.g. 20GiB, 512MB, 1000000)")
         if device in out:
             raise InputError(f"--max-memory: device {key.strip()!r} given twice")
-        out[device] = int(float(m[1]) * _UNITS[(m[2] or "b").lower()])
+        out[device] = inputs.size(f"--max-memory {part!r}", size)
     return out
 
 
@@ -69,10 +64,7 @@ def read_device_map(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--device-map {path}: not 'auto', 'balanced' or an existing JSON file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"--device-map {path}: not valid JSON ({e})") from None
+    data = inputs.read_json("--device-map", path)
     if not isinstance(data, dict) or not data:
         raise InputError(f"--device-map {path}: expected a non-empty JSON object {{module: device}}")
     return {str(k): parse_device(v, f"--device-map {path}: [{k!r}]") for k, v in data.items()}
@@ -196,42 +188,135 @@ def describe(device_map: dict) -> str:
     return "; ".join(f"{d}: {', '.join(names)}" for d, names in groups.items())
 
 
-# --- planted placement bugs (the suite's self-test) ----------------------------------------------
-
-def _hooks():
-    from accelerate.hooks import ModelHook
-
-    class DropBlock(ModelHook):
-        """The block's output is its input: a placement that loses a block on the way."""
-
-        def pre_forward(self, module, *args, **kwargs):
-            self.seen = args[0] if args else kwargs["hidden_states"]
-            return args, kwargs
-
-        def post_forward(self, module, output):
-            return (self.seen, *output[1:]) if isinstance(output, tuple) else self.seen
-
-    class HalfHop(ModelHook):
-        """The hidden state reaches the block through float16: a transfer in the wrong dtype."""
-
-        def pre_forward(self, module, *args, **kwargs):
-            if args:
-                args = (args[0].to(torch.float16).to(args[0].dtype), *args[1:])
-            else:
-                h = kwargs["hidden_states"]
-                kwargs["hidden_states"] = h.to(torch.float16).to(h.dtype)
-            return args, kwargs
-
-    return {"drop-block": DropBlock, "half-hop": HalfHop}
 
 
-PLANTS = {"drop-block": "the last block's output is replaced by its input",
-          "half-hop": "the last block's input passes through float16 (visible at float32)"}
+# --- the place command ---------------------------------------------------------------------------
+
+class Place(Suite):
+    """One comparison with every subject placed across devices by a device map.
+
+    The float64 oracle, the reference at --dtype and transformers at --dtype are each dispatched
+    by accelerate: on several GPUs their blocks spread over cuda:0..N, on a machine without one
+    over "cpu" and "disk". The reference and transformers get the same map (transformers' in its
+    own module names); the oracle is planned at float64, which is 2-4x larger. Rows are the
+    logits suite's: 0 pass, 1 transformers breaks the policy, 2 bad input.
+    """
+    name = "place"
+    help = "compare the subjects with their blocks placed across devices (accelerate)"
+
+    def add_arguments(self, p) -> None:
+        from harness.core.faults import faults_for
+        p.add_argument("--model", help="Meta or HF folder; default: the embedded model")
+        p.add_argument("--device-map", default="auto",
+                       help="auto (accelerate fills GPUs in order, then cpu, then disk), balanced (even over the "
+                            "GPUs), or a JSON file {module: device} in the reference's names "
+                            "(tok_embeddings, layers.N, norm, output; device 0, 'cuda:1', 'cpu' or 'disk')")
+        p.add_argument("--max-memory", help="budgets for auto/balanced, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        p.add_argument("--offload-dir", help="folder for weights placed on disk (default: a temporary folder)")
+        p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+        p.add_argument("--attn", default="eager", help="attention implementation (default eager)")
+        p.add_argument("--shape", default="1x16", help="BATCHxSEQ of the input (default 1x16)")
+        p.add_argument("--seed", default="0", help="input seed (default 0)")
+        p.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")
+        p.add_argument("--plant", help=f"plant a placement bug in transformers' last block: "
+                                       f"{', '.join(faults_for('place'))}")
+
+    def run(self, a, ctx):
+        import tempfile
+
+        from harness.core import compat
+        from harness.core.cases import make_inputs
+        from harness.core.checkpoints import HFFolder, open_model
+        from harness.core.faults import get_fault
+        from harness.core.metrics import METRICS
+        from harness.core.tolerance import load_policy
+
+        dtype = inputs.choice("--dtype", a.dtype, inputs.KNOWN_DTYPES)
+        attn = inputs.choice("--attn", a.attn, inputs.KNOWN_ATTN)
+        why = compat.attn_reason(attn, "cuda" if torch.cuda.is_available() else "cpu")
+        if why:
+            raise InputError(f"--attn {attn}: {why}")
+        fault = get_fault(a.plant, "place")
+        shape, seed = inputs.shape("--shape", a.shape), inputs.seed(a.seed)
+        policy = load_policy(a.policy, metrics=list(METRICS)).require([dtype], METRICS)
+        folder = open_model(a.model)
+        ckpt = folder.load()
+        work_map, oracle_map = _maps(a, ckpt.args, dtype)
+        probe = empty_reference(ckpt.args)
+        check_map(work_map, probe)       # every input error before anything loads or is written
+        check_map(oracle_map, probe)
+        tf_map = to_transformers_map(work_map)
+        ids = make_inputs(shape, ckpt.args.vocab_size, seed)
+        with tempfile.TemporaryDirectory(prefix="llama-parity-offload-") as scratch, HFFolder(ckpt) as hf:
+            offload = Path(a.offload_dir) if a.offload_dir else Path(scratch)
+            truth, ref_logits, tf_logits, tf_placed = _placed_logits(ckpt, hf.path, ids, dtype, attn, fault,
+                                                                      work_map, oracle_map, tf_map, offload)
+        case = {"dtype": dtype, "attn": attn, "shape": str(shape), "device_map": a.device_map}
+        rows = judged_rows("place", case, truth, ref_logits, tf_logits, policy, dtype)
+        placement = {"oracle-fp64": {k: str(v) for k, v in oracle_map.items()},
+                     "reference": {k: str(v) for k, v in work_map.items()},
+                     "transformers": {k: str(v) for k, v in tf_placed.items()},
+                     "blocks_per_device": {str(d): b for d, b in blocks_per_device(work_map, ckpt.args.n_layers).items()}}
+        extra = {"model": str(folder.path), "truth": "oracle-fp64 (the reference entirely in float64)", "seed": seed,
+                 "policy": {"path": str(policy.path), "version": policy.version}, "plant": a.plant,
+                 "placement": placement}
+        on_gpu = any(isinstance(d, int) for d in (*work_map.values(), *oracle_map.values()))
+        from harness.results.markdown import md_escape
+        section = "".join(f"- **{k}**: {md_escape(describe(v))}\n" for k, v in
+                          (("oracle-fp64", oracle_map), ("reference", work_map), ("transformers", tf_placed)))
+        return Result([Part("place", rows, extra, sections=[("Placement (accelerate device maps)", section)],
+                            device="cuda" if on_gpu else "cpu")],
+                      [f"placement (reference, transformers): {describe(work_map)}"])
 
 
-def plant(blocks: torch.nn.ModuleList, name: str) -> None:
-    """Add a planted bug to the last block, on top of accelerate's own hook there."""
-    from accelerate.hooks import add_hook_to_module
-    if name not in PLANTS:
-        raise InputError(f"--plant: unknown placement bug {name!r} (known: {', '.join(PLANTS)})")
-    add_hook_to_module(blocks[-1], _hooks()[name](), append=True)
+def _maps(a, args, dtype: str) -> tuple[dict, dict]:
+    """(map for the working dtype, map for the float64 oracle), both in Meta names."""
+    from harness.core.subjects import DTYPES
+    max_memory = parse_max_memory(a.max_memory)
+    if a.device_map in STRATEGIES:
+        return tuple(plan(empty_reference(args, DTYPES[d]), max_memory, DTYPES[d], a.device_map)
+                     for d in (dtype, "float64"))
+    if max_memory is not None:
+        raise InputError("--max-memory: only with --device-map auto or balanced "
+                         "(a map file says where everything goes)")
+    fixed = read_device_map(a.device_map)
+    return fixed, fixed
+
+
+def _placed_logits(ckpt, hf_path, ids, dtype, attn, fault, work_map, oracle_map, tf_map, offload: Path):
+    """The three subjects one after the other, each placed by its map: their logits on the CPU."""
+    from harness.core.subjects import TransformersSubject, reference
+
+    def placed_reference(at: str, device_map: dict):
+        # Built on the CPU, then accelerate moves each block where the map says.
+        model = place_reference(reference(ckpt, at, "cpu"), device_map, offload / ("oracle" if at == "float64"
+                                                                                   else "reference"))
+        return model(ids).cpu()
+
+    truth = placed_reference("float64", oracle_map)
+    ref_logits = placed_reference(dtype, work_map)
+    subject = TransformersSubject(hf_path, dtype, "cpu", attn, fault=fault, device_map=tf_map,
+                                  offload_folder=str(offload / "transformers"))
+    tf_placed = dict(getattr(subject.model, "hf_device_map", tf_map))
+    tf_logits = subject.logits(ids).float().cpu()
+    return truth, ref_logits, tf_logits, tf_placed
+
+
+def judged_rows(suite: str, case: dict, truth, ref_logits, tf_logits, policy, dtype: str) -> list:
+    """The reference and transformers against the oracle (transformers calibrated on the reference),
+    and transformers against the reference as info."""
+    from harness.core.metrics import METRICS, compare
+    from harness.core.store import FAIL, INFO, Row
+    from harness.core.subjects import ORACLE
+    ref_values, ref_why = compare(ref_logits, truth)
+    tf_values, tf_why = compare(tf_logits, truth)
+    pair, pair_why = compare(tf_logits, ref_logits)
+    rows = []
+    for subject, values, why, calib in (("reference", ref_values, ref_why, None),
+                                        ("transformers", tf_values, tf_why, ref_values)):
+        for m in METRICS:
+            tol, status, reason = policy.judge(dtype, m, values[m], None if calib is None else calib[m])
+            rows.append(Row(suite, case, subject, ORACLE, m, values[m], tol, FAIL if why else status, why or reason))
+    rows += [Row(suite, case, "transformers", "reference", m, pair[m], status=INFO,
+                 reason=pair_why or "informational: same dtype, no truth") for m in METRICS]
+    return rows

@@ -25,106 +25,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from reference_model.checkpoint import (detect_format, hf_weight_files, load_meta_args,
-                                        meta_shard_files, read_json, shard_dim, torch_load)
-from reference_model.convert import (expected_meta_shapes, hf_config_to_args, meta_to_hf_key, permute,
-                                     unpermute, args_to_hf_config)
-from reference_model.errors import CheckpointError
-from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_cis
-
-from harness.scale.capture import Capture, Errors, Store, point_order
+from harness.core import compat
+from harness.core.checkpoints import LazyWeights, open_model
 from harness.core.errors import InputError
-from harness.core.metrics import compare
-from harness.core.subjects import DTYPES, attn_implementations
-
-_QK = ("attention.wq.weight", "attention.wk.weight")
-
-
-class WeightSource:
-    """Tensors of a Meta or HF checkpoint by Meta key, read one at a time from mapped files."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.format = detect_format(self.path)
-        self._open: dict[Path, object] = {}
-        if self.format == "meta":
-            self.files = meta_shard_files(self.path)
-            self.args = load_meta_args(self.path)
-            if self.args.vocab_size == -1:
-                self.args.vocab_size = self._file(self.files[0])["tok_embeddings.weight"].shape[0]
-            self.hf_config = args_to_hf_config(self.args)
-        else:
-            self.hf_config = read_json(self.path / "config.json")
-            self.args = hf_config_to_args(self.hf_config, str(self.path / "config.json"))
-            files, _, _ = hf_weight_files(self.path)
-            self._where: dict[str, Path] = {}
-            for f in files:
-                for key in self._keys(f):
-                    self._where[key] = f
-        self._close()
-        self.shapes = expected_meta_shapes(self.args)
-
-    # Files are mapped for one block at a time and closed after it: a mapping kept open would
-    # keep every page read so far resident, and the peak would grow to the whole checkpoint.
-    def _file(self, f: Path):
-        if f not in self._open:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
-                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
-            else:
-                self._open[f] = torch_load(f)     # mmap=True, weights_only=True
-        return self._open[f]
-
-    def _keys(self, f: Path) -> list[str]:
-        handle = self._file(f)
-        return list(handle.keys())
-
-    def _close(self) -> None:
-        self._open.clear()
-
-    def _raw(self, meta_key: str) -> torch.Tensor:
-        """The tensor in the file's own layout (HF: permuted q/k)."""
-        if self.format == "meta":
-            parts = []
-            for f in self.files:
-                shard = self._file(f)
-                if meta_key not in shard:
-                    raise CheckpointError(str(f), meta_key, "missing tensor")
-                parts.append(shard[meta_key])
-            dim = shard_dim(meta_key)
-            w = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-        else:
-            hf_key = meta_to_hf_key(meta_key)
-            if hf_key not in self._where:
-                raise CheckpointError(str(self.path), hf_key, "missing tensor")
-            handle = self._file(self._where[hf_key])
-            w = handle.get_tensor(hf_key) if hasattr(handle, "get_tensor") else handle[hf_key]
-        if tuple(w.shape) != self.shapes[meta_key]:
-            raise CheckpointError(str(self.path), meta_key, f"shape {tuple(w.shape)}, expected {self.shapes[meta_key]}")
-        return w
-
-    def block(self, layer: int, dtype: torch.dtype, device: str) -> tuple[dict, dict]:
-        """(Meta-layout state, HF-layout state) of one block, cast once; only q/k differ."""
-        if not 0 <= layer < self.args.n_layers:
-            raise InputError(f"layer {layer}: the checkpoint has {self.args.n_layers} layers")
-        meta, hf = {}, {}
-        for key in (k for k in self.shapes if k.startswith(f"layers.{layer}.")):
-            w = self._raw(key).to(device=device, dtype=dtype)
-            suffix = key.split(".", 2)[2]
-            local_hf = meta_to_hf_key(key).split(f"layers.{layer}.", 1)[1]
-            if suffix in _QK:
-                n = self.args.n_heads if suffix == _QK[0] else self.args.kv_heads
-                native, other = (w, permute(w, n)) if self.format == "meta" else (unpermute(w, n), w)
-                meta[suffix], hf[local_hf] = native.contiguous(), other.contiguous()
-            else:
-                meta[suffix] = hf[local_hf] = w
-        self._close()
-        return meta, hf
-
-    def tensor(self, meta_key: str) -> torch.Tensor:
-        w = self._raw(meta_key)
-        self._close()
-        return w
+from harness.core.faults import faults_for, get_fault
+from harness.core.metrics import METRICS, compare
+from harness.core.store import INFO, Row
+from harness.core.subjects import DTYPES, ORACLE
+from harness.core.suite import Context, Result, Suite
+from harness.scale.capture import Capture, Errors, Store, point_order
+from reference_model.convert import args_to_hf_config, unpermute
+from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_cis
 
 
 # --- transformers pieces, built one block at a time ------------------------------------------
@@ -137,11 +48,17 @@ class WeightSource:
 # is rebuilt here: the installed release's own LlamaModel is run once, with a stand-in for its
 # first layer that records the call, and every streamed layer is called the same way.
 
-def _hf_config(source: WeightSource, attn: str):
+def _hf_config(source: LazyWeights, attn: str, fault=None):
     from transformers import LlamaConfig
-    cfg = {k: v for k, v in source.hf_config.items() if not k.startswith("llama_parity")}
-    config = LlamaConfig(**cfg)
+    if source.format == "meta":
+        cfg = args_to_hf_config(source.args)
+    else:
+        from reference_model.checkpoint import read_json
+        cfg = read_json(source.path / "config.json")
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("llama_parity")})
     config._attn_implementation = attn
+    if fault is not None:
+        fault.edit_config(config)
     return config
 
 
@@ -233,9 +150,11 @@ class StreamResult:
 
 @torch.inference_mode()
 def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str = "cpu", attn: str = "eager",
-                   fine: bool = False, feed: str = "own", layer_hook=None, oracle: bool = True) -> StreamResult:
+                   fine: bool = False, feed: str = "own", layer_hook=None, oracle: bool = True,
+                   fault=None) -> StreamResult:
     """Oracle, reference and transformers over ids, block by block. ``layer_hook(layer, module)``
-    may edit each transformers layer after loading (the tests plant faults through it).
+    may edit each transformers layer after loading; a planted ``fault`` edits the config and each
+    layer (only faults inside a decoder layer can be streamed: harness.core.faults.LAYER_SUITES).
 
     ``oracle=False`` leaves the float64 oracle out: transformers is then measured against the
     reference at the same dtype (``result.reference`` is empty), the two-subject side-by-side
@@ -247,10 +166,10 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
         raise InputError("--feed oracle needs the oracle")
     if dtype not in DTYPES or dtype == "float64":
         raise InputError(f"--dtype: {dtype!r} is not float32, bfloat16 or float16")
-    why = attn_implementations(device).get(attn, f"unknown attention implementation {attn!r}")
+    why = compat.attn_reason(attn, device)
     if why:
         raise InputError(f"--attn {attn}: {why}")
-    source = WeightSource(path)
+    source = open_model(path).lazy()
     args = source.args
     if ids.max().item() >= args.vocab_size or ids.min().item() < 0:
         raise InputError(f"token ids must be in [0, {args.vocab_size}) for {path}")
@@ -261,7 +180,7 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     truth = Store()
     ref_err, tf_err = Errors(truth), Errors(truth)
     ref_sink = ref_err if oracle else truth     # without the oracle the reference is the truth
-    config = _hf_config(source, attn)
+    config = _hf_config(source, attn, fault)
 
     # Embeddings: look the rows up first, then cast (a cast is elementwise: same numbers).
     emb = source.tensor("tok_embeddings.weight")
@@ -296,6 +215,8 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
         del block, meta
 
         module = _hf_layer(config, layer, hf, device)
+        if fault is not None:
+            fault.edit_layer(module, config)
         if layer_hook is not None:
             layer_hook(layer, module)
         with Capture(tf_err, fine).transformers_block(module, layer):
@@ -306,7 +227,7 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
 
     norm_w, out_w = source.tensor("norm.weight"), source.tensor("output.weight")
     logits = {}
-    runs = [("oracle-fp64", h_or, f64, truth)] if oracle else []
+    runs = [(ORACLE, h_or, f64, truth)] if oracle else []
     for name, h, d, sink in runs + [("reference", h_ref, dt, ref_sink)]:
         norm = RMSNorm(args.dim, args.norm_eps).to(device)
         norm.weight = torch.nn.Parameter(norm_w.to(device, d), requires_grad=False)
@@ -325,7 +246,7 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     logits["transformers"] = y.float().cpu()
 
     if oracle:
-        metrics = {name: compare(logits[name], logits["oracle-fp64"]) for name in ("reference", "transformers")}
+        metrics = {name: compare(logits[name], logits[ORACLE]) for name in ("reference", "transformers")}
     else:
         metrics = {"transformers": compare(logits["transformers"], logits["reference"])}
     return StreamResult(point_order(args.n_layers, fine), ref_err.errors, tf_err.errors, logits, metrics, feed)
@@ -354,3 +275,36 @@ def shared_reference(hf_model, args, rope_dtype: torch.dtype = torch.float32):
         model = Transformer(args, rope_dtype=rope_dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+class Stream(Suite):
+    name = "stream"
+    help = "block-by-block comparison: peak memory about one block"
+
+    def add_arguments(self, p) -> None:
+        from harness.scale.localise import add_common_arguments
+        add_common_arguments(p)
+        p.add_argument("--feed", default="own",
+                       help="own: each subject carries its own stream; oracle: every block gets the oracle's input")
+        p.add_argument("--plant", help=f"plant a porting bug in each streamed transformers layer: "
+                                       f"{', '.join(faults_for('stream'))}")
+
+    def run(self, a, ctx: Context) -> Result:
+        from harness.core.cases import make_inputs
+        from harness.scale.localise import common_inputs, curve_markdown, curve_part, curve_rows, locate
+        dtype, attn, shape, device, seed = common_inputs(a)
+        fault = get_fault(a.plant, "stream")
+        folder = open_model(a.model)
+        ids = make_inputs(shape, folder.args.vocab_size, seed)
+        result = stream_compare(folder.path, ids, dtype, device, attn, fine=not a.coarse, feed=a.feed, fault=fault)
+        found = locate(result.order, result.transformers, result.reference, dtype)
+        case = {"dtype": dtype, "attn": attn, "shape": str(shape), "device": device, "feed": a.feed}
+        curves = {"reference": result.reference, "transformers": result.transformers}
+        rows = curve_rows("stream", case, result.order, curves, result.reference, dtype)
+        for subject, (values, why) in result.metrics.items():
+            rows += [Row("stream", {**case, "layer": "-", "op": "logits"}, subject, ORACLE, m, values[m],
+                         status=INFO, reason=why or "logits metric; judged by `llama-parity logits`") for m in METRICS]
+        extra = {"case": case, "model": str(folder.path), "seed": seed, "plant": a.plant,
+                 "truth": "oracle-fp64 (the reference entirely in float64)"}
+        return curve_part("stream", rows, found, extra, device,
+                          curve_markdown(result.order, curves, result.reference, dtype, found))

@@ -20,42 +20,32 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.core import SUITES
 import torch
 
+from harness.core import SUITES, compat, deviations, inputs
+from harness.core.cases import Shape, make_inputs
+from harness.core.checkpoints import HFFolder, open_model
+from harness.core.datafiles import read_toml
+from harness.core.errors import InputError
+from harness.core.faults import Fault, faults_for, get_fault
+from harness.core.metrics import METRICS, compare
+from harness.core.presets import long_positions_model
+from harness.core.store import FAIL, INFO, NA, Row
+from harness.core.subjects import DTYPES, ORACLE, load_transformers, reference
+from harness.core.suite import Context, Part, Result, Suite
+from harness.core.tolerance import Policy, load_policy
+from harness.scale.capture import Capture
+from harness.suites.behaviour.hidden import _layer_names, _reference_hidden, _rel_l2
 from reference_model.checkpoint import Checkpoint
 
-from harness.suites.behaviour.common import reference
-from harness.scale.capture import Capture
-from harness.core.cases import Shape, make_inputs
-from harness.core.errors import InputError
-from harness.core.faults import Fault
-from harness.suites.behaviour.hidden import _layer_names, _reference_hidden, _rel_l2
-from harness.core.metrics import METRICS, compare
-from harness.core.store import FAIL, INFO, NA, Row
-from harness.core.subjects import DTYPES, attn_implementations, load_transformers
-from harness.core.tolerance import Policy, read_policy_toml
-
 AXES_FILE = SUITES / "axes.toml"
-ORACLE = "oracle-fp64"
 CASTS = {
     "load": "from_pretrained(..., dtype=D)",
     "to": "from_pretrained(..., dtype=float32).to(D)",
     "autocast": "float32 weights under torch.autocast(dtype=D)",
 }
 FLAGS = ("none", "attentions", "hidden_states")
-SUITES = ("cast", "flags")
-
-
-@dataclass(frozen=True)
-class KnownDeviation:
-    name: str
-    match: dict          # case fields (and optionally "metric") that must all be equal
-    reason: str
-
-    def matches(self, row: Row) -> bool:
-        fields = {**row.case, "metric": row.metric}
-        return all(str(fields.get(k)) == str(v) for k, v in self.match.items())
+SUITES_HERE = ("cast", "flags")
 
 
 @dataclass
@@ -65,30 +55,23 @@ class AxesSpec:
     path: Path
     defaults: dict
     edges: list[int]
-    known: list[KnownDeviation]
+    known: list[deviations.Deviation]
 
 
 def load_spec(path: Path | None = None) -> AxesSpec:
     path = Path(path) if path else AXES_FILE
-    data = read_policy_toml(path, "--spec")   # the same versioned-TOML checks as the policies
+    data = read_toml(path, "--spec")
     defaults = data.get("defaults")
     if not isinstance(defaults, dict):
         raise InputError(f"{path}: missing table [defaults]")
     edges = defaults.get("position_edges", [])
-    if not (isinstance(edges, list) and all(isinstance(e, int) and e > 0 for e in edges)):
+    if not (isinstance(edges, list) and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in edges)):
         raise InputError(f"{path}: [defaults] position_edges must be a list of positive integers")
-    known = []
-    for name, spec in (data.get("known_deviations") or {}).items():
-        if not (isinstance(spec, dict) and isinstance(spec.get("match"), dict) and spec["match"]
-                and isinstance(spec.get("reason"), str)):
-            raise InputError(f"{path}: [known_deviations.{name}] needs a non-empty table 'match' and a string 'reason'")
-        known.append(KnownDeviation(name, dict(spec["match"]), spec["reason"]))
-    return AxesSpec(data["version"], path, defaults, sorted(set(edges)), known)
+    return AxesSpec(data["version"], path, defaults, sorted(set(edges)), deviations.read(data, str(path)))
 
 
 @dataclass
 class AxesRun:
-    model: Path
     dtypes: list[str]
     attns: list[str]
     casts: list[str]
@@ -96,22 +79,16 @@ class AxesRun:
     lengths: list[int]
     spec: AxesSpec
     policy: Policy            # logits metrics (suites/tolerance.toml)
-    behaviour_policy: Policy  # hidden_rel_l2, attn_probs_max_abs (suites/behaviour.toml)
+    behaviour_policy: Policy  # hidden_rel_l2, attn_probs_max_abs (suites/behaviour_tolerance.toml)
     device: str = "cpu"
     seed: int = 0
     fault: Fault | None = None
     strict: bool = False
-    out: Path = Path("reports/latest/axes")
-    log: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def parse_lengths(values: list[str]) -> list[int]:
-    out = []
-    for v in values:
-        if not str(v).isdigit() or int(v) < 1:
-            raise InputError(f"--lengths: {v!r} is not a positive integer")
-        out.append(int(v))
-    return sorted(set(out))
+    return sorted(inputs.positive_ints("--lengths", values, inputs.MAX_SEQ))
 
 
 def buckets(length: int, edges: list[int], max_pos: int) -> list[tuple[int, int, str]]:
@@ -123,17 +100,8 @@ def buckets(length: int, edges: list[int], max_pos: int) -> list[tuple[int, int,
 
 
 def settle(rows: list[Row], spec: AxesSpec, strict: bool) -> list[Row]:
-    """Failing rows that a known deviation explains become info rows naming it (unless strict)."""
-    if strict:
-        return rows
-    for r in rows:
-        if r.status != FAIL or r.subject != "transformers":
-            continue
-        for k in spec.known:
-            if k.matches(r):
-                r.status, r.reason = INFO, f"known deviation {k.name} (would fail: {r.reason}): {k.reason}"
-                break
-    return rows
+    """Failing transformers rows that a known deviation explains become info rows (unless strict)."""
+    return deviations.settle(rows, spec.known, strict, subjects=("transformers",))
 
 
 def _na(suite: str, case: dict, why: str) -> Row:
@@ -147,12 +115,10 @@ def _failed(suite: str, case: dict, e: Exception, what: str) -> Row:
 
 
 def _load(run: AxesRun, hf_path: Path, dtype: str, attn: str, cast: str = "load", kind: str = "LlamaForCausalLM"):
-    edit = run.fault.edit_config if run.fault else None
-    model = load_transformers(kind, hf_path, dtype if cast == "load" else "float32", run.device, attn, edit)
+    # The fault is planted on the loaded model, before .to(dtype): as a user's port would have it.
+    model = load_transformers(kind, hf_path, dtype if cast == "load" else "float32", run.device, attn, run.fault)
     if cast == "to":
         model = model.to(DTYPES[dtype])
-    if run.fault is not None:
-        run.fault.edit_model(model)
     return model
 
 
@@ -216,7 +182,7 @@ def run_cast(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
         for cast in run.casts:
             for attn in run.attns:
                 case = {"dtype": dtype, "cast": cast, "attn": attn, "device": run.device}
-                why = attn_implementations(run.device).get(attn, f"unknown attention implementation {attn!r}")
+                why = compat.attn_reason(attn, run.device)
                 if not why and dtype == "float32" and cast != "load":
                     why = "float32 is the dtype the weights load in: no cast to make"
                 if why:
@@ -288,7 +254,7 @@ def run_flags(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
         rows += _reference_rows(run, suite, dtype, ref_logits, ref_attn, ref_hidden, names)
         for attn in run.attns:
             base = {"dtype": dtype, "attn": attn, "device": run.device}
-            why = attn_implementations(run.device).get(attn, f"unknown attention implementation {attn!r}")
+            why = compat.attn_reason(attn, run.device)
             if why:
                 rows += [_na(suite, {**base, "flags": f}, why) for f in run.flags]
                 continue
@@ -379,3 +345,67 @@ def _hidden_rows(run, suite, case, got, truth, ref, names, dtype) -> list[Row]:
         tol, status, why = run.behaviour_policy.judge(dtype, "hidden_rel_l2", v, rv)
         rows.append(Row(suite, {**case, "layer": name}, "transformers", ORACLE, "hidden_rel_l2", v, tol, status, why))
     return rows
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+class Axes(Suite):
+    """`llama-parity axes --suite cast,flags`: one results folder per suite under --out."""
+    name = "axes"
+    help = "cast paths (load/to/autocast) with long positions, and output flags"
+
+    def add_arguments(self, p) -> None:
+        p.add_argument("--suite", type=inputs.csv, help="comma list of cast,flags (default: both)")
+        p.add_argument("--model", help="Meta or HF checkpoint; default: the long-hd128 preset (head_dim 128, "
+                                       "max_position_embeddings 2048), generated into the cache")
+        p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16")
+        p.add_argument("--attn", type=inputs.csv, help="comma list of attention implementations")
+        p.add_argument("--casts", type=inputs.csv, help="comma list of load,to,autocast")
+        p.add_argument("--flags", type=inputs.csv, help="comma list of none,attentions,hidden_states")
+        p.add_argument("--lengths", type=inputs.csv, help="comma list of sequence lengths for the cast suite")
+        p.add_argument("--spec", help="axes data file (default: suites/axes.toml)")
+        p.add_argument("--policy", help="logits tolerance policy (default: suites/tolerance.toml)")
+        p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "
+                                       f"{', '.join(faults_for('axes'))}")
+        p.add_argument("--strict", action="store_true", help="gate known deviations like any other row")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--seed", default="0")
+
+    def run(self, a, ctx: Context) -> Result:
+        from harness.suites.behaviour.common import DEFAULT_POLICY as BEHAVIOUR_POLICY
+        spec = load_spec(a.spec)
+        d = spec.defaults
+        suites = inputs.choices("--suite", a.suite if a.suite is not None else list(SUITES_HERE), SUITES_HERE)
+        dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d.get("dtypes", list(inputs.KNOWN_DTYPES)),
+                                inputs.KNOWN_DTYPES)
+        run = AxesRun(
+            dtypes=dtypes,
+            attns=inputs.choices("--attn", a.attn if a.attn is not None else d.get("attns", ["eager", "sdpa"]),
+                                 inputs.KNOWN_ATTN),
+            casts=inputs.choices("--casts", a.casts if a.casts is not None else d.get("casts", list(CASTS)), tuple(CASTS)),
+            flags=inputs.choices("--flags", a.flags if a.flags is not None else d.get("flags", list(FLAGS)), FLAGS),
+            lengths=parse_lengths(a.lengths if a.lengths is not None else [str(n) for n in d.get("lengths", [16])]),
+            spec=spec, policy=load_policy(a.policy, metrics=list(METRICS)).require(dtypes, METRICS),
+            behaviour_policy=load_policy(BEHAVIOUR_POLICY).require(dtypes, ["attn_probs_max_abs", "hidden_rel_l2"]),
+            device=inputs.device(a.device), seed=inputs.seed(a.seed), fault=get_fault(a.plant, self.name),
+            strict=a.strict)
+        folder = open_model(a.model) if a.model else open_model(long_positions_model())
+        ckpt = folder.load()
+        if run.fault is not None and run.fault.min_positions > max(run.lengths) and "cast" in suites:
+            run.notes.append(f"note: --plant {run.fault.name} shows from about {run.fault.min_positions} positions; "
+                             f"the longest length here is {max(run.lengths)}")
+        parts = []
+        with HFFolder(ckpt) as hf:
+            for name in suites:
+                rows = {"cast": run_cast, "flags": run_flags}[name](run, ckpt, hf.path)
+                extra = {"model": {"path": str(folder.path), "format": ckpt.source,
+                                   "max_position_embeddings": ckpt.args.max_seq_len},
+                         "seed": run.seed, "plant": run.fault.name if run.fault else None, "strict": run.strict,
+                         "spec": {"path": str(spec.path), "version": spec.version},
+                         "policy": {"path": str(run.policy.path), "version": run.policy.version},
+                         "behaviour_policy": {"path": str(run.behaviour_policy.path),
+                                              "version": run.behaviour_policy.version}}
+                if name == "cast":
+                    extra["lengths"] = run.lengths
+                parts.append(Part(name, rows, extra, folder=name, device=run.device))
+        return Result(parts, run.notes)

@@ -1,1 +1,73 @@
-"""Behaviour beyond one forward pass: generation, KV cache, padding, classification, hidden states."""
+"""`llama-parity behaviour`: the suites beyond one forward pass, one results folder each under --out.
+
+  generate  greedy generation vs the oracle's tokens (generate.py)
+  cache     incremental decoding through a KV cache vs a full forward (cache.py)
+  padding   each sequence alone vs inside a padded batch; an added <pad> token (padding.py)
+  seqcls    LlamaForSequenceClassification pooling and scores (seqcls.py)
+  hidden    output_hidden_states layer by layer (hidden.py)
+
+Cases are data (suites/behaviour.toml); tolerances are suites/behaviour_tolerance.toml.
+"""
+from __future__ import annotations
+
+from harness.core import inputs
+from harness.core.checkpoints import HFFolder, open_model
+from harness.core.datafiles import suite_data
+from harness.core.faults import faults_for, get_fault
+from harness.core.suite import Context, Part, Result, Suite
+from harness.core.tolerance import load_policy
+from harness.suites.behaviour.common import DEFAULT_POLICY, BehaviourRun
+
+SUITES = ("generate", "cache", "padding", "seqcls", "hidden")
+METRICS = [f"{prefix}_{m}" for prefix in ("cache", "pad") for m in ("max_abs", "kl_max", "top1_disagree")] + [
+    "pad_row_abs", "seqcls_max_abs", "hidden_rel_l2", "gen_divergence_margin", "gen_step_max_abs",
+    "attn_probs_max_abs"]
+NEEDS = {"generate": ["gen_divergence_margin", "gen_step_max_abs"],
+         "cache": ["cache_max_abs", "cache_kl_max", "cache_top1_disagree"],
+         "padding": ["pad_max_abs", "pad_kl_max", "pad_top1_disagree", "pad_row_abs"],
+         "seqcls": ["seqcls_max_abs"], "hidden": ["hidden_rel_l2"]}
+
+
+def _runner(name: str):
+    from harness.suites.behaviour import cache, generate, hidden, padding, seqcls
+    return {"generate": generate.run, "cache": cache.run, "padding": padding.run,
+            "seqcls": seqcls.run, "hidden": hidden.run}[name]
+
+
+class Behaviour(Suite):
+    name = "behaviour"
+    help = "generation, KV cache, padding/batching, sequence classification, hidden-state parity"
+
+    def add_arguments(self, p) -> None:
+        p.add_argument("--suite", type=inputs.csv, default=["all"], help=f"comma list of {', '.join(SUITES)} or all")
+        p.add_argument("--model", help="Meta or HF folder; default: embedded model")
+        p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
+        p.add_argument("--attn", type=inputs.csv, help="comma list of eager,sdpa,... (default: eager,sdpa)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--seed", default="0")
+        p.add_argument("--policy", help="tolerance policy TOML (default: suites/behaviour_tolerance.toml)")
+        p.add_argument("--plant", help=f"plant a bug in the transformers subject: {', '.join(faults_for('behaviour'))}")
+
+    def run(self, a, ctx: Context) -> Result:
+        suites = list(SUITES) if a.suite == ["all"] else inputs.choices("--suite", a.suite, SUITES)
+        dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else list(inputs.KNOWN_DTYPES),
+                                inputs.KNOWN_DTYPES)
+        attns = inputs.choices("--attn", a.attn if a.attn is not None else ["eager", "sdpa"], inputs.KNOWN_ATTN)
+        device, seed = inputs.device(a.device), inputs.seed(a.seed)
+        policy = load_policy(a.policy or DEFAULT_POLICY, metrics=METRICS).require(
+            dtypes, [m for s in suites for m in NEEDS[s]])
+        fault = get_fault(a.plant, self.name)
+        cases = suite_data(self.name)
+        ckpt = open_model(a.model).load()
+        notes = []
+        if fault is not None and not set(fault.shows_in) & set(suites):
+            notes.append(f"note: --plant {fault.name} is visible only in suite(s) {', '.join(fault.shows_in)}")
+        parts = []
+        with HFFolder(ckpt) as hf:
+            run = BehaviourRun(ckpt, hf.path, dtypes, attns, policy, cases, device, seed, fault)
+            for name in suites:
+                rows = _runner(name)(run)
+                extra = {"model": {"path": str(ckpt.path), "format": ckpt.source}, "seed": seed,
+                         "plant": a.plant, "policy": {"path": str(policy.path), "version": policy.version}}
+                parts.append(Part(name, rows, extra, folder=name, device=device))
+        return Result(parts, notes + run.notes)

@@ -11,46 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from harness.suites.behaviour.common import BehaviourRun, attn_reason, cache_kwarg, failed, judge, load_hf, plant, reference
 from harness.core.cases import Shape, make_inputs
+from harness.core.compat import cache_kwarg, legacy_cache, make_cache
 from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
+from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
 
 SUITE = "cache"
-SHAPE, PREFILL = Shape(2, 24), 8
 GATED = ("max_abs", "kl_max", "top1_disagree")
 
 
-def _reference_pair(model, ids):
+def _reference_pair(model, ids, prefill: int):
     full = model(ids)
-    steps = [model(ids[:, :PREFILL], start_pos=0, use_cache=True)]
-    for t in range(PREFILL, ids.shape[1]):
+    steps = [model(ids[:, :prefill], start_pos=0, use_cache=True)]
+    for t in range(prefill, ids.shape[1]):
         steps.append(model(ids[:, t:t + 1], start_pos=t, use_cache=True))
     return full, torch.cat(steps, dim=1)
 
 
-def make_cache(model, kind: str, batch: int, length: int):
-    """A fresh cache of this kind for model, in whichever constructor this release offers."""
-    import transformers
-    if kind == "dynamic":
-        return transformers.DynamicCache()
-    if not hasattr(transformers, "StaticCache"):
-        raise NotImplementedError("this transformers release has no StaticCache")
-    try:                                   # 4.56 and later
-        return transformers.StaticCache(config=model.config, max_cache_len=length)
-    except TypeError:                      # 4.38 - 4.55
-        return transformers.StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length,
-                                        device=model.device, dtype=model.dtype)
-
-
-def legacy_cache() -> bool:
-    """Releases before the Cache classes (4.31; 4.38 has them): the cache is the tuple the model returns."""
-    import transformers
-    return not hasattr(transformers, "DynamicCache")
-
-
 @torch.inference_mode()
-def _transformers_pair(model, ids, kind):
+def _transformers_pair(model, ids, kind, prefill: int):
     full = model(input_ids=ids, use_cache=False).logits
     # A dynamic cache is the one the previous step returned: 4.31 has only tuples, and 4.38 copies
     # a DynamicCache it is given into a new one (the caller's object stays empty); later releases
@@ -58,7 +38,7 @@ def _transformers_pair(model, ids, kind):
     cache = None if kind == "dynamic" and legacy_cache() else make_cache(model, kind, ids.shape[0], ids.shape[1])
     name = cache_kwarg(model)
     steps = []
-    for start, end in [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, ids.shape[1])]:
+    for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
         out = model(input_ids=ids[:, start:end], use_cache=True, **{name: cache})
         if kind == "dynamic":
             cache = out.past_key_values   # a StaticCache is the caller's, written in place
@@ -66,13 +46,15 @@ def _transformers_pair(model, ids, kind):
     return full, torch.cat(steps, dim=1)
 
 
-def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
-    ids = make_inputs(SHAPE, ckpt.args.vocab_size, r.seed)
+def run(r: BehaviourRun) -> list[Row]:
+    ckpt, cfg = r.ckpt, r.cases[SUITE]
+    shape, prefill = Shape(cfg["batch"], cfg["length"]), cfg["prefill"]
+    ids = make_inputs(shape, ckpt.args.vocab_size, r.seed)
     rows: list[Row] = []
     truth = reference(ckpt, "float64", r.device)(ids.to(r.device))
     for dtype in r.dtypes:
-        base = {"dtype": dtype, "device": r.device, "shape": str(SHAPE), "prefill": PREFILL}
-        full, inc = _reference_pair(reference(ckpt, dtype, r.device), ids.to(r.device))
+        base = {"dtype": dtype, "device": r.device, "shape": str(shape), "prefill": prefill}
+        full, inc = _reference_pair(reference(ckpt, dtype, r.device), ids.to(r.device), prefill)
         ref_vals, _ = compare(full, truth)          # rounding at this dtype: the calibrator
         own, _ = compare(inc, full)
         case = {**base, "attn": "-", "cache": "reference"}
@@ -87,8 +69,8 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                                     status=NA, reason=why))
                     continue
                 try:
-                    model = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
-                    full, inc = _transformers_pair(model, ids.to(r.device), kind)
+                    model = r.load("LlamaForCausalLM", dtype, attn)
+                    full, inc = _transformers_pair(model, ids.to(r.device), kind, prefill)
                 except NotImplementedError as e:
                     rows.append(Row(SUITE, case, "transformers", "transformers-full-forward", "all", None,
                                     status=NA, reason=str(e)))

@@ -14,19 +14,17 @@ import torch
 
 from reference_model.generate import greedy, top2_margin
 
-from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, info, judge, load_hf, plant, reference
+from harness.core.compat import has_output_logits
 from harness.core.store import NA, Row
+from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, info, judge, reference
 
 SUITE = "generate"
-PROMPT_LENGTHS = (4, 9, 17)
-NEW_TOKENS = 24
-EOS_ID = 2
 
 
-def prompts(vocab: int, seed: int) -> list[list[int]]:
+def prompts(vocab: int, seed: int, lengths: list[int]) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed * 104729 + 3)
     out = []
-    for n in PROMPT_LENGTHS:
+    for n in lengths:
         ids = torch.randint(3, vocab, (n,), generator=gen)
         ids[0] = 1
         out.append(ids.tolist())
@@ -41,19 +39,13 @@ def first_divergence(tokens: list[int], truth: list[int]) -> int | None:
     return None
 
 
-@torch.inference_mode()
-def _has_output_logits() -> bool:
-    from transformers import GenerationConfig
-    return hasattr(GenerationConfig(), "output_logits")
-
-
-def hf_greedy(model, prompt: list[int], device: str) -> tuple[list[int], torch.Tensor]:
+def hf_greedy(model, prompt: list[int], device: str, new_tokens: int, eos_id: int) -> tuple[list[int], torch.Tensor]:
     ids = torch.tensor([prompt], device=device)
     # Raw logits per step: output_logits (in 4.38, not in 4.31). Without it, the scores: greedy search with no
     # penalty, length or forced-token setting runs no logits processor, so they are the logits.
-    raw = _has_output_logits()
-    g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                       eos_token_id=EOS_ID, pad_token_id=EOS_ID, return_dict_in_generate=True,
+    raw = has_output_logits()
+    g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                       eos_token_id=eos_id, pad_token_id=eos_id, return_dict_in_generate=True,
                        num_beams=1, top_k=None, top_p=None, temperature=None,
                        **({"output_logits": True} if raw else {"output_scores": True}))
     tokens = g.sequences[0, len(prompt):].tolist()
@@ -84,17 +76,19 @@ def _rows(r, case, subject, m, ref_m) -> list[Row]:
     return rows
 
 
-def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
-    ps = prompts(ckpt.args.vocab_size, r.seed)
+def run(r: BehaviourRun) -> list[Row]:
+    ckpt, cfg = r.ckpt, r.cases[SUITE]
+    new, eos = cfg["new_tokens"], cfg["eos_id"]
+    ps = prompts(ckpt.args.vocab_size, r.seed, cfg["prompt_lengths"])
     oracle = reference(ckpt, "float64", r.device)
-    truth = [greedy(oracle, p, NEW_TOKENS, EOS_ID) for p in ps]
+    truth = [greedy(oracle, p, new, eos) for p in ps]
     del oracle
     out: list[Row] = []
     for dtype in r.dtypes:
         model = reference(ckpt, dtype, r.device)
         ref_m = []
         for i, (p, t) in enumerate(zip(ps, truth)):
-            g = greedy(model, p, NEW_TOKENS, EOS_ID)
+            g = greedy(model, p, new, eos)
             ref_m.append(_measure(g.tokens, g.logits, t.tokens, t.logits))
             case = {"dtype": dtype, "device": r.device, "attn": "-", "prompt": f"{i}:len{len(p)}"}
             out += _rows(r, case, "reference", ref_m[-1], None)
@@ -106,7 +100,7 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                                "all", None, status=NA, reason=why))
                 continue
             try:
-                hf = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
+                hf = r.load("LlamaForCausalLM", dtype, attn)
             except Exception as e:
                 out.append(failed(SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers",
                                   ORACLE, e, "loading"))
@@ -114,7 +108,7 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
             for i, (p, t) in enumerate(zip(ps, truth)):
                 case = {"dtype": dtype, "device": r.device, "attn": attn, "prompt": f"{i}:len{len(p)}"}
                 try:
-                    tokens, logits = hf_greedy(hf, p, r.device)
+                    tokens, logits = hf_greedy(hf, p, r.device, new, eos)
                 except Exception as e:
                     out.append(failed(SUITE, case, "transformers", ORACLE, e, "generate"))
                     continue

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, judge, load_hf, plant, reference
 from harness.core.cases import Shape, make_inputs
 from harness.core.store import FAIL, NA, Row
+from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, judge, reference
 
 HIDDEN_SUITE = "hidden"
 
@@ -31,8 +31,9 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def run_hidden(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
-    ids = make_inputs(Shape(2, 32), ckpt.args.vocab_size, r.seed).to(r.device)
+def run(r: BehaviourRun) -> list[Row]:
+    ckpt, cfg = r.ckpt, r.cases[HIDDEN_SUITE]
+    ids = make_inputs(Shape(cfg["batch"], cfg["length"]), ckpt.args.vocab_size, r.seed).to(r.device)
     names = _layer_names(ckpt.args.n_layers)
     truth = _reference_hidden(reference(ckpt, "float64", r.device), ids)
     out: list[Row] = []
@@ -48,7 +49,7 @@ def run_hidden(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                                ORACLE, "all", None, status=NA, reason=why))
                 continue
             try:
-                hf = plant(load_hf("LlamaModel", hf_path, dtype, r.device, attn), r.plant)
+                hf = r.load("LlamaModel", dtype, attn)
                 with torch.inference_mode():
                     hidden = hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
             except Exception as e:

@@ -20,21 +20,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, load_hf, plant, reference
 from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
+from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
 
 SUITE = "padding"
-LENGTHS = (16, 11, 5)
-EXTRA = {"few": 0, "many": 48}
-PAD_ID = 0                       # unk: never among the inputs (make_inputs draws ids >= 3)
 GATED = ("max_abs", "kl_max", "top1_disagree")
 
 
-def rows_of_tokens(vocab: int, seed: int) -> list[torch.Tensor]:
+def rows_of_tokens(vocab: int, seed: int, lengths: list[int]) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed * 7919 + 11)
     rows = []
-    for n in LENGTHS:
+    for n in lengths:
         ids = torch.randint(3, vocab, (n,), generator=gen)
         ids[0] = 1                               # BOS
         rows.append(ids)
@@ -96,25 +93,27 @@ def add_pad_token_reference(model) -> int:
     return vocab
 
 
-def _cells():
+def _cells(extra: dict):
     for side in ("left", "right"):
-        for pads in ("few", "many"):
+        for pads in extra:
             for positions in ("explicit", "implicit"):
                 yield {"side": side, "pads": pads, "positions": positions, "pad_token": "unk+mask"}
         yield {"side": side, "pads": "few", "positions": "explicit", "pad_token": "added"}
 
 
-def _errors(run_batch, alone: list[torch.Tensor], rows, cell, pad_id, vocab):
-    ids, mask, positions = pad_batch(rows, cell["side"], EXTRA[cell["pads"]], pad_id)
+def _errors(run_batch, alone: list[torch.Tensor], rows, cell, pad_id, vocab, extra: dict):
+    ids, mask, positions = pad_batch(rows, cell["side"], extra[cell["pads"]], pad_id)
     got = _gather_real(run_batch(ids, mask, positions, cell["positions"] == "explicit"), mask)[:, :vocab]
     want = torch.cat(alone)
     vals, nonfinite = compare(got, want)
     return vals, nonfinite
 
 
-def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
+def run(r: BehaviourRun) -> list[Row]:
+    ckpt, cfg = r.ckpt, r.cases[SUITE]
+    extra, pad_id = cfg["extra"], cfg["pad_id"]
     vocab = ckpt.args.vocab_size
-    toks = rows_of_tokens(vocab, r.seed)
+    toks = rows_of_tokens(vocab, r.seed, cfg["lengths"])
     out: list[Row] = []
     oracle = reference(ckpt, "float64", r.device)
     truth = [oracle(x[None].to(r.device))[0].cpu() for x in toks]
@@ -126,18 +125,18 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
         alone = [model(x[None].to(r.device))[0].cpu() for x in toks]
         rounding, _ = compare(torch.cat(alone), torch.cat(truth))
         ref_vals = {}
-        for cell in _cells():
+        for cell in _cells(extra):
             if cell["pad_token"] == "added":
                 continue
             batch = lambda i, m, p, e: _reference_logits(model, i.to(r.device), m.to(r.device), p.to(r.device), e)
-            ref_vals[tuple(cell.values())], _ = _errors(batch, alone, toks, cell, PAD_ID, vocab)
+            ref_vals[tuple(cell.values())], _ = _errors(batch, alone, toks, cell, pad_id, vocab, extra)
         padded = reference(ckpt, dtype, r.device)
         new_pad = add_pad_token_reference(padded)
-        for cell in _cells():
+        for cell in _cells(extra):
             if cell["pad_token"] != "added":
                 continue
             batch = lambda i, m, p, e: _reference_logits(padded, i.to(r.device), m.to(r.device), p.to(r.device), e)
-            ref_vals[tuple(cell.values())], _ = _errors(batch, alone, toks, cell, new_pad, vocab)
+            ref_vals[tuple(cell.values())], _ = _errors(batch, alone, toks, cell, new_pad, vocab, extra)
         for key, vals in ref_vals.items():
             case = {**base, "attn": "-", **dict(zip(("side", "pads", "positions", "pad_token"), key))}
             out += [judge(r.policy, SUITE, case, "reference", "reference-alone", f"pad_{m}", vals[m], rounding[m])
@@ -155,21 +154,21 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                                status=NA, reason=why))
                 continue
             try:
-                hf = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
+                hf = r.load("LlamaForCausalLM", dtype, attn)
                 with torch.inference_mode():
                     hf_alone = [hf(input_ids=x[None].to(r.device), use_cache=False).logits[0].float().cpu()
                                 for x in toks]
-                resized = plant(load_hf("LlamaForCausalLM", hf_path, dtype, r.device, attn), r.plant)
+                resized = r.load("LlamaForCausalLM", dtype, attn)
                 hf_pad = add_pad_token_hf(resized)
             except Exception as e:
                 out.append(failed(SUITE, {**base, "attn": attn}, "transformers", "transformers-alone", e, "loading"))
                 continue
-            for cell in _cells():
+            for cell in _cells(extra):
                 case = {**base, "attn": attn, **cell}
-                m, pad_id = (resized, hf_pad) if cell["pad_token"] == "added" else (hf, PAD_ID)
+                m, pid = (resized, hf_pad) if cell["pad_token"] == "added" else (hf, pad_id)
                 batch = lambda i, k, p, e: _hf_logits(m, i.to(r.device), k.to(r.device), p.to(r.device), e)
                 try:
-                    vals, nonfinite = _errors(batch, hf_alone, toks, cell, pad_id, vocab)
+                    vals, nonfinite = _errors(batch, hf_alone, toks, cell, pid, vocab, extra)
                 except Exception as e:
                     out.append(failed(SUITE, case, "transformers", "transformers-alone", e, "padded forward"))
                     continue

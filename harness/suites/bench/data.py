@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from harness.core.errors import InputError
-from harness.core.presets import cache_dir
+from harness.core import cache_dir
 
 EVALS_VERSION = "3.0.1.post1"
 EVALS_WHEEL = f"evals-{EVALS_VERSION}-py3-none-any.whl"

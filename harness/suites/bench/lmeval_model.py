@@ -31,9 +31,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from harness.core.errors import InputError
+from harness.core.subjects import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
 BOS_ID, EOS_ID = 1, 2
 
 
@@ -87,9 +86,9 @@ class TransformersBackend:
 
     def __init__(self, model: Path, dtype: torch.dtype, device: str):
         from transformers import LlamaForCausalLM
-        from harness.core.subjects import transformers_version
-        key = "dtype" if transformers_version() >= (4, 56) else "torch_dtype"
-        self.model = LlamaForCausalLM.from_pretrained(model, **{key: dtype}).to(device).eval()
+
+        from harness.core.compat import dtype_kwarg
+        self.model = LlamaForCausalLM.from_pretrained(model, **{dtype_kwarg(): dtype}).to(device).eval()
         self.device, self._past = device, None
 
     @torch.inference_mode()

@@ -11,14 +11,14 @@ Every gated number has a limit in suites/bench_tolerance.toml, per dtype, with i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from harness.core import SUITES
+from harness.core import SUITES, deviations
+from harness.core.datafiles import read_toml
 from harness.core.errors import InputError
-from harness.core.tolerance import read_policy_toml
 from harness.core.store import FAIL, INFO, NA, PASS, Row
 
 DEFAULT_BENCH_POLICY = SUITES / "bench_tolerance.toml"
@@ -35,27 +35,12 @@ class BenchLimit:
     reason: str
 
 
-@dataclass(frozen=True)
-class KnownDeviation:
-    """A wrapper behaviour that is understood and cited: its rows are measured and shown as info."""
-    name: str
-    subject: str        # base subject name (before any @variant), e.g. "hf"
-    output_type: str
-    when_bos: bool      # applies only when the subject's tokenizer adds BOS
-    reason: str
-
-    def applies(self, subject: str, against: str, output_type: str, settings: dict) -> bool:
-        names = {subject.split("@")[0], against.split("@")[0]}
-        return (self.subject in names and output_type == self.output_type
-                and (not self.when_bos or bool(settings.get("bos"))))
-
-
 @dataclass
 class BenchPolicy:
     version: str
     path: Path
     limits: dict[tuple[str, str], BenchLimit]
-    deviations: list[KnownDeviation] = None
+    deviations: list[deviations.Deviation] = field(default_factory=list)
 
     def judge(self, dtype: str, metric: str, value: float | None) -> tuple[float | None, str, str]:
         lim = self.limits.get((dtype, metric))
@@ -69,34 +54,38 @@ class BenchPolicy:
         sign = ">" if lim.kind == "max" else "<"
         return lim.value, PASS if ok else FAIL, "" if ok else f"{value:.4g} {sign} {lim.value:.4g}"
 
+    def require(self, dtypes) -> "BenchPolicy":
+        for dtype in dtypes:
+            missing = [m for m in GATED_METRICS if (dtype, m) not in self.limits]
+            if missing:
+                raise InputError(f"{self.path}: [{dtype}] lacks {', '.join(missing)}")
+        return self
+
 
 def load_bench_policy(path: str | Path | None = None) -> BenchPolicy:
     path = Path(path) if path else DEFAULT_BENCH_POLICY
-    data = read_policy_toml(path, "--policy")
-    limits, deviations = {}, []
-    for name, spec in (data.get("known_deviations") or {}).items():
-        try:
-            deviations.append(KnownDeviation(name, str(spec["subject"]), str(spec["output_type"]),
-                                             bool(spec.get("when_bos", False)), str(spec["reason"])))
-        except (KeyError, TypeError) as e:
-            raise InputError(f"{path}: [known_deviations.{name}] needs subject, output_type, reason ({e})") from None
+    data = read_toml(path, "--policy")
+    limits = {}
     for dtype, table in data.items():
-        if not isinstance(table, dict) or dtype == "known_deviations":
+        if dtype in ("version", "known"):
             continue
+        if dtype not in ("float32", "bfloat16", "float16") or not isinstance(table, dict):
+            raise InputError(f"{path}: [{dtype}]: not a dtype table (float32, bfloat16, float16)")
         for metric, spec in table.items():
             where = f"{path}: [{dtype}.{metric}]"
             if metric not in GATED_METRICS:
                 raise InputError(f"{where}: unknown metric (known: {', '.join(GATED_METRICS)})")
-            try:
-                kind = "min" if "min" in spec else "max"
-                limits[(dtype, metric)] = BenchLimit(float(spec[kind]), kind, str(spec["reason"]))
-            except (KeyError, TypeError, ValueError) as e:
-                raise InputError(f"{where}: needs a number max (or min) and a reason ({e})") from None
-    for dtype in {d for d, _ in limits}:
-        missing = [m for m in GATED_METRICS if (dtype, m) not in limits]
-        if missing:
-            raise InputError(f"{path}: [{dtype}] lacks {', '.join(missing)}")
-    return BenchPolicy(data["version"], path, limits, deviations)
+            kinds = [k for k in ("max", "min") if k in (spec if isinstance(spec, dict) else {})]
+            if not isinstance(spec, dict) or len(kinds) != 1 or set(spec) - {"max", "min", "reason"}:
+                raise InputError(f"{where}: needs exactly one of max or min, and a reason")
+            value = spec[kinds[0]]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(f"{where}: {kinds[0]} = {value!r} must be a finite number >= 0")
+            if not isinstance(spec.get("reason"), str) or not spec["reason"].strip():
+                raise InputError(f"{where}: needs a reason")
+            limits[(dtype, metric)] = BenchLimit(float(value), kinds[0], spec["reason"])
+    policy = BenchPolicy(data["version"], path, limits, deviations.read(data, str(path)))
+    return policy.require({d for d, _ in limits})
 
 
 # --- statistics ------------------------------------------------------------------------------------
@@ -192,21 +181,21 @@ def compare_runs(subject: str, against: str, a: dict, b: dict, policy: BenchPoli
         m = paired_task(otype, a["samples"][task], b["samples"][task])
         case = {"task": task, "dtype": dtype, "batch_size": a["settings"]["batch_size"],
                 "against_batch_size": b["settings"]["batch_size"], "against_dtype": b["settings"]["dtype"]}
-        extra = {k: v for k, v in m.items() if k not in GATED_METRICS}
+        # The evidence a known deviation is matched on: the task's request type, the subjects
+        # (without @variant) and whether the hf side's tokenizer adds BOS.
         settings = a["settings"] if subject.split("@")[0] == "hf" else b["settings"]
-        known = [d for d in policy.deviations or [] if d.applies(subject, against, otype, settings)]
+        extra = {**{k: v for k, v in m.items() if k not in GATED_METRICS}, "output_type": otype,
+                 "subjects": f"{subject.split('@')[0]},{against.split('@')[0]}", "bos": settings.get("bos")}
         for metric in GATED_METRICS:
             if metric not in m:
                 continue
             value = m[metric]
-            if gated and known:
-                tol, status, reason = None, INFO, f"known deviation {known[0].name}: {known[0].reason}"
-            elif gated:
+            if gated:
                 tol, status, reason = policy.judge(dtype, metric, value)
             else:
                 tol, status, reason = None, INFO, "effect measured, not gated"
             rows.append(Row("bench", case, subject, against, metric, value, tol, status, reason, extra))
-    return rows
+    return deviations.settle(rows, policy.deviations)
 
 
 def drift_rows(subject: str, against: str, a: dict, b: dict) -> list[Row]:
@@ -216,9 +205,6 @@ def drift_rows(subject: str, against: str, a: dict, b: dict) -> list[Row]:
     return [Row("bench", {"task": "*", "dtype": sa.get("dtype")}, subject, against, "config_drift",
                 float(len(differ)), 0.0, FAIL if differ else PASS, reason,
                 {"subject_settings": sa, "against_settings": sb})]
-
-
-CHANCE = {"parity_heldout_mc": 0.25, "parity_quartz": 0.5}
 
 
 def scores_rows(evals: dict, run) -> list[Row]:
@@ -234,9 +220,9 @@ def scores_rows(evals: dict, run) -> list[Row]:
                 stderr = metrics.get(key.replace(",", "_stderr,"))
                 extra = {"stderr": stderr} if isinstance(stderr, (int, float)) else {}
                 rows.append(Row("bench", case, name, "score", metric, float(value), None, INFO, "", extra))
-            if task in CHANCE and task in ev["samples"]:
+            if task in run.chance and task in ev["samples"]:
                 hits = [bool(s["acc"]) for s in ev["samples"][task]]
-                p = binomial_above_chance(sum(hits), len(hits), CHANCE[task])
-                rows.append(Row("bench", case, name, f"chance={CHANCE[task]}", "acc_above_chance_p", p, None,
+                p = binomial_above_chance(sum(hits), len(hits), run.chance[task])
+                rows.append(Row("bench", case, name, f"chance={run.chance[task]}", "acc_above_chance_p", p, None,
                                 INFO, "", {"correct": sum(hits), "docs": len(hits)}))
     return rows

@@ -1,26 +1,18 @@
-"""report.md for a bench run: both subjects' scores side by side, then the paired view per task."""
+"""report.md sections of a bench run: both subjects' scores side by side, the paired view per task,
+and each subject's accuracy against chance."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from harness.core.store import atomic_write_text
+from harness.core.store import Row
+from harness.results.markdown import md_escape
 
 
 def _cell(x) -> str:
-    """Markdown table cell: escape what could break the table or inject markup."""
-    s = f"{x:.6g}" if isinstance(x, float) else str(x)
-    return (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-             .replace("\n", " "))
+    return md_escape(f"{x:.6g}" if isinstance(x, float) else x)
 
 
-def write_report(out: Path, summary: dict) -> Path:
-    lines = [f"# llama-parity bench: {summary['verdict'].upper()}", "",
-             f"model `{_cell(summary.get('model'))}`, tasks {_cell(', '.join(summary.get('tasks', [])))}, "
-             f"limit {_cell(summary.get('limit'))}, policy {_cell(summary.get('policy_version'))}"
-             + (f", planted fault **{_cell(summary['fault'])}**" if summary.get("fault") else ""), "",
-             "## Scores", "", "| subject | settings | task | metric | value | stderr |", "|---|---|---|---|---|---|"]
-    subjects = summary.get("subjects", {})
-    for name, s in subjects.items():
+def sections(summary: dict, rows: list[Row]) -> list[tuple[str, str]]:
+    scores = ["| subject | settings | task | metric | value | stderr |", "|---|---|---|---|---|---|"]
+    for name, s in summary.get("subjects", {}).items():
         st = s["settings"]
         settings = f"{st.get('dtype')}, bs {st.get('batch_size')}, bos {st.get('bos')}"
         for task, metrics in s["scores"].items():
@@ -28,28 +20,24 @@ def write_report(out: Path, summary: dict) -> Path:
                 if "stderr" in key or "," not in key:
                     continue
                 se = metrics.get(key.replace(",", "_stderr,"))
-                lines.append(f"| {_cell(name)} | {_cell(settings)} | {_cell(task)} | {_cell(key.split(',')[0])} "
-                             f"| {_cell(float(value))} | {_cell(se if se is not None else '')} |")
-    lines += ["", "## Paired comparisons (per document)", "",
-              "| subject | against | task | metric | value | limit | status | note |", "|---|---|---|---|---|---|---|---|"]
-    for c in summary["cells"]:
-        if c["against"] == "score" or c["against"].startswith("chance"):
+                scores.append(f"| {_cell(name)} | {_cell(settings)} | {_cell(task)} | {_cell(key.split(',')[0])} "
+                              f"| {_cell(float(value))} | {_cell(se if se is not None else '')} |")
+    paired = ["| subject | against | task | metric | value | limit | status | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.against == "score" or r.against.startswith("chance"):
             continue
-        extra = c.get("extra", {})
-        note = c["reason"]
-        if c["metric"] in ("mcnemar_p",) and "mcnemar_b" in extra:
-            note = f"discordant {extra['mcnemar_b']}/{extra['mcnemar_c']}; {note}"
-        lines.append(f"| {_cell(c['subject'])} | {_cell(c['against'])} | {_cell(c['case'].get('task'))} | "
-                     f"{_cell(c['metric'])} | {_cell(c['value'])} | {_cell(c['tolerance'] if c['tolerance'] is not None else '')} | "
-                     f"{_cell(c['status'])} | {_cell(note)} |")
-    chance = [c for c in summary["cells"] if c["metric"] == "acc_above_chance_p"]
+        note = r.reason
+        if r.metric == "mcnemar_p" and "mcnemar_b" in r.extra:
+            note = f"discordant {r.extra['mcnemar_b']}/{r.extra['mcnemar_c']}; {note}"
+        paired.append(f"| {_cell(r.subject)} | {_cell(r.against)} | {_cell(r.case.get('task'))} | {_cell(r.metric)} "
+                      f"| {_cell(r.value)} | {_cell(r.tolerance if r.tolerance is not None else '')} "
+                      f"| {_cell(r.status)} | {_cell(note)} |")
+    out = [("Scores", "\n".join(scores) + "\n"), ("Paired comparisons (per document)", "\n".join(paired) + "\n")]
+    chance = [r for r in rows if r.metric == "acc_above_chance_p"]
     if chance:
-        lines += ["", "## Above chance", "", "| subject | task | correct / docs | p (one-sided binomial) |",
-                  "|---|---|---|---|"]
-        for c in chance:
-            e = c.get("extra", {})
-            lines.append(f"| {_cell(c['subject'])} | {_cell(c['case']['task'])} | {e.get('correct')}/{e.get('docs')} "
-                         f"| {_cell(c['value'])} |")
-    path = Path(out) / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+        lines = ["| subject | task | correct / docs | p (one-sided binomial) |", "|---|---|---|---|"]
+        lines += [f"| {_cell(r.subject)} | {_cell(r.case['task'])} | {r.extra.get('correct')}/{r.extra.get('docs')} "
+                  f"| {_cell(r.value)} |" for r in chance]
+        out.append(("Above chance", "\n".join(lines) + "\n"))
+    return out

@@ -28,36 +28,14 @@ from typing import Any
 
 from harness.core import ROOT, SUITES
 from harness.core.errors import InputError
+from harness.core.faults import Fault
+from harness.core.suite import Part, Result
 
 TASK_DIR = SUITES / "lmeval"
 LOCAL_TASKS = ("parity_heldout_mc", "parity_heldout_ppl", "parity_heldout_gen", "parity_quartz")
 DEFAULT_TASKS = LOCAL_TASKS
-FAULTS = {
-    # A dropped BOS in the transformers subject: its tokenizer folder says add_bos_token false
-    # (what transformers 5 gives for a folder with only tokenizer.model), every setting left alone.
-    "drop-bos": "HF tokenizer_config.json with add_bos_token=false",
-}
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def lmeval_unsupported() -> str:
-    """Why lm-eval cannot run against the installed transformers here ('' when it can)."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return ("lm-eval is not installed (pip install 'llama-parity[bench]'; lm-eval 0.4.13 cannot be "
-                "installed beside transformers 4.31)")
-    import inspect
-
-    import transformers
-    from transformers import modeling_utils
-    # lm-eval 0.4.13's HFLM calls from_pretrained(..., gguf_file=...): a TypeError in releases
-    # that do not know the argument (measured: 4.38.2 fails, 4.46.3 and later accept it).
-    if "gguf_file" not in inspect.getsource(modeling_utils.PreTrainedModel.from_pretrained):
-        return (f"lm-eval 0.4.13's HF wrapper passes gguf_file= to from_pretrained, which transformers "
-                f"{transformers.__version__} does not accept")
-    return ""
 
 
 def go_offline() -> None:
@@ -106,15 +84,15 @@ HF_TOKENIZER_CONFIG = {
 }
 
 
-def write_hf_folder(ckpt, tokenizer_model: Path, path: Path, fault: str | None = None) -> Path:
+def write_hf_folder(ckpt, tokenizer_model: Path, path: Path, fault: Fault | None = None) -> Path:
     """The HF folder transformers loads: harness-converted weights + the same tokenizer.model."""
     import shutil
     from reference_model.checkpoint import save_hf
     save_hf(path, ckpt.args, ckpt.state)
     shutil.copyfile(tokenizer_model, path / "tokenizer.model")
     config = dict(HF_TOKENIZER_CONFIG)
-    if fault == "drop-bos":
-        config["add_bos_token"] = False
+    if fault is not None:
+        fault.edit_tokenizer_config(config)
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
     (path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}) + "\n")
@@ -149,17 +127,17 @@ class BenchRun:
     model: Path
     tasks: list[str]
     limit: int | None
-    out: Path
     dtype: str = "float32"
     batch_size: int = 8
     max_length: int = 2048
     num_fewshot: int = 0
     effects: bool = False
-    fault: str | None = None
+    fault: Fault | None = None
     policy: Any = None
     tokenizer: Path | None = None
     device: str = "cpu"
     subjects: tuple[str, ...] = ("reference", "hf", "adapter-hf")
+    chance: dict[str, float] = field(default_factory=dict)    # suites/bench.toml [chance]
     log: list[str] = field(default_factory=list)
 
 
@@ -174,7 +152,7 @@ class Subjects:
         self.tokenizer = resolve_tokenizer(Path(run.model), str(run.tokenizer) if run.tokenizer else None)
         self.hf_dir = write_hf_folder(self.ckpt, self.tokenizer, workdir / "hf")
         self.hf_fault_dir = (write_hf_folder(self.ckpt, self.tokenizer, workdir / "hf-fault", run.fault)
-                             if run.fault else None)
+                             if run.fault is not None else None)
 
     def build(self, spec: SubjectSpec):
         from harness.suites.bench.lmeval_model import ParityLM
@@ -224,15 +202,11 @@ def run_subject(subjects: Subjects, spec: SubjectSpec, tasks_dir: Path, run: Ben
     return out
 
 
-def run_bench(run: BenchRun) -> int:
-    """Evaluate every subject, compare, judge, write results; return the exit code."""
+def run_bench(run: BenchRun) -> Result:
+    """Evaluate every subject, compare, judge: the rows, summary and per-document samples."""
     go_offline()
-    from harness.suites.bench.paired import compare_runs, scores_rows, drift_rows
-    from harness.core.environment import environment
-    from harness.core.store import exit_code, write_results
-    unknown = [n for n in run.subjects if n not in ("reference", "hf", "adapter-hf")]
-    if unknown or "reference" not in run.subjects or len(run.subjects) < 2:
-        raise InputError(f"--subjects: {', '.join(run.subjects)} (reference and at least one of hf, adapter-hf)")
+    from harness.suites.bench.paired import compare_runs, drift_rows, scores_rows
+    from harness.suites.bench.report import sections
     with tempfile.TemporaryDirectory(prefix="llama-parity-bench-") as tmp:
         # Bad input (unknown task, missing model) must fail before anything is written to --out.
         tasks_dir = materialise_tasks(run.tasks, Path(tmp))
@@ -266,21 +240,20 @@ def run_bench(run: BenchRun) -> int:
                 rows += drift_rows(subject, against, a, b)
             rows += compare_runs(subject, against, a, b, run.policy, dtype, gated)
         summary_extra = {
-            "model": str(run.model), "tasks": run.tasks, "limit": run.limit, "fault": run.fault,
-            "policy_version": run.policy.version, "policy": str(run.policy.path),
+            "model": str(run.model), "tasks": run.tasks, "limit": run.limit,
+            "plant": run.fault.name if run.fault else None,
+            "policy": {"path": str(run.policy.path), "version": run.policy.version},
             "subjects": {k: {"label": v["label"], "settings": v["settings"], "seconds": v["seconds"],
                              "scores": _scores(v)} for k, v in evals.items()},
         }
-        write_samples(run.out, evals)
-        import shutil
-        shutil.copytree(tasks_dir, run.out / "tasks", dirs_exist_ok=True)   # what was run, for lm-eval's CLI
-        summary = write_results(run.out, "bench", rows, environment(run.device), summary_extra)
-    from harness.suites.bench.report import write_report
-    write_report(run.out, summary)
-    for r in rows:
-        if r.status == "fail":
-            run.log.append(f"FAIL {r.cell_id()}: {r.reason}")
-    return exit_code(rows)
+        files = samples(evals)
+        # What was run, for lm-eval's own CLI (docs/bench.md).
+        files.update({f"tasks/{f.name}": f.read_text(encoding="utf-8") for f in sorted(tasks_dir.iterdir())
+                      if f.is_file()})
+    notes = [*run.log, *(f"FAIL {r.cell_id()}: {r.reason}" for r in rows if r.status == "fail")]
+    part = Part("bench", rows, summary_extra, files=files, device=run.device)
+    part.sections = sections(summary_extra, rows)
+    return Result([part], notes)
 
 
 def _scores(ev: dict) -> dict:
@@ -290,15 +263,16 @@ def _scores(ev: dict) -> dict:
     return out
 
 
-def write_samples(out: Path, evals: dict) -> None:
+def samples(evals: dict) -> dict[str, str]:
     """Per-document responses of every subject (JSONL per subject and task), for the paired view."""
-    from harness.core.store import atomic_write_text
+    files = {}
     for name, ev in evals.items():
-        for task, samples in ev["samples"].items():
+        for task, items in ev["samples"].items():
             lines = []
-            for s in samples:
+            for s in items:
                 lines.append(json.dumps({"doc_id": s["doc_id"], "target": s.get("target"),
                                          "resps": s.get("resps"), "filtered_resps": s.get("filtered_resps"),
                                          **{k: s[k] for k in s if k in ("acc", "acc_norm", "exact_match")}},
                                         default=str, ensure_ascii=False))
-            atomic_write_text(out / "samples" / f"{name}.{task}.jsonl", "\n".join(lines) + "\n")
+            files[f"samples/{name}.{task}.jsonl"] = "\n".join(lines) + "\n"
+    return files

@@ -1,0 +1,215 @@
+"""Every value a user hands the harness, validated once, here.
+
+Each function takes the argument's name (``--dtypes``, or a file path) so that its error names
+it, and raises ``InputError`` (exit 2). Numbers are ASCII digits only: ``'²'.isdigit()`` is true
+and ``int('٣')`` is 3, neither of which a user meant. Sizes are bounded before anything is
+allocated from them (``harness.core.resources`` then checks the memory a run needs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from harness.core.cases import Shape
+from harness.core.errors import InputError
+
+KNOWN_DTYPES = ("float32", "bfloat16", "float16")
+KNOWN_ATTN = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+MAX_SEED = 2 ** 31 - 1
+MAX_BATCH, MAX_SEQ = 4096, 1 << 20       # beyond any Llama 2 run; memory is checked separately
+MAX_JSON_DEPTH = 64                      # token files and configs are 1-3 levels deep
+_ASCII_INT = re.compile(r"[0-9]+")
+
+
+def csv(value: str) -> list[str]:
+    """argparse type for comma lists: 'a, b,,c' -> ['a', 'b', 'c']."""
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def choices(arg: str, values: list[str], known: tuple[str, ...] | list[str]) -> list[str]:
+    """values, each one of known, without repeats (order kept); an empty list is an error."""
+    if not values:
+        raise InputError(f"{arg}: no value given (choose from {', '.join(known)})")
+    for v in values:
+        if v not in known:
+            raise InputError(f"{arg}: unknown value {v!r} (choose from {', '.join(known)})")
+    return list(dict.fromkeys(values))
+
+
+def choice(arg: str, value: str, known: tuple[str, ...] | list[str]) -> str:
+    return choices(arg, [value], known)[0]
+
+
+def integer(arg: str, value: Any, low: int = 0, high: int = MAX_SEED) -> int:
+    """An integer in [low, high] written in ASCII digits (an int passes through the same bounds)."""
+    if isinstance(value, bool):
+        raise InputError(f"{arg}: {value!r} is not an integer")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and _ASCII_INT.fullmatch(value.strip()):
+        n = int(value.strip())
+    else:
+        raise InputError(f"{arg}: {value!r} is not a whole number in ASCII digits")
+    if not low <= n <= high:
+        raise InputError(f"{arg}: {n} is out of range ({low}..{high})")
+    return n
+
+
+def positive_ints(arg: str, values: list[str], high: int = 4096) -> list[int]:
+    if not values:
+        raise InputError(f"{arg}: no value given")
+    return list(dict.fromkeys(integer(arg, v, 1, high) for v in values))
+
+
+def seed(value: Any) -> int:
+    return integer("--seed", value, 0, MAX_SEED)
+
+
+def shape(arg: str, spec: str) -> Shape:
+    m = re.fullmatch(r"([0-9]+)x([0-9]+)", str(spec).strip())
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        raise InputError(f"{arg}: {spec!r} is not BATCHxSEQ with positive numbers (e.g. 2x64)")
+    b, s = int(m[1]), int(m[2])
+    if b > MAX_BATCH or s > MAX_SEQ:
+        raise InputError(f"{arg}: {spec!r} is larger than the harness runs (batch <= {MAX_BATCH}, "
+                         f"sequence <= {MAX_SEQ})")
+    return Shape(b, s)
+
+
+def shapes(arg: str, specs: list[str]) -> list[Shape]:
+    if not specs:
+        raise InputError(f"{arg}: no shape given (e.g. 1x16,2x64)")
+    return list(dict.fromkeys(shape(arg, s) for s in specs))
+
+
+def device(value: str) -> str:
+    """cpu, cuda or cuda:N, and the device must exist on this machine."""
+    import torch
+    if value == "cpu":
+        return value
+    m = re.fullmatch(r"cuda(?::([0-9]+))?", str(value))
+    if not m:
+        raise InputError(f"--device: unknown device {value!r} (cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {value}: no CUDA device is available on this machine")
+    if int(m[1] or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {value}: only {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
+def out_dir(value: str | Path, arg: str = "--out") -> Path:
+    """An output folder that is (or can become) a writable folder; nothing is created here."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{arg}: {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InputError(f"{arg}: {path}: {probe} is a file, so the folder cannot be made")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{arg}: {path}: {probe} is not writable")
+    return path
+
+
+def existing_file(arg: str, value: str | Path) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise InputError(f"{arg} {path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{arg} {path}: not a file")
+    return path
+
+
+def read_json(arg: str, path: Path, max_bytes: int = 256 << 20) -> Any:
+    """A JSON file, refusing what cannot be a real input: huge, not UTF-8, invalid, too deep."""
+    path = existing_file(arg, path)
+    if path.stat().st_size > max_bytes:
+        raise InputError(f"{arg} {path}: {path.stat().st_size} bytes, larger than {max_bytes} allowed")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{arg} {path}: not valid JSON ({e})") from None
+    return parse_json(f"{arg} {path}", text)
+
+
+def parse_json(where: str, text: str) -> Any:
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise InputError(f"{where}: nested {depth} levels deep (at most {MAX_JSON_DEPTH})")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{where}: not valid JSON ({e})") from None
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting outside strings, counted without parsing (json.loads recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def token_file(path: str | Path, arg: str = "--tokens") -> list[list[int]]:
+    """A JSON list of equal-length, non-empty lists of token ids (ranges are checked against the
+    model's vocabulary once its config is read: ``token_ids_in_vocab``)."""
+    path = Path(path)
+    data = read_json(arg, path)
+    where = f"{arg} {path}"
+    if not isinstance(data, list) or not data:
+        raise InputError(f"{where}: expected a non-empty JSON list of token-id lists")
+    if len(data) > MAX_BATCH:
+        raise InputError(f"{where}: {len(data)} rows, more than {MAX_BATCH}")
+    for i, row in enumerate(data):
+        if not isinstance(row, list) or not row:
+            raise InputError(f"{where}: [{i}]: expected a non-empty list of token ids")
+        if len(row) != len(data[0]):
+            raise InputError(f"{where}: [{i}]: {len(row)} ids, but [0] has {len(data[0])} "
+                             f"(rows must have equal length)")
+        if len(row) > MAX_SEQ:
+            raise InputError(f"{where}: [{i}]: {len(row)} ids, more than {MAX_SEQ}")
+        for j, t in enumerate(row):
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise InputError(f"{where}: [{i}][{j}]: {t!r} is not an integer token id")
+    return data
+
+
+def token_ids_in_vocab(where: str, rows: list[list[int]], vocab: int) -> None:
+    for i, row in enumerate(rows):
+        for j, t in enumerate(row):
+            if not 0 <= t < vocab:
+                raise InputError(f"{where}: [{i}][{j}]: token id {t} is out of range "
+                                 f"(the model's vocabulary is 0..{vocab - 1})")
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size(arg: str, value: str) -> int:
+    """'20GiB', '512MB', '1000000' -> bytes."""
+    m = _SIZE.fullmatch(str(value).strip())
+    if not m:
+        raise InputError(f"{arg}: {value!r} is not a size (e.g. 20GiB, 512MB, 1000000)")
+    return int(float(m[1]) * _UNITS[(m[2] or "b").lower()])

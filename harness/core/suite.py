@@ -1,0 +1,93 @@
+"""The one shape every command has, and what a suite hands back.
+
+A suite declares its arguments and returns a ``Result``: rows plus summary extras, in one part
+or several (``behaviour`` writes one folder per sub-suite). It never writes results and never
+exits; ``harness.cli`` writes every part (results.csv, summary.json, report.md), prints the
+console table and picks the exit code, in one place. A suite that journals its progress (a long
+run that must survive a kill) does so through ``Context.journal``.
+
+    class Suite(Command):
+        name = "logits"                      # the subcommand; its data file is suites/<name>.toml
+        help = "..."
+        def add_arguments(self, p): ...
+        def run(self, a, ctx) -> Result: ... # validate everything first, then ctx.begin(), then measure
+
+Commands that are not suites (``report``, ``make-model``, ...) return an exit code instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.core.store import JOURNAL, Journal, Row, clear_results
+
+
+@dataclass
+class Part:
+    """One results folder: the rows of one suite and what its summary says besides them."""
+    suite: str
+    rows: list[Row]
+    extra: dict[str, Any] = field(default_factory=dict)
+    folder: str | None = None                 # a sub-folder of --out; None: --out itself
+    sections: list[tuple[str, str]] = field(default_factory=list)   # report.md: (title, Markdown)
+    files: dict[str, str] = field(default_factory=dict)             # more files beside the results
+    timing: dict[str, Any] | None = None      # timing.json (never in summary.json)
+    device: str = "cpu"
+
+
+@dataclass
+class Result:
+    parts: list[Part]
+    notes: list[str] = field(default_factory=list)   # said on stderr after the run
+
+
+class Context:
+    """What a running suite may touch: where results go, the journal, progress and notes."""
+
+    def __init__(self, out: Path, progress: bool = True):
+        self.out = Path(out)
+        self.progress = progress
+        self.notes: list[str] = []
+        self._journal: Journal | None = None
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def begin(self, resume: bool = True) -> None:
+        """Called once every input is validated: stale results go, so that a run killed from here
+        on leaves no verdict that is not its own (the journal stays unless resume is off)."""
+        clear_results(self.out)
+        if not resume and (self.out / JOURNAL).exists():
+            (self.out / JOURNAL).unlink()
+
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = Journal.open(self.out)
+            if self._journal.dropped:
+                self.note(f"note: {self._journal.dropped} unreadable line(s) in {self._journal.path} dropped; "
+                          "their groups run again")
+        return self._journal
+
+
+class Command:
+    """A subcommand: its name, its arguments and what it does."""
+    name = ""
+    help = ""
+    suite = False        # a suite returns a Result; a tool returns an exit code
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, a: argparse.Namespace, ctx: Context) -> Result | int:
+        raise NotImplementedError
+
+
+class Suite(Command):
+    suite = True
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr)
