@@ -59,7 +59,7 @@ def test_rolling_pairing_compares_perplexity_over_words():
     a = [{"doc_id": 0, "filtered_resps": [-10.0], "word_perplexity": (-10.0, 5)}]
     b = [{"doc_id": 0, "filtered_resps": [-12.0], "word_perplexity": (-12.0, 5)}]
     m = paired_task("loglikelihood_rolling", a, b)
-    assert m["ll_diff_max"] == pytest.approx(2.0)
+    assert m["ll_diff_max"] == pytest.approx(2.0 / 5)      # per word of the document
     assert m["score_diff"] == pytest.approx(abs(math.exp(10 / 5) / math.exp(12 / 5) - 1))
 
 

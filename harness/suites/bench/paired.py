@@ -4,7 +4,7 @@ Two aggregate scores with their stderr hide what matters: the same documents wer
 So for every task the two runs are joined on doc_id and compared sample by sample:
   multiple choice   |d loglikelihood| per (document, choice): max and p99; choice flips (acc and
                     acc_norm predictions that differ); McNemar's exact test on per-document acc
-  rolling           |d loglikelihood| per document: max and p99; relative change of word perplexity
+  rolling           |d loglikelihood| per document, per word: max and p99; relative change of word perplexity
   generation        share of documents whose raw generations differ; McNemar on exact_match
 Every gated number has a limit in suites/bench_tolerance.toml, per dtype, with its reason.
 """
@@ -150,7 +150,9 @@ def paired_task(output_type: str, a: list[dict], b: list[dict]) -> dict:
         la = np.array([_ll(da[i]["filtered_resps"]) for i in ids])
         lb = np.array([_ll(db[i]["filtered_resps"]) for i in ids])
         words = np.array([da[i]["word_perplexity"][1] for i in ids], dtype=float)
-        d = np.abs(la - lb)
+        # A document's loglikelihood is a sum over all its tokens, so its rounding grows with its
+        # length: per word, a long document is held to the same limit as a short one.
+        d = np.abs(la - lb) / np.maximum(words, 1)
         ppl_a, ppl_b = math.exp(-la.sum() / words.sum()), math.exp(-lb.sum() / words.sum())
         out.update(ll_diff_max=float(d.max()), ll_diff_p99=_p99(d), score_a=ppl_a, score_b=ppl_b,
                    score_diff=abs(ppl_a / ppl_b - 1), score_name="word_perplexity (relative diff)")
