@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--html", action="store_true",
                             help="also render the self-contained HTML report and JUnit XML into OUT/report")
             sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+            sp.add_argument("--memory-budget", help="memory the run may use, e.g. 20GiB (default: what the device "
+                                                    "has available); a run estimated to need more is refused")
         sp.set_defaults(cmd=cmd)
     return p
 
@@ -62,6 +64,10 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
     from harness.core.environment import environment
     from harness.core.store import FAIL, atomic_write_text, write_results
     from harness.results.markdown import print_console, write_markdown
+    if result.parts and not any(part.measured() for part in result.parts):
+        reasons = sorted({r.reason for part in result.parts for r in part.rows if r.reason})[:3]
+        raise InputError("nothing was measured: every cell of a subject under test is n/a or info"
+                         + (f" ({'; '.join(reasons)})" if reasons else "") + "; choose settings this machine runs")
     folders, failed = [], False
     for part in result.parts:
         out = ctx.out / part.folder if part.folder else ctx.out
@@ -85,7 +91,8 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
 def execute(a: argparse.Namespace) -> int:
     if not a.cmd.suite:
         return a.cmd.run(a, None)
-    ctx = Context(inputs.out_dir(a.out), progress=not a.no_progress)
+    budget = inputs.size("--memory-budget", a.memory_budget) if a.memory_budget else None
+    ctx = Context(inputs.out_dir(a.out), progress=not a.no_progress, memory_budget=budget)
     return finish(a.cmd.run(a, ctx), ctx, a)
 
 

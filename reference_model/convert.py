@@ -224,10 +224,12 @@ def hf_config_to_args(config: dict, where: str) -> ModelArgs:
         raise CheckpointError(where, "rope_scaling", "RoPE scaling is not part of Llama 2")
     if config.get("tie_word_embeddings"):
         raise CheckpointError(where, "tie_word_embeddings", "Llama 2 does not tie embeddings")
+    _check_llama2(config, where)
+    kv = config.get("num_key_value_heads")
     args = ModelArgs(
         dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
         n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        n_kv_heads=config["num_attention_heads"] if kv is None else kv,
         vocab_size=config["vocab_size"], norm_eps=config["rms_norm_eps"], rope_theta=float(theta),
         max_seq_len=config.get("max_position_embeddings", 4096),
     )
@@ -237,6 +239,32 @@ def hf_config_to_args(config: dict, where: str) -> ModelArgs:
     args = _with_ffn(args, config["intermediate_size"], where)
     validate_args(args, where)
     return args
+
+
+# Fields of an HF config that, set otherwise, describe a model that is not Llama 2: comparing it
+# with the Llama 2 reference would blame transformers for a different architecture.
+_LLAMA2_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "model_type": "llama"}
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "auto")
+
+
+def _check_llama2(config: dict, where: str) -> None:
+    for key, want in _LLAMA2_FIXED.items():
+        if key in config and config[key] != want:
+            raise CheckpointError(where, key, f"{config[key]!r}: Llama 2 has {want!r}")
+    heads, dim = config.get("num_attention_heads"), config.get("hidden_size")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)
+                                 or not heads or head_dim * heads != dim):
+        raise CheckpointError(where, "head_dim", f"{head_dim!r}, but hidden_size / num_attention_heads = "
+                                                 f"{dim} / {heads}: Llama 2 has no separate head_dim")
+    for key in ("torch_dtype", "dtype"):
+        if key in config and config[key] is not None and config[key] not in _DTYPE_NAMES:
+            raise CheckpointError(where, key, f"{config[key]!r} is not a dtype ({', '.join(_DTYPE_NAMES)})")
+    if "num_key_value_heads" in config and config["num_key_value_heads"] is not None \
+            and config["num_key_value_heads"] <= 0:
+        raise CheckpointError(where, "num_key_value_heads", f"{config['num_key_value_heads']} must be positive")
+    if config.get("sliding_window") not in (None, False):
+        raise CheckpointError(where, "sliding_window", "Llama 2 attends to every earlier position")
 
 
 def _with_ffn(args: ModelArgs, hidden: int, where: str) -> ModelArgs:
@@ -270,10 +298,15 @@ def meta_params(args: ModelArgs) -> dict:
 _MAX_SIZE = 2 ** 31   # far above any Llama; stops arithmetic on absurd sizes from overflowing floats
 
 
+_MAX_LAYERS = 4096   # 80 in Llama 2 70B
+
+
 def validate_args(args: ModelArgs, where: str) -> None:
     for key in ("dim", "n_heads", "n_layers", "vocab_size", "multiple_of", "max_seq_len"):
         if abs(getattr(args, key)) >= _MAX_SIZE:
             raise CheckpointError(where, key, f"{getattr(args, key)} is too large")
+    if args.n_layers > _MAX_LAYERS:
+        raise CheckpointError(where, "n_layers", f"{args.n_layers} layers: more than the {_MAX_LAYERS} any Llama could have")
     if args.dim <= 0 or args.n_heads <= 0 or args.n_layers < 0:
         raise CheckpointError(where, "dim/n_heads/n_layers", "must be positive")
     if args.multiple_of <= 0:

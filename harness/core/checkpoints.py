@@ -49,6 +49,7 @@ class ModelFolder:
     path: Path
     format: str                  # "meta" or "hf"
     args: ModelArgs              # validated; vocab_size filled in
+    stored_bytes: int = 0        # the weight files' sizes, summed
 
     def load(self, vocab_size: int | None = None) -> Checkpoint:
         """Every tensor, checked against the config (reference_model's strict importer)."""
@@ -100,7 +101,11 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
         args = hf_config_to_args(config, str(path / "config.json"))
         check_vocab(args, vocab_size, str(path / "config.json"))
         ckpt_io.hf_weight_files(path)      # an index that points elsewhere is refused here
-    return ModelFolder(path, fmt, args)
+    files = ckpt_io.meta_shard_files(path) if fmt == "meta" else ckpt_io.hf_weight_files(path)[0]
+    stored = sum(f.stat().st_size for f in files if f.is_file())
+    from harness.core.resources import check_files
+    check_files(args, stored, str(path / ("params.json" if fmt == "meta" else "config.json")))
+    return ModelFolder(path, fmt, args, stored)
 
 
 # --- content hashes, computed once per file ------------------------------------------------------

@@ -55,6 +55,17 @@ def attn_reason(attn: str, device: str) -> str:
     return attn_implementations(device).get(attn, f"unknown attention implementation {attn!r}")
 
 
+def usable_attns(arg: str, attns: list[str], device: str) -> list[str]:
+    """The requested attention implementations; when none of them can run here, a run would
+    measure nothing and pass by default: that is bad input, said before anything runs."""
+    from harness.core.errors import InputError
+    reasons = {a: attn_reason(a, device) for a in attns}
+    if all(reasons.values()):
+        raise InputError(f"{arg} {','.join(attns)}: none can run here, so nothing would be measured ("
+                         + "; ".join(f"{a}: {why}" for a, why in reasons.items()) + ")")
+    return attns
+
+
 def dtype_kwarg() -> str:
     """from_pretrained's name for the dtype: ``dtype`` from 4.56, ``torch_dtype`` before."""
     return "dtype" if transformers_version() >= (4, 56) else "torch_dtype"

@@ -1,8 +1,10 @@
 """The environment block of every summary: what a rerun must match to give the same numbers."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
+from functools import lru_cache
 from typing import Any
 
 from harness.core import ROOT
@@ -17,6 +19,17 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@lru_cache(maxsize=None)
+def source_sha256() -> str:
+    """The harness's own code (harness/ and reference_model/ sources), hashed: a resumed run must
+    not reuse rows computed by other code, also where there is no git checkout to name a commit."""
+    h = hashlib.sha256()
+    for pkg in ("harness", "reference_model"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:32]
 
 
 def _version(module: str) -> str | None:
@@ -53,6 +66,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "sentencepiece": _version("sentencepiece"),
         "numpy": _version("numpy"),
         "harness_commit": _git_commit(),
+        "harness_source_sha256": source_sha256(),
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,

@@ -210,6 +210,9 @@ class Journal:
         j.path.parent.mkdir(parents=True, exist_ok=True)
         if not j.path.exists():
             return j
+        if not j.path.is_file():
+            from harness.core.errors import InputError
+            raise InputError(f"--out: {j.path} is not a file (the journal a rerun resumes from); move it away")
         raw = j.path.read_bytes()
         good: list[bytes] = []
         for line in raw.split(b"\n"):
@@ -254,7 +257,7 @@ def _parse_entry(line: bytes) -> tuple[str, list[Row]] | None:
         if d.get("v") != JOURNAL_VERSION or not isinstance(d.get("key"), str):
             return None
         return d["key"], [Row.from_dict(r) for r in d["rows"]]
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 

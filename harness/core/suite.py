@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.core.errors import InputError
 from harness.core.store import JOURNAL, Journal, Row, clear_results
 
 
@@ -36,6 +37,11 @@ class Part:
     files: dict[str, str] = field(default_factory=dict)             # more files beside the results
     timing: dict[str, Any] | None = None      # timing.json (never in summary.json)
     device: str = "cpu"
+    calibrators: tuple[str, ...] = ("reference",)   # subjects that calibrate, not under test
+
+    def measured(self) -> bool:
+        """Whether any subject under test was measured (a run of n/a rows has passed nothing)."""
+        return any(r.status != "n/a" and r.subject not in self.calibrators for r in self.rows)
 
 
 @dataclass
@@ -47,11 +53,16 @@ class Result:
 class Context:
     """What a running suite may touch: where results go, the journal, progress and notes."""
 
-    def __init__(self, out: Path, progress: bool = True):
+    def __init__(self, out: Path, progress: bool = True, memory_budget: int | None = None):
         self.out = Path(out)
         self.progress = progress
+        self.memory_budget = memory_budget      # bytes; None: what the device has (harness.core.resources)
         self.notes: list[str] = []
         self._journal: Journal | None = None
+
+    def check_memory(self, needs: list, device: str) -> None:
+        from harness.core.resources import check
+        check(needs, device, self.memory_budget)
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -59,7 +70,13 @@ class Context:
     def begin(self, resume: bool = True) -> None:
         """Called once every input is validated: stale results go, so that a run killed from here
         on leaves no verdict that is not its own (the journal stays unless resume is off)."""
+        journal = self.out / JOURNAL
+        if journal.exists() and not journal.is_file():
+            raise InputError(f"--out: {journal} is not a file (the journal a rerun resumes from); move it away")
         clear_results(self.out)
+        if self.out.is_dir():   # a write killed between its temporary file and the rename leaves this
+            for stale in self.out.glob(".*.tmp"):
+                stale.unlink()
         if not resume and (self.out / JOURNAL).exists():
             (self.out / JOURNAL).unlink()
 

@@ -55,15 +55,20 @@ class RegressionPolicy:
 def _allowance(spec: Any, where: str, fallback: Allowance | None) -> Allowance:
     if not isinstance(spec, dict):
         raise InputError(f"{where}: must be a table")
-    try:
-        factor = float(spec.get("factor", fallback.factor if fallback else None))
-        slack = float(spec.get("slack", fallback.slack if fallback else None))
-        reason = str(spec["reason"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{where}: needs numbers factor, slack and a reason ({e})") from None
-    if factor < 1 or slack < 0:
-        raise InputError(f"{where}: factor must be >= 1 and slack >= 0 (a gate may not demand improvement)")
-    return Allowance(factor, slack, reason)
+    unknown = sorted(set(spec) - {"factor", "slack", "reason"})
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)} (factor, slack, reason)")
+    values = {}
+    for key, low in (("factor", 1.0), ("slack", 0.0)):
+        v = spec.get(key, getattr(fallback, key) if fallback else None)
+        # NaN compares false with everything: a NaN factor would pass any regression.
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+            raise InputError(f"{where}: {key} = {v!r} must be a finite number >= {low:g} "
+                             "(a gate may not demand improvement)")
+        values[key] = float(v)
+    if not isinstance(spec.get("reason"), str) or not spec["reason"].strip():
+        raise InputError(f"{where}: needs a reason")
+    return Allowance(values["factor"], values["slack"], spec["reason"])
 
 
 def load_regression_policy(path: str | Path | None = None) -> RegressionPolicy:
@@ -72,6 +77,11 @@ def load_regression_policy(path: str | Path | None = None) -> RegressionPolicy:
     if "default" not in data:
         raise InputError(f"{path}: missing table [default]")
     default = _allowance(data["default"], f"{path}: [default]", None)
+    unknown = sorted(set(data) - {"version", "default", "metric"})
+    if unknown:
+        raise InputError(f"{path}: unknown table(s) {', '.join(unknown)} (default, metric)")
+    if not isinstance(data.get("metric", {}), dict):
+        raise InputError(f"{path}: [metric] must be a table of [metric.NAME] tables")
     metrics = {m: _allowance(spec, f"{path}: [metric.{m}]", default)
                for m, spec in (data.get("metric") or {}).items()}
     return RegressionPolicy(data["version"], path, default, metrics)
@@ -181,4 +191,4 @@ class Compare(Suite):
         notes.append(f"compare: {failed} regressed, {len(moved(rows)) - failed} moved within policy or new/missing, "
                      f"{sum(r.status == PASS for r in rows)} compared (regression policy {policy.version}); "
                      f"results in {a.out}")
-        return Result([Part(SUITE, rows, summary_extra(base, cur, policy, base_dirs, cur_dirs))], notes)
+        return Result([Part(SUITE, rows, summary_extra(base, cur, policy, base_dirs, cur_dirs), calibrators=())], notes)

@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from harness.core import compat, inputs
+from harness.core import compat, inputs, resources
 from harness.core.datafiles import suite_data
 from harness.core.errors import InputError
 from harness.core.faults import faults_for, get_fault
@@ -243,6 +243,7 @@ class Localise(Suite):
         tp = inputs.integer("--tp", a.tp, 1, 4096)
         fault = get_fault(a.plant, "localise")
         folder = open_model(a.model)
+        ctx.check_memory(resources.logits_run(folder.args, [dtype], [shape], folder.stored_bytes), device)
         ckpt = folder.load()
         ids = make_inputs(shape, ckpt.args.vocab_size, seed)
         with HFFolder(ckpt) as hf:

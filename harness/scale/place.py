@@ -240,6 +240,10 @@ class Place(Suite):
         shape, seed = inputs.shape("--shape", a.shape), inputs.seed(a.seed)
         policy = load_policy(a.policy, metrics=list(METRICS)).require([dtype], METRICS)
         folder = open_model(a.model)
+        from harness.core import resources
+        ctx.check_memory([resources.Need("the checkpoint as stored", folder.stored_bytes),
+                          resources.Need("the largest forward (float64)",
+                                         resources.forward_bytes(folder.args, shape.batch, shape.seq, "float64"))], "cpu")
         ckpt = folder.load()
         work_map, oracle_map = _maps(a, ckpt.args, dtype)
         probe = empty_reference(ckpt.args)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness.core import compat
+from harness.core import compat, resources
 from harness.core.checkpoints import LazyWeights, open_model
 from harness.core.errors import InputError
 from harness.core.faults import faults_for, get_fault
@@ -295,6 +295,10 @@ class Stream(Suite):
         dtype, attn, shape, device, seed = common_inputs(a)
         fault = get_fault(a.plant, "stream")
         folder = open_model(a.model)
+        args = folder.args
+        ctx.check_memory([resources.Need("the largest forward (float64)", resources.forward_bytes(
+            args, shape.batch, shape.seq, "float64")), resources.Need("the embedding and head at float64",
+                                                                        4 * args.vocab_size * args.dim * 8)], device)
         ids = make_inputs(shape, folder.args.vocab_size, seed)
         result = stream_compare(folder.path, ids, dtype, device, attn, fine=not a.coarse, feed=a.feed, fault=fault)
         found = locate(result.order, result.transformers, result.reference, dtype)

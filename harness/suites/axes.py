@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from harness.core import SUITES, compat, deviations, inputs
+from harness.core import SUITES, compat, deviations, inputs, resources
 from harness.core.cases import Shape, make_inputs
 from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import read_toml
@@ -389,7 +389,10 @@ class Axes(Suite):
             behaviour_policy=load_policy(BEHAVIOUR_POLICY).require(dtypes, ["attn_probs_max_abs", "hidden_rel_l2"]),
             device=inputs.device(a.device), seed=inputs.seed(a.seed), fault=get_fault(a.plant, self.name),
             strict=a.strict)
+        compat.usable_attns("--attn", run.attns, run.device)
         folder = open_model(a.model) if a.model else open_model(long_positions_model())
+        ctx.check_memory(resources.logits_run(folder.args, dtypes, [Shape(1, n) for n in run.lengths] + [Shape(2, 32)],
+                                              folder.stored_bytes), run.device)
         ckpt = folder.load()
         if run.fault is not None and run.fault.min_positions > max(run.lengths) and "cast" in suites:
             run.notes.append(f"note: --plant {run.fault.name} shows from about {run.fault.min_positions} positions; "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from harness.core import compat, inputs
+from harness.core import compat, inputs, resources
 from harness.core.cases import Case, Shape, make_inputs, matrix
 from harness.core.checkpoints import HFFolder, ModelFolder, open_model
 from harness.core.datafiles import suite_data
@@ -58,7 +58,7 @@ class Logits(Suite):
         p.add_argument("--no-resume", action="store_true", help="forget finished cells journaled in --out; rerun all")
 
     def run(self, a, ctx: Context) -> Result:
-        plan = Plan.from_args(a)
+        plan = Plan.from_args(a, ctx)
         ctx.begin(resume=not a.no_resume)
         return Measure(plan, ctx).run()
 
@@ -81,7 +81,7 @@ class Plan:
     tokenizer_vocab: int | None
 
     @classmethod
-    def from_args(cls, a) -> "Plan":
+    def from_args(cls, a, ctx: Context) -> "Plan":
         d = suite_data(SUITE)["defaults"]
         if a.tokens and a.shapes:
             raise InputError("--tokens and --shapes: give one (the token file fixes the shape)")
@@ -91,11 +91,16 @@ class Plan:
         seed = inputs.seed(a.seed)
         dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d["dtypes"], inputs.KNOWN_DTYPES)
         attns = inputs.choices("--attn", a.attn if a.attn is not None else d["attn"], inputs.KNOWN_ATTN)
+        compat.usable_attns("--attn", attns, device)
         tps = inputs.positive_ints("--tp", a.tp if a.tp is not None else [str(t) for t in d["tp"]])
+        if all(t > 1 for t in tps) and not compat.tp_honoured():
+            raise InputError(f"--tp {','.join(map(str, tps))}: {compat.TP_NOOP}, so nothing would be measured")
         shapes = inputs.shapes("--shapes", a.shapes if a.shapes is not None else d["shapes"])
         policy = load_policy(a.policy, metrics=list(METRICS)).require(dtypes, METRICS)
         fault = get_fault(a.plant, SUITE)
         folder = open_model(a.model, vocab_size=vocab)
+        shapes_run = shapes if tokens is None else [Shape(len(tokens), len(tokens[0]))]
+        ctx.check_memory(resources.logits_run(folder.args, dtypes, shapes_run, folder.stored_bytes), device)
         ckpt = folder.load(vocab_size=vocab)
         if tokens is None:
             ids = {s: make_inputs(s, ckpt.args.vocab_size, seed) for s in shapes}
@@ -136,7 +141,7 @@ class Measure:
                        "sha": fingerprint(plan.policy.path.read_text(encoding="utf-8"))},
             "plant": plan.fault.name if plan.fault else None,
             "environment": {k: self.env[k] for k in ("torch", "transformers", "device", "torch_threads",
-                                                     "harness_commit")},
+                                                     "harness_commit", "harness_source_sha256")},
         }
 
     # -- shared, made once ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from harness.core import compat, inputs
+from harness.core import compat, inputs, resources
 from harness.core.cases import Shape, make_inputs
 from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import suite_data
@@ -66,12 +66,13 @@ class MP(Suite):
         if why:
             raise InputError(f"--attn {attn}: {why}")
         folder = open_model(a.model)
+        dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d["dtypes"], inputs.KNOWN_DTYPES)
+        shapes = inputs.shapes("--shapes", a.shapes if a.shapes is not None else d["shapes"])
+        ctx.check_memory(resources.logits_run(folder.args, dtypes, shapes, folder.stored_bytes), device)
         run = MPRun(ckpt=folder.load(),
                     degrees=inputs.positive_ints("--degrees", a.degrees if a.degrees is not None
                                                  else [str(k) for k in d["degrees"]], 64),
-                    dtypes=inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d["dtypes"],
-                                          inputs.KNOWN_DTYPES),
-                    shapes=inputs.shapes("--shapes", a.shapes if a.shapes is not None else d["shapes"]),
+                    dtypes=dtypes, shapes=shapes,
                     attn=attn, ranks=a.ranks, device=device, seed=inputs.seed(a.seed))
         return run_mp(run)
 

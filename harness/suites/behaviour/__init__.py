@@ -10,7 +10,8 @@ Cases are data (suites/behaviour.toml); tolerances are suites/behaviour_toleranc
 """
 from __future__ import annotations
 
-from harness.core import inputs
+from harness.core import compat, inputs, resources
+from harness.core.cases import Shape
 from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import suite_data
 from harness.core.faults import faults_for, get_fault
@@ -54,11 +55,14 @@ class Behaviour(Suite):
                                 inputs.KNOWN_DTYPES)
         attns = inputs.choices("--attn", a.attn if a.attn is not None else ["eager", "sdpa"], inputs.KNOWN_ATTN)
         device, seed = inputs.device(a.device), inputs.seed(a.seed)
+        compat.usable_attns("--attn", attns, device)
         policy = load_policy(a.policy or DEFAULT_POLICY, metrics=METRICS).require(
             dtypes, [m for s in suites for m in NEEDS[s]])
         fault = get_fault(a.plant, self.name)
         cases = suite_data(self.name)
-        ckpt = open_model(a.model).load()
+        folder = open_model(a.model)
+        ctx.check_memory(resources.logits_run(folder.args, dtypes, largest_inputs(cases), folder.stored_bytes), device)
+        ckpt = folder.load()
         notes = []
         if fault is not None and not set(fault.shows_in) & set(suites):
             notes.append(f"note: --plant {fault.name} is visible only in suite(s) {', '.join(fault.shows_in)}")
@@ -71,3 +75,11 @@ class Behaviour(Suite):
                          "plant": a.plant, "policy": {"path": str(policy.path), "version": policy.version}}
                 parts.append(Part(name, rows, extra, folder=name, device=device))
         return Result(parts, notes + run.notes)
+
+
+def largest_inputs(cases: dict) -> list[Shape]:
+    """The biggest batch each behaviour suite runs (suites/behaviour.toml), for the memory check."""
+    g, c, pad, h = cases["generate"], cases["cache"], cases["padding"], cases["hidden"]
+    return [Shape(1, max(g["prompt_lengths"]) + g["new_tokens"]), Shape(c["batch"], c["length"]),
+            Shape(len(pad["lengths"]), max(pad["lengths"]) + max(pad["extra"].values())),
+            Shape(h["batch"], h["length"])]

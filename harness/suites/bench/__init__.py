@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.core import inputs
+from harness.core import inputs, resources
 from harness.core.checkpoints import open_model
 from harness.core.compat import lmeval_unsupported
 from harness.core.datafiles import suite_data
@@ -56,11 +56,17 @@ class Bench(Suite):
         if a.tokenizer:
             inputs.existing_file("--tokenizer", a.tokenizer)
         dtype = inputs.choice("--dtype", a.dtype, inputs.KNOWN_DTYPES)
-        run = BenchRun(model=open_model(a.model).path,
+        folder = open_model(a.model)
+        batch, length = inputs.integer("--batch-size", a.batch_size, 1, 4096), inputs.integer("--max-length", a.max_length, 2, 1 << 20)
+        n = resources.parameters(folder.args)
+        ctx.check_memory([resources.Need("the checkpoint as stored", folder.stored_bytes),
+                          resources.Need(f"two subjects at {dtype}", 2 * n * resources.BYTES[dtype]),
+                          resources.Need("the largest batch's forward", resources.forward_bytes(
+                              folder.args, batch, length, dtype))], inputs.device(a.device))
+        run = BenchRun(model=folder.path,
                        tasks=[t for group in (a.tasks or [data["defaults"]["tasks"]]) for t in group],
                        limit=None if a.limit is None else inputs.integer("--limit", a.limit, 1, 10**7),
-                       dtype=dtype, batch_size=inputs.integer("--batch-size", a.batch_size, 1, 4096),
-                       max_length=inputs.integer("--max-length", a.max_length, 2, 1 << 20),
+                       dtype=dtype, batch_size=batch, max_length=length,
                        num_fewshot=inputs.integer("--num-fewshot", a.num_fewshot, 0, 100),
                        effects=a.effects, fault=get_fault(a.plant, self.name),
                        policy=load_bench_policy(a.policy).require([dtype, "bfloat16"] if a.effects else [dtype]),

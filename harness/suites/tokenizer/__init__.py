@@ -129,8 +129,8 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
     }
     sections = [("Per subject", per_subject(rows)), ("Divergences (first evidence per failing or known cell)",
                                                      divergences(rows))]
-    return Result([Part(SUITE, rows, extra, sections=sections, timing={"seconds": round(time.time() - started, 1)})],
-                  ctx.notes)
+    return Result([Part(SUITE, rows, extra, sections=sections, timing={"seconds": round(time.time() - started, 1)},
+                        calibrators=())], ctx.notes)
 
 
 def per_subject(rows: list[Row]) -> str:
