@@ -17,14 +17,17 @@ class MakeModel(Command):
         p.add_argument("--format", default="meta", choices=("meta", "hf"))
         p.add_argument("--shards", default="1", help="model-parallel shards (Meta format)")
         p.add_argument("--seed", default="0")
+        p.add_argument("--vocab-size", help="override the preset's vocabulary (e.g. 32001: not divisible by "
+                                            "pretraining_tp)")
         p.add_argument("--out", required=True)
 
     def run(self, a, ctx=None) -> int:
         from harness.core.presets import preset_args, write_preset
         shards, seed = inputs.integer("--shards", a.shards, 1, 64), inputs.seed(a.seed)
+        vocab = None if a.vocab_size is None else inputs.integer("--vocab-size", a.vocab_size, 4, 1 << 20)
         preset_args(a.preset)
         out = _empty_target(a.out)
-        path = write_preset(a.preset, out, fmt=a.format, shards=shards, seed=seed)
+        path = write_preset(a.preset, out, fmt=a.format, shards=shards, seed=seed, vocab_size=vocab)
         print(f"wrote {a.preset} ({a.format}, {shards} shard(s), seed {seed}) to {path}")
         return 0
 

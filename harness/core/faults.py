@@ -51,6 +51,9 @@ class Fault:
     def edit_tokenizer_config(self, config: dict) -> None:
         pass
 
+    def edit_tokenizer(self, subject, truth) -> None:
+        """A tokenizer suite subject (its encode/decode callables), given the suite's truth."""
+
 
 def _layers(model):
     return model.layers if hasattr(model, "layers") else model.model.layers
@@ -225,6 +228,15 @@ class RopeLowPrecision(Fault):
                 setattr(owner, name.rsplit(".", 1)[1], buf.to(dtype))
 
 
+class VocabTruncated(Fault):
+    name, doc = "vocab-truncated", ("the head drops its last vocabulary row, as pretraining_tp > 1 did in 4.31-4.46 "
+                                    "for a vocabulary it does not divide")
+    suites = ("logits",)
+
+    def edit_model(self, model):
+        model.lm_head.register_forward_hook(lambda module, args, out: out[..., :-1])
+
+
 # Not planted: positions counted from 1. RoPE is relative, so a full forward without cache or
 # padding cannot see a constant position offset (measured: ratio ~1 at every dtype); the cache
 # and padding suites are where that bug shows (cache-off-by-one).
@@ -278,6 +290,18 @@ class PoolLastPosition(Fault):
 
     def edit_model(self, model):
         model.config.pad_token_id = model.config.vocab_size - 1
+
+
+class KeepArgIgnored(Fault):
+    name, doc = "keep-arg-ignored", "logits_to_keep / num_logits_to_keep accepted and ignored (every position returned)"
+    suites, shows_in = ("behaviour",), ("api",)
+
+    def edit_model(self, model):
+        def drop(module, args, kwargs):
+            for k in ("logits_to_keep", "num_logits_to_keep"):
+                kwargs.pop(k, None)
+            return args, kwargs
+        model.register_forward_pre_hook(drop, with_kwargs=True)
 
 
 class LastLayerGateUp(Fault):
@@ -346,10 +370,51 @@ class DropBos(Fault):
         config["add_bos_token"] = False
 
 
+# --- tokenizers: the two spacing bugs transformers' Llama tokenizers had next to special tokens ---
+
+class TokSpaceAfterSpecial(Fault):
+    name, doc = "tok-space-after-special", ("text right after a special token gets a dummy-prefix space "
+                                            "('<s>Hello' -> '<s>', '▁Hello'): the pre-legacy=False behaviour")
+    suites = ("tokenizer",)
+
+    def edit_tokenizer(self, s, truth):
+        """Planted on transformers subjects' encode and batch encode (not the reference's)."""
+        if s.hf is None:
+            return
+
+        def legacy(text: str, real=s.encode) -> list[int]:
+            if not truth.has_special(text):
+                return real(text)
+            ids = []
+            for part in truth._split.split(text):
+                ids += [truth.specials[part]] if part in truth.specials else (list(truth.sp.encode(part)) if part else [])
+            return ids
+        s.encode = legacy
+        s.batch_encode = lambda texts: [legacy(x) for x in texts]
+
+
+class TokDecodeDropsSpace(Fault):
+    name, doc = "tok-decode-drops-space", ("decoding with special tokens kept drops the space after a special "
+                                           "token ('<s> Hello' -> '<s>Hello')")
+    suites = ("tokenizer",)
+
+    def edit_tokenizer(self, s, truth):
+        if s.decode_keep is not None:
+            real = s.decode_keep
+            s.decode_keep = lambda ids: _drop_space_after(real(ids), truth.specials)
+
+
+def _drop_space_after(text: str, specials: dict) -> str:
+    for sp in specials:
+        text = text.replace(sp + " ", sp)
+    return text
+
+
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoPermute, RopeBase, MaskShift, NormEps, NormLowPrecision, SwapGateUp, GqaTile, TiedEmbeddings,
-    NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision,
-    PadAttend, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos)}
+    NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision, VocabTruncated,
+    PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
+    TokSpaceAfterSpecial, TokDecodeDropsSpace)}
 
 
 def faults_for(suite: str) -> list[str]:

@@ -46,10 +46,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_args(name: str) -> ModelArgs:
+def preset_args(name: str, **overrides) -> ModelArgs:
     if name not in PRESETS:
         raise InputError(f"--preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return ModelArgs.from_params(PRESETS[name])
+    return ModelArgs.from_params({**PRESETS[name], **overrides})
 
 
 def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -72,8 +72,9 @@ def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.floa
 
 
 def write_preset(name: str, out: Path, fmt: str = "meta", shards: int = 1, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, hf_shard_tensors: int | None = None) -> Path:
-    args = preset_args(name)
+                 dtype: torch.dtype = torch.float32, hf_shard_tensors: int | None = None,
+                 vocab_size: int | None = None) -> Path:
+    args = preset_args(name, **({} if vocab_size is None else {"vocab_size": vocab_size}))
     state = random_state(args, seed, dtype, outliers=4 if name == "tiny-outliers" else 0)
     if fmt == "meta":
         return save_meta(out, args, state, n_shards=shards)

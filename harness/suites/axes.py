@@ -155,8 +155,7 @@ def _bucket_rows(suite, case, subject, logits, truth, spans, policy, dtype, ref_
             tol, status, reason = policy.judge(dtype, m, v[m], ref)
             if why:
                 status, reason = FAIL, why
-            rows.append(Row(suite, c, subject, ORACLE, m, v[m], tol, status, reason,
-                            dict(extra or {}) if m == "max_abs" else {}))
+            rows.append(Row(suite, c, subject, ORACLE, m, v[m], tol, status, reason, dict(extra or {})))
     return rows, values
 
 

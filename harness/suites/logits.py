@@ -251,6 +251,9 @@ class Measure:
                 rows.append(_failed(case, f"transformers forward failed: {_first_line(e)}"))
                 continue
             truth = self.truth()[case.shape]
+            if logits.shape != truth.shape:
+                rows.append(_failed(case, shape_mismatch(logits, truth, tp)))
+                continue
             values, why = judged_compare(logits, truth, dtype, self.notes)
             rows += with_curves(judge(metric_rows(case.settings(), "transformers", values, why), plan.policy, dtype,
                                       ref_metrics[case.shape]), logits, truth)
@@ -308,6 +311,15 @@ def _na(case: Case, why: str) -> Row:
 
 def _failed(case: Case, why: str) -> Row:
     return Row(SUITE, case.settings(), "transformers", ORACLE, "all", None, status=FAIL, reason=why)
+
+
+def shape_mismatch(logits: torch.Tensor, truth: torch.Tensor, tp: int) -> str:
+    why = f"transformers returned logits of shape {tuple(logits.shape)}, the oracle {tuple(truth.shape)}"
+    vocab = truth.shape[-1]
+    if tp > 1 and vocab % tp and logits.shape[-1] == tp * (vocab // tp):
+        why += (f": pretraining_tp={tp} slices lm_head into {vocab} // {tp} = {vocab // tp} rows and drops the "
+                f"last {vocab % tp} vocabulary entries")
+    return why
 
 
 def _first_line(e: Exception) -> str:

@@ -5,12 +5,13 @@
   padding   each sequence alone vs inside a padded batch; an added <pad> token (padding.py)
   seqcls    LlamaForSequenceClassification pooling and scores (seqcls.py)
   hidden    output_hidden_states layer by layer (hidden.py)
+  api       API contracts: the logits dtype, logits_to_keep / num_logits_to_keep (api.py)
 
 Cases are data (suites/behaviour.toml); tolerances are suites/behaviour_tolerance.toml.
 """
 from __future__ import annotations
 
-from harness.core import compat, inputs, resources
+from harness.core import compat, deviations, inputs, resources
 from harness.core.cases import Shape
 from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import suite_data
@@ -19,20 +20,20 @@ from harness.core.suite import Context, Part, Result, Suite
 from harness.core.tolerance import load_policy
 from harness.suites.behaviour.common import DEFAULT_POLICY, BehaviourRun
 
-SUITES = ("generate", "cache", "padding", "seqcls", "hidden")
+SUITES = ("generate", "cache", "padding", "seqcls", "hidden", "api")
 METRICS = [f"{prefix}_{m}" for prefix in ("cache", "pad") for m in ("max_abs", "kl_max", "top1_disagree")] + [
     "pad_row_abs", "seqcls_max_abs", "hidden_rel_l2", "gen_divergence_margin", "gen_step_max_abs",
     "attn_probs_max_abs"]
 NEEDS = {"generate": ["gen_divergence_margin", "gen_step_max_abs"],
          "cache": ["cache_max_abs", "cache_kl_max", "cache_top1_disagree"],
          "padding": ["pad_max_abs", "pad_kl_max", "pad_top1_disagree", "pad_row_abs"],
-         "seqcls": ["seqcls_max_abs"], "hidden": ["hidden_rel_l2"]}
+         "seqcls": ["seqcls_max_abs"], "hidden": ["hidden_rel_l2"], "api": []}
 
 
 def _runner(name: str):
-    from harness.suites.behaviour import cache, generate, hidden, padding, seqcls
+    from harness.suites.behaviour import api, cache, generate, hidden, padding, seqcls
     return {"generate": generate.run, "cache": cache.run, "padding": padding.run,
-            "seqcls": seqcls.run, "hidden": hidden.run}[name]
+            "seqcls": seqcls.run, "hidden": hidden.run, "api": api.run}[name]
 
 
 class Behaviour(Suite):
@@ -48,6 +49,7 @@ class Behaviour(Suite):
         p.add_argument("--seed", default="0")
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/behaviour_tolerance.toml)")
         p.add_argument("--plant", help=f"plant a bug in the transformers subject: {', '.join(faults_for('behaviour'))}")
+        p.add_argument("--strict", action="store_true", help="gate known deviations like any other row")
 
     def run(self, a, ctx: Context) -> Result:
         suites = list(SUITES) if a.suite == ["all"] else inputs.choices("--suite", a.suite, SUITES)
@@ -69,8 +71,9 @@ class Behaviour(Suite):
         parts = []
         with HFFolder(ckpt) as hf:
             run = BehaviourRun(ckpt, hf.path, dtypes, attns, policy, cases, device, seed, fault)
+            known = deviations.read(cases, "suites/behaviour.toml")
             for name in suites:
-                rows = _runner(name)(run)
+                rows = deviations.settle(_runner(name)(run), known, a.strict)
                 extra = {"model": {"path": str(ckpt.path), "format": ckpt.source}, "seed": seed,
                          "plant": a.plant, "policy": {"path": str(policy.path), "version": policy.version}}
                 parts.append(Part(name, rows, extra, folder=name, device=device))

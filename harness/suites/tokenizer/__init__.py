@@ -30,6 +30,7 @@ from typing import Any
 
 from harness.core import inputs
 from harness.core.errors import InputError
+from harness.core.faults import faults_for, get_fault
 from harness.core.store import FAIL, INFO, NA, PASS, Row
 from harness.core.suite import Context, Part, Result, Suite
 from harness.results.markdown import md_escape
@@ -46,7 +47,8 @@ class Tokenizer(Suite):
     help = "every tokenizer (reference, transformers loaders/flags) vs sentencepiece"
 
     def add_arguments(self, p) -> None:
-        p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model (default: the built Llama 2 fixture)")
+        p.add_argument("--tokenizer", help="a SentencePiece tokenizer.model, or an HF tokenizer folder holding one "
+                                           "(then also loaded as it is; default: the built Llama 2 fixture)")
         p.add_argument("--subjects", type=inputs.csv,
                        help="comma list of fnmatch patterns over name/loader[/flags], "
                             "e.g. 'reference,transformers.AutoTokenizer*'")
@@ -55,15 +57,29 @@ class Tokenizer(Suite):
         p.add_argument("--codepoint-step", default="97", help="sweep every Nth Unicode code point")
         p.add_argument("--no-vocab-sweep", action="store_true", help="skip the every-id / every-piece sweep")
         p.add_argument("--cases", help="catalogue TOML (default: suites/tokenizer.toml)")
+        p.add_argument("--plant", help=f"plant a tokenizer bug in the transformers subjects: "
+                                       f"{', '.join(faults_for(SUITE))}")
 
     def run(self, a, ctx: Context) -> Result:
         from harness.core.real_tokenizer import ensure_tokenizer_model
         fuzz = inputs.integer("--fuzz-examples", a.fuzz_examples, 0, 100_000)
         step = inputs.integer("--codepoint-step", a.codepoint_step, 0, 0x110000)
         cat = load_catalogue(Path(a.cases) if a.cases else CASES_FILE)
-        path = Path(a.tokenizer) if a.tokenizer else ensure_tokenizer_model()
+        fault = get_fault(a.plant, SUITE)
+        path, folder = tokenizer_file(a.tokenizer) if a.tokenizer else (ensure_tokenizer_model(), None)
         check_model_file(path)
-        return run_suite(path, cat, fuzz, a.subjects, step, not a.no_vocab_sweep, ctx)
+        return run_suite(path, cat, fuzz, a.subjects, step, not a.no_vocab_sweep, ctx, folder, fault)
+
+
+def tokenizer_file(value: str) -> tuple[Path, Path | None]:
+    """--tokenizer FILE or FOLDER: (the tokenizer.model, the folder users hand transformers)."""
+    path = Path(value)
+    if path.is_dir():
+        if not (path / "tokenizer.model").is_file():
+            raise InputError(f"--tokenizer {path}: a folder without tokenizer.model (the SentencePiece model "
+                             "the harness compares with)")
+        return path / "tokenizer.model", path
+    return path, None
 
 
 def check_model_file(path: Path) -> None:
@@ -84,7 +100,7 @@ def check_model_file(path: Path) -> None:
 
 
 def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, codepoint_step: int,
-              vocab_sweep: bool, ctx: Context) -> Result:
+              vocab_sweep: bool, ctx: Context, user_folder: Path | None = None, fault=None) -> Result:
     started = time.time()
     truth = Truth(path)
     judge = Judge(cat)
@@ -92,7 +108,7 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
     groups = checks.codepoint_classes(codepoint_step) if codepoint_step else {}
     log = ctx.note if not ctx.progress else (lambda msg: print(f"[tokenizer] {msg}", flush=True))
     with tempfile.TemporaryDirectory(prefix="llama-parity-tok-") as tmp:
-        found = discover_subjects(path, Path(tmp))
+        found = discover_subjects(path, Path(tmp), user_folder)
         if patterns:
             found = [s for s in found if any(fnmatch.fnmatchcase(s.label, p) or fnmatch.fnmatchcase(s.name, p)
                                              for p in patterns)]
@@ -105,6 +121,8 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
                                       None, None, NA, s.na))
                 log(f"{s.label}: n/a ({s.na[:100]})")
                 continue
+            if fault is not None:
+                fault.edit_tokenizer(s, truth)
             t0 = time.time()
             checks.check_subject(judge, truth, s, cat, texts, groups, vocab_sweep)
             mine = [r for r in judge.rows if r.subject == s.name and r.case.get("loader") == s.loader
@@ -118,6 +136,7 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
         "tokenizer": str(path),
         "tokenizer_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "catalogue": {"file": str(CASES_FILE), "version": cat.version},
+        "plant": fault.name if fault is not None else None,
         "ground_truth": f"sentencepiece {getattr(sentencepiece, '__version__', '?')}",
         "fuzz_examples": len(texts),
         "codepoint_step": codepoint_step,

@@ -16,6 +16,7 @@ class Subject:
     encode: Callable[[str], list[int]] | None = None
     encode_special: Callable[[str], list[int]] | None = None
     decode: Callable[[list[int]], str] | None = None
+    decode_keep: Callable[[list[int]], str] | None = None     # decode keeping special tokens
     batch_encode: Callable[[list[str]], list[list[int]]] | None = None
     batch_decode: Callable[[list[list[int]]], list[str]] | None = None
     pieces: Callable[[list[int]], list[str]] | None = None
@@ -26,7 +27,7 @@ class Subject:
 
     @property
     def label(self) -> str:
-        """What [[known]] and --subjects patterns match: name/loader[/flags]."""
+        """What --subjects patterns match: name/loader[/flags]."""
         return "/".join(x for x in (self.name, self.loader, self.flags) if x)
 
     def case(self, kind: str, name: str) -> dict[str, Any]:
@@ -65,6 +66,7 @@ def load_subject(s: Subject) -> Subject:
     s.encode = lambda t: list(tk.encode(t, add_special_tokens=False))
     s.encode_special = lambda t: list(tk.encode(t))
     s.decode = lambda ids: tk.decode(ids, skip_special_tokens=True)
+    s.decode_keep = lambda ids: tk.decode(ids, skip_special_tokens=False)
     s.batch_encode = lambda texts: [list(x) for x in tk(texts, add_special_tokens=False)["input_ids"]]
     s.batch_decode = lambda batch: list(tk.batch_decode(batch, skip_special_tokens=True))
     s.pieces = lambda ids: list(tk.convert_ids_to_tokens(ids))
@@ -78,8 +80,11 @@ def _is_slow(cls: type) -> bool:
     return "PreTrainedTokenizer" in names and not names & {"PreTrainedTokenizerFast", "TokenizersBackend"}
 
 
-def discover_subjects(model: Path, workdir: Path) -> list[Subject]:
-    """The reference plus every transformers tokenizer/loader/flag combination the installed release has."""
+def discover_subjects(model: Path, workdir: Path, user_folder: Path | None = None) -> list[Subject]:
+    """The reference plus every transformers tokenizer/loader/flag combination the installed release has.
+
+    ``user_folder``: an HF tokenizer folder as users have it (tokenizer.model beside its
+    tokenizer_config.json): every class also loads it as it is (loader "user-folder")."""
     subjects = [_reference_subject(model)]
     try:
         import transformers
@@ -137,6 +142,33 @@ def discover_subjects(model: Path, workdir: Path) -> list[Subject]:
     if major < 5:
         subjects.append(_hf_subject("transformers.AutoTokenizer", "from_pretrained", "use_fast=False",
                                     lambda: auto.from_pretrained(str(bare), use_fast=False)))
+    classes = {n: c for n, c in (("LlamaTokenizer", llama), ("LlamaTokenizerFast", fast), ("AutoTokenizer", auto))
+               if c is not None}
+    subjects += _saved_by_another(classes, bare, workdir)
+    if user_folder is not None:
+        for cls_name, cls in classes.items():
+            subjects.append(_hf_subject(f"transformers.{cls_name}", "user-folder", "",
+                                        lambda cls=cls: cls.from_pretrained(str(user_folder))))
     return subjects
+
+
+def _saved_by_another(classes: dict, bare: Path, workdir: Path) -> list[Subject]:
+    """A folder saved by one class with legacy=False, loaded by another: the flag must travel in
+    the folder (tokenizer_config.json), or the loader falls back to its default behaviour."""
+    out = []
+    savers = {n: c for n, c in classes.items() if n != "AutoTokenizer"}
+    for saver_name, saver in savers.items():
+        folder = workdir / f"saved-by-{saver_name}-legacy-false"
+
+        def save(saver=saver, folder=folder):
+            if not (folder / "tokenizer_config.json").exists():
+                saver.from_pretrained(str(bare), legacy=False).save_pretrained(str(folder))
+            return folder
+        for loader_name, loader in classes.items():
+            if loader is saver:
+                continue   # same class (5.x: LlamaTokenizerFast is LlamaTokenizer): 'saved' covers it
+            out.append(_hf_subject(f"transformers.{loader_name}", f"saved-by-{saver_name}", "legacy=False",
+                                   lambda loader=loader, save=save: loader.from_pretrained(str(save()))))
+    return out
 
 
