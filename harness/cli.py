@@ -40,9 +40,16 @@ def commands() -> list[Command]:
             Localise(), Stream(), Place(), Report(), Compare()]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the harness's one error format: exit 2, 'llama-parity: error:' and the argument."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"llama-parity: error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama-parity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="llama-parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for cmd in commands():
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -62,12 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
     """Write every part of a suite's result, show it, and say what the run means (0 or 1)."""
     from harness.core.environment import environment
-    from harness.core.store import FAIL, atomic_write_text, write_results
+    from harness.core.store import FAIL, atomic_write_text, check_writable, write_results
     from harness.results.markdown import print_console, write_markdown
     if result.parts and not any(part.measured() for part in result.parts):
         reasons = sorted({r.reason for part in result.parts for r in part.rows if r.reason})[:3]
         raise InputError("nothing was measured: every cell of a subject under test is n/a or info"
-                         + (f" ({'; '.join(reasons)})" if reasons else "") + "; choose settings this machine runs")
+                         + (f" ({'; '.join(reasons)})" if reasons else "")
+                         + f"; choose settings this machine runs{_cell_arguments(a)}")
+    for part in result.parts:           # every folder checked before the first one is written
+        check_writable(ctx.out / part.folder if part.folder else ctx.out)
     folders, failed = [], False
     for part in result.parts:
         out = ctx.out / part.folder if part.folder else ctx.out
@@ -84,8 +94,19 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
         from harness.results.render import render_report
         render_report(folders, ctx.out / "report")
     where = ", ".join(str(f) for f in folders)
-    print(f"results: {where} (results.csv, summary.json, report.md{', report/index.html' if a.html else ''})")
+    print(inputs.printable(f"results: {where} (results.csv, summary.json, report.md"
+                           f"{', report/index.html' if a.html else ''})"))
     return 1 if failed else 0
+
+
+# the arguments that choose a suite's cells, named when none of the chosen cells can be measured
+CELL_ARGUMENTS = ("dtypes", "dtype", "attn", "tp", "shapes", "shape", "degrees", "casts", "lengths", "suite",
+                  "subjects", "device", "inputs")
+
+
+def _cell_arguments(a: argparse.Namespace) -> str:
+    given = [f"--{k} {v}" for k in CELL_ARGUMENTS if isinstance(v := getattr(a, k, None), str)]
+    return f" (the cells were chosen by {', '.join(given)})" if given else ""
 
 
 def execute(a: argparse.Namespace) -> int:
@@ -93,7 +114,16 @@ def execute(a: argparse.Namespace) -> int:
         return a.cmd.run(a, None)
     budget = inputs.size("--memory-budget", a.memory_budget) if a.memory_budget else None
     ctx = Context(inputs.out_dir(a.out), progress=not a.no_progress, memory_budget=budget)
+    if a.html:                          # refused before the run, not after its results are written
+        inputs.out_dir(ctx.out / "report")
     return finish(a.cmd.run(a, ctx), ctx, a)
+
+
+def _refuse_swallowed_values(argv: list[str]) -> None:
+    """Python 3.11's argparse reads "--opt=--" as an empty list, which would reach the code as a value."""
+    for arg in argv:
+        if arg.startswith("--") and arg.endswith("=--"):
+            raise InputError(f"{arg.split('=', 1)[0]}: '--' is not a value")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             a = build_parser().parse_args(argv)
         except SystemExit as e:          # argparse: --help (0) or a usage error (2), already printed
             return e.code if isinstance(e.code, int) else 2
+        _refuse_swallowed_values(argv if argv is not None else sys.argv[1:])
         return execute(a)
     except (InputError, CheckpointError) as e:
         say(f"llama-parity: error: {e}")

@@ -28,7 +28,7 @@ class MakeModel(Command):
         preset_args(a.preset)
         out = _empty_target(a.out)
         path = write_preset(a.preset, out, fmt=a.format, shards=shards, seed=seed, vocab_size=vocab)
-        print(f"wrote {a.preset} ({a.format}, {shards} shard(s), seed {seed}) to {path}")
+        print(inputs.printable(f"wrote {a.preset} ({a.format}, {shards} shard(s), seed {seed}) to {path}"))
         return 0
 
 
@@ -52,7 +52,7 @@ class Convert(Command):
             checkpoint.save_hf(out, ckpt.args, ckpt.state)
         else:
             checkpoint.save_meta(out, ckpt.args, ckpt.state, n_shards=shards)
-        print(f"converted {a.model} ({ckpt.source}) to {a.to} at {out}")
+        print(inputs.printable(f"converted {a.model} ({ckpt.source}) to {a.to} at {out}"))
         return 0
 
 

@@ -152,6 +152,12 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], files: list[Path]) -> di
         except KeyError:
             raise CheckpointError(str(files[0]), key, "unexpected tensor (not part of a Llama 2 checkpoint)") from None
         parts = [s[key] for s in shards]
+        for f, p in zip(files, parts):      # sparse, meta, quantized: refused before torch.equal/cat see them
+            if not META_IGNORED.match(key):
+                check_tensor(str(f), key, p)
+            elif p.layout != torch.strided or p.is_meta:
+                raise CheckpointError(str(f), key, f"{p.layout}{' meta' if p.is_meta else ''} tensor: only dense "
+                                                   "tensors can be read")
         for f, p in zip(files[1:], parts[1:]):
             if p.dtype != parts[0].dtype:   # torch.cat would promote silently
                 raise CheckpointError(str(f), key, f"dtype {p.dtype} differs from shard 0's {parts[0].dtype}")

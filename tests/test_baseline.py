@@ -96,7 +96,7 @@ def test_newly_failing_and_missing_cells():
 def test_bad_regression_policy_names_file_and_key(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('version = "x"\n[default]\nfactor = 0.5\nslack = 0\nreason = "r"\n')
-    with pytest.raises(InputError, match=r"r\.toml: \[default\]: factor must be >= 1"):
+    with pytest.raises(InputError, match=r"r\.toml: \[default\]: factor = 0\.5 must be a finite number >= 1"):
         baseline.load_regression_policy(p)
     p.write_text('version = "x"\n[default]\nfactor = 2\nslack = 0\nreason = "r"\n[metric.kl_mean]\nslack = "a"\n')
     with pytest.raises(InputError, match=r"\[metric\.kl_mean\]"):

@@ -80,11 +80,14 @@ def dom(text: str) -> Dom:
 
 
 def test_console_check_sees_errors_and_blocked_assets(tmp_path):
+    # The report's own policy, with the control script's hash added so that it may run: the
+    # policy allows scripts by hash only, so an unlisted inline script would be blocked.
+    script = 'console.error("control-error"); document.body.setAttribute("data-report-ready", "yes");'
+    csp = report_html.CSP.replace("script-src ", f"script-src {report_html._sha256(script)} ", 1)
     control = tmp_path / "control.html"
     control.write_text(
-        f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="{report_html.CSP}">'
-        '</head><body><img src="http://example.invalid/x.png">'
-        '<script>console.error("control-error"); document.body.setAttribute("data-report-ready", "yes");</script>'
+        f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="{csp}">'
+        f'</head><body><img src="http://example.invalid/x.png"><script>{script}</script>'
         "</body></html>")
     _, console = load_in_browser(control, tmp_path)
     assert any("control-error" in line for line in console)

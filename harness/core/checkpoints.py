@@ -75,7 +75,8 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
         from harness.core.presets import default_model
         path = default_model()
     else:
-        path = Path(value)
+        from harness.core.inputs import path_arg
+        path = path_arg(arg, value)
         if not path.exists():
             raise InputError(f"{arg}: {path}: no such file or folder")
     fmt = ckpt_io.detect_format(path)
@@ -201,6 +202,7 @@ class LazyWeights:
                 shard = self._file(f)
                 if meta_key not in shard:
                     raise CheckpointError(str(f), meta_key, "missing tensor")
+                ckpt_io.check_tensor(str(f), meta_key, shard[meta_key])   # before torch.equal/cat see it
                 parts.append(shard[meta_key])
             dim = ckpt_io.shard_dim(meta_key)
             if dim is None:

@@ -8,6 +8,7 @@ allocated from them (``harness.core.resources`` then checks the memory a run nee
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -50,12 +51,21 @@ def integer(arg: str, value: Any, low: int = 0, high: int = MAX_SEED) -> int:
     if isinstance(value, int):
         n = value
     elif isinstance(value, str) and _ASCII_INT.fullmatch(value.strip()):
-        n = int(value.strip())
+        digits = value.strip().lstrip("0") or "0"
+        if len(digits) > len(str(high)):    # int() of thousands of digits is slow, then refused by Python
+            raise InputError(f"{arg}: {_clip(value.strip())} is out of range ({low}..{high})")
+        n = int(digits)
     else:
         raise InputError(f"{arg}: {value!r} is not a whole number in ASCII digits")
     if not low <= n <= high:
-        raise InputError(f"{arg}: {n} is out of range ({low}..{high})")
+        raise InputError(f"{arg}: {_clip(str(n)) if abs(n) < 10 ** 4000 else 'a number'} is out of range "
+                         f"({low}..{high})")
     return n
+
+
+def _clip(text: str, n: int = 40) -> str:
+    """A value short enough to quote in a message (a 5000-digit number is named by its length)."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
 
 
 def positive_ints(arg: str, values: list[str], high: int = 4096) -> list[int]:
@@ -70,8 +80,11 @@ def seed(value: Any) -> int:
 
 def shape(arg: str, spec: str) -> Shape:
     m = re.fullmatch(r"([0-9]+)x([0-9]+)", str(spec).strip())
-    if not m or int(m[1]) < 1 or int(m[2]) < 1:
-        raise InputError(f"{arg}: {spec!r} is not BATCHxSEQ with positive numbers (e.g. 2x64)")
+    if not m or not m[1].strip("0") or not m[2].strip("0"):
+        raise InputError(f"{arg}: {_clip(repr(spec))} is not BATCHxSEQ with positive numbers (e.g. 2x64)")
+    if max(len(m[1].lstrip("0")), len(m[2].lstrip("0"))) > 12:   # never int() of thousands of digits
+        raise InputError(f"{arg}: {_clip(repr(spec))} is larger than the harness runs (batch <= {MAX_BATCH}, "
+                         f"sequence <= {MAX_SEQ})")
     b, s = int(m[1]), int(m[2])
     if b > MAX_BATCH or s > MAX_SEQ:
         raise InputError(f"{arg}: {spec!r} is larger than the harness runs (batch <= {MAX_BATCH}, "
@@ -95,14 +108,21 @@ def device(value: str) -> str:
         raise InputError(f"--device: unknown device {value!r} (cpu, cuda or cuda:N)")
     if not torch.cuda.is_available():
         raise InputError(f"--device {value}: no CUDA device is available on this machine")
-    if int(m[1] or 0) >= torch.cuda.device_count():
+    if len(m[1] or "") > 6 or int(m[1] or 0) >= torch.cuda.device_count():
         raise InputError(f"--device {value}: only {torch.cuda.device_count()} CUDA device(s)")
     return value
 
 
+def path_arg(arg: str, value: Any) -> Path:
+    """The path an argument names. argparse (3.11) hands '--x=--' over as [] instead of a string."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise InputError(f"{arg}: {value!r} is not a path")
+    return Path(value)
+
+
 def out_dir(value: str | Path, arg: str = "--out") -> Path:
     """An output folder that is (or can become) a writable folder; nothing is created here."""
-    path = Path(value)
+    path = path_arg(arg, value)
     if path.exists() and not path.is_dir():
         raise InputError(f"{arg}: {path}: exists and is not a folder")
     probe = path
@@ -117,8 +137,21 @@ def out_dir(value: str | Path, arg: str = "--out") -> Path:
     return path
 
 
+def printable(x: Any) -> str:
+    """Text that can be printed or written as UTF-8. A path Python read from the command line or a
+    folder keeps the bytes that are not UTF-8 as lone surrogates (surrogateescape, e.g. '\\udce9'
+    for a Latin-1 'é'); they are shown as \\xNN, any other lone surrogate as \\uNNNN."""
+    s = str(x)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return "".join(f"\\x{ord(ch) - 0xdc00:02x}" if 0xdc80 <= ord(ch) <= 0xdcff else
+                       f"\\u{ord(ch):04x}" if 0xd800 <= ord(ch) <= 0xdfff else ch for ch in s)
+
+
 def existing_file(arg: str, value: str | Path) -> Path:
-    path = Path(value)
+    path = path_arg(arg, value)
     if not path.exists():
         raise InputError(f"{arg} {path}: file not found")
     if not path.is_file():
@@ -204,12 +237,16 @@ def token_ids_in_vocab(where: str, rows: list[list[int]], vocab: int) -> None:
 
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+MAX_SIZE = 2 ** 60                       # 1024 PiB: beyond any machine's memory or disk
 
 
 def size(arg: str, value: str) -> int:
     """'20GiB', '512MB', '1000000' -> bytes."""
     m = _SIZE.fullmatch(str(value).strip())
     if not m:
-        raise InputError(f"{arg}: {value!r} is not a size (e.g. 20GiB, 512MB, 1000000)")
-    return int(float(m[1]) * _UNITS[(m[2] or "b").lower()])
+        raise InputError(f"{arg}: {_clip(repr(value))} is not a size (e.g. 20GiB, 512MB, 1000000)")
+    number = float(m[1]) * _UNITS[(m[2] or "b").lower()]
+    if not math.isfinite(number) or number >= MAX_SIZE:     # float('9' * 400) is inf: int(inf) raises
+        raise InputError(f"{arg}: {_clip(repr(value))} is larger than any machine (at most {MAX_SIZE // _UNITS['pib']} PiB)")
+    return int(number)

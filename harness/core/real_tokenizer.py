@@ -141,9 +141,10 @@ def _fetch_sdist(workdir: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = workdir / SDIST_NAME
     if proc.returncode != 0 or not path.is_file():
-        raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} failed (exit {proc.returncode}); "
-                           f"set LLAMA_PARITY_SDIST to a local {SDIST_NAME} to build offline.\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        # the machine cannot reach the package index: a setup problem (exit 2), not a verdict
+        raise InputError(f"pip download of {PACKAGE}=={VERSION} failed (exit {proc.returncode}); "
+                         f"set LLAMA_PARITY_SDIST to a local {SDIST_NAME} to build offline.\n"
+                         f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return path
 
 
@@ -195,10 +196,26 @@ def read_gguf_vocab(gguf_path: Path) -> tuple[list[str], list[float], list[int],
     return tokens, scores, types, special
 
 
+def model_proto_module():
+    """The module holding sentencepiece's ModelProto, the one the installed transformers uses.
+
+    transformers 4.31-4.44 ship their own copy of sentencepiece_model.proto, and protobuf >= 4
+    refuses a second module declaring the same file: importing sentencepiece's copy first would
+    make every transformers tokenizer that reads the proto fail to load. Both copies describe the
+    same messages, so whichever transformers picks serves here too.
+    """
+    try:
+        from transformers.convert_slow_tokenizer import import_protobuf
+    except ImportError:
+        from sentencepiece import sentencepiece_model_pb2
+        return sentencepiece_model_pb2
+    return import_protobuf()
+
+
 def build_model_proto(tokens: list[str], scores: list[float], types: list[int],
                       special: dict[str, Any] | None = None) -> bytes:
     """A serialized sentencepiece ModelProto with Llama 2's encoder settings."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    pb = model_proto_module()
 
     special = special or {"unknown_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     m = pb.ModelProto()
@@ -247,7 +264,12 @@ def verify_model(model_bytes: bytes, vectors: list[tuple[str, list[int]]]) -> No
 def _provenance_ok(cache_dir: Path) -> bool:
     try:
         prov = json.loads((cache_dir / PROVENANCE_FILE).read_text(encoding="utf-8"))
-        if prov.get("provenance_version") != PROVENANCE_VERSION:
+        if not isinstance(prov, dict) or prov.get("provenance_version") != PROVENANCE_VERSION:
+            return False
+        # what `fixtures` prints must be there, of the right type (a hand-edited file is rebuilt)
+        if not (isinstance(prov.get("source"), dict) and isinstance(prov["source"].get("sdist"), str)
+                and isinstance(prov["source"].get("sdist_sha256"), str) and isinstance(prov.get("verified"), dict)
+                and isinstance(prov["verified"].get("vectors"), int)):
             return False
         for name, key in ((MODEL_FILE, "tokenizer_model_sha256"), (INP_FILE, "vectors_inp_sha256"),
                           (OUT_FILE, "vectors_out_sha256")):

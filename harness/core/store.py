@@ -146,6 +146,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 RESULT_FILES = ("results.csv", "summary.json", "report.md", "timing.json")
 
 
+def check_writable(out_dir: Path, names=RESULT_FILES) -> None:
+    """Refuse (exit 2, before anything is written or removed) a results folder that is a file, or
+    where a result file's name is taken by a folder: a write would fail half-way through."""
+    from harness.core.errors import InputError
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out: {out_dir}: exists and is not a folder")
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InputError(f"--out: {out_dir}: {probe} is a file, so the folder cannot be made")
+    for name in names:
+        p = out_dir / name
+        if p.exists() and not p.is_file():
+            raise InputError(f"--out: {p} is not a file (where this run writes its {name}); move it away")
+
+
 def write_results(out_dir: Path, suite: str, rows: list[Row], environment: dict[str, Any],
                   extra_summary: dict[str, Any] | None = None,
                   timing: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -154,6 +172,7 @@ def write_results(out_dir: Path, suite: str, rows: list[Row], environment: dict[
     Timings are kept out of summary.json: they differ on every run, and the summary must not.
     """
     out_dir = Path(out_dir)
+    check_writable(out_dir)
     frame = to_frame(rows)
     atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False, float_format="%.9g"))
     counts = {s: sum(r.status == s for r in rows) for s in (PASS, FAIL, NA, INFO)}
@@ -252,19 +271,64 @@ class Journal:
 
 
 def _parse_entry(line: bytes) -> tuple[str, list[Row]] | None:
+    """A journal line's (key, rows), or None when it is not exactly what ``append`` writes: a line
+    that is damaged or edited is dropped and its group runs again, never reused half-valid."""
     try:
         d = json.loads(line.decode("utf-8"))
-        if d.get("v") != JOURNAL_VERSION or not isinstance(d.get("key"), str):
+        if not isinstance(d, dict) or d.get("v") != JOURNAL_VERSION or not isinstance(d.get("key"), str):
             return None
-        return d["key"], [Row.from_dict(r) for r in d["rows"]]
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        rows = d.get("rows")
+        if not isinstance(rows, list) or not rows or not all(_journal_row_ok(r) for r in rows):
+            return None     # a finished group always has rows (n/a ones at least)
+        return d["key"], [Row.from_dict(r) for r in rows]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         return None
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _text_ok(x: Any) -> bool:
+    """A str that can be written as UTF-8 (results.csv, report.md): no lone surrogates."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _number_ok(x: Any) -> bool:
+    if x is None or isinstance(x, float):
+        return True
+    if isinstance(x, int) and not isinstance(x, bool):
+        return abs(x) <= 1.7976931348623157e308
+    return x in ("nan", "inf", "-inf")
+
+
+def _journal_row_ok(r: Any) -> bool:
+    """One row as ``Row.to_dict`` writes it: its types, its status, its case of plain values."""
+    if not isinstance(r, dict):
+        return False
+    if not all(_text_ok(r.get(k)) for k in ("suite", "subject", "against", "metric", "status", "reason")):
+        return False
+    if r["status"] not in (PASS, FAIL, NA, INFO):
+        return False
+    case = r.get("case")
+    if not isinstance(case, dict) or not all(_text_ok(k) and isinstance(v, _PLAIN) and
+                                             (not isinstance(v, str) or _text_ok(v)) for k, v in case.items()):
+        return False
+    if not (_number_ok(r.get("value")) and _number_ok(r.get("tolerance"))):
+        return False
+    return isinstance(r.get("extra", {}), dict) or r.get("extra") is None
 
 
 def clear_results(out_dir: Path) -> None:
     """Remove a previous run's results before a new run starts, so that a run killed half-way
     leaves no verdict behind that is not its own (the journal stays: it is what resumes)."""
+    check_writable(out_dir)          # every name first: a folder in the way must not cost the others
     for name in RESULT_FILES:
         p = Path(out_dir) / name
-        if p.exists():
+        if p.exists() or p.is_symlink():
             p.unlink()

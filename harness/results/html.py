@@ -35,6 +35,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from harness.results.markdown import margin as _margin, worst_cells  # noqa: E402
 from harness.results.stored import environment_items, policy_version  # noqa: E402
+from harness.core.inputs import printable  # noqa: E402
 from harness.core.store import atomic_write_text  # noqa: E402
 
 READY_SCRIPT = "document.body.setAttribute('data-report-ready', 'yes');"
@@ -190,7 +191,8 @@ def curves(summary: dict, key: str, xlabel: str, title: str) -> str:
         else:
             continue
         label = ",".join(f"{k}={v}" for k, v in c["case"].items()) + f" {c['subject']} {c['metric']}"
-        series.append((label, names, ys))
+        if any(y is not None and y > 0 for y in ys):    # a log axis needs one positive value to draw
+            series.append((label, names, ys))
     if not series:
         return ""
     fig = Figure(figsize=(8, 4))
@@ -226,7 +228,8 @@ def layer_curves(summary: dict) -> str:
         names, ys = lines.setdefault(label, ([], []))
         names.append(point)
         ys.append(_finite(c["value"]))
-    lines = {k: v for k, v in lines.items() if len(v[0]) > 1}
+    lines = {k: v for k, v in lines.items()     # a log axis needs one positive value to draw
+             if len(v[0]) > 1 and any(y is not None and y > 0 for y in v[1])}
     if not lines:
         return ""
     fig = Figure(figsize=(9, 4.2))
@@ -277,17 +280,26 @@ def bench_scatter(results_dir: Path | None) -> str:
 def _loglikelihoods(path: Path) -> dict[tuple, float]:
     """(doc_id, choice index) -> loglikelihood, from lm-eval's resps ([[ll, is_greedy]] per request)."""
     out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
         try:
             d = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        for i, resp in enumerate(d.get("resps") or []):
+        resps = d.get("resps") if isinstance(d, dict) else None
+        if not isinstance(resps, list):
+            continue
+        doc = d.get("doc_id")
+        doc = doc if isinstance(doc, (str, int, float, bool)) or doc is None else json.dumps(doc, default=str)
+        for i, resp in enumerate(resps):
             first = resp[0] if isinstance(resp, list) and resp else resp
             val = first[0] if isinstance(first, list) and first else first
             v = _finite(val)
             if v is not None:
-                out[(d.get("doc_id"), i)] = v
+                out[(doc, i)] = v
     return out
 
 
@@ -421,4 +433,5 @@ def write_html(path: Path, summaries: list[dict], results_dirs: list[Path | None
     # Names from results are text, never mathtext: '$' in a case value must not be parsed (or fail).
     with matplotlib.rc_context({"text.parse_math": False}):
         page = render(summaries, results_dirs, title)
-    atomic_write_text(Path(path), page)
+    # A title or results path from the command line may hold bytes that are not UTF-8 (surrogates).
+    atomic_write_text(Path(path), printable(page))

@@ -18,15 +18,18 @@ from pathlib import Path
 import pandas as pd
 
 from harness.core.errors import InputError
+from harness.core.inputs import printable
 from harness.core.store import atomic_write_text
 from harness.core.suite import Command
 from harness.results.markdown import md_escape
 
 KEY_METRICS = ("rel_l2", "max_abs", "all")   # the metric shown in the .md, first present wins
+FAILING_SHOWN = 20                           # failing rows printed by `llama-parity matrix` (exit 1)
 
 
 def _release_key(version: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:3])
+    # ASCII digits only: "²".isdigit() is true and int("²") raises (a tampered summary's version).
+    return tuple(int(p) if p.isascii() and p.isdigit() and len(p) < 10 else 0 for p in str(version).split(".")[:3])
 
 
 def _case_str(case: dict) -> str:
@@ -66,13 +69,13 @@ def collect(root: Path) -> pd.DataFrame:
         release = None
         for summary_path in sorted(run_dir.rglob("summary.json")):   # behaviour/cache, axes/cast, ...
             summary = read_summary(summary_path)
-            release = summary["environment"].get("transformers") or "unknown"
+            release = str(summary["environment"].get("transformers") or "unknown")
             suite = summary_path.parent.relative_to(run_dir).as_posix()
             for c in summary["cells"]:
                 records.append({"release": release, "run": run_dir.name, "suite": suite,
                                 "case": _case_str(c["case"]), "subject": c["subject"], "against": c["against"],
                                 "metric": c["metric"], "value": c["value"], "status": c["status"],
-                                "reason": c.get("reason", "")})
+                                "reason": str(c.get("reason") or "")})
         junit = run_dir / "pytest.xml"
         if junit.exists():
             release = release or run_dir.name.removeprefix("transformers-")
@@ -157,9 +160,15 @@ class Matrix(Command):
     def run(self, a, ctx=None) -> int:
         frame = merge(Path(a.root))
         releases = sorted(frame.release.unique(), key=_release_key)
-        print(f"merged {len(frame)} rows from {len(releases)} release(s) ({', '.join(releases)}) into "
-              f"{a.root}/matrix.csv and {a.root}/matrix.md")
-        return 1 if (frame.status == "fail").any() else 0
+        print(printable(f"merged {len(frame)} rows from {len(releases)} release(s) ({', '.join(releases)}) into "
+                        f"{a.root}/matrix.csv and {a.root}/matrix.md"))
+        failing = frame[frame.status == "fail"]
+        for r in failing.head(FAILING_SHOWN).itertuples(index=False):
+            print(printable(f"FAIL {r.release} {r.run}/{r.suite} [{r.case}] {r.subject} vs {r.against}: {r.metric}"
+                            + (f": {r.reason[:200]}" if r.reason else "")))
+        if len(failing) > FAILING_SHOWN:
+            print(f"... and {len(failing) - FAILING_SHOWN} more failing rows (matrix.csv has them all)")
+        return 1 if len(failing) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

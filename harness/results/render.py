@@ -24,8 +24,14 @@ def render_report(results: list[Path], out: Path, title: str = "llama-parity") -
     atomic_write_text(out / "report.md", markdown_report(summaries))
     junit.write_junit(out / "junit.xml", summaries)
     failing = [s["suite"] for s in summaries if s["verdict"] == "fail"]
-    print(f"report: {out}/index.html, {out}/report.md, {out}/junit.xml"
-          + (f"  (failing: {', '.join(failing)})" if failing else "  (all pass)"))
+    for s in summaries:                 # exit 1 names what failed, as a suite run does
+        for c in s["cells"]:
+            if c.get("status") == "fail":
+                case = " ".join(f"{k}={v}" for k, v in c.get("case", {}).items())
+                print(inputs.printable(f"FAIL {s['suite']} {case} {c.get('subject')} {c.get('metric')}: "
+                                       f"{c.get('reason', '')}"))
+    print(inputs.printable(f"report: {out}/index.html, {out}/report.md, {out}/junit.xml"
+                           + (f"  (failing: {', '.join(failing)})" if failing else "  (all pass)")))
     return 1 if failing else 0
 
 

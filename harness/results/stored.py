@@ -7,6 +7,7 @@ traceback halfway through a page.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,36 @@ def load_summary(path: Path) -> dict:
         for k, kind in CELL_KEYS.items():
             if not isinstance(c[k], kind):
                 raise InputError(f"{file}: cells[{i}].{k} must be a {kind.__name__}")
+        c.setdefault("suite", summary["suite"])     # a row's suite is its summary's unless it says otherwise
+        if not isinstance(c["suite"], str):
+            raise InputError(f"{file}: cells[{i}].suite must be a str")
         if c["status"] not in STATUSES:
-            raise InputError(f"{file}: cells[{i}].status {c['status']!r} is not one of {', '.join(STATUSES)}")
+            raise InputError(f"{file}: cells[{i}].status {_shown(c['status'])} is not one of {', '.join(STATUSES)}")
         for k in ("value", "tolerance"):
             if not _number_like(c[k]):
-                raise InputError(f"{file}: cells[{i}].{k} = {c[k]!r} is not a number")
+                raise InputError(f"{file}: cells[{i}].{k} = {_shown(c[k])} is not a number")
+        if c.get("reason") is not None and not isinstance(c["reason"], str):
+            raise InputError(f"{file}: cells[{i}].reason must be a str")
         if "extra" in c and not isinstance(c["extra"], dict):
             raise InputError(f"{file}: cells[{i}].extra must be an object")
         for k, v in c["case"].items():
             if isinstance(v, (dict, list)):
-                raise InputError(f"{file}: cells[{i}].case[{k!r}] must be a plain value")
+                raise InputError(f"{file}: cells[{i}].case[{_shown(k)}] must be a plain value")
+    # The verdict is what `report` and `matrix` gate on: it must be the one its cells give.
+    failing = sum(c["status"] == "fail" for c in summary["cells"])
+    if summary["verdict"] != ("fail" if failing else "pass"):
+        raise InputError(f"{file}: verdict {summary['verdict']!r}, but {failing} of its cells fail "
+                         "(not the summary a run wrote)")
+    for status in STATUSES:
+        n = sum(c["status"] == status for c in summary["cells"])
+        if status in summary["counts"] and summary["counts"][status] != n:
+            raise InputError(f"{file}: counts[{status!r}] = {summary['counts'][status]}, but {n} cells are {status!r}")
     return summary
+
+
+def _shown(x: Any, n: int = 60) -> str:
+    text = repr(x)
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -73,8 +93,10 @@ def _clean(x: Any) -> Any:
 
 
 def _number_like(x: Any) -> bool:
-    if x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)):
+    if x is None or isinstance(x, float):
         return True
+    if isinstance(x, int) and not isinstance(x, bool):
+        return abs(x) <= sys.float_info.max      # an integer beyond float range breaks every ratio
     return isinstance(x, str) and x in ("nan", "inf", "-inf")
 
 

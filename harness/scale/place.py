@@ -35,7 +35,7 @@ def parse_device(value, where: str):
     if isinstance(value, str):
         if value in ("cpu", "disk"):
             return value
-        m = re.fullmatch(r"(?:cuda:)?(\d+)", value)
+        m = re.fullmatch(r"(?:cuda:)?([0-9]{1,6})", value)   # ASCII digits: "\\d" matches any script's
         if m:
             return int(m[1])
     raise InputError(f"{where}: {value!r} is not a device (a GPU index such as 0 or 'cuda:0', 'cpu' or 'disk')")
@@ -228,7 +228,7 @@ class Place(Suite):
         from harness.core.cases import make_inputs
         from harness.core.checkpoints import HFFolder, open_model
         from harness.core.faults import get_fault
-        from harness.core.metrics import METRICS
+        from harness.core.metrics import METRICS, POLICY_METRICS
         from harness.core.tolerance import load_policy
 
         dtype = inputs.choice("--dtype", a.dtype, inputs.KNOWN_DTYPES)
@@ -238,7 +238,7 @@ class Place(Suite):
             raise InputError(f"--attn {attn}: {why}")
         fault = get_fault(a.plant, "place")
         shape, seed = inputs.shape("--shape", a.shape), inputs.seed(a.seed)
-        policy = load_policy(a.policy, metrics=list(METRICS)).require([dtype], METRICS)
+        policy = load_policy(a.policy, metrics=POLICY_METRICS).require([dtype], METRICS)
         folder = open_model(a.model)
         from harness.core import resources
         ctx.check_memory([resources.Need("the checkpoint as stored", folder.stored_bytes),

@@ -109,6 +109,8 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
     log = ctx.note if not ctx.progress else (lambda msg: print(f"[tokenizer] {msg}", flush=True))
     with tempfile.TemporaryDirectory(prefix="llama-parity-tok-") as tmp:
         found = discover_subjects(path, Path(tmp), user_folder)
+        if patterns is not None and not patterns:
+            raise InputError("--subjects: no pattern given (e.g. --subjects 'LlamaTokenizerFast*')")
         if patterns:
             found = [s for s in found if any(fnmatch.fnmatchcase(s.label, p) or fnmatch.fnmatchcase(s.name, p)
                                              for p in patterns)]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.core.deviations import settle
+from harness.core.real_tokenizer import model_proto_module
 from harness.core.store import FAIL, NA, PASS, Row
 from harness.suites.tokenizer.catalogue import Catalogue
 from harness.suites.tokenizer.subjects import Subject
@@ -29,7 +30,7 @@ class Truth:
 
     def __init__(self, model: Path):
         import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
+        pb = model_proto_module()
         self.sp = spm.SentencePieceProcessor(model_file=str(model))
         self.n = self.sp.get_piece_size()
         proto = pb.ModelProto()
