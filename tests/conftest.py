@@ -28,6 +28,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
         out[f"{preset}/hf"] = write_preset(preset, root / preset / "hf", fmt="hf")
         out[f"{preset}/hf-sharded"] = write_preset(preset, root / preset / "hf-sharded", fmt="hf",
                                                    hf_shard_tensors=7)
+    # Llama 2's head_dim 128 (1/sqrt(128) is not exact in low precision); HF only (max_seq_len 2048)
+    out["long-hd128"] = write_preset("long-hd128", root / "long-hd128", fmt="hf")
     return out
 
 

@@ -25,7 +25,7 @@ def test_correct_transformers_passes_at_float32(models, tmp_path, name):
     assert code == 0, [c for c in summary["cells"] if c["status"] == "fail"]
     assert summary["verdict"] == "pass"
     cells = [c for c in summary["cells"] if c["subject"] == "transformers" and c["against"] == "oracle-fp64"]
-    gated = [c for c in cells if c["status"] != "n/a"]   # sdpa before 4.36: n/a, with the reason
+    gated = [c for c in cells if c["status"] in ("pass", "fail")]   # sdpa before 4.36: n/a, with the reason
     assert gated and all(c["passed"] is True for c in gated)
     assert all(c["reason"] for c in cells if c["status"] == "n/a")
 
@@ -74,22 +74,30 @@ def _plant_cases():
         fault = FAULTS[name]
         if fault.min_positions > 64:   # long-position faults: tests/test_axes.py
             continue
-        dtype = fault.visible_at[0]
-        model = "tiny-outliers/meta" if dtype == "float16" else "tiny-gqa/meta"
         why = fault().not_applicable()
-        yield pytest.param(name, dtype, model, id=name, marks=pytest.mark.skipif(bool(why), reason=why))
+        for dtype in fault.visible_at:
+            model = ("tiny-outliers/meta" if dtype == "float16" else "tiny-gqa/meta") \
+                if fault.fixture == "tiny-gqa" else fault.fixture
+            yield pytest.param(name, dtype, model, id=f"{name}-{dtype}",
+                               marks=pytest.mark.skipif(bool(why), reason=why))
 
 
 @pytest.mark.parametrize("fault, dtype, model", list(_plant_cases()))
-def test_planted_bug_fails_the_gate(models, tmp_path, fault, dtype, model, capsys):
+def test_planted_bug_fails_the_gate_and_is_localised(models, tmp_path, fault, dtype, model, capsys):
     code, summary = run(models[model], tmp_path / "plant", "--dtypes", dtype, "--plant", fault)
     assert code == 1, f"--plant {fault} passed the gate at {dtype}"
     failing = [c for c in summary["cells"] if c["status"] == "fail"]
     assert failing and all(c["subject"] == "transformers" for c in failing)
     assert "FAILING" in capsys.readouterr().out
-    # the same run without the plant passes
-    code, _ = run(models[model], tmp_path / "clean", "--dtypes", dtype)
-    assert code == 0
+    # every failing group names where the bug was planted: its layer and op, the right one
+    groups = {(c["case"]["attn"], c["case"]["tp"]) for c in failing}
+    named = {(d["case"]["attn"], d["case"]["tp"]): (d["layer"], d["op"]) for d in summary["divergences"]}
+    assert set(named) == groups
+    planted = FAULTS[fault]()
+    assert all(named[g] == planted.expected_point(g[0]) for g in groups), (named, planted.first_point)
+    if dtype == planted.visible_at[0]:      # the same run without the plant passes
+        code, _ = run(models[model], tmp_path / "clean", "--dtypes", dtype)
+        assert code == 0
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -29,6 +29,14 @@ class Fault:
     visible_at = ("float32", "bfloat16", "float16")
     #: the shortest sequence on which the logits suite sees it (the `axes` suite runs long ones)
     min_positions = 1
+    #: the smallest preset on which it changes anything (harness.core.presets; the tests plant it there)
+    fixture = "tiny-gqa"
+    #: where the planted bug first changes a value, as (layer, op) of harness.scale.capture, read off
+    #: how the fault is planted (every layer from 0, or a model-level op): what localisation must name
+    first_point: tuple = (None, None)
+
+    def expected_point(self, attn: str) -> tuple:
+        return self.first_point
 
     def not_applicable(self) -> str:
         """Why the installed transformers cannot be planted with this fault ('' when it can)."""
@@ -61,6 +69,7 @@ def _layers(model):
 
 class NoPermute(Fault):
     name, doc = "no-permute", "q/k weights converted without Meta->HF permute (interleaved vs rotate_half RoPE)"
+    first_point = (0, "q")
 
     suites = LAYER_SUITES
 
@@ -72,6 +81,7 @@ class NoPermute(Fault):
 
 class RopeBase(Fault):
     name, doc = "rope-base", "RoPE base 1% off (10100 instead of 10000)"
+    first_point = (0, "q")
     visible_at = ("float32",)   # below float32, short inputs hide it in rounding noise (measured)
 
     suites = LAYER_SUITES
@@ -92,6 +102,11 @@ class RopeBase(Fault):
 class MaskShift(Fault):
     name, doc = "mask-shift", "causal mask off by one: each position also sees the next token"
 
+    def expected_point(self, attn):
+        # eager hands back its own attention weights; for other kernels capture recomputes them
+        # with a correct causal mask, so the first wrong value is the attention's output
+        return (0, "attn_weights") if attn == "eager" else (0, "attn")
+
     suites = LAYER_SUITES
 
     def edit_layer(self, layer, config):
@@ -109,6 +124,7 @@ class MaskShift(Fault):
 
 class NormEps(Fault):
     name, doc = "norm-eps", "RMSNorm eps 1e-6 (transformers' default) instead of Llama 2's 1e-5"
+    first_point = (0, "attn_norm")
     visible_at = ("float32",)
     suites = LAYER_SUITES
 
@@ -120,6 +136,7 @@ class NormLowPrecision(Fault):
     name, doc = "norm-low-precision", "RMSNorm computed in the activation dtype, not float32"
     # float16 with large activations: x**2 overflows 65504 (Llama 2 has activations in the
     # thousands). bfloat16 on CPU accumulates the mean in float32 and hides it (measured).
+    first_point = (0, "attn_norm")
     visible_at = ("float16",)
     suites = LAYER_SUITES
 
@@ -137,6 +154,7 @@ class NormLowPrecision(Fault):
 
 class SwapGateUp(Fault):
     name, doc = "swap-gate-up", "w1 and w3 swapped in conversion: silu(up) * gate"
+    first_point = (0, "mlp")
 
     suites = LAYER_SUITES
 
@@ -147,6 +165,7 @@ class SwapGateUp(Fault):
 
 class GqaTile(Fault):
     name, doc = "gqa-tile", "GQA kv heads repeated by tiling (head i uses kv i % n_kv) not by blocks"
+    first_point = (0, "q")      # planted by reordering q's heads (below), so q is the first changed value
 
     suites = LAYER_SUITES
 
@@ -166,6 +185,7 @@ class GqaTile(Fault):
 
 class TiedEmbeddings(Fault):
     name, doc = "tied-embeddings", "output head tied to the input embedding (Llama 2 does not tie)"
+    first_point = (None, "head")
 
     def edit_model(self, model):
         model.lm_head.weight.data = model.model.embed_tokens.weight.data.clone()
@@ -173,6 +193,7 @@ class TiedEmbeddings(Fault):
 
 class NoFinalNorm(Fault):
     name, doc = "no-final-norm", "final RMSNorm before the output head skipped"
+    first_point = (None, "norm")
 
     def edit_model(self, model):
         model.model.norm = torch.nn.Identity()
@@ -180,6 +201,7 @@ class NoFinalNorm(Fault):
 
 class AttnScale(Fault):
     name, doc = "attn-scale", "attention scores scaled by 1/head_dim instead of 1/sqrt(head_dim)"
+    first_point = (0, "q")
 
     suites = LAYER_SUITES
 
@@ -189,6 +211,7 @@ class AttnScale(Fault):
 
 class PermuteV(Fault):
     name, doc = "permute-v", "the q/k permute also applied to v (a converter that permutes every projection)"
+    first_point = (0, "v")
 
     suites = LAYER_SUITES
 
@@ -199,6 +222,7 @@ class PermuteV(Fault):
 
 class ActGelu(Fault):
     name, doc = "act-gelu", "hidden_act gelu instead of silu in the config"
+    first_point = (0, "mlp")
 
     suites = LAYER_SUITES
 
@@ -211,6 +235,7 @@ class RopeLowPrecision(Fault):
     # The angle position * inv_freq inherits inv_freq's relative rounding (2^-9 in bfloat16), so
     # its absolute error grows with position: invisible on short inputs, plain after ~1000 tokens
     # on head_dim 128 (measured with `llama-parity axes`).
+    first_point = (0, "q")
     visible_at = ("bfloat16", "float16")
     min_positions = 1024
 
@@ -228,9 +253,67 @@ class RopeLowPrecision(Fault):
                 setattr(owner, name.rsplit(".", 1)[1], buf.to(dtype))
 
 
+# --- precision regressions: small, systematic, visible where the dtype's rounding is finer ------
+
+class ResidualLowPrecision(Fault):
+    name, doc = "residual-low-precision", ("each block's residual output rounded through bfloat16, which keeps "
+                                           "fewer digits than float32 and float16")
+    first_point = (0, "resid")
+    visible_at = ("float32", "float16")
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, config):
+        def round_trip(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = h.to(torch.bfloat16).to(h.dtype)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        layer.register_forward_hook(round_trip)
+
+
+class AttnAddLowPrecision(Fault):
+    name, doc = "attn-add-low-precision", ("the residual add after attention rounded through bfloat16 (the sum the "
+                                           "MLP and the next add both use)")
+    first_point = (0, "attn_resid")
+    visible_at = ("float32", "float16")
+    suites = LAYER_SUITES
+
+    def edit_layer(self, layer, config):
+        # Both Meta's block and transformers' layer hand the sum itself to the MLP norm and keep
+        # the same tensor as the residual, so rounding it in place is a bug in the add.
+        def round_in_place(module, args):
+            args[0].copy_(args[0].to(torch.bfloat16))
+        layer.post_attention_layernorm.register_forward_pre_hook(round_in_place)
+
+
+class FinalNormEps(Fault):
+    name, doc = "final-norm-eps", "the final RMSNorm's eps 10x too large (1e-4 instead of 1e-5)"
+    first_point = (None, "norm")
+    visible_at = ("float32",)
+
+    def edit_model(self, model):
+        norm = model.model.norm if hasattr(model, "model") else model.norm
+        norm.variance_epsilon *= 10
+
+
+class AttnScaleBf16(Fault):
+    name, doc = "attn-scale-bf16", ("the attention scale 1/sqrt(head_dim) rounded to bfloat16 (a no-op where it is "
+                                    "exact, e.g. head_dim 16 or 64; 1.1e-4 off at Llama 2's 128)")
+    first_point = (0, "q")
+    visible_at = ("float32",)
+    suites = LAYER_SUITES
+    fixture = "long-hd128"
+
+    def edit_layer(self, layer, config):
+        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        exact = hd ** -0.5
+        rounded = torch.tensor(exact, dtype=torch.bfloat16).item()
+        layer.self_attn.q_proj.weight.data *= rounded / exact
+
+
 class VocabTruncated(Fault):
     name, doc = "vocab-truncated", ("the head drops its last vocabulary row, as pretraining_tp > 1 did in 4.31-4.46 "
                                     "for a vocabulary it does not divide")
+    first_point = (None, "head")
     suites = ("logits",)
 
     def edit_model(self, model):
@@ -413,6 +496,7 @@ def _drop_space_after(text: str, specials: dict) -> str:
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoPermute, RopeBase, MaskShift, NormEps, NormLowPrecision, SwapGateUp, GqaTile, TiedEmbeddings,
     NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision, VocabTruncated,
+    ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16,
     PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
     TokSpaceAfterSpecial, TokDecodeDropsSpace)}
 

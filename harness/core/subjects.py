@@ -94,3 +94,34 @@ class TransformersSubject:
         if self.fault is not None:
             kwargs.update(self.fault.forward_kwargs(ids))
         return self.model(input_ids=ids, **kwargs).logits
+
+
+# --- the ways a user calls a model: whole, padded in a batch, one token at a time -----------------
+
+def reference_decode(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """The reference's own KV cache: a prefill of ``prefill`` tokens, then one token per step."""
+    steps = [model(ids[:, :prefill], start_pos=0, use_cache=True)]
+    for t in range(prefill, ids.shape[1]):
+        steps.append(model(ids[:, t:t + 1], start_pos=t, use_cache=True))
+    return torch.cat(steps, dim=1)
+
+
+@torch.inference_mode()
+def transformers_decode(model, ids: torch.Tensor, prefill: int, kind: str = "dynamic") -> torch.Tensor:
+    """transformers' KV cache as a user drives it outside generate(): a prefill, then one token per
+    step, feeding back the cache each step returns (4.31 has only tuples, and 4.38 copies a
+    DynamicCache it is given into a new one; later releases update it in place)."""
+    cache = None if kind == "dynamic" and compat.legacy_cache() else compat.make_cache(model, kind, *ids.shape)
+    name = compat.cache_kwarg(model)
+    steps = []
+    for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+        out = model(input_ids=ids[:, start:end], use_cache=True, **{name: cache})
+        if kind == "dynamic":
+            cache = out.past_key_values   # a StaticCache is the caller's, written in place
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (as generate() does); pads get 0, never compared."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)

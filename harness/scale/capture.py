@@ -7,7 +7,8 @@ Per block, in forward order:
     attn_norm  q  k  v  attn_weights  attn  attn_resid  mlp_norm  mlp  resid
 
 ``q``/``k`` are after RoPE, ``attn`` is the attention output after wo/o_proj, ``attn_resid`` the
-residual stream after the attention add, ``resid`` the block's output. The four finer ops
+residual stream after the attention add (the MLP norm's input, as the block computed it), ``resid``
+the block's output. The four finer ops
 (q, k, v, attn_weights) are captured only with ``fine=True``.
 
 Both subjects hand every captured tensor to a ``sink(point, tensor)`` in one common layout:
@@ -74,7 +75,6 @@ class Capture:
     def __init__(self, sink: Sink, fine: bool = False):
         self.sink, self.fine = sink, fine
         self._handles: list = []
-        self._attn_out: dict[int, torch.Tensor] = {}
 
     def __enter__(self):
         return self
@@ -93,19 +93,13 @@ class Capture:
     def _on(self, module, point: Point) -> None:
         self._handles.append(module.register_forward_hook(lambda m, a, out: self._emit(point, _first(out))))
 
-    def _block_common(self, block, layer: int, attn_module) -> None:
-        def attn_out(m, a, out):
-            self._attn_out[layer] = _first(out)
-            self._emit((layer, "attn"), _first(out))
-
-        def block_out(m, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            # Recomputed with the block's own add: bit-identical to the value the block used.
-            self._emit((layer, "attn_resid"), x + self._attn_out.pop(layer))
-            self._emit((layer, "resid"), _first(out))
-
-        self._handles.append(attn_module.register_forward_hook(attn_out))
-        self._handles.append(block.register_forward_hook(block_out, with_kwargs=True))
+    def _block_common(self, block, layer: int, attn_module, mlp_norm) -> None:
+        self._on(attn_module, (layer, "attn"))
+        # The residual stream after the attention add is what the MLP's norm receives: captured
+        # there, as the block computed it (a bug in the add itself then shows at attn_resid).
+        self._handles.append(mlp_norm.register_forward_pre_hook(
+            lambda m, args: self._emit((layer, "attn_resid"), args[0])))
+        self._on(block, (layer, "resid"))
 
     # --- the reference ---------------------------------------------------------------------------
 
@@ -114,7 +108,7 @@ class Capture:
         if self.fine:
             self._handles.append(block.attention.register_forward_pre_hook(
                 lambda m, args: self._reference_qkv(m, layer, *args[:3])))
-        self._block_common(block, layer, block.attention)
+        self._block_common(block, layer, block.attention, block.ffn_norm)
         self._on(block.ffn_norm, (layer, "mlp_norm"))
         self._on(block.feed_forward, (layer, "mlp"))
         return self
@@ -151,7 +145,7 @@ class Capture:
                 lambda m, args, kwargs: self._transformers_qkv(m, layer, args, kwargs), with_kwargs=True))
             self._handles.append(attn.register_forward_hook(
                 lambda m, a, out: self._transformers_weights(layer, out)))
-        self._block_common(layer_module, layer, attn)
+        self._block_common(layer_module, layer, attn, layer_module.post_attention_layernorm)
         self._on(layer_module.post_attention_layernorm, (layer, "mlp_norm"))
         self._on(layer_module.mlp, (layer, "mlp"))
         return self
@@ -225,12 +219,11 @@ def _interleave(x: torch.Tensor) -> torch.Tensor:
 
 
 def rel_l2(subject: torch.Tensor, truth: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 on the CPU; inf when the subject is not finite."""
+    """||a - b|| / ||b|| in float64 on the CPU; inf when the subject is not finite or its shape
+    differs (a head that drops vocabulary rows diverges there, whatever its values)."""
     a = subject.detach().to("cpu", torch.float64)
     b = truth.detach().to("cpu", torch.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"captured shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    if not torch.isfinite(a).all():
+    if a.shape != b.shape or not torch.isfinite(a).all():
         return math.inf
     denom = b.norm().item()
     diff = (a - b).norm().item()

@@ -28,7 +28,7 @@ from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import read_toml
 from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
-from harness.core.metrics import METRICS, compare
+from harness.core.metrics import METRICS, POLICY_METRICS, compare
 from harness.core.presets import long_positions_model
 from harness.core.store import FAIL, INFO, NA, Row
 from harness.core.subjects import DTYPES, ORACLE, load_transformers, reference
@@ -384,7 +384,7 @@ class Axes(Suite):
             casts=inputs.choices("--casts", a.casts if a.casts is not None else d.get("casts", list(CASTS)), tuple(CASTS)),
             flags=inputs.choices("--flags", a.flags if a.flags is not None else d.get("flags", list(FLAGS)), FLAGS),
             lengths=parse_lengths(a.lengths if a.lengths is not None else [str(n) for n in d.get("lengths", [16])]),
-            spec=spec, policy=load_policy(a.policy, metrics=list(METRICS)).require(dtypes, METRICS),
+            spec=spec, policy=load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, METRICS),
             behaviour_policy=load_policy(BEHAVIOUR_POLICY).require(dtypes, ["attn_probs_max_abs", "hidden_rel_l2"]),
             device=inputs.device(a.device), seed=inputs.seed(a.seed), fault=get_fault(a.plant, self.name),
             strict=a.strict)

@@ -1,38 +1,59 @@
 """The logits suite: every subject over the case matrix, measured against the float64 oracle,
 judged with the tolerance policy.
 
-Flow: checkpoint -> oracle logits per input shape -> reference at each dtype (the calibrator) ->
-transformers per cell -> metrics -> verdict rows. Rows are journaled group by group (the
-reference at a dtype; transformers at a dtype, attention and tp), so a rerun with the same --out
-resumes: finished groups are read back, not rerun. Weights with NaN/Inf, or activations that
-overflow a narrow dtype, fail the cells they spoil with the cause named; they never pass and
-never stop the run.
+A cell is dtype x attention x pretraining_tp x input. Inputs (the case's ``input``):
+
+  random   seeded random token ids of each --shapes (the structure of the forward)
+  tokens   the user's own ids (--tokens FILE)
+  corpus   real text (--corpus NAME, --text FILE) in windows of --ctx tokens starting with BOS;
+           corpus statistics (llama.cpp's `perplexity --kl-divergence` set and ours) per cell
+           (no informational transformers-vs-reference rows: they would double the metric cost)
+  padded   rows of different lengths left-padded into one batch, attention mask and positions given
+  cached   a prefill, then one token at a time through the KV cache
+
+Flow: checkpoint -> oracle logits per input -> reference at each dtype (the calibrator) ->
+transformers per cell -> per-position statistics (harness.core.metrics) -> metrics -> verdict rows.
+Rows are journaled group by group (the reference at a dtype; transformers at a dtype, attention
+and tp; a corpus at a dtype), so a rerun with the same --out resumes. A corpus is streamed window
+batch by window batch: the oracle's logits of a batch live only while that batch is compared.
+Weights with NaN/Inf, or activations that overflow a narrow dtype, fail the cells they spoil
+with the cause named; they never pass and never stop the run.
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from harness.core import compat, inputs, resources
-from harness.core.cases import Case, Shape, make_inputs, matrix
+from harness.core import compat, corpus, inputs, resources
+from harness.core.cases import Shape, make_inputs
 from harness.core.checkpoints import HFFolder, ModelFolder, open_model
 from harness.core.datafiles import suite_data
 from harness.core.environment import environment
 from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
-from harness.core.metrics import METRICS, compare, per_position
-from harness.core.store import FAIL, NA, PASS, Row, fingerprint
-from harness.core.subjects import DTYPES, ORACLE, TRUTH, ReferenceSubject, TransformersSubject
+from harness.core.metrics import (BEYOND_ROUNDING, CORPUS_GATED, METRICS, POLICY_METRICS, PositionStats,
+                                  beyond_rounding, cat_stats, corpus_evidence, corpus_stats, curves, position_stats,
+                                  summarize)
+from harness.core.store import FAIL, INFO, NA, PASS, Row, fingerprint
+from harness.core.subjects import (DTYPES, ORACLE, TRUTH, ReferenceSubject, TransformersSubject, padded_positions,
+                                   reference_decode, transformers_decode)
 from harness.core.suite import Context, Part, Result, Suite
 from harness.core.tolerance import Policy, load_policy
 from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
 
 SUITE = "logits"
+INPUTS = ("random", "tokens", "corpus", "padded", "cached")
+GATED = [m for m in METRICS if m not in ("top1_disagree", "topk_miss")] + list(BEYOND_ROUNDING)
+RATES = ("top1_disagree", "topk_miss")      # shown; the counts beyond rounding are what is gated
+# Corpus statistics beyond the common metrics: gated like the means they are, or shown.
+# Shown with their intervals, not gated: the sign of a perplexity shift is noise-dominated (the
+# mean of per-token log-ratios of either sign), so |ln ratio| of two correct subjects is no yardstick.
+CORPUS_INFO = ("ppl_ratio", "same_top1")
 
 
 class Logits(Suite):
@@ -44,10 +65,17 @@ class Logits(Suite):
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
         p.add_argument("--attn", type=inputs.csv, help="comma list of eager,sdpa,flash_attention_2,flex_attention")
         p.add_argument("--tp", type=inputs.csv, help="comma list of pretraining_tp values (default: 1,2)")
-        p.add_argument("--shapes", type=inputs.csv, help="comma list of BATCHxSEQ (default: 1x16,2x64)")
+        p.add_argument("--shapes", type=inputs.csv, help="comma list of BATCHxSEQ of random ids (default: 1x16,2x64)")
         p.add_argument("--tokens", help="JSON file: a list of equal-length token-id lists to run instead of --shapes")
-        p.add_argument("--tokenizer", help="SentencePiece tokenizer.model: the checkpoint's vocab_size must match it "
-                                           "(fills params.json's -1)")
+        p.add_argument("--text", help="a UTF-8 text file to measure on, tokenized with the checkpoint's tokenizer")
+        p.add_argument("--corpus", help=f"a named corpus to measure on ({', '.join(corpus.NAMED)}; default: heldout)")
+        p.add_argument("--ctx", help="tokens per text window, BOS first (default 512)")
+        p.add_argument("--max-tokens", help="text tokens to use at most (default 4096; 'all' for the whole text)")
+        p.add_argument("--inputs", type=inputs.csv,
+                       help=f"comma list of {', '.join(INPUTS)} (default: random, corpus when a tokenizer is at "
+                            "hand, padded, cached; only the given ones when --shapes/--tokens/--text/--corpus is)")
+        p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (or a folder holding one): the checkpoint's "
+                                           "vocab_size must match it (fills params.json's -1); tokenizes the text")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--seed", default="0", help="input seed (default 0)")
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")
@@ -63,6 +91,46 @@ class Logits(Suite):
         return Measure(plan, ctx).run()
 
 
+# --- inputs --------------------------------------------------------------------------------------
+
+@dataclass
+class Input:
+    kind: str                           # one of INPUTS
+    shape: Shape                        # batch x seq (a corpus: windows x ctx)
+    ids: torch.Tensor
+    mask: torch.Tensor | None = None    # padded: 1 where a real token sits
+    targets: torch.Tensor | None = None  # corpus: the next token of every position (-1: none)
+    prefill: int = 0                    # cached
+    batch: int = 0                      # corpus: windows per forward
+    label: str = ""                     # corpus: which text
+
+    @property
+    def name(self) -> str:
+        return f"corpus:{self.label}" if self.kind == "corpus" else self.kind
+
+    def key(self) -> str:
+        return f"{self.name}/{self.shape}"
+
+    def describe(self) -> dict:
+        d = {"input": self.name, "shape": str(self.shape)}
+        if self.kind == "cached":
+            d["prefill"] = self.prefill
+        if self.kind == "padded":
+            d["lengths"] = self.mask.sum(-1).tolist()
+        return d
+
+
+def padded_input(lengths: list[int], vocab: int, seed: int) -> Input:
+    width = max(lengths)
+    base = make_inputs(Shape(len(lengths), width), vocab, seed + 17)
+    ids = torch.zeros_like(base)
+    mask = torch.zeros_like(base)
+    for i, n in enumerate(lengths):          # left padding, as generation batches are padded
+        ids[i, width - n:] = base[i, :n]
+        mask[i, width - n:] = 1
+    return Input("padded", Shape(len(lengths), width), ids, mask=mask)
+
+
 @dataclass
 class Plan:
     """Everything a run needs, validated before anything in --out changes."""
@@ -71,7 +139,7 @@ class Plan:
     dtypes: list[str]
     attns: list[str]
     tps: list[int]
-    inputs: dict[Shape, torch.Tensor]
+    inputs: list[Input]
     device: str
     seed: int
     policy: Policy
@@ -79,12 +147,16 @@ class Plan:
     localise: bool
     tokens_path: Path | None
     tokenizer_vocab: int | None
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_args(cls, a, ctx: Context) -> "Plan":
-        d = suite_data(SUITE)["defaults"]
+        data = suite_data(SUITE)
+        d = data["defaults"]
         if a.tokens and a.shapes:
             raise InputError("--tokens and --shapes: give one (the token file fixes the shape)")
+        if a.text and a.corpus:
+            raise InputError("--text and --corpus: give one")
         tokens = inputs.token_file(a.tokens) if a.tokens else None
         vocab = tokenizer_vocab(a.tokenizer) if a.tokenizer else None
         device = inputs.device(a.device)
@@ -96,26 +168,73 @@ class Plan:
         if all(t > 1 for t in tps) and not compat.tp_honoured():
             raise InputError(f"--tp {','.join(map(str, tps))}: {compat.TP_NOOP}, so nothing would be measured")
         shapes = inputs.shapes("--shapes", a.shapes if a.shapes is not None else d["shapes"])
-        policy = load_policy(a.policy, metrics=list(METRICS)).require(dtypes, METRICS)
+        kinds = cls.kinds(a)
+        policy = load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, GATED + list(RATES))
         fault = get_fault(a.plant, SUITE)
         folder = open_model(a.model, vocab_size=vocab)
-        shapes_run = shapes if tokens is None else [Shape(len(tokens), len(tokens[0]))]
-        ctx.check_memory(resources.logits_run(folder.args, dtypes, shapes_run, folder.stored_bytes), device)
+        args = folder.args
+        notes: list[str] = []
+        text = cls.text_windows(a, data["corpus"], folder, kinds, notes)
+        if text is not None:
+            policy.require(dtypes, CORPUS_GATED)
+        plan_shapes = ([Shape(len(tokens), len(tokens[0]))] if tokens else list(shapes) if "random" in kinds else [])
+        plan_shapes += [Shape(text.batch, text.shape.seq)] if text else []
+        ctx.check_memory(resources.logits_run(args, dtypes, plan_shapes or [Shape(1, 16)], folder.stored_bytes), device)
         ckpt = folder.load(vocab_size=vocab)
-        if tokens is None:
-            ids = {s: make_inputs(s, ckpt.args.vocab_size, seed) for s in shapes}
-        else:
+        ins: list[Input] = []
+        if tokens is not None:
             inputs.token_ids_in_vocab(f"--tokens {a.tokens}", tokens, ckpt.args.vocab_size)
             t = torch.tensor(tokens, dtype=torch.long)
-            ids = {Shape(*t.shape): t}
-        return cls(folder, ckpt, dtypes, attns, tps, ids, device, seed, policy, fault, not a.no_localise,
-                   Path(a.tokens) if a.tokens else None, vocab)
+            ins.append(Input("tokens", Shape(*t.shape), t))
+        elif "random" in kinds:
+            ins += [Input("random", s, make_inputs(s, ckpt.args.vocab_size, seed)) for s in shapes]
+        if text is not None:
+            ins.append(text)
+        if "padded" in kinds:
+            ins.append(padded_input(data["padded"]["lengths"], ckpt.args.vocab_size, seed))
+        if "cached" in kinds:
+            s = inputs.shape("suites/logits.toml [cached] shape", data["cached"]["shape"])
+            ins.append(Input("cached", s, make_inputs(s, ckpt.args.vocab_size, seed + 29),
+                             prefill=data["cached"]["prefill"]))
+        if not ins:
+            raise InputError("--inputs: nothing to measure on")
+        return cls(folder, ckpt, dtypes, attns, tps, ins, device, seed, policy, fault, not a.no_localise,
+                   Path(a.tokens) if a.tokens else None, vocab, notes)
+
+    @staticmethod
+    def kinds(a) -> list[str]:
+        if a.inputs is not None:
+            return inputs.choices("--inputs", a.inputs, INPUTS)
+        given = [k for k, v in (("random", a.shapes), ("tokens", a.tokens), ("corpus", a.text or a.corpus)) if v]
+        return given or ["random", "corpus?", "padded", "cached"]     # corpus? = when a tokenizer is at hand
+
+    @staticmethod
+    def text_windows(a, cfg: dict, folder: ModelFolder, kinds: list[str], notes: list[str]) -> Input | None:
+        if "corpus" not in kinds and "corpus?" not in kinds:
+            return None
+        ctx_len = inputs.integer("--ctx", a.ctx, 2, inputs.MAX_SEQ) if a.ctx else cfg["ctx"]
+        if a.max_tokens == "all":
+            limit = None
+        else:
+            limit = inputs.integer("--max-tokens", a.max_tokens, 1, 10 ** 9) if a.max_tokens else cfg["max_tokens"]
+        try:
+            sp = corpus.tokenizer_for(folder.path, folder.args.vocab_size, a.tokenizer)
+        except InputError as e:
+            if "corpus" in kinds:
+                raise
+            notes.append(f"note: no real-text cells ({e})")
+            return None
+        label, text = corpus.text_of(a.corpus or (None if a.text else cfg["name"]), a.text)
+        w = corpus.windows(label, text, sp, ctx_len, limit)
+        return Input("corpus", Shape(*w.ids.shape), w.ids, targets=w.targets, batch=cfg["batch"],
+                     label=Path(label).name if a.text else label)
 
 
 def tokenizer_vocab(path: str) -> int:
     """Number of pieces in a SentencePiece tokenizer.model: the vocabulary the checkpoint must have."""
     from reference_model.tokenizer import TokenizerFileError, read_model_file
-    path = inputs.existing_file("--tokenizer", path)
+    p = Path(path)
+    path = inputs.existing_file("--tokenizer", p / "tokenizer.model" if p.is_dir() else p)
     try:
         model = read_model_file(path)
     except TokenizerFileError as e:
@@ -125,18 +244,61 @@ def tokenizer_vocab(path: str) -> int:
     return len(model.pieces)
 
 
+# --- how each subject runs an input ----------------------------------------------------------------
+
+def reference_logits(subject: ReferenceSubject, inp: Input, ids: torch.Tensor | None = None) -> torch.Tensor:
+    ids = inp.ids if ids is None else ids
+    model, dev = subject.model, subject.device
+    if inp.kind == "padded":
+        return model(ids.to(dev), key_mask=inp.mask.to(dev), positions=padded_positions(inp.mask).to(dev))
+    if inp.kind == "cached":
+        return reference_decode(model, ids.to(dev), inp.prefill)
+    return subject.logits(ids)
+
+
+def transformers_logits(subject: TransformersSubject, inp: Input, ids: torch.Tensor | None = None) -> torch.Tensor:
+    ids = inp.ids if ids is None else ids
+    dev = subject.device
+    if inp.kind == "padded":
+        with torch.inference_mode():
+            return subject.model(input_ids=ids.to(dev), attention_mask=inp.mask.to(dev),
+                                 position_ids=padded_positions(inp.mask).to(dev), use_cache=False).logits
+    if inp.kind == "cached":
+        return transformers_decode(subject.model, ids.to(dev), inp.prefill)
+    return subject.logits(ids)
+
+
+def oracle_logits(oracle: ReferenceSubject, inp: Input, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The truth: the full float64 forward; for padded rows, each row alone (at its real positions)."""
+    ids = inp.ids if ids is None else ids
+    if inp.kind != "padded":
+        return oracle.logits(ids)
+    truth = None
+    for i, row in enumerate(ids):
+        n = int(inp.mask[i].sum())
+        alone = oracle.logits(row[len(row) - n:][None])[0]
+        if truth is None:
+            truth = torch.zeros(*ids.shape, alone.shape[-1], dtype=alone.dtype, device=alone.device)
+        truth[i, len(row) - n:] = alone
+    return truth
+
+
+# --- the run ------------------------------------------------------------------------------------
+
 class Measure:
-    """One run of the plan: the oracle's logits and the HF folder are made once, when first needed."""
+    """One run of the plan: the oracle and the HF folder are made once, when first needed."""
 
     def __init__(self, plan: Plan, ctx: Context):
         self.plan, self.ctx = plan, ctx
         self.env = environment(plan.device)
         self.notes = weight_notes(plan.ckpt, plan.dtypes)
-        self._truth: dict[Shape, torch.Tensor] | None = None
+        self._oracle: ReferenceSubject | None = None
+        self._truth: dict[str, torch.Tensor] = {}
         self._hf: HFFolder | None = None
         self.settings = {   # everything that decides a group's rows; a journaled group is reused only if all match
             "suite": SUITE, "model": plan.folder.fingerprint(), "seed": plan.seed,
-            "inputs": fingerprint([ids.tolist() for ids in plan.inputs.values()]),
+            "inputs": fingerprint([[i.key(), i.ids.tolist(), None if i.mask is None else i.mask.tolist(),
+                                    i.prefill] for i in plan.inputs]),
             "policy": {"version": plan.policy.version,
                        "sha": fingerprint(plan.policy.path.read_text(encoding="utf-8"))},
             "plant": plan.fault.name if plan.fault else None,
@@ -145,11 +307,15 @@ class Measure:
         }
 
     # -- shared, made once ----------------------------------------------------------------------
-    def truth(self) -> dict[Shape, torch.Tensor]:
-        if self._truth is None:
-            oracle = ReferenceSubject(self.plan.ckpt, "float64", self.plan.device, oracle=True)
-            self._truth = {s: oracle.logits(ids).cpu() for s, ids in self.plan.inputs.items()}
-        return self._truth
+    def oracle(self) -> ReferenceSubject:
+        if self._oracle is None:
+            self._oracle = ReferenceSubject(self.plan.ckpt, "float64", self.plan.device, oracle=True)
+        return self._oracle
+
+    def truth(self, inp: Input) -> torch.Tensor:
+        if inp.key() not in self._truth:
+            self._truth[inp.key()] = oracle_logits(self.oracle(), inp).cpu()
+        return self._truth[inp.key()]
 
     def hf_path(self) -> Path:
         if self._hf is None:
@@ -168,22 +334,24 @@ class Measure:
             journal.append(self.key(group), group, rows)
         return rows
 
-    # -- the run --------------------------------------------------------------------------------
+    def case(self, dtype: str, attn, tp, inp: Input) -> dict:
+        return {"dtype": dtype, "attn": attn, "tp": tp, "shape": str(inp.shape), "input": inp.name,
+                "device": self.plan.device}
+
     def run(self) -> Result:
         plan, started = self.plan, time.perf_counter()
-        cells = matrix(plan.dtypes, plan.attns, plan.tps, list(plan.inputs), plan.device)
         support = self.env["dtype_support"]
+        groups = [(a, t) for a in plan.attns for t in plan.tps]
         rows: list[Row] = []
-        bar = _progress(len(plan.dtypes) * len(plan.inputs) + len(cells), self.ctx.progress)
+        bar = _progress(len(plan.dtypes) * (1 + len(groups)) * len(plan.inputs), self.ctx.progress)
         try:
             for dtype in plan.dtypes:
-                dcells = [c for c in cells if c.dtype == dtype]
                 if not support.get(dtype, False):
                     why = f"{dtype} does not run on {plan.device}"
-                    rows += [_na(c, why) for c in dcells]
-                    bar.update(len(plan.inputs) + len(dcells))
-                else:
-                    rows += self.dtype_rows(dtype, dcells, bar)
+                    rows += [_na(self.case(dtype, a, t, i), why) for a, t in groups for i in plan.inputs]
+                    bar.update((1 + len(groups)) * len(plan.inputs))
+                    continue
+                rows += self.dtype_rows(dtype, groups, bar)
         finally:
             bar.close()
             if self._hf is not None:
@@ -195,72 +363,196 @@ class Measure:
         if plan.localise:
             extra.update(localise_failures(plan, rows))
         timing = {"wall_seconds": round(time.perf_counter() - started, 3), "groups_resumed": len(journal.reused)}
-        return Result([Part(SUITE, rows, extra, timing=timing, device=plan.device)], self.ctx.notes)
+        sections = [("Corpus statistics (llama.cpp's perplexity --kl-divergence layout)", corpus_table(rows))] \
+            if any(i.kind == "corpus" for i in plan.inputs) else []
+        if extra.get("divergences"):
+            sections.insert(0, ("Where each failing group diverges first", divergence_table(extra["divergences"])))
+        return Result([Part(SUITE, rows, extra, sections=sections, timing=timing, device=plan.device)],
+                      plan.notes + self.ctx.notes)
 
-    def dtype_rows(self, dtype: str, dcells: list[Case], bar) -> list[Row]:
-        """The reference at this dtype (journaled; it calibrates), then each transformers group."""
+    def dtype_rows(self, dtype: str, groups: list[tuple], bar) -> list[Row]:
+        """The reference at this dtype (it calibrates), each transformers group, and the corpus."""
+        plan = self.plan
+        short = [i for i in plan.inputs if i.kind != "corpus"]
+        text = [i for i in plan.inputs if i.kind == "corpus"]
         ref_group = {"subject": "reference", "dtype": dtype}
-        tf_groups = [{"subject": "transformers", "dtype": dtype, "attn": a, "tp": t}
-                     for a, t in sorted({(c.attn, c.tp) for c in dcells}, key=str)]
+        tf_groups = [{"subject": "transformers", "dtype": dtype, "attn": a, "tp": t} for a, t in groups]
         journal = self.ctx.journal()
-        pending = any(journal.entries.get(self.key(g)) is None for g in [ref_group, *tf_groups])
-        calibration = self.reference_pass(dtype) if pending else None
-        rows = self.cached(ref_group, lambda: calibration[2])
-        bar.update(len(self.plan.inputs))
-        for g in tf_groups:
-            group = [c for c in dcells if (c.attn, c.tp) == (g["attn"], g["tp"])]
-            rows += self.cached(g, lambda: self.transformers_rows(dtype, g["attn"], g["tp"], group, calibration))
-            bar.update(len(group))
+        rows: list[Row] = []
+        if short:
+            pending = any(journal.entries.get(self.key(g)) is None for g in [ref_group, *tf_groups])
+            calibration = self.reference_pass(dtype, short) if pending else None
+            rows += self.cached(ref_group, lambda: calibration[1])
+            bar.update(len(short))
+            for g in tf_groups:
+                rows += self.cached(g, lambda: self.transformers_rows(dtype, g["attn"], g["tp"], short, calibration))
+                bar.update(len(short))
+        for inp in text:
+            group = {"subject": "corpus", "dtype": dtype, "input": inp.key()}
+            rows += self.cached(group, lambda: self.corpus_rows(dtype, groups, inp))
+            bar.update(1 + len(groups))
         return rows
 
-    def reference_pass(self, dtype: str):
-        """(logits, metrics, rows) of the reference at dtype on every input shape."""
+    # -- short inputs: each subject loaded once, every input through it ---------------------------
+    def reference_pass(self, dtype: str, short: list[Input]):
+        """({input: PositionStats}, rows, {input: logits}) of the reference at dtype on the short inputs."""
         reference = ReferenceSubject(self.plan.ckpt, dtype, self.plan.device)
-        logits, metrics, rows = {}, {}, []
-        for shape, ids in self.plan.inputs.items():
-            logits[shape] = reference.logits(ids).cpu()
-            values, why = judged_compare(logits[shape], self.truth()[shape], dtype, self.notes)
-            metrics[shape] = values
-            case = {"dtype": dtype, "attn": "-", "tp": "-", "shape": str(shape), "device": self.plan.device}
-            rows += with_curves(judge(metric_rows(case, "reference", values, why), self.plan.policy, dtype, None),
-                                logits[shape], self.truth()[shape])
-        return logits, metrics, rows
+        stats, rows, logits = {}, [], {}
+        for inp in short:
+            logits[inp.key()] = reference_logits(reference, inp).cpu()
+            st = position_stats(logits[inp.key()], self.truth(inp), mask=inp.mask)
+            stats[inp.key()] = st
+            rows += self.judged(self.case(dtype, "-", "-", inp), "reference", st, None, dtype, self.truth(inp), inp)
+        return stats, rows, logits
 
-    def transformers_rows(self, dtype: str, attn: str, tp: int, group: list[Case], calibration) -> list[Row]:
+    def transformers_rows(self, dtype: str, attn: str, tp: int, short: list[Input], calibration) -> list[Row]:
         """One (dtype, attn, tp) group; nothing loads for an n/a group."""
         plan = self.plan
-        why_na = compat.attn_reason(attn, plan.device)
-        if not why_na and tp > 1 and not compat.tp_honoured():
-            why_na = compat.TP_NOOP
-        if plan.fault is not None and dtype not in plan.fault.visible_at:
-            self.ctx.note(f"note: --plant {plan.fault.name} changes nothing at {dtype}")
+        ref_stats, _, ref_logits = calibration
+        why_na = self.not_applicable(dtype, attn, tp)
         if why_na:
-            return [_na(c, why_na) for c in group]
-        ref_logits, ref_metrics, _ = calibration
+            return [_na(self.case(dtype, attn, tp, i), why_na) for i in short]
         try:
             subject = TransformersSubject(self.hf_path(), dtype, plan.device, attn, tp, plan.fault)
         except InputError:
             raise
         except Exception as e:  # a release that cannot build this cell fails it, naming the error
-            return [_failed(c, f"transformers failed to load: {_first_line(e)}") for c in group]
+            return [_failed(self.case(dtype, attn, tp, i), f"transformers failed to load: {_first_line(e)}")
+                    for i in short]
         rows = []
-        for case in group:
+        for inp in short:
+            case = self.case(dtype, attn, tp, inp)
             try:
-                logits = subject.logits(plan.inputs[case.shape]).cpu()
+                logits = transformers_logits(subject, inp).cpu()
             except Exception as e:
-                rows.append(_failed(case, f"transformers forward failed: {_first_line(e)}"))
+                rows.append(_failed(case, f"transformers {inp.kind} forward failed: {_first_line(e)}"))
                 continue
-            truth = self.truth()[case.shape]
+            truth = self.truth(inp)
             if logits.shape != truth.shape:
                 rows.append(_failed(case, shape_mismatch(logits, truth, tp)))
                 continue
-            values, why = judged_compare(logits, truth, dtype, self.notes)
-            rows += with_curves(judge(metric_rows(case.settings(), "transformers", values, why), plan.policy, dtype,
-                                      ref_metrics[case.shape]), logits, truth)
-            pair, why = compare(logits, ref_logits[case.shape])
-            rows += [Row(SUITE, case.settings(), "transformers", "reference", m, pair[m], status="info",
+            st = position_stats(logits, truth, mask=inp.mask)
+            rows += self.judged(case, "transformers", st, ref_stats[inp.key()], dtype, truth, inp)
+            pair, why = summarize(position_stats(logits, ref_logits[inp.key()], mask=inp.mask))
+            rows += [Row(SUITE, case, "transformers", "reference", m, pair[m], status=INFO,
                          reason=why or "informational: same dtype, no truth") for m in METRICS]
         return rows
+
+    def not_applicable(self, dtype: str, attn: str, tp: int) -> str:
+        why = compat.attn_reason(attn, self.plan.device)
+        if not why and tp > 1 and not compat.tp_honoured():
+            why = compat.TP_NOOP
+        if not why and self.plan.fault is not None and dtype not in self.plan.fault.visible_at:
+            self.ctx.note(f"note: --plant {self.plan.fault.name} changes nothing at {dtype}")
+        return why
+
+    # -- a corpus: windows outer, every subject of the dtype loaded at once ----------------------
+    def corpus_rows(self, dtype: str, groups: list[tuple], inp: Input) -> list[Row]:
+        plan = self.plan
+        reference = ReferenceSubject(plan.ckpt, dtype, plan.device)
+        subjects: dict[tuple, TransformersSubject] = {}
+        rows = []
+        for attn, tp in groups:
+            why = self.not_applicable(dtype, attn, tp)
+            if why:
+                rows.append(_na(self.case(dtype, attn, tp, inp), why))
+                continue
+            try:
+                subjects[(attn, tp)] = TransformersSubject(self.hf_path(), dtype, plan.device, attn, tp, plan.fault)
+            except InputError:
+                raise
+            except Exception as e:
+                rows.append(_failed(self.case(dtype, attn, tp, inp), f"transformers failed to load: {_first_line(e)}"))
+        parts: dict = {"reference": [], **{k: [] for k in subjects}}
+        broken: dict[tuple, str] = {}
+        for ids, targets in corpus.Windows(inp.label, inp.ids, inp.targets, 0, "").batches(inp.batch):
+            truth = self.oracle().logits(ids).cpu()
+            ref = reference.logits(ids).cpu()
+            parts["reference"].append(position_stats(ref, truth, targets=targets))
+            for key, subject in subjects.items():
+                if key in broken:
+                    continue
+                try:
+                    logits = subject.logits(ids).cpu()
+                except Exception as e:
+                    broken[key] = f"transformers forward failed: {_first_line(e)}"
+                    continue
+                if logits.shape != truth.shape:
+                    broken[key] = shape_mismatch(logits, truth, key[1])
+                    continue
+                parts[key].append(position_stats(logits, truth, targets=targets))
+            del truth, ref
+        ref_stats = cat_stats(parts["reference"])
+        rows += self.judged(self.case(dtype, "-", "-", inp), "reference", ref_stats, None, dtype, None, inp)
+        for (attn, tp), subject in subjects.items():
+            case = self.case(dtype, attn, tp, inp)
+            if (attn, tp) in broken:
+                rows.append(_failed(case, broken[(attn, tp)]))
+                continue
+            rows += self.judged(case, "transformers", cat_stats(parts[(attn, tp)]), ref_stats, dtype, None, inp)
+        return rows
+
+    # -- judging ----------------------------------------------------------------------------------
+    def judged(self, case: dict, subject: str, st: PositionStats, ref: PositionStats | None, dtype: str,
+               truth: torch.Tensor | None, inp: Input) -> list[Row]:
+        """The cell's rows: every metric judged by the policy against the reference's same value (the
+        reference itself against the hard ceilings), flips counted beyond rounding, corpus statistics."""
+        policy = self.plan.policy
+        values, why = summarize(st)
+        if why:
+            why = explain_nonfinite(why, dtype, truth, self.notes)
+        elif truth is not None and not bool(torch.isfinite(truth).all()):
+            bad = int((~torch.isfinite(truth)).sum())
+            why = explain_nonfinite(f"non-finite float64 oracle logits: {bad} values "
+                                    f"({'NaN' if torch.isnan(truth).any() else 'Inf'})", dtype, truth, self.notes)
+        ref_values = summarize(ref)[0] if ref is not None else None
+        max_factor = policy.limit(dtype, "max_abs").max_factor or policy.limit(dtype, "max_abs").factor
+        values.update(beyond_rounding(st, ref if ref is not None else st, max_factor))
+        if ref_values is not None:
+            ref_values.update(beyond_rounding(ref, ref, max_factor))
+        extra_rows = {}
+        if inp.kind == "corpus":
+            c = corpus_stats(st)
+            values.update({m: c[m] for m in CORPUS_GATED})
+            if ref is not None:
+                rc = corpus_stats(ref)
+                ref_values.update({m: rc[m] for m in CORPUS_GATED})
+            extra_rows = {"corpus": {k: v for k, v in c.items()}}
+        rows = []
+        for m in [*GATED, *RATES, *(CORPUS_GATED if inp.kind == "corpus" else ())]:
+            if m not in values:
+                continue
+            tol, status, reason = policy.judge(dtype, m, values[m], None if ref_values is None else ref_values[m])
+            if m in RATES:
+                status = INFO if not why else FAIL
+                reason = why or (f"a rate over {len(st)} positions; top1_flips/topk_misses gate the flips "
+                                 "rounding cannot explain")
+            elif why:
+                status, reason = FAIL, why
+            rows.append(Row(SUITE, case, subject, ORACLE, m, values[m], tol, status, reason))
+        if inp.kind == "corpus" and not why:
+            c = extra_rows["corpus"]
+            for m in CORPUS_INFO:
+                rows.append(Row(SUITE, case, subject, ORACLE, m, c[m], None, INFO,
+                                f"95% interval {c[m + '_lo']:.6g} .. {c[m + '_hi']:.6g} over {int(c['n'])} positions"))
+        self.attach(rows, st, inp, extra_rows)
+        return rows
+
+    @staticmethod
+    def attach(rows: list[Row], st: PositionStats, inp: Input, extra: dict) -> None:
+        """Evidence for the report: error along the position, and a corpus's KL histogram."""
+        if inp.kind == "corpus":
+            ev = {**extra, **corpus_evidence(st, inp.shape.batch, inp.shape.seq)}
+            per = curves(st, inp.shape.batch, inp.shape.seq)
+        else:
+            ev, per = {}, curves(st, inp.shape.batch, inp.shape.seq) if inp.mask is None else {}
+        for r in rows:
+            if r.metric == "max_abs" and "per_position" in per:
+                r.extra["per_position"] = per["per_position"]
+            elif r.metric == "kl_max":
+                if "kl_per_position" in per:
+                    r.extra["kl_per_position"] = per["kl_per_position"]
+                r.extra.update(ev)
 
     def summary_extra(self) -> dict:
         plan = self.plan
@@ -270,7 +562,8 @@ class Measure:
             "truth": TRUTH,
             "seed": plan.seed,
             "inputs": {"tokens": str(plan.tokens_path) if plan.tokens_path else None,
-                       "shapes": [str(s) for s in plan.inputs], "sha": self.settings["inputs"]},
+                       "shapes": [str(i.shape) for i in plan.inputs],
+                       "cells": [i.describe() for i in plan.inputs], "sha": self.settings["inputs"]},
             "policy": {"path": str(plan.policy.path), "version": plan.policy.version},
             "plant": plan.fault.name if plan.fault else None,
             "tokenizer_vocab": plan.tokenizer_vocab,
@@ -280,37 +573,16 @@ class Measure:
 
 # --- rows ----------------------------------------------------------------------------------------
 
-def metric_rows(case: dict, subject: str, values: dict, reason: str) -> list[Row]:
-    return [Row(SUITE, case, subject, ORACLE, m, values[m], status=FAIL if reason else PASS, reason=reason)
-            for m in METRICS]
+def _na(case: dict, why: str) -> Row:
+    return Row(SUITE, case, "transformers", ORACLE, "all", None, status=NA, reason=why)
 
 
-def judge(rows: list[Row], policy: Policy, dtype: str, reference: dict | None) -> list[Row]:
-    for r in rows:
-        tol, status, why = policy.judge(dtype, r.metric, r.value, None if reference is None else reference[r.metric])
-        r.tolerance = tol
-        if r.status != FAIL:
-            r.status, r.reason = status, why
-    return rows
+def _failed(case: dict, why: str) -> Row:
+    return Row(SUITE, case, "transformers", ORACLE, "all", None, status=FAIL, reason=why)
 
 
-def with_curves(rows: list[Row], logits: torch.Tensor, truth: torch.Tensor) -> list[Row]:
-    """Per-position curves ride on the max_abs and kl_max rows (for the report's plots)."""
-    curves = per_position(logits, truth)
-    for r in rows:
-        if r.metric == "max_abs" and "per_position" in curves:
-            r.extra["per_position"] = curves["per_position"]
-        elif r.metric == "kl_max" and "kl_per_position" in curves:
-            r.extra["kl_per_position"] = curves["kl_per_position"]
-    return rows
-
-
-def _na(case: Case, why: str) -> Row:
-    return Row(SUITE, case.settings(), "transformers", ORACLE, "all", None, status=NA, reason=why)
-
-
-def _failed(case: Case, why: str) -> Row:
-    return Row(SUITE, case.settings(), "transformers", ORACLE, "all", None, status=FAIL, reason=why)
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def shape_mismatch(logits: torch.Tensor, truth: torch.Tensor, tp: int) -> str:
@@ -322,8 +594,26 @@ def shape_mismatch(logits: torch.Tensor, truth: torch.Tensor, tp: int) -> str:
     return why
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+def corpus_table(rows: list[Row]) -> str:
+    """One line per corpus cell in llama.cpp's layout (its own statistics against the oracle)."""
+    from harness.results.markdown import md_escape
+    head = ("| subject | dtype | attn | tp | Mean KLD | Median KLD | 99% KLD | 99.9% KLD | Max KLD | Same top p | "
+            "RMS Δp | PPL ratio |\n|" + "---|" * 12)
+    lines = [head]
+    for r in rows:
+        c = r.extra.get("corpus") if r.metric == "kl_max" else None
+        if not c or r.against != ORACLE:
+            continue
+        lines.append("| " + " | ".join(md_escape(x) for x in (
+            r.subject, r.case["dtype"], r.case["attn"], r.case["tp"],
+            f"{c['kl_mean']:.4g} ± {c['kl_mean_se']:.2g}", f"{c['kl_median']:.4g}", f"{c['kl_p99']:.4g}",
+            f"{c['kl_p99_9']:.4g}", f"{c['kl_max']:.4g}",
+            f"{100 * c['same_top1']:.3f} ± {100 * c['same_top1_se']:.3f} %",
+            f"{100 * c['rms_dp']:.4g} ± {100 * c['rms_dp_se']:.2g} %",
+            f"{c['ppl_ratio']:.6f} ± {c['ppl_ratio_se']:.2g}")) + " |")
+    n = next((r.extra["corpus"]["n"] for r in rows if r.metric == "kl_max" and r.extra.get("corpus")), None)
+    note = f"\n{int(n)} positions per cell; ± is one standard error; truth: the float64 oracle.\n" if n else ""
+    return "\n".join(lines) + "\n" + note
 
 
 # --- non-finite logits: say why ------------------------------------------------------------------
@@ -338,46 +628,68 @@ def weight_notes(ckpt: Checkpoint, dtypes: list[str]) -> dict[str, str]:
     return notes
 
 
-def judged_compare(subject: torch.Tensor, truth: torch.Tensor, dtype: str, notes: dict[str, str]) -> tuple[dict, str]:
-    """compare(), plus: a truth that is not finite fails the cell too (a subject that is finite
-    where the oracle is not has not matched anything), and every non-finite reason says why:
-    bad weights, or a dtype whose range the activations outgrew."""
-    values, why = compare(subject, truth)
-    truth_ok = bool(torch.isfinite(truth).all())
-    if not truth_ok and not why:
-        bad = int((~torch.isfinite(truth)).sum())
-        why = f"non-finite float64 oracle logits: {bad} values ({'NaN' if torch.isnan(truth).any() else 'Inf'})"
-    if why and (notes.get(dtype) or notes.get("float64")):
-        why = f"{why}; the weights: {notes.get(dtype) or notes['float64']}"
-    elif why and truth_ok and dtype in ("float16", "bfloat16"):
+def explain_nonfinite(why: str, dtype: str, truth: torch.Tensor | None, notes: dict[str, str]) -> str:
+    """Say why logits are not finite: bad weights, or a dtype whose range the activations outgrew."""
+    truth_ok = truth is None or bool(torch.isfinite(truth).all())
+    if notes.get(dtype) or notes.get("float64"):
+        return f"{why}; the weights: {notes.get(dtype) or notes['float64']}"
+    if truth_ok and dtype in ("float16", "bfloat16"):
         top = torch.finfo(DTYPES[dtype]).max
-        why = f"{why}; overflow: activations exceed {dtype}'s range (max {top:.6g}) while the float64 oracle stays finite"
-    return values, why
+        return f"{why}; overflow: activations exceed {dtype}'s range (max {top:.6g}) while the float64 oracle stays finite"
+    return why
 
 
 # --- where failing cells diverge -----------------------------------------------------------------
 
 def localise_failures(plan: Plan, rows: list[Row]) -> dict:
     """For each failing transformers group, name the first layer and op that diverge, on the
-    group's first failing input; a localisation error is reported, never fatal."""
+    group's first failing plain input (a corpus: its first window). A group whose only failures
+    are padded or cached inputs is named by that mechanism: its full unpadded forward agrees, and
+    what differs is the mask or the cache. A localisation error is reported, never fatal."""
     from harness.scale.localise import first_divergence
-    failing: dict[tuple, Row] = {}
+    failing: dict[tuple, list[Row]] = {}
     for r in rows:
         if r.subject == "transformers" and r.against == ORACLE and r.status == FAIL:
-            failing.setdefault((r.case["dtype"], r.case["attn"], r.case["tp"]), r)
+            failing.setdefault((r.case["dtype"], r.case["attn"], r.case["tp"]), []).append(r)
     if not failing:
         return {}
-    by_name = {str(s): s for s in plan.inputs}
+    by_key = {(i.name, str(i.shape)): i for i in plan.inputs}
     found = []
     with HFFolder(plan.ckpt) as hf:
-        for (dtype, attn, tp), r in failing.items():
+        for (dtype, attn, tp), group in failing.items():
+            kinds = [(by_key[(r.case["input"], r.case["shape"])], r) for r in group]
+            plain = [(inp, r) for inp, r in kinds if inp.kind not in ("padded", "cached")]
+            if not plain:
+                inp, r = kinds[0]
+                found.append({"case": dict(r.case), **_mechanism(inp.kind)})
+                continue
+            inp, r = plain[0]
+            ids = inp.ids[:1] if inp.kind == "corpus" else inp.ids
             try:
-                d = first_divergence(plan.ckpt, hf.path, plan.inputs[by_name[r.case["shape"]]], dtype, plan.device,
-                                     attn, tp, plan.fault)
+                d = first_divergence(plan.ckpt, hf.path, ids, dtype, plan.device, attn, tp, plan.fault, failed=True)
             except Exception as e:  # noqa: BLE001 - evidence gathering must not lose the verdict
                 d = {"layer": None, "op": None, "error": _first_line(e)}
             found.append({"case": dict(r.case), **{k: v for k, v in d.items() if _jsonable(v)}})
     return {"first_divergence": found[0], "divergences": found}
+
+
+def divergence_table(found: list[dict]) -> str:
+    from harness.results.markdown import table
+    rows = [[d["case"].get("dtype"), d["case"].get("attn"), d["case"].get("tp"), d["case"].get("input"),
+             d.get("point") or "-", d.get("located_at", d["case"].get("dtype")),
+             "-" if d.get("ratio") is None else f"{d['ratio']:.3g}x",
+             "yes" if d.get("certain", d.get("op") is not None) else "no", d.get("error") or d.get("rule", "")]
+            for d in found]
+    return table(["dtype", "attn", "tp", "input", "first divergence", "located at", "ratio", "certain", "rule"], rows)
+
+
+def _mechanism(kind: str) -> dict:
+    op = "attention_mask" if kind == "padded" else "kv_cache"
+    what = "the attention mask of a padded batch" if kind == "padded" else "decoding with the KV cache"
+    return {"layer": None, "op": op, "group": "attn", "point": op, "certain": True,
+            "rule": f"only {kind} inputs fail in this group while its unpadded full forwards pass, so the "
+                    f"divergence is in {what} (behaviour --suite {'padding' if kind == 'padded' else 'cache'} "
+                    "names the positions)"}
 
 
 def _jsonable(v) -> bool:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from harness.core.cases import Shape, make_inputs
-from harness.core.compat import cache_kwarg, legacy_cache, make_cache
 from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
+from harness.core.subjects import reference_decode, transformers_decode
 from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
 
 SUITE = "cache"
@@ -22,28 +22,13 @@ GATED = ("max_abs", "kl_max", "top1_disagree")
 
 
 def _reference_pair(model, ids, prefill: int):
-    full = model(ids)
-    steps = [model(ids[:, :prefill], start_pos=0, use_cache=True)]
-    for t in range(prefill, ids.shape[1]):
-        steps.append(model(ids[:, t:t + 1], start_pos=t, use_cache=True))
-    return full, torch.cat(steps, dim=1)
+    return model(ids), reference_decode(model, ids, prefill)
 
 
-@torch.inference_mode()
 def _transformers_pair(model, ids, kind, prefill: int):
-    full = model(input_ids=ids, use_cache=False).logits
-    # A dynamic cache is the one the previous step returned: 4.31 has only tuples, and 4.38 copies
-    # a DynamicCache it is given into a new one (the caller's object stays empty); later releases
-    # update it in place and return the same object.
-    cache = None if kind == "dynamic" and legacy_cache() else make_cache(model, kind, ids.shape[0], ids.shape[1])
-    name = cache_kwarg(model)
-    steps = []
-    for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
-        out = model(input_ids=ids[:, start:end], use_cache=True, **{name: cache})
-        if kind == "dynamic":
-            cache = out.past_key_values   # a StaticCache is the caller's, written in place
-        steps.append(out.logits)
-    return full, torch.cat(steps, dim=1)
+    with torch.inference_mode():
+        full = model(input_ids=ids, use_cache=False).logits
+    return full, transformers_decode(model, ids, prefill, kind)
 
 
 def run(r: BehaviourRun) -> list[Row]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
+from harness.core.subjects import padded_positions
 from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
 
 SUITE = "padding"
@@ -46,7 +47,7 @@ def pad_batch(rows: list[torch.Tensor], side: str, extra: int, pad_id: int):
     for i, x in enumerate(rows):
         sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
         ids[i, sl], mask[i, sl] = x, 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    positions = padded_positions(mask)
     return ids, mask, positions
 
 
