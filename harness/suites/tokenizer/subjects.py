@@ -136,12 +136,19 @@ def discover_subjects(model: Path, workdir: Path, user_folder: Path | None = Non
     else:
         subjects.append(_hf_subject("transformers.SentencePieceBackend", "vocab_file", "",
                                     lambda: sp_backend(vocab_file=str(model))))
+    # AutoTokenizer is what users call on a model folder; 4.x resolves the class from config.json
+    # (a folder holding only tokenizer.model does not load at all), so it gets the model folder's
+    # minimal shape: tokenizer.model beside a config.json naming the architecture.
+    model_folder = workdir / "model-folder"
+    model_folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, model_folder / "tokenizer.model")
+    (model_folder / "config.json").write_text('{"model_type": "llama"}\n', encoding="utf-8")
     auto = transformers.AutoTokenizer
     subjects.append(_hf_subject("transformers.AutoTokenizer", "from_pretrained", "",
-                                lambda: auto.from_pretrained(str(bare))))
+                                lambda: auto.from_pretrained(str(model_folder))))
     if major < 5:
         subjects.append(_hf_subject("transformers.AutoTokenizer", "from_pretrained", "use_fast=False",
-                                    lambda: auto.from_pretrained(str(bare), use_fast=False)))
+                                    lambda: auto.from_pretrained(str(model_folder), use_fast=False)))
     classes = {n: c for n, c in (("LlamaTokenizer", llama), ("LlamaTokenizerFast", fast), ("AutoTokenizer", auto))
                if c is not None}
     subjects += _saved_by_another(classes, bare, workdir)
