@@ -197,3 +197,45 @@ def test_per_layer_curves_from_rows_with_a_layer(tmp_path):
     alts = [a["alt"] for t, a in parse(section).tags if t == "img"]
     assert "hidden: per-layer error curves" in alts
     assert report_html.layer_curves(report.load_summary(CLEAN)) == ""   # logits rows have no layer
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory) -> Path:
+    """A real corpus run on the embedded default model: two dtypes, 4 windows of 32 tokens."""
+    out = tmp_path_factory.mktemp("corpus") / "logits"
+    code = main(["logits", "--inputs", "corpus", "--dtypes", "float32,bfloat16", "--attn", "eager", "--tp", "1",
+                 "--ctx", "32", "--max-tokens", "128", "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_corpus_table_and_plots_follow_the_verdict_and_heatmap(corpus_run):
+    summary = report.load_summary(corpus_run)
+    page = report_html.render([summary], [corpus_run])
+    at = {k: page.index(k) for k in ('class="suite"', "worst value/tolerance per dtype", "Corpus statistics",
+                                     "corpus KL histogram and top-1 agreement by position", "Every row (")}
+    assert list(at.values()) == sorted(at.values()), at
+    # one line per corpus cell, with the numbers the run stored (mean KLD and same-top-p)
+    cells = report_html._corpus_cells(summary)
+    assert {(c["subject"], c["case"]["dtype"]) for c in cells} == {
+        (s, d) for s in ("reference", "transformers") for d in ("float32", "bfloat16")}
+    table = page[at["Corpus statistics"]:at["corpus KL histogram and top-1 agreement by position"]]
+    for c in cells:
+        st = c["extra"]["corpus"]
+        assert f"{st['kl_mean']:.4g} ± {st['kl_mean_se']:.2g}" in table
+        assert f"{100 * st['same_top1']:.3f} ± {100 * st['same_top1_se']:.3f} %" in table
+        assert sum(c["extra"]["kl_log10_counts"]) == st["n"] == 128     # every position in the histogram
+        assert len(c["extra"]["top1_by_position"]) == 32
+
+
+def test_a_long_cells_table_is_folded_below_the_failing_cells(corpus_run, tmp_path):
+    summary = report.load_summary(corpus_run)
+    summary = json.loads(json.dumps(summary))
+    # more distinct cells than FOLD_ROWS: the same rows under FOLD_ROWS values of one more setting
+    summary["cells"] = [{**c, "case": {**c["case"], "copy": i}} for i in range(report_html.FOLD_ROWS)
+                        for c in summary["cells"]]
+    bad = next(c for c in summary["cells"] if c["metric"] == "max_abs")
+    summary["cells"].append({**bad, "case": {**bad["case"], "attn": "sdpa"}, "status": FAIL, "value": 1.0})
+    page = report_html.render([summary], [corpus_run])
+    failing = page[page.index("<h3>Failing cells"):page.index("<details><summary>Every cell")]
+    assert re.findall(r'<tr class="([^"]+)">', failing) == ["fail"]

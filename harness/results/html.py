@@ -331,6 +331,74 @@ def piece_strips(summary: dict) -> str:
     return "<h4>Tokenizer divergences</h4>" + "".join(blocks)
 
 
+def _corpus_cells(summary: dict) -> list[dict]:
+    """The corpus cells' kl_max rows: the ones that carry the corpus statistics and plots."""
+    return [c for c in summary["cells"] if c["metric"] == "kl_max"
+            and isinstance((c.get("extra") or {}).get("corpus"), dict)]
+
+
+def _label(c: dict) -> str:
+    return " ".join([c["subject"], *(str(c["case"][k]) for k in ("dtype", "attn", "tp") if k in c["case"])])
+
+
+def corpus_table(summary: dict) -> str:
+    """llama.cpp's perplexity --kl-divergence layout, one line per subject x setting."""
+    cells = _corpus_cells(summary)
+    if not cells:
+        return ""
+
+    def num(c: dict, k: str, scale: float = 1.0, fmt: str = ".4g") -> str:
+        v = _finite(c.get(k))
+        return "-" if v is None else format(scale * v, fmt)
+    rows = []
+    for cell in cells:
+        c = cell["extra"]["corpus"]
+        rows.append([cell["subject"], *(str(cell["case"].get(k, "-")) for k in ("dtype", "attn", "tp")),
+                     f"{num(c, 'kl_mean')} ± {num(c, 'kl_mean_se', fmt='.2g')}", num(c, "kl_median"),
+                     num(c, "kl_p99"), num(c, "kl_p99_9"), num(c, "kl_max"),
+                     f"{num(c, 'same_top1', 100, '.3f')} ± {num(c, 'same_top1_se', 100, '.3f')} %",
+                     f"{num(c, 'rms_dp', 100)} ± {num(c, 'rms_dp_se', 100, '.2g')} %",
+                     f"{num(c, 'ppl_ratio', fmt='.6f')} ± {num(c, 'ppl_ratio_se', fmt='.2g')}",
+                     num(c, "topk_both", 100, ".3f") + " %", num(c, "lp_at_t_absdiff_mean")])
+    n = _finite(cells[0]["extra"]["corpus"].get("n"))
+    return ("<h3>Corpus statistics (llama.cpp's perplexity --kl-divergence layout)</h3>"
+            + _table(["subject", "dtype", "attn", "tp", "Mean KLD", "Median KLD", "99% KLD", "99.9% KLD", "Max KLD",
+                      "Same top p", "RMS Δp", "PPL ratio", "top-5 both", "mean |Δ log p(t*)|"], rows)
+            + f"<p>{esc(int(n) if n else '?')} positions per cell; ± is one standard error; "
+              "truth: the float64 oracle.</p>")
+
+
+def corpus_plots(summary: dict) -> str:
+    """KL histogram over the corpus's positions and top-1 agreement along the window."""
+    cells = _corpus_cells(summary)
+    hists = [(c, (c["extra"].get("kl_log10_edges"), c["extra"].get("kl_log10_counts"))) for c in cells]
+    hists = [(c, e, n) for c, (e, n) in hists if isinstance(e, list) and isinstance(n, list) and len(e) == len(n) + 1]
+    tops = [(c, c["extra"].get("top1_by_position")) for c in cells]
+    tops = [(c, t) for c, t in tops if isinstance(t, list) and t]
+    if not hists and not tops:
+        return ""
+    fig = Figure(figsize=(12, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    for c, edges, counts in hists[:12]:
+        xs = [_finite(e) for e in edges]
+        ys = [_finite(v) or 0.0 for v in counts]
+        if None in xs:
+            continue
+        ax1.stairs(ys, xs, label=_label(c))
+    ax1.set_xlabel("log10 KL(truth || subject) per position (nats)")
+    ax1.set_ylabel("positions")
+    ax1.set_title("KL over the corpus")
+    ax1.legend(fontsize=6)
+    for c, t in tops[:12]:
+        ys = [_finite(v) for v in t]
+        ax2.plot(range(len(ys)), [math.nan if y is None else y for y in ys], label=_label(c), lw=0.8)
+    ax2.set_xlabel("position in window")
+    ax2.set_ylabel("top-1 agreement with the truth")
+    ax2.set_title("top-1 agreement along the window (mean over windows)")
+    ax2.legend(fontsize=6)
+    return _img(fig, f"{summary['suite']}: corpus KL histogram and top-1 agreement by position")
+
+
 def _table(headers: list[str], rows: list[list], status_col: int | None = None) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = []
@@ -342,12 +410,12 @@ def _table(headers: list[str], rows: list[list], status_col: int | None = None) 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def cells_table(summary: dict) -> str:
+def cells_table(summary: dict, only_failing: bool = False) -> str:
     """Every gated cell's worst metric, failing first, with value, tolerance and margin."""
     df = worst_cells(summary)
     if df.empty:
         return "<p>(no cells)</p>"
-    df = df[df["status"] != "info"]
+    df = df[df["status"] == "fail"] if only_failing else df[df["status"] != "info"]
     headers = [c for c in df.columns if c != "value/tol"] + ["value/tol", "margin (tol - value)"]
     rows = []
     for rec in df.to_dict("records"):
@@ -374,11 +442,15 @@ def all_rows_table(summary: dict) -> str:
 
 # --- the page ----------------------------------------------------------------------------------
 
+FOLD_ROWS = 20     # a cells table longer than this is folded below the evidence
+
+
 def suite_section(summary: dict, results_dir: Path | None) -> str:
+    """Verdict and heatmap first, then failing cells, the corpus table and plots; long tables folded."""
     s = summary
     counts = s["counts"]
     evidence = "".join(x for x in (
-        heatmap(s),
+        corpus_plots(s),
         curves(s, "per_position", "position", "error vs position"),
         curves(s, "per_layer", "capture point (forward order)", "per-layer error"),
         layer_curves(s),
@@ -396,13 +468,20 @@ def suite_section(summary: dict, results_dir: Path | None) -> str:
     if results_dir is not None:
         facts.append(("results", str(results_dir)))
     anchor = esc(f"suite-{s['suite']}")
+    n_cells = len(worst_cells(s).query("status != 'info'")) if s["cells"] else 0
+    failing = [c for c in s["cells"] if c["status"] == "fail"]
+    cells = ("<h3>Cells (failing first; worst metric of each)</h3>" + cells_table(s)) if n_cells <= FOLD_ROWS else (
+        (("<h3>Failing cells (worst metric of each)</h3>" + cells_table(s, only_failing=True)) if failing else "")
+        + f"<details><summary>Every cell, worst metric of each ({n_cells})</summary>{cells_table(s)}</details>")
     return (f'<section class="suite" id="{anchor}"><h2>{esc(s["suite"])}: '
             f'<span class="st-{esc(s["verdict"])}">{esc(s["verdict"].upper())}</span></h2>'
             f"<p>{esc(counts.get('fail', 0))} failing, {esc(counts.get('pass', 0))} passing, "
             f"{esc(counts.get('n/a', 0))} not applicable, {esc(counts.get('info', 0))} informational "
             "(rows are case x subject x metric).</p>"
+            + heatmap(s)
             + _table(["", ""], [list(f) for f in facts])
-            + "<h3>Cells (failing first; worst metric of each)</h3>" + cells_table(s)
+            + cells
+            + corpus_table(s)
             + "<h3>Evidence</h3>" + (evidence or "<p>No plots: these results hold no plottable evidence.</p>")
             + f"<details><summary>Every row ({len(s['cells'])})</summary>{all_rows_table(s)}</details></section>")
 
