@@ -14,12 +14,13 @@ import pytest
 import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sentencepiece import sentencepiece_model_pb2 as pb
-
 from harness.core import real_tokenizer as fixtures
 from reference_model.tokenizer import Tokenizer, TokenizerFileError, utf8_with_replacement
 
 ROOT = Path(__file__).resolve().parent.parent
+# the ModelProto module the installed transformers uses (importing sentencepiece's copy first would
+# make 4.31-4.44 tokenizers fail to load in the rest of this test process)
+pb = fixtures.model_proto_module()
 
 
 @pytest.fixture(scope="session")

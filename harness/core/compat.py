@@ -89,6 +89,13 @@ def make_cache(model, kind: str, batch: int, length: int):
         return transformers.DynamicCache()
     if not hasattr(transformers, "StaticCache"):
         raise NotImplementedError("this transformers release has no StaticCache")
+    if transformers_version() < (4, 41):
+        # 4.38-4.40 read a StaticCache only when model._setup_cache() attached it to every layer (what
+        # generate(cache_implementation="static") does): passed as past_key_values, the model counts
+        # 0 tokens seen and sizes the causal mask for a dynamic cache, so the call is not one they offer.
+        raise NotImplementedError(f"transformers {transformers.__version__} takes a StaticCache only through "
+                                  "model._setup_cache / generate(cache_implementation='static'), not as "
+                                  "past_key_values (from 4.41)")
     try:                                   # 4.56 and later
         return transformers.StaticCache(config=model.config, max_cache_len=length)
     except TypeError:                      # 4.38 - 4.55

@@ -206,10 +206,10 @@ def model_proto_module():
     """
     try:
         from transformers.convert_slow_tokenizer import import_protobuf
-    except ImportError:
+        return import_protobuf()
+    except Exception:   # no transformers, or sentencepiece's copy was registered first in this process
         from sentencepiece import sentencepiece_model_pb2
         return sentencepiece_model_pb2
-    return import_protobuf()
 
 
 def build_model_proto(tokens: list[str], scores: list[float], types: list[int],
