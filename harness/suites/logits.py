@@ -177,6 +177,11 @@ class Plan:
         text = cls.text_windows(a, data["corpus"], folder, kinds, notes)
         if text is not None:
             policy.require(dtypes, CORPUS_GATED)
+        elif "corpus?" in kinds and a.shapes is None:
+            # No real text for this model: the default matrix still gets one long input, where
+            # position-dependent bugs (RoPE precision, scaling, windows) show.
+            long = inputs.shape("suites/logits.toml [defaults] long_shape", d["long_shape"])
+            shapes = [*shapes, Shape(long.batch, min(long.seq, args.max_seq_len))]
         plan_shapes = ([Shape(len(tokens), len(tokens[0]))] if tokens else list(shapes) if "random" in kinds else [])
         plan_shapes += [Shape(text.batch, text.shape.seq)] if text else []
         ctx.check_memory(resources.logits_run(args, dtypes, plan_shapes or [Shape(1, 16)], folder.stored_bytes), device)
@@ -285,15 +290,18 @@ def oracle_logits(oracle: ReferenceSubject, inp: Input, ids: torch.Tensor | None
 
 # --- the run ------------------------------------------------------------------------------------
 
+CORPUS_TRUTH_BYTES = 2 << 30     # a corpus's float64 truth kept across dtypes up to this size
+
 class Measure:
     """One run of the plan: the oracle and the HF folder are made once, when first needed."""
 
     def __init__(self, plan: Plan, ctx: Context):
         self.plan, self.ctx = plan, ctx
         self.env = environment(plan.device)
-        self.notes = weight_notes(plan.ckpt, plan.dtypes)
+        self._notes: dict[str, str] | None = None
         self._oracle: ReferenceSubject | None = None
         self._truth: dict[str, torch.Tensor] = {}
+        self._corpus_truth: dict[tuple, torch.Tensor] = {}
         self._hf: HFFolder | None = None
         self.settings = {   # everything that decides a group's rows; a journaled group is reused only if all match
             "suite": SUITE, "model": plan.folder.fingerprint(), "seed": plan.seed,
@@ -307,6 +315,14 @@ class Measure:
         }
 
     # -- shared, made once ----------------------------------------------------------------------
+    @property
+    def notes(self) -> dict[str, str]:
+        """What in the weights spoils each dtype: a scan of every tensor (minutes on a 7B), so made
+        only when a cell's logits are not finite and need explaining."""
+        if self._notes is None:
+            self._notes = weight_notes(self.plan.ckpt, self.plan.dtypes)
+        return self._notes
+
     def oracle(self) -> ReferenceSubject:
         if self._oracle is None:
             self._oracle = ReferenceSubject(self.plan.ckpt, "float64", self.plan.device, oracle=True)
@@ -316,6 +332,19 @@ class Measure:
         if inp.key() not in self._truth:
             self._truth[inp.key()] = oracle_logits(self.oracle(), inp).cpu()
         return self._truth[inp.key()]
+
+    def corpus_truth(self, inp: Input, n: int, ids: torch.Tensor) -> torch.Tensor:
+        """The oracle's logits of a corpus batch. Kept for the next dtype while the whole corpus's fit
+        in CORPUS_TRUTH_BYTES (the default corpus does); a larger corpus streams, computing each
+        batch's truth again per dtype rather than holding windows x ctx x vocab float64 values."""
+        key = (inp.key(), n)
+        if key in self._corpus_truth:
+            return self._corpus_truth[key]
+        truth = self.oracle().logits(ids).cpu()
+        size = inp.ids.numel() * self.plan.ckpt.args.vocab_size * 8
+        if len(self.plan.dtypes) > 1 and size <= CORPUS_TRUTH_BYTES:
+            self._corpus_truth[key] = truth
+        return truth
 
     def hf_path(self) -> Path:
         if self._hf is None:
@@ -359,7 +388,7 @@ class Measure:
         journal = self.ctx.journal()
         if journal.reused:
             self.ctx.note(f"resumed: {len(journal.reused)} finished cell group(s) read from {journal.path}, not rerun")
-        extra = self.summary_extra()
+        extra = self.summary_extra(rows)
         if plan.localise:
             extra.update(localise_failures(plan, rows))
         timing = {"wall_seconds": round(time.perf_counter() - started, 3), "groups_resumed": len(journal.reused)}
@@ -465,8 +494,8 @@ class Measure:
                 rows.append(_failed(self.case(dtype, attn, tp, inp), f"transformers failed to load: {_first_line(e)}"))
         parts: dict = {"reference": [], **{k: [] for k in subjects}}
         broken: dict[tuple, str] = {}
-        for ids, targets in corpus.Windows(inp.label, inp.ids, inp.targets, 0, "").batches(inp.batch):
-            truth = self.oracle().logits(ids).cpu()
+        for n, (ids, targets) in enumerate(corpus.Windows(inp.label, inp.ids, inp.targets, 0, "").batches(inp.batch)):
+            truth = self.corpus_truth(inp, n, ids)
             ref = reference.logits(ids).cpu()
             parts["reference"].append(position_stats(ref, truth, targets=targets))
             for key, subject in subjects.items():
@@ -554,8 +583,9 @@ class Measure:
                     r.extra["kl_per_position"] = per["kl_per_position"]
                 r.extra.update(ev)
 
-    def summary_extra(self) -> dict:
+    def summary_extra(self, rows: list[Row]) -> dict:
         plan = self.plan
+        nonfinite = any(r.status == FAIL and "non-finite" in r.reason for r in rows)
         return {
             "model": {"path": str(plan.folder.path), "format": plan.ckpt.source, "shards": plan.ckpt.n_shards,
                       "args": dict(vars(plan.ckpt.args))},
@@ -567,7 +597,7 @@ class Measure:
             "policy": {"path": str(plan.policy.path), "version": plan.policy.version},
             "plant": plan.fault.name if plan.fault else None,
             "tokenizer_vocab": plan.tokenizer_vocab,
-            "weights": {d: n for d, n in self.notes.items() if n} or None,
+            "weights": ({d: n for d, n in self.notes.items() if n} or None) if nonfinite else None,
         }
 
 
