@@ -6,7 +6,7 @@
 # Needs a CUDA torch and transformers already installed (bring your own; the CPU pin does not
 # apply). Runs the logits suite at bfloat16/float16 with every attention implementation this
 # release and card offer (flash_attention_2 only when flash_attn is installed; the suite records
-# n/a with the reason otherwise), the axes suite (cast paths and flags, 4096 positions),
+# n/a with the reason otherwise), a real-text corpus run on the 7B-shaped slice, the axes suite (cast paths and flags, 4096 positions),
 # placement across GPUs when there are two or more, and the mp suite on CUDA: emulated ranks on one GPU, and real
 # NCCL ranks when the machine has as many GPUs as the degree. Nothing here is needed by the CPU path.
 set -uo pipefail
@@ -24,6 +24,12 @@ step() { local name=$1; shift; local t0=$SECONDS; timeout 300 "$@" > "$out/$name
 slice=$("$PY" -c 'from harness.core.presets import cached; print(cached("slice-7b"))')
 step logits "$PY" -m harness logits --device cuda --dtypes bfloat16,float16 \
     --attn eager,sdpa,flash_attention_2,flex_attention --tp 1,2 --shapes 1x128,4x2048 --no-progress --out "$out/logits"
+# Real text on the 7B-shaped slice (Llama 2's width and 32000-piece vocabulary, so the Llama 2
+# tokenizer fixture tokenizes the held-out corpus): 16 windows of 1024 tokens, every dtype and
+# attention implementation, with the corpus table in its report.md.
+step corpus-slice7b "$PY" -m harness logits --device cuda --model "$slice" --dtypes float32,bfloat16,float16 \
+    --attn eager,sdpa,flash_attention_2 --tp 1 --inputs corpus,padded,cached --ctx 1024 --max-tokens 16384 \
+    --no-progress --out "$out/corpus-slice7b"
 step mp-slice7b "$PY" -m harness mp --device cuda --model "$slice" --degrees 1,2,4,8 \
     --dtypes float32,bfloat16,float16 --shapes 1x512 --out "$out/mp-slice7b"
 step axes "$PY" -m harness axes --device cuda --dtypes bfloat16,float16 \
