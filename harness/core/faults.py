@@ -329,7 +329,9 @@ class VocabTruncated(Fault):
 
 class PadAttend(Fault):
     name, doc = "pad-attend", "the attention mask is dropped: pad tokens are attended"
-    suites, shows_in = ("behaviour",), ("padding", "seqcls")
+    # logits: its padded cell (the main gate sees a padding bug, not only `behaviour --suite padding`)
+    suites, shows_in = ("behaviour", "logits"), ("padding", "seqcls")
+    first_point = (None, "attention_mask")
 
     def edit_model(self, model):
         def drop_mask(module, args, kwargs):
@@ -344,7 +346,9 @@ class PadAttend(Fault):
 
 class CacheOffByOne(Fault):
     name, doc = "cache-off-by-one", "decoding steps put the new token one position too far"
-    suites, shows_in = ("behaviour",), ("cache", "generate")
+    # logits: its cached cell
+    suites, shows_in = ("behaviour", "logits"), ("cache", "generate")
+    first_point = (None, "kv_cache")
 
     def edit_model(self, model):
         def shift(module, args, kwargs):
