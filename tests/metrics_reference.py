@@ -14,19 +14,8 @@ import math
 
 import torch
 
-TOP_K = 5
-
-METRICS = {
-    "max_abs": "max |logit_subject - logit_truth| over positions and vocabulary",
-    "rel_l2": "||a - b||_2 / ||b||_2 over all compared logits",
-    "nmse": "mean((a - b)^2) / mean(b^2)",
-    "kl_mean": "mean over positions of KL(p_truth || p_subject) of the next-token distribution (nats)",
-    "kl_p99": "99th percentile of the per-position KL (nats)",
-    "kl_max": "largest per-position KL (nats)",
-    "top1_disagree": "fraction of positions whose argmax differs",
-    "topk_miss": f"fraction of positions where either side's argmax is outside the other's top-{TOP_K}",
-    "logprob_diff_max": "max |log p_subject(t) - log p_truth(t)| for t = the truth's argmax token",
-}
+# The metric names and their meaning are shared with the engine; the computation below is not.
+from harness.core.metrics import METRICS, TOP_K  # noqa: E402,F401
 
 
 def flatten(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
