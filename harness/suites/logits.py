@@ -330,7 +330,7 @@ class Measure:
 
     def truth(self, inp: Input) -> torch.Tensor:
         if inp.key() not in self._truth:
-            self._truth[inp.key()] = oracle_logits(self.oracle(), inp).cpu()
+            self._truth[inp.key()] = oracle_logits(self.oracle(), inp)   # on the subjects' device
         return self._truth[inp.key()]
 
     def corpus_truth(self, inp: Input, n: int, ids: torch.Tensor) -> torch.Tensor:
@@ -339,11 +339,11 @@ class Measure:
         batch's truth again per dtype rather than holding windows x ctx x vocab float64 values."""
         key = (inp.key(), n)
         if key in self._corpus_truth:
-            return self._corpus_truth[key]
-        truth = self.oracle().logits(ids).cpu()
+            return self._corpus_truth[key].to(self.plan.device)
+        truth = self.oracle().logits(ids)
         size = inp.ids.numel() * self.plan.ckpt.args.vocab_size * 8
         if len(self.plan.dtypes) > 1 and size <= CORPUS_TRUTH_BYTES:
-            self._corpus_truth[key] = truth
+            self._corpus_truth[key] = truth.cpu()     # kept off the device between dtypes
         return truth
 
     def hf_path(self) -> Path:
@@ -428,7 +428,7 @@ class Measure:
         reference = ReferenceSubject(self.plan.ckpt, dtype, self.plan.device)
         stats, rows, logits = {}, [], {}
         for inp in short:
-            logits[inp.key()] = reference_logits(reference, inp).cpu()
+            logits[inp.key()] = reference_logits(reference, inp)
             st = position_stats(logits[inp.key()], self.truth(inp), mask=inp.mask)
             stats[inp.key()] = st
             rows += self.judged(self.case(dtype, "-", "-", inp), "reference", st, None, dtype, self.truth(inp), inp)
@@ -452,7 +452,7 @@ class Measure:
         for inp in short:
             case = self.case(dtype, attn, tp, inp)
             try:
-                logits = transformers_logits(subject, inp).cpu()
+                logits = transformers_logits(subject, inp)
             except Exception as e:
                 rows.append(_failed(case, f"transformers {inp.kind} forward failed: {_first_line(e)}"))
                 continue
@@ -496,13 +496,13 @@ class Measure:
         broken: dict[tuple, str] = {}
         for n, (ids, targets) in enumerate(corpus.Windows(inp.label, inp.ids, inp.targets, 0, "").batches(inp.batch)):
             truth = self.corpus_truth(inp, n, ids)
-            ref = reference.logits(ids).cpu()
+            ref = reference.logits(ids)
             parts["reference"].append(position_stats(ref, truth, targets=targets))
             for key, subject in subjects.items():
                 if key in broken:
                     continue
                 try:
-                    logits = subject.logits(ids).cpu()
+                    logits = subject.logits(ids)
                 except Exception as e:
                     broken[key] = f"transformers forward failed: {_first_line(e)}"
                     continue
