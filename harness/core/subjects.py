@@ -113,8 +113,7 @@ def transformers_decode(model, ids: torch.Tensor, prefill: int, kind: str = "dyn
     DynamicCache it is given into a new one; later releases update it in place)."""
     cache = None if kind == "dynamic" and compat.legacy_cache() else compat.make_cache(model, kind, *ids.shape)
     name = compat.cache_kwarg(model)
-    # A StaticCache's length cannot be read back from the cache on 4.38-4.4x: the caller says where
-    # the step writes (cache_position), as generate() does.
+    # With a StaticCache the caller says where each step writes (cache_position), as generate() does.
     where = kind == "static" and compat.forward_takes(model, "cache_position")
     steps = []
     for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
