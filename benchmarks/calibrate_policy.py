@@ -97,7 +97,7 @@ def main() -> None:
             model = zoo.get(f.fixture if f.fixture in zoo else "tiny-gqa") or next(iter(zoo.values()))
             shapes = "1x16,2x64,1x1536" if f.min_positions > 64 else "1x16,2x64"
             # a fault of the mask or the cache shows in the padded and cached cells
-            cells = ["--inputs", "random,padded,cached"] if f.first_point[1] in ("attention_mask", "kv_cache") else []
+            cells = ["--inputs", ",".join(("random", *f.inputs))] if f.inputs else []
             code, summary = run(model, 0, Path(tmp) / "run", ["--dtypes", ",".join(f.visible_at), "--attn", "eager",
                                                               "--tp", "1", "--shapes", shapes, "--plant", fault, *cells])
             best = max((v["v_over_t"] for v in values(summary)), default=float("nan"))

@@ -85,8 +85,7 @@ def _plant_cases():
 @pytest.mark.parametrize("fault, dtype, model", list(_plant_cases()))
 def test_planted_bug_fails_the_gate_and_is_localised(models, tmp_path, fault, dtype, model, capsys):
     # a fault of the mask or the cache shows only in the padded or cached cell of the default matrix
-    cells = ["--inputs", "random,padded,cached"] if FAULTS[fault].first_point[1] in ("attention_mask", "kv_cache") \
-        else []
+    cells = ["--inputs", ",".join(("random", *FAULTS[fault].inputs))] if FAULTS[fault].inputs else []
     code, summary = run(models[model], tmp_path / "plant", "--dtypes", dtype, "--plant", fault, *cells)
     assert code == 1, f"--plant {fault} passed the gate at {dtype}"
     failing = [c for c in summary["cells"] if c["status"] == "fail"]

@@ -34,6 +34,8 @@ class Fault:
     #: where the planted bug first changes a value, as (layer, op) of harness.scale.capture, read off
     #: how the fault is planted (every layer from 0, or a model-level op): what localisation must name
     first_point: tuple = (None, None)
+    #: the logits suite's inputs beyond random ids that the fault needs in order to show
+    inputs: tuple[str, ...] = ()
 
     def expected_point(self, attn: str) -> tuple:
         return self.first_point
@@ -331,7 +333,7 @@ class PadAttend(Fault):
     name, doc = "pad-attend", "the attention mask is dropped: pad tokens are attended"
     # logits: its padded cell (the main gate sees a padding bug, not only `behaviour --suite padding`)
     suites, shows_in = ("behaviour", "logits"), ("padding", "seqcls")
-    first_point = (None, "attention_mask")
+    first_point, inputs = (None, "attention_mask"), ("padded",)
 
     def edit_model(self, model):
         def drop_mask(module, args, kwargs):
@@ -348,7 +350,7 @@ class CacheOffByOne(Fault):
     name, doc = "cache-off-by-one", "decoding steps put the new token one position too far"
     # logits: its cached cell
     suites, shows_in = ("behaviour", "logits"), ("cache", "generate")
-    first_point = (None, "kv_cache")
+    first_point, inputs = (None, "kv_cache"), ("cached",)
 
     def edit_model(self, model):
         def shift(module, args, kwargs):
