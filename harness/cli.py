@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
     """Write every part of a suite's result, show it, and say what the run means (0 or 1)."""
     from harness.core.environment import environment
+    from harness.core.findings import collect
     from harness.core.store import FAIL, atomic_write_text, check_writable, write_results
     from harness.results.markdown import print_console, write_markdown
     if result.parts and not any(part.measured() for part in result.parts):
@@ -81,7 +82,9 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
     folders, failed = [], False
     for part in result.parts:
         out = ctx.out / part.folder if part.folder else ctx.out
-        summary = write_results(out, part.suite, part.rows, environment(part.device), part.extra, timing=part.timing)
+        env = environment(part.device)
+        extra = {**part.extra, "findings": collect(part.rows, part.mechanisms, part.suite, env.get("transformers"))}
+        summary = write_results(out, part.suite, part.rows, env, extra, timing=part.timing)
         for name, text in part.files.items():
             atomic_write_text(out / name, text)
         write_markdown(out / "report.md", summary, part.sections)

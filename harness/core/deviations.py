@@ -13,10 +13,12 @@ only when all of this holds, so that it can never hide a different or a worse bu
     max_ratio = 30                                  # value/tolerance past this is worse than the
                                                     # mechanism explains: the row still fails
     reason    = "what it is, where it was measured, what to do"
+    source    = "https://github.com/huggingface/transformers/pull/..."   # where it is documented
 
 ``where`` and ``reason`` are required; the rest narrow. A row that a deviation's ``where`` and
 ``releases`` match but whose evidence or size does not fit keeps failing, and its reason says why
-the deviation did not apply. ``--strict`` gates every row.
+the deviation did not apply. ``--strict`` gates every row. Either way an explained row carries
+``extra["known"]`` (name, mechanism, releases, source), which harness.core.findings groups by.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Deviation:
     releases: str = ""
     evidence: dict[str, str] = field(default_factory=dict)
     max_ratio: float | None = None
+    source: str = ""
 
     def applies_to(self, row: Row, release: str | None) -> bool:
         fields = {**row.case, "subject": row.subject, "against": row.against, "metric": row.metric}
@@ -80,7 +83,7 @@ def read(data: dict, where: str) -> list[Deviation]:
     table = data.get("known") or {}
     if not isinstance(table, dict):
         raise InputError(f"{where}: [known] must be a table of [known.NAME] tables")
-    allowed = {"where", "releases", "mechanism", "evidence", "max_ratio", "reason"}
+    allowed = {"where", "releases", "mechanism", "evidence", "max_ratio", "reason", "source"}
     for name, spec in table.items():
         at = f"{where}: [known.{name}]"
         if not isinstance(spec, dict):
@@ -107,15 +110,16 @@ def read(data: dict, where: str) -> list[Deviation]:
         out.append(Deviation(name, {k: str(v) for k, v in spec["where"].items()}, spec["reason"],
                              str(spec.get("mechanism", "")), str(releases),
                              {k: str(v) for k, v in evidence.items()},
-                             None if max_ratio is None else float(max_ratio)))
+                             None if max_ratio is None else float(max_ratio), str(spec.get("source", ""))))
     return out
 
 
 def settle(rows: list[Row], deviations: list[Deviation], strict: bool = False,
            release: str | None = None, subjects: tuple[str, ...] | None = None) -> list[Row]:
-    """Failing rows that a known deviation explains become info rows naming it (unless strict).
-    ``subjects``: the subjects a deviation may excuse (None: any)."""
-    if strict or not deviations:
+    """Failing rows that a known deviation explains become info rows naming it (under ``strict``
+    they keep failing); either way they carry ``extra["known"]``. ``subjects``: the subjects a
+    deviation may excuse (None: any)."""
+    if not deviations:
         return rows
     if release is None:
         try:
@@ -132,9 +136,14 @@ def settle(rows: list[Row], deviations: list[Deviation], strict: bool = False,
                 continue
             why = d.misfit(r)
             if not why:
-                r.status, r.reason = INFO, f"known deviation {d.name} (would fail: {r.reason}): {d.reason}"
+                r.extra["known"] = {"name": d.name, "mechanism": d.mechanism or d.reason, "releases": d.releases,
+                                    "source": d.source}
+                if strict:
+                    r.reason = f"{r.reason} (known deviation {d.name}, gated by --strict)"
+                else:
+                    r.status, r.reason = INFO, f"known deviation {d.name} (would fail: {r.reason}): {d.reason}"
                 break
             misfits.append(f"not known deviation {d.name}: {why}")
-        if r.status == FAIL and misfits:
+        if r.status == FAIL and misfits and "known" not in r.extra:
             r.reason = f"{r.reason} ({'; '.join(misfits)})"
     return rows

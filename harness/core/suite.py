@@ -38,6 +38,7 @@ class Part:
     timing: dict[str, Any] | None = None      # timing.json (never in summary.json)
     device: str = "cpu"
     calibrators: tuple[str, ...] = ("reference",)   # subjects that calibrate, not under test
+    mechanisms: dict[str, Any] = field(default_factory=dict)   # key -> harness.core.findings.Mechanism
 
     def measured(self) -> bool:
         """Whether any subject under test was measured (a run of n/a rows has passed nothing)."""

@@ -137,7 +137,15 @@ def print_console(summary: dict) -> None:
             if not failing.empty:
                 print(f"\nFAILING cells ({len(failing)}):")
                 print(failing.to_string(index=False))
+    for f in summary.get("findings") or []:
+        print(finding_line(f))
     print(f"\nverdict: {summary['verdict']}  ({summary['counts']})")
+
+
+def finding_line(f: dict) -> str:
+    """One finding in one line: status, cells, title, where it was seen (console, report.md)."""
+    gate = "fails the run" if f.get("gated") else "not gated"
+    return f"finding [{f.get('status')}, {gate}] {f.get('id')}: {f.get('title')} ({f.get('cells')} cells)"
 
 
 def markdown_report(summaries: list[dict], regression_note: str = "") -> str:
