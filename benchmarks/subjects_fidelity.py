@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=128, help="tokens per window, BOS first (128)")
     p.add_argument("--max-tokens", type=int, default=1024, help="text tokens used (1024: 8 windows, 1016 tokens)")
     p.add_argument("--judge", action="store_true", help="add each subject's verdict")
+    p.add_argument("--no-split", action="store_true", help="skip the error split (one oracle pass per lossy subject)")
     p.add_argument("--json", help="also write every figure and each subject's provenance here")
     a = p.parse_args(argv)
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         subject = fidelity.build(spec, source)
         try:
-            f = fidelity.measure(subject, spec, windows, truth)
+            f = fidelity.measure(subject, spec, windows, truth, split=False if a.no_split else None)
         finally:
             subject.close()
         if f.na:
