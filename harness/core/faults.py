@@ -6,7 +6,9 @@ that for every fault here. Each fault edits the config before loading, the loade
 decoder layer, so that streaming can plant it too), the forward arguments, or the tokenizer
 config of an HF folder; none depends on private transformers functions, so every release is
 planted the same way. ``suites`` says where a fault is planted; ``shows_in`` narrows that to the
-sub-suites (behaviour's) whose checks can see it.
+sub-suites (behaviour's) whose checks can see it. ``kinds`` says which subject kinds
+(harness.subjects) a fault can edit: transformers faults edit a torch model; llama.cpp faults edit
+the HF tensors its converter reads (``edit_hf_state``) or the runtime's context (``edit_context``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Fault:
     name = ""
     doc = ""
     suites: tuple[str, ...] = MODEL_SUITES
+    kinds: tuple[str, ...] = ("transformers",)     # the subject kinds it can edit
     shows_in: tuple[str, ...] = ()
     #: dtypes where the fault changes anything (a precision bug is invisible in float32)
     visible_at = ("float32", "bfloat16", "float16")
@@ -499,23 +502,71 @@ def _drop_space_after(text: str, specials: dict) -> str:
     return text
 
 
+# --- llama.cpp: a converter or runtime that gets Llama 2 wrong (harness/subjects/llamacpp.py) ------
+
+class LlamaCppFault(Fault):
+    kinds, suites = ("llama.cpp",), ("logits",)
+    fixture = "tiny-llama2"
+
+    def edit_hf_state(self, state: dict, config: dict) -> None:
+        """The HF tensors handed to llama.cpp's converter (a converter bug, written into the GGUF)."""
+
+    def edit_context(self, context: dict) -> None:
+        """llama.cpp's context settings (type_k, type_v, flash_attn) behind the subject's back."""
+
+
+def _qk(state: dict, config: dict, op) -> None:
+    for key in list(state):
+        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            n = config["num_attention_heads"] if ".q_proj." in key else config["num_key_value_heads"]
+            state[key] = op(state[key], n).contiguous()
+
+
+class GgufNoPermute(LlamaCppFault):
+    name, doc = "gguf-no-permute", ("GGUF written without undoing HF's q/k permute: llama.cpp's interleaved RoPE "
+                                    "rotates rotate_half's pairs")
+
+    def edit_hf_state(self, state, config):
+        # the converter undoes one permute; handing it q/k permuted twice leaves HF's layout in the file
+        _qk(state, config, permute)
+
+
+class GgufPermuteTwice(LlamaCppFault):
+    name, doc = "gguf-permute-twice", "GGUF whose q/k were un-permuted twice (a converter that undoes a permute already undone)"
+
+    def edit_hf_state(self, state, config):
+        _qk(state, config, unpermute)
+
+
+class KvF16ForF32(LlamaCppFault):
+    name, doc = "kv-f16-for-f32", "the KV cache silently kept in float16 when float32 was asked for"
+
+    def edit_context(self, context):
+        for k in ("type_k", "type_v"):
+            if context[k] == "f32":
+                context[k] = "f16"
+
+
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoPermute, RopeBase, MaskShift, NormEps, NormLowPrecision, SwapGateUp, GqaTile, TiedEmbeddings,
     NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision, VocabTruncated,
     ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16,
     PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
-    TokSpaceAfterSpecial, TokDecodeDropsSpace)}
+    TokSpaceAfterSpecial, TokDecodeDropsSpace, GgufNoPermute, GgufPermuteTwice, KvF16ForF32)}
 
 
-def faults_for(suite: str) -> list[str]:
-    return [name for name, f in FAULTS.items() if suite in f.suites]
+def faults_for(suite: str, kind: str = "transformers") -> list[str]:
+    return [name for name, f in FAULTS.items() if suite in f.suites and kind in f.kinds]
 
 
-def get_fault(name: str | None, suite: str = "logits") -> Fault | None:
-    """The fault --plant names, checked against the suite and the installed release."""
+def get_fault(name: str | None, suite: str = "logits", kind: str = "transformers") -> Fault | None:
+    """The fault --plant names, checked against the suite, the subject kind and the installed release."""
     if name is None:
         return None
-    known = faults_for(suite)
+    known = faults_for(suite, kind)
+    if name in FAULTS and kind not in FAULTS[name].kinds:
+        raise InputError(f"--plant {name}: edits {', '.join(FAULTS[name].kinds)} subjects, not {kind} "
+                         f"(known for {kind} in {suite}: {', '.join(known) or 'none'})")
     if name not in FAULTS:
         raise InputError(f"--plant: unknown fault {name!r} (known for {suite}: {', '.join(known)})")
     if name not in known:
