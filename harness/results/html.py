@@ -1,7 +1,9 @@
 """The HTML report: one self-contained page rendered from stored results (no model run).
 
-Reading order: the verdict and the environment, then per suite a table of cells (failing first,
-with metric, value, tolerance and margin), then the evidence (plots, piece strips, every row).
+Reading order: the verdict, the untested-release banner, the counts, where each failing suite
+diverged first and the findings (harness.results.headline), the environment, then per suite the
+headroom heatmap and a table of cells (failing first, with metric, value, tolerance and margin),
+then the evidence (plots, piece strips, every row).
 Everything that came from a result file goes through `esc` -- tokenizer pieces, task text and
 reasons included -- so a piece such as "<script>" shows as text. Plots are matplotlib PNGs inlined
 as data: URIs, and a Content-Security-Policy forbids any other load: the page opens from a file
@@ -9,7 +11,7 @@ with no network, and a stray external asset would show up as a console error (te
 browser, tests/test_report_html_browser.py).
 
 Evidence is drawn when the results hold it:
-  - error vs dtype x setting heatmap: any suite whose cases have a "dtype";
+  - headroom heatmap (worst value/tolerance per dtype x setting): any suite whose cases have a "dtype";
   - KL and top-1 agreement distributions: cells with kl_mean / top1_disagree metrics, plus the
     per-position KL of a row's extra["kl_per_position"] where a suite records it;
   - error vs position: extra["per_position"] (list of floats, one per position);
