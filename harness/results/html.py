@@ -45,7 +45,7 @@ READY_SCRIPT = "document.body.setAttribute('data-report-ready', 'yes');"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
 h1 .pass,.st-pass{color:#137333} h1 .fail,.st-fail{color:#b3261e} .st-na,.st-info{color:#666}
-table{border-collapse:collapse;margin:.5em 0;font-size:13px} td,th{border:1px solid #ccc;padding:2px 6px;
+table{border-collapse:collapse;margin:.5em 0;font-size:13px;display:block;max-width:100%;overflow-x:auto} td,th{border:1px solid #ccc;padding:2px 6px;
 text-align:left;vertical-align:top} th{background:#f3f3f3} tr.fail td{background:#fdecea}
 td.num{text-align:right;font-family:ui-monospace,monospace} img{max-width:100%}
 .strip{display:flex;flex-wrap:wrap;gap:2px;margin:2px 0} .piece{font-family:ui-monospace,monospace;
@@ -517,6 +517,7 @@ def all_rows_table(summary: dict) -> str:
 # --- the page ----------------------------------------------------------------------------------
 
 FOLD_ROWS = 20     # a cells table longer than this is folded below the evidence
+FOLD_FINDINGS = 12     # findings past these (new come first) are folded: the first screen stays readable
 
 
 def suite_section(summary: dict, results_dir: Path | None) -> str:
@@ -597,10 +598,12 @@ def headline_html(summaries: list[dict]) -> str:
         rows = [[f.get("status"), "yes" if f.get("gated") else "no", f.get("id"), f.get("title"), f.get("cells"),
                  f.get("releases") or "-", f.get("seen_on") or "-", f.get("differs") or "",
                  f.get("reproduction") or "", f.get("source") or ""] for f in found]
+        heads = ["status", "fails the run", "finding", "what", "cells", "releases", "seen on", "differs",
+                 "reproduction", "source"]
+        more = (f"<details><summary>{len(rows) - FOLD_FINDINGS} more findings</summary>"
+                + _table(heads, rows[FOLD_FINDINGS:], status_col=0) + "</details>") if len(rows) > FOLD_FINDINGS else ""
         out.append(f'<h2 id="findings">Findings ({len(found)}: {new} new, {len(found) - new} known; '
-                   f"{gated} fail the run)</h2>"
-                   + _table(["status", "fails the run", "finding", "what", "cells", "releases", "seen on",
-                             "differs", "reproduction", "source"], rows, status_col=0))
+                   f"{gated} fail the run)</h2>" + _table(heads, rows[:FOLD_FINDINGS], status_col=0) + more)
     return "".join(out)
 
 

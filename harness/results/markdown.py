@@ -154,6 +154,7 @@ def write_markdown(path: Path, summary: dict, sections: list[tuple[str, str]] = 
     atomic_write_text(path, render(summary, sections))
 
 
+MAX_FAILING_SHOWN = 40     # beyond this the findings say what the failing cells have in common
 CONSOLE = {"display.width": 200, "display.max_columns": 20, "display.max_rows": 500, "display.max_colwidth": 70,
            "display.float_format": "{:.3g}".format}
 
@@ -174,8 +175,11 @@ def print_console(summary: dict, verbose: bool = False, header: bool = True) -> 
                 out(cells.to_string(index=False))
             failing = cells[cells["status"] == "fail"]
             if not failing.empty:
-                out(f"\nFAILING cells ({len(failing)}; worst metric of each):")
-                out(failing.to_string(index=False))
+                shown = failing if verbose else failing.head(MAX_FAILING_SHOWN)
+                more = "" if len(shown) == len(failing) else \
+                    f"; the first {len(shown)}: all are in report.md and results.csv, --verbose prints them"
+                out(f"\nFAILING cells ({len(failing)}; worst metric of each{more}):")
+                out(shown.to_string(index=False))
     found = headline.divergences(summary)
     if found:
         out(f"\nfirst divergence{'s, one per failing group' if len(found) > 1 else ''}:")
