@@ -104,7 +104,8 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
         write_markdown(out / "report.md", summary, part.sections)
         if len(result.parts) > 1 and summaries:
             print()
-        print_console(summary, verbose=getattr(a, "verbose", False))
+        name = part.suite if part.suite == a.command else f"{a.command}/{part.folder or part.suite}"
+        print_console(summary, verbose=getattr(a, "verbose", False), name=name)
         folders.append(out)
         summaries.append(summary)
         failed = failed or any(r.status == FAIL for r in part.rows)
@@ -144,13 +145,13 @@ def _cell_arguments(a: argparse.Namespace) -> str:
 def execute(a: argparse.Namespace) -> int:
     if not a.cmd.suite:
         return a.cmd.run(a, None)
-    from harness.core.store import REPORT_DIR, REPORT_FILES, check_writable
+    from harness.core.store import REPORT_DIR, check_writable
     budget = inputs.size("--memory-budget", a.memory_budget) if a.memory_budget else None
     ctx = Context(inputs.out_dir(a.out), progress=not a.no_progress and _terminal(sys.stderr),
                   memory_budget=budget, command=f"llama-parity {a.command} --out {a.out}")
     if a.html:                          # refused before the run, not after its results are written
         inputs.out_dir(ctx.out / REPORT_DIR)
-        check_writable(ctx.out / REPORT_DIR, REPORT_FILES)
+        check_writable(ctx.out / REPORT_DIR, ("index.html", "junit.xml"))
     try:
         ctx.lock(create=False)          # an --out that exists is held from the start: a second run is refused
         return finish(a.cmd.run(a, ctx), ctx, a)

@@ -165,7 +165,8 @@ def verdict_line(summaries: list[dict]) -> str:
     new = sum(f.get("status") == "new" for f in found)
     gated = sum(bool(f.get("gated")) for f in found)
     failing = n["fail"] > 0
-    parts = [f"{n['fail']} cell{'' if n['fail'] == 1 else 's'} fail their tolerance" if failing
+    one = n["fail"] == 1
+    parts = [f"{n['fail']} {'cell fails its' if one else 'cells fail their'} tolerance" if failing
              else "every gated cell passes its tolerance"]
     if found:
         parts.append(f"{len(found)} finding{'' if len(found) == 1 else 's'} ({new} new, {len(found) - new} known; "

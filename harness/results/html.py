@@ -78,7 +78,7 @@ def _num(x) -> str:
     if isinstance(x, str):
         return esc(x)
     if isinstance(x, float):
-        return f"{x:.3g}"
+        return f"{x + 0.0:.3g}"       # + 0.0: a -0.0 shows as 0
     return esc(x)
 
 

@@ -68,9 +68,11 @@ def worst_cells(summary: dict) -> pd.DataFrame:
     df["ratio"] = [margin(v, t) for v, t in zip(df["value"], df["tolerance"])]
     lines = []
     for key, g in df.groupby(case_cols + ["subject", "against"], sort=False, dropna=False):
-        status = "fail" if (g["status"] == "fail").any() else g["status"].iloc[0]
-        gated = g[g["ratio"].notna()]
-        worst = gated.loc[gated["ratio"].idxmax()] if not gated.empty else g.iloc[0]
+        # a cell is as gated as its most gated row: one passing metric beside info rows is a passing cell
+        status = next(s for s in ("fail", "pass", "n/a", "info") if (g["status"] == s).any())
+        judged = g[g["ratio"].notna() & g["status"].isin(GATED)]
+        judged = judged if not judged.empty else g[g["ratio"].notna()]
+        worst = judged.loc[judged["ratio"].idxmax()] if not judged.empty else g.iloc[0]
         reasons = "; ".join(sorted({str(r) for r in g.loc[g["status"] == "fail", "reason"] if r}))
         lines.append({**dict(zip(case_cols + ["subject", "against"], key)), "status": status,
                       "worst metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
@@ -159,12 +161,12 @@ CONSOLE = {"display.width": 200, "display.max_columns": 20, "display.max_rows": 
            "display.float_format": "{:.3g}".format}
 
 
-def print_console(summary: dict, verbose: bool = False, header: bool = True) -> None:
-    """One suite's part of the console: its failing cells, where they diverge, its findings, why
-    rows were not run. ``verbose``: every cell (passing, n/a and info rows too)."""
+def print_console(summary: dict, verbose: bool = False, name: str = "") -> None:
+    """One suite's part of the console: its verdict, failing cells, where they diverge, its
+    findings, why rows were not run. ``verbose``: every cell (passing, n/a and info rows too).
+    ``name``: what the part is called, e.g. 'behaviour/padding' (default: its suite)."""
     out = lambda line="": print(printable(line))       # noqa: E731 - paths and pieces may not be UTF-8
-    if header:
-        out(f"llama-parity {summary['suite']}: {summary['verdict'].upper()}")
+    out(f"llama-parity {name or summary['suite']}: {summary['verdict'].upper()}")
     if headline.banner(summary):
         out(f"WARNING: {headline.banner(summary)}")
     cells = worst_cells(summary)
