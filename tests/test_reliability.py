@@ -213,12 +213,14 @@ def test_no_view_of_an_earlier_run_survives_to_contradict_the_verdict(models, tm
     assert 'failures="0"' in (out / "report" / "junit.xml").read_text()
     (out / ".draft.tmp").write_text("the user's")
     (out / f"{store.TMP_PREFIX}summary.json.x1y2.tmp").write_text("half a summary")   # a killed write's
+    (out / ".results.csv.ab12cd34.tmp").write_text("half a table")      # ... as older releases named it
     (out / "report" / "notes").mkdir()                    # the user's, in the views' folder
     assert _logits(model, out, "--dtypes", "float32", "--plant", "no-permute", "--no-localise") == 1
     assert json.loads((out / "summary.json").read_text())["verdict"] == "fail"
     assert sorted(p.name for p in (out / "report").iterdir()) == ["notes"]   # the stale page and JUnit went
     assert (out / ".draft.tmp").read_text() == "the user's"
-    assert not list(out.glob(f"{store.TMP_PREFIX}*")) and not (out / store.LOCK).exists()
+    assert not list(out.glob(f"{store.TMP_PREFIX}*")) and not (out / ".results.csv.ab12cd34.tmp").exists()
+    assert not (out / store.LOCK).exists()
     # with --html the views are this run's: JUnit fails, the page says fail
     assert _logits(model, out, "--dtypes", "float32", "--plant", "no-permute", "--no-localise", "--html") == 1
     assert 'failures="0"' not in (out / "report" / "junit.xml").read_text()

@@ -366,13 +366,17 @@ def clear_derived(out_dir: Path) -> None:
 
 def clean_temporary(folder: Path) -> None:
     """Remove the harness's own temporary files (TMP_PREFIX) in a results folder and its sub-folders
-    (a write killed between its temporary file and the rename leaves one); nobody else's."""
+    (a write killed between its temporary file and the rename leaves one); nobody else's. Releases
+    before TMP_PREFIX named them '.<file>.<random>.tmp': those are recognised by the name of a file
+    the harness writes (a user's '.notes.tmp' is not)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
-    for p in [*folder.glob(f"{TMP_PREFIX}*"), *folder.glob(f"*/{TMP_PREFIX}*")]:
-        if p.is_file() or p.is_symlink():
-            p.unlink()
+    older = [f".{name}.*.tmp" for name in (*RESULT_FILES, JOURNAL, *REPORT_FILES)]
+    for pattern in (f"{TMP_PREFIX}*", *older):
+        for p in [*folder.glob(pattern), *folder.glob(f"*/{pattern}")]:
+            if p.is_file() or p.is_symlink():
+                p.unlink()
 
 
 LOCK = ".llama-parity.lock"
