@@ -1,8 +1,11 @@
 """`llama-parity`: the command line, and the only module that knows every command.
 
 Each suite declares its arguments and returns a Result (harness.core.suite); ``finish`` writes
-every part (results.csv, summary.json, report.md, timing.json), prints the console table and
-picks the exit code, for all of them alike. Exit codes, decided here and nowhere else:
+every part (results.csv, summary.json, report.md, timing.json), prints the console summary
+(failing cells, first divergence, findings, then the verdict and pytest's "N passed, N failed,
+N skipped" as the last line) and picks the exit code, for all of them alike. A run holds its
+--out alone (a second run into it is refused) and leaves nothing there from an earlier run that
+could contradict its summary.json. Exit codes, decided here and nowhere else:
 
   0  every gated cell passes
   1  a cell fails its tolerance (the failing cells are printed)
@@ -58,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", default=f"reports/latest/{cmd.name}",
                             help="output folder (results.csv, summary.json, report.md)")
             sp.add_argument("--html", action="store_true",
-                            help="also render the self-contained HTML report and JUnit XML into OUT/report")
-            sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+                            help="also render the self-contained HTML report and JUnit XML into OUT/report "
+                                 "(without it, a run removes the ones an earlier run left there)")
+            sp.add_argument("--no-progress", action="store_true",
+                            help="no progress bars (they are drawn only when stderr is a terminal)")
+            sp.add_argument("--verbose", action="store_true",
+                            help="print every cell, passing, n/a and info rows included (default: the failing "
+                                 "cells, findings and n/a reasons, then the counts)")
             sp.add_argument("--memory-budget", help="memory the run may use, e.g. 20GiB (default: what the device "
                                                     "has available); a run estimated to need more is refused")
         sp.set_defaults(cmd=cmd)
@@ -67,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
-    """Write every part of a suite's result, show it, and say what the run means (0 or 1)."""
+    """Write every part of a suite's result, show it, and say what the run means (0 or 1).
+
+    What an earlier run rendered into OUT/report goes before anything is written, so that no file
+    in --out can contradict this run's summary.json (--html renders it again)."""
     from harness.core.environment import environment
     from harness.core.findings import collect
-    from harness.core.store import FAIL, atomic_write_text, check_writable, write_results
-    from harness.results.markdown import print_console, write_markdown
+    from harness.core.store import FAIL, atomic_write_text, check_writable, clear_derived, write_results
+    from harness.results.markdown import print_console, print_totals, write_markdown
     if result.parts and not any(part.measured() for part in result.parts):
         reasons = sorted({r.reason for part in result.parts for r in part.rows if r.reason})[:3]
         raise InputError("nothing was measured: every cell of a subject under test is n/a or info"
@@ -79,27 +90,46 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
                          + f"; choose settings this machine runs{_cell_arguments(a)}")
     for part in result.parts:           # every folder checked before the first one is written
         check_writable(ctx.out / part.folder if part.folder else ctx.out)
-    folders, failed = [], False
+    ctx.lock()                          # suites that never called ctx.begin() take --out here
+    clear_derived(ctx.out)
+    folders, summaries, failed = [], [], False
     for part in result.parts:
         out = ctx.out / part.folder if part.folder else ctx.out
         env = environment(part.device)
+        _link_findings(part)
         extra = {**part.extra, "findings": collect(part.rows, part.mechanisms, part.suite, env.get("transformers"))}
         summary = write_results(out, part.suite, part.rows, env, extra, timing=part.timing)
         for name, text in part.files.items():
             atomic_write_text(out / name, text)
         write_markdown(out / "report.md", summary, part.sections)
-        print_console(summary)
+        if len(result.parts) > 1 and summaries:
+            print()
+        name = part.suite if part.suite == a.command else f"{a.command}/{part.folder or part.suite}"
+        print_console(summary, verbose=getattr(a, "verbose", False), name=name)
         folders.append(out)
+        summaries.append(summary)
         failed = failed or any(r.status == FAIL for r in part.rows)
-    for line in result.notes:
+    for line in result.notes + [n for n in ctx.notes if n not in result.notes]:
         say(line)
     if getattr(a, "html", False):
         from harness.results.render import render_report
-        render_report(folders, ctx.out / "report")
+        render_report(folders, ctx.out / "report", echo=False, markdown=False)
     where = ", ".join(str(f) for f in folders)
-    print(inputs.printable(f"results: {where} (results.csv, summary.json, report.md"
-                           f"{', report/index.html' if a.html else ''})"))
+    print(inputs.printable(f"\nresults: {where} (results.csv, summary.json, report.md"
+                           f"{'; report/index.html, report/junit.xml' if a.html else ''})"))
+    print_totals(summaries)
     return 1 if failed else 0
+
+
+def _link_findings(part) -> None:
+    """Each failing (or known-excused) row names the finding that explains it, ``extra["finding_id"]``,
+    so that JUnit, the pytest plugin and the pages can say it beside the cell (the rule is the one
+    ``harness.core.findings.collect`` groups by)."""
+    from harness.core.findings import _key
+    from harness.core.store import FAIL, INFO
+    for r in part.rows:
+        if r.status == FAIL or (r.status == INFO and isinstance(r.extra.get("known"), dict)):
+            r.extra["finding_id"] = f"{part.suite or r.suite}/{_key(r, part.mechanisms)[0]}"
 
 
 # the arguments that choose a suite's cells, named when none of the chosen cells can be measured
@@ -115,11 +145,26 @@ def _cell_arguments(a: argparse.Namespace) -> str:
 def execute(a: argparse.Namespace) -> int:
     if not a.cmd.suite:
         return a.cmd.run(a, None)
+    from harness.core.store import REPORT_DIR, check_writable
     budget = inputs.size("--memory-budget", a.memory_budget) if a.memory_budget else None
-    ctx = Context(inputs.out_dir(a.out), progress=not a.no_progress, memory_budget=budget)
+    ctx = Context(inputs.out_dir(a.out), progress=not a.no_progress and _terminal(sys.stderr),
+                  memory_budget=budget, command=f"llama-parity {a.command} --out {a.out}")
     if a.html:                          # refused before the run, not after its results are written
-        inputs.out_dir(ctx.out / "report")
-    return finish(a.cmd.run(a, ctx), ctx, a)
+        inputs.out_dir(ctx.out / REPORT_DIR)
+        check_writable(ctx.out / REPORT_DIR, ("index.html", "junit.xml"))
+    try:
+        ctx.lock(create=False)          # an --out that exists is held from the start: a second run is refused
+        return finish(a.cmd.run(a, ctx), ctx, a)
+    finally:
+        ctx.release()
+
+
+def _terminal(stream) -> bool:
+    """Progress bars only where a person watches: a CI log gets none."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _refuse_swallowed_values(argv: list[str]) -> None:

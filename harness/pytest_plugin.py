@@ -8,7 +8,8 @@ the suite in an earlier step).
 
 The suite runs once, at collection time, through the same `llama-parity logits` command line
 (so its options, defaults and input errors are the CLI's). Each gated row of the summary becomes
-one test item: pass passes, fail fails with value, tolerance and reason, n/a is skipped with its
+one test item: pass passes, fail fails with value, tolerance and reason, where its group
+diverged first and the finding that explains it (the JUnit failure text), n/a is skipped with its
 reason; info rows (measured, not gated) are not tests.
 """
 from __future__ import annotations
@@ -61,17 +62,18 @@ def _run_suite(config: pytest.Config) -> Path:
 
 
 class ParityCell(pytest.Item):
-    def __init__(self, *, cell: dict, **kwargs):
+    def __init__(self, *, cell: dict, summary: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.cell = cell
+        self.summary = summary
 
     def runtest(self) -> None:
         from harness.results.junit import failure_text
         status = self.cell["status"]
         if status == "n/a":
             pytest.skip(self.cell.get("reason") or "not applicable")
-        if status == "fail":
-            pytest.fail(failure_text(self.cell), pytrace=False)
+        if status == "fail":   # its numbers, where its group diverged first, the finding that explains it
+            pytest.fail(failure_text(self.cell, self.summary), pytrace=False)
 
     def reportinfo(self):
         return "llama-parity", None, self.name
@@ -99,4 +101,5 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:   # two rows with the same settings stay two tests
             name += f"#{seen[name]}"
-        items.append(ParityCell.from_parent(session, name=name, nodeid=f"llama-parity::{name}", cell=cell))
+        items.append(ParityCell.from_parent(session, name=name, nodeid=f"llama-parity::{name}", cell=cell,
+                                            summary=summary))

@@ -64,6 +64,11 @@ def test_model_run_one_test_per_cell_and_gate(tmp_path):
     summary = report.load_summary(tmp_path / "bad-results")
     assert code == 1 and summary["plant"] == "no-permute"
     assert counts(doc)["fail"] == summary["counts"]["fail"] > 0
+    # each failure says where its group diverged first and which finding explains it
+    point = summary["first_divergence"]["point"]
+    messages = [f.get("message") for f in doc.iter("failure")]
+    assert all(f"first divergence: {point}" in m and "finding logits/" in m for m in messages), messages[:1]
+    assert f"first divergence: {point}" in out
 
 
 def test_bad_model_path_is_a_usage_error(tmp_path):

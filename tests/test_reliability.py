@@ -198,6 +198,71 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+# --- a run owns its --out ----------------------------------------------------------------------
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_no_view_of_an_earlier_run_survives_to_contradict_the_verdict(models, tmp_path):
+    """A passing run with --html, then a failing one without --html into the same --out: nothing
+    may still say pass (a CI job reading report/junit.xml would see one). The user's own temporary
+    file survives; the harness's own debris does not."""
+    out, model = tmp_path / "o", models["tiny-mha/meta"]
+    assert _logits(model, out, "--dtypes", "float32", "--html") == 0
+    assert 'failures="0"' in (out / "report" / "junit.xml").read_text()
+    (out / ".draft.tmp").write_text("the user's")
+    (out / f"{store.TMP_PREFIX}summary.json.x1y2.tmp").write_text("half a summary")   # a killed write's
+    (out / ".results.csv.ab12cd34.tmp").write_text("half a table")      # ... as older releases named it
+    (out / "report" / "notes").mkdir()                    # the user's, in the views' folder
+    assert _logits(model, out, "--dtypes", "float32", "--plant", "no-permute", "--no-localise") == 1
+    assert json.loads((out / "summary.json").read_text())["verdict"] == "fail"
+    assert sorted(p.name for p in (out / "report").iterdir()) == ["notes"]   # the stale page and JUnit went
+    assert (out / ".draft.tmp").read_text() == "the user's"
+    assert not list(out.glob(f"{store.TMP_PREFIX}*")) and not (out / ".results.csv.ab12cd34.tmp").exists()
+    assert not (out / store.LOCK).exists()
+    # with --html the views are this run's: JUnit fails, the page says fail
+    assert _logits(model, out, "--dtypes", "float32", "--plant", "no-permute", "--no-localise", "--html") == 1
+    assert 'failures="0"' not in (out / "report" / "junit.xml").read_text()
+    assert 'data-verdict="fail"' in (out / "report" / "index.html").read_text()
+
+
+def test_a_run_that_ends_in_exit_2_changes_nothing_in_a_used_out(models, tmp_path, capsys):
+    out, model = tmp_path / "o", models["tiny-mha/meta"]
+    assert _logits(model, out, "--dtypes", "float32", "--html") == 0
+    before = _files(out)
+    assert _logits(model, out, "--dtypes", "float32", "--html", "--shapes", "0x4") == 2
+    assert "--shapes" in capsys.readouterr().err
+    assert _files(out) == before
+
+
+LOCK_HOLDER = ("import sys; from pathlib import Path; from harness.core.suite import Context; "
+               "c = Context(Path(sys.argv[1]), command='llama-parity logits (the holder)'); c.lock(); "
+               "print('locked', flush=True); sys.stdin.read()")
+
+
+def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_holder_blocks_nothing(models, tmp_path, capsys):
+    out, model = tmp_path / "o", models["tiny-mha/meta"]
+    assert _logits(model, out, "--dtypes", "float32") == 0
+    before = _files(out)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert _logits(model, out, "--dtypes", "float32") == 2
+        err = capsys.readouterr().err
+        assert f"--out: {out} is in use by another llama-parity run (pid {holder.pid}" in err, err
+        assert "the holder" in err and "Traceback" not in err
+        assert {k: v for k, v in _files(out).items() if k != store.LOCK} == before
+    finally:
+        holder.kill()                                   # SIGKILL: no chance to remove its lock file
+        holder.wait()
+    assert (out / store.LOCK).exists()                  # what a killed run leaves behind
+    assert _logits(model, out, "--dtypes", "float32") == 0    # ... does not block the next one
+    assert not (out / store.LOCK).exists()
+
+
 def test_row_round_trips_through_the_journal(tmp_path):
     rows = [Row("logits", {"dtype": "float16", "tp": 2}, "transformers", "oracle-fp64", m, v, t, s, why)
             for m, v, t, s, why in [("max_abs", 0.125, 0.5, "pass", ""), ("nmse", math.nan, 1.0, "fail", "NaN"),

@@ -123,3 +123,25 @@ def test_tokenizer_piece_renders_as_text_in_the_browser(tmp_path):
     assert not [a for t, a in d.tags if t == "img" and a.get("src") == "x"]
     assert hostile in "".join(d.text)
     assert re.search(r"<title>[^<]*FAIL</title>", text)   # the title was not rewritten by the piece
+
+
+def test_a_failing_page_with_its_banner_divergence_and_findings(tmp_path):
+    """What a reader sees first on a failing run under an untested release: the banner, where it
+    diverged and its findings, all as text, with nothing logged to the console."""
+    from harness.core.findings import Mechanism, collect
+    rows = [Row("logits", {"dtype": "float32", "attn": "eager", "tp": 1}, "transformers", "oracle-fp64", "kl_max",
+                0.2, 1e-11, FAIL, reason="0.2 > 1e-11", extra={"finding": "rope"})]
+    found = collect(rows, {"rope": Mechanism("rope", "q and k not permuted for <rotate_half>")}, "logits", "9.0")
+    divergence = {"case": {"dtype": "float32", "attn": "eager", "tp": 1}, "layer": 0, "op": "q",
+                  "point": "layers.0.q", "ratio": 6.1e6, "certain": True, "located_at": "float32"}
+    env = {"device": "cpu", "transformers": "9.0", "transformers_tested": False, "tested_releases": "5.25.0"}
+    write_results(tmp_path / "r", "logits", rows, env,
+                  {"seed": 0, "findings": found, "first_divergence": divergence, "divergences": [divergence]})
+    page = tmp_path / "index.html"
+    report_html.write_html(page, [report.load_summary(tmp_path / "r")], [tmp_path / "r"])
+    text, console = load_in_browser(page, tmp_path)
+    assert console == []
+    shown = "".join(dom(text).text)
+    assert "transformers 9.0 is not a release this harness was tested on (tested: 5.25.0)" in shown
+    assert "first divergence" in shown and "layers.0.q (6.1e+06x the reference's error)" in shown
+    assert "q and k not permuted for <rotate_half>" in shown                 # a finding's title stays text

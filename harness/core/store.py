@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,11 +121,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Every temporary file the harness makes beside its results starts with this, so that the debris of
+# a write killed between its temporary file and the rename is found, and nothing else is touched.
+TMP_PREFIX = ".llama-parity-tmp."
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, rename: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -332,3 +338,122 @@ def clear_results(out_dir: Path) -> None:
         p = Path(out_dir) / name
         if p.exists() or p.is_symlink():
             p.unlink()
+
+
+# --- what else a run owns in its --out -----------------------------------------------------------
+
+REPORT_DIR = "report"            # --html renders the run's results here
+REPORT_FILES = ("index.html", "junit.xml", "report.md")   # report.md: written there by releases before 2026.12
+
+
+def clear_derived(out_dir: Path) -> None:
+    """Remove the views an earlier run rendered into OUT/report, so that no page or JUnit file there
+    can contradict this run's summary.json (a run with --html writes them again; the folder goes
+    when nothing of the user's is left in it)."""
+    report = Path(out_dir) / REPORT_DIR
+    if not report.is_dir() or report.is_symlink():
+        return
+    for name in REPORT_FILES:
+        p = report / name
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+    clean_temporary(report)
+    try:
+        report.rmdir()
+    except OSError:              # the user's own files are in it: they stay, and so does the folder
+        pass
+
+
+def clean_temporary(folder: Path) -> None:
+    """Remove the harness's own temporary files (TMP_PREFIX) in a results folder and its sub-folders
+    (a write killed between its temporary file and the rename leaves one); nobody else's. Releases
+    before TMP_PREFIX named them '.<file>.<random>.tmp': those are recognised by the name of a file
+    the harness writes (a user's '.notes.tmp' is not)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    older = [f".{name}.*.tmp" for name in (*RESULT_FILES, JOURNAL, *REPORT_FILES)]
+    for pattern in (f"{TMP_PREFIX}*", *older):
+        for p in [*folder.glob(pattern), *folder.glob(f"*/{pattern}")]:
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+
+
+LOCK = ".llama-parity.lock"
+
+
+class FolderLock:
+    """One run at a time in a results folder: an exclusive ``flock`` on OUT/.llama-parity.lock.
+
+    A second run is refused at once (exit 2 naming the holder) rather than made to wait: a run may
+    last hours, and two jobs sharing one --out is a mistake to be told about, not queued behind. The
+    kernel drops the lock when its process dies, so the file a killed run leaves never blocks the
+    next one; a run that ends normally removes it.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, command: str = "") -> bool:
+        """Take the lock (the folder must exist); False where the filesystem has no locks."""
+        from harness.core.errors import InputError
+        try:
+            import fcntl
+        except ImportError:          # not a POSIX system: no lock, as before
+            return False
+        if self._fd is not None:
+            return True
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except IsADirectoryError:
+                raise InputError(f"--out: {self.path} is not a file (the lock that keeps two runs out of one "
+                                 "folder); move it away") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_fd(fd)
+                os.close(fd)
+                raise InputError(f"--out: {self.folder} is in use by another llama-parity run"
+                                 f"{f' ({holder})' if holder else ''}; wait for it to end or choose another "
+                                 "--out") from None
+            except OSError:          # a filesystem without flock (some network mounts): run unlocked
+                os.close(fd)
+                return False
+            # the run before us may have removed the file between our open and our lock: lock the new one
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, since {stamp}: {command}".encode("utf-8", "replace")[:1000])
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)     # while still locked: nobody can be holding the file we remove
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_fd(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 1000).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import InputError
-from harness.core.store import JOURNAL, Journal, Row, clear_results
+from harness.core.store import (JOURNAL, FolderLock, Journal, Row, check_writable, clean_temporary, clear_derived,
+                                clear_results)
 
 
 @dataclass
@@ -54,12 +55,32 @@ class Result:
 class Context:
     """What a running suite may touch: where results go, the journal, progress and notes."""
 
-    def __init__(self, out: Path, progress: bool = True, memory_budget: int | None = None):
+    def __init__(self, out: Path, progress: bool = True, memory_budget: int | None = None, command: str = ""):
         self.out = Path(out)
         self.progress = progress
         self.memory_budget = memory_budget      # bytes; None: what the device has (harness.core.resources)
         self.notes: list[str] = []
         self._journal: Journal | None = None
+        self._lock = FolderLock(self.out)
+        self.command = command                  # said to a second run that finds --out busy
+
+    def lock(self, create: bool = True) -> None:
+        """Hold --out for this run alone (harness.core.store.FolderLock): a second run into it is
+        refused. ``create=False`` locks only a folder that exists already: nothing is made for a run
+        that may still end in exit 2."""
+        if self._lock.held:
+            return
+        if not self.out.is_dir():
+            if not create:
+                return
+            self.out.mkdir(parents=True, exist_ok=True)
+        if not self._lock.acquire(self.command):
+            self._lock = _NoLock()
+            self.note(f"note: {self.out} could not be locked (its filesystem has no file locks): a second run "
+                      "into it at the same time would not be refused")
+
+    def release(self) -> None:
+        self._lock.release()
 
     def check_memory(self, needs: list, device: str) -> None:
         from harness.core.resources import check
@@ -69,15 +90,18 @@ class Context:
         self.notes.append(message)
 
     def begin(self, resume: bool = True) -> None:
-        """Called once every input is validated: stale results go, so that a run killed from here
-        on leaves no verdict that is not its own (the journal stays unless resume is off)."""
+        """Called once every input is validated: the run takes --out for itself (a second run is
+        refused), and stale results and every view rendered from them (OUT/report) go, so that a run
+        killed from here on leaves no verdict that is not its own (the journal stays unless resume
+        is off). Only the harness's own temporary files are cleaned, never the user's."""
         journal = self.out / JOURNAL
         if journal.exists() and not journal.is_file():
             raise InputError(f"--out: {journal} is not a file (the journal a rerun resumes from); move it away")
+        check_writable(self.out)        # every name before anything is made or removed
+        self.lock()                     # before removing anything: another run's results are its own
         clear_results(self.out)
-        if self.out.is_dir():   # a write killed between its temporary file and the rename leaves this
-            for stale in self.out.glob(".*.tmp"):
-                stale.unlink()
+        clear_derived(self.out)
+        clean_temporary(self.out)       # a write killed between its temporary file and the rename
         if not resume and (self.out / JOURNAL).exists():
             (self.out / JOURNAL).unlink()
 
@@ -88,6 +112,13 @@ class Context:
                 self.note(f"note: {self._journal.dropped} unreadable line(s) in {self._journal.path} dropped; "
                           "their groups run again")
         return self._journal
+
+
+class _NoLock:
+    held = True          # asked once; a filesystem without locks is not asked again
+
+    def release(self) -> None:
+        pass
 
 
 class Command:

@@ -1,7 +1,9 @@
 """The HTML report: one self-contained page rendered from stored results (no model run).
 
-Reading order: the verdict and the environment, then per suite a table of cells (failing first,
-with metric, value, tolerance and margin), then the evidence (plots, piece strips, every row).
+Reading order: the verdict, the untested-release banner, the counts, where each failing suite
+diverged first and the findings (harness.results.headline), the environment, then per suite the
+headroom heatmap and a table of cells (failing first, with metric, value, tolerance and margin),
+then the evidence (plots, piece strips, every row).
 Everything that came from a result file goes through `esc` -- tokenizer pieces, task text and
 reasons included -- so a piece such as "<script>" shows as text. Plots are matplotlib PNGs inlined
 as data: URIs, and a Content-Security-Policy forbids any other load: the page opens from a file
@@ -9,7 +11,7 @@ with no network, and a stray external asset would show up as a console error (te
 browser, tests/test_report_html_browser.py).
 
 Evidence is drawn when the results hold it:
-  - error vs dtype x setting heatmap: any suite whose cases have a "dtype";
+  - headroom heatmap (worst value/tolerance per dtype x setting): any suite whose cases have a "dtype";
   - KL and top-1 agreement distributions: cells with kl_mean / top1_disagree metrics, plus the
     per-position KL of a row's extra["kl_per_position"] where a suite records it;
   - error vs position: extra["per_position"] (list of floats, one per position);
@@ -33,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")   # no display on CI machines; Figure objects below never touch pyplot's state
 from matplotlib.figure import Figure  # noqa: E402
 
+from harness.results import headline  # noqa: E402
 from harness.results.markdown import margin as _margin, worst_cells  # noqa: E402
 from harness.results.stored import environment_items, policy_version  # noqa: E402
 from harness.core.inputs import printable  # noqa: E402
@@ -42,12 +45,15 @@ READY_SCRIPT = "document.body.setAttribute('data-report-ready', 'yes');"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
 h1 .pass,.st-pass{color:#137333} h1 .fail,.st-fail{color:#b3261e} .st-na,.st-info{color:#666}
-table{border-collapse:collapse;margin:.5em 0;font-size:13px} td,th{border:1px solid #ccc;padding:2px 6px;
+table{border-collapse:collapse;margin:.5em 0;font-size:13px;display:block;max-width:100%;overflow-x:auto} td,th{border:1px solid #ccc;padding:2px 6px;
 text-align:left;vertical-align:top} th{background:#f3f3f3} tr.fail td{background:#fdecea}
 td.num{text-align:right;font-family:ui-monospace,monospace} img{max-width:100%}
 .strip{display:flex;flex-wrap:wrap;gap:2px;margin:2px 0} .piece{font-family:ui-monospace,monospace;
 border:1px solid #999;padding:0 3px;white-space:pre;background:#f8f8f8} .piece.diff{background:#fde2b8}
 .subj{display:inline-block;min-width:9em;font-weight:600} details{margin:.6em 0}
+.banner{background:#fff4e5;border:1px solid #e8a33d;padding:.4em .8em;font-weight:600}
+.diverge{background:#fdecea;border-left:4px solid #b3261e;padding:.4em .8em;margin:.4em 0}
+tr.new td:first-child{font-weight:600}
 """
 
 
@@ -72,7 +78,7 @@ def _num(x) -> str:
     if isinstance(x, str):
         return esc(x)
     if isinstance(x, float):
-        return f"{x:.3g}"
+        return f"{x + 0.0:.3g}"       # + 0.0: a -0.0 shows as 0
     return esc(x)
 
 
@@ -86,6 +92,20 @@ def _img(fig: Figure, alt: str) -> str:
     return f'<figure><img alt="{esc(alt)}" src="{_png(fig)}"><figcaption>{esc(alt)}</figcaption></figure>'
 
 
+def _legend(ax, title: str = "", below: bool = False) -> None:
+    """A legend outside the axes (beside them, or below where panels stand side by side), never
+    over the curves; its entries plain text (a '$' in a case value stays a '$': only the harness's
+    own axis labels are math text, the log ticks' 10^-4)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    where = (dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(2, len(handles))) if below
+             else dict(loc="upper left", bbox_to_anchor=(1.01, 1.0)))
+    leg = ax.legend(fontsize=6, borderaxespad=0.0, title=title or None, title_fontsize=6, **where)
+    for t in [*leg.get_texts(), leg.get_title()]:
+        t.set_parse_math(False)
+
+
 def _finite(x) -> float | None:
     try:
         v = float(x)
@@ -96,41 +116,86 @@ def _finite(x) -> float | None:
 
 # --- plots -------------------------------------------------------------------------------------
 
-def heatmap(summary: dict) -> str:
-    """Worst value/tolerance per (dtype, other settings) for each gated subject: 1.0 is the limit."""
+# Heatmap colours by headroom, value / tolerance: greens pass (darker: more headroom), reds fail.
+HEADROOM = ((0.01, "#1a7f37"), (0.1, "#4dac26"), (0.5, "#8fd18a"), (1.0, "#d4f0c8"), (10.0, "#e8685a"),
+            (math.inf, "#a50f15"))
+
+
+def headroom_colour(ratio: float) -> str:
+    """The heatmap's colour for a cell's value / tolerance: green below 1, red at or above 1."""
+    return next(colour for upper, colour in HEADROOM if ratio < upper or upper == math.inf)
+
+
+def _short_labels(cases: list[dict]) -> list[str]:
+    """The settings that differ between these cases, values only ('sdpa / tp=2 / 1x16'): a bare
+    number keeps its key, which alone would not say what it counts."""
+    keys = [k for k in dict.fromkeys(k for c in cases for k in c) if len({str(c.get(k, "")) for c in cases}) > 1]
+    out = []
+    for c in cases:
+        vals = [f"{k}={c[k]}" if str(c[k]).replace(".", "", 1).isdigit() else str(c[k])
+                for k in keys if str(c.get(k, "")) not in ("", "-", "None")]     # '-': the setting does not apply
+        out.append(" / ".join(vals) or "all")
+    return out
+
+
+def heatmap_grid(summary: dict) -> tuple[list[str], list[dict], list[list[float]]]:
+    """(dtypes, columns, worst value / tolerance per dtype x column) of the gated cells with a dtype.
+    A column is a subject and its other settings, ``{"subject": ..., setting: value, ...}``."""
     cells = [c for c in summary["cells"] if c["status"] in ("pass", "fail") and "dtype" in c["case"]]
-    if not cells:
-        return ""
     grid: dict[tuple[str, str], float] = {}
+    columns: dict[str, dict] = {}
     for c in cells:
-        setting = ", ".join(f"{k}={v}" for k, v in c["case"].items() if k not in ("dtype", "device"))
-        col = f"{c['subject']}: {setting}"
+        col = {"subject": c["subject"], **{k: v for k, v in c["case"].items() if k not in ("dtype", "device")}}
         ratio = _margin(c["value"], c["tolerance"])
         ratio = math.inf if ratio is None and c["status"] == "fail" else ratio
         if ratio is None:
             continue
-        key = (str(c["case"]["dtype"]), col)
-        grid[key] = max(grid.get(key, 0.0), ratio)
-    if not grid:
-        return ""
+        key = json.dumps(col, sort_keys=True, default=str)
+        columns[key] = col
+        grid[(str(c["case"]["dtype"]), key)] = max(grid.get((str(c["case"]["dtype"]), key), 0.0), ratio)
     rows = sorted({k[0] for k in grid})
-    cols = sorted({k[1] for k in grid})
-    data = [[grid.get((r, c), math.nan) for c in cols] for r in rows]
-    shown = [[min(max(v, 1e-6), 1e3) if math.isfinite(v) else (1e3 if v == math.inf else math.nan) for v in line]
-             for line in data]
-    logs = [[math.log10(v) if v == v else math.nan for v in line] for line in shown]
-    fig = Figure(figsize=(max(6.0, 0.55 * len(cols) + 2), 0.6 * len(rows) + 2.6))
+    keys = sorted(columns)
+    return rows, [columns[k] for k in keys], [[grid.get((r, k), math.nan) for k in keys] for r in rows]
+
+
+def heatmap_figure(summary: dict) -> tuple[Figure, list[dict], list[str]] | None:
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    rows, cols, data = heatmap_grid(summary)
+    if not cols:
+        return None
+    labels = _short_labels(cols)
+    shown = [[min(v, 999.0) if v == v else math.nan for v in line] for line in data]
+    cmap = ListedColormap([colour for _, colour in HEADROOM])
+    cmap.set_bad("#eeeeee")
+    norm = BoundaryNorm([0.0] + [u for u, _ in HEADROOM[:-1]] + [1e3], cmap.N)
+    fig = Figure(figsize=(max(6.0, 0.5 * len(cols) + 2.5), 0.55 * len(rows) + 2.4))
     ax = fig.subplots()
-    im = ax.imshow(logs, cmap="RdYlGn_r", vmin=-4, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(rows)), rows)
+    im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
+    ax.set_xticks(range(len(cols)), labels, rotation=60, ha="right", fontsize=7, parse_math=False)
+    ax.set_yticks(range(len(rows)), rows, parse_math=False)
     for i, line in enumerate(data):
         for j, v in enumerate(line):
             if v == v:
-                ax.text(j, i, "inf" if v == math.inf else f"{v:.2g}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="log10(value / tolerance), worst metric")
-    ax.set_title(f"{summary['suite']}: error vs dtype x setting (>= 1 fails)")
-    return _img(fig, f"{summary['suite']}: worst value/tolerance per dtype and setting")
+                dark = v < 0.1 or v >= 10
+                ax.text(j, i, "inf" if v == math.inf else f"{v:.2g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+    bar = fig.colorbar(im, ax=ax, ticks=[0.01, 0.1, 0.5, 1, 10])
+    bar.set_label("value / tolerance, worst metric\n(green passes, red fails)", fontsize=8)
+    ax.set_title(f"{summary['suite']}: headroom per dtype and setting", parse_math=False)
+    return fig, cols, labels
+
+
+def heatmap(summary: dict) -> str:
+    """Worst value/tolerance per (dtype, other settings): green below 1 (darker, more headroom), red
+    at or above; short column labels, and the settings of each column in a table below."""
+    drawn = heatmap_figure(summary)
+    if drawn is None:
+        return ""
+    fig, cols, labels = drawn
+    keys = list(dict.fromkeys(k for c in cols for k in c))
+    legend = _table(["column", *keys], [[label, *(c.get(k, "") for k in keys)] for label, c in zip(labels, cols)])
+    return (_img(fig, f"{summary['suite']}: worst value/tolerance per dtype and setting")
+            + f"<details><summary>Heatmap columns: their settings ({len(cols)})</summary>{legend}</details>")
 
 
 def distributions(summary: dict) -> str:
@@ -162,7 +227,7 @@ def distributions(summary: dict) -> str:
             ax.hist([math.log10(v) for v in vals], bins=20, alpha=0.5, label=label)
         ax.set_xlabel("log10 mean KL (nats), one count per cell")
         ax.set_title("KL(truth || subject), mean over positions")
-        ax.legend(fontsize=6)
+        _legend(ax, below=True)
     if agree:
         ax = axes[i]
         i += 1
@@ -170,13 +235,31 @@ def distributions(summary: dict) -> str:
             ax.hist(vals, bins=20, range=(min(min(vals), 0.9), 1.0), alpha=0.5, label=label)
         ax.set_xlabel("top-1 agreement, one count per cell")
         ax.set_title("top-1 agreement")
-        ax.legend(fontsize=6)
+        _legend(ax, below=True)
     if per_pos:
         ax = axes[i]
         ax.hist([math.log10(v) for v in per_pos], bins=30)
         ax.set_xlabel("log10 KL per position")
         ax.set_title("KL over positions")
     return _img(fig, f"{summary['suite']}: KL and top-1 agreement distributions")
+
+
+def _series_labels(idents: list[dict]) -> tuple[list[str], str]:
+    """Legend entries that say only what differs between the lines, and what they all share (the
+    legend's title, shortened)."""
+    labels = _short_labels(idents)
+    shared = " ".join(f"{k}={v}" for k, v in idents[0].items()
+                      if all(str(i.get(k)) == str(v) for i in idents)) if idents else ""
+    return labels, (shared if len(shared) <= 90 else shared[:87] + "...")
+
+
+def _log_lines(ax, series: list[tuple[dict, list[str], list[float | None]]]) -> None:
+    labels, shared = _series_labels([ident for ident, _, _ in series])
+    for label, (_, _, ys) in zip(labels, series):
+        ax.plot(range(len(ys)), [y if y is not None and y > 0 else math.nan for y in ys], marker=".", label=label)
+    ax.set_yscale("log")      # its tick labels are math text ('10^-4'): drawn as such, never shown raw
+    ax.set_ylabel("error")
+    _legend(ax, shared)
 
 
 def curves(summary: dict, key: str, xlabel: str, title: str) -> str:
@@ -190,23 +273,19 @@ def curves(summary: dict, key: str, xlabel: str, title: str) -> str:
             names, ys = [str(i) for i in range(len(data))], [_finite(v) for v in data]
         else:
             continue
-        label = ",".join(f"{k}={v}" for k, v in c["case"].items()) + f" {c['subject']} {c['metric']}"
+        ident = {**c["case"], "subject": c["subject"], "metric": c["metric"]}
         if any(y is not None and y > 0 for y in ys):    # a log axis needs one positive value to draw
-            series.append((label, names, ys))
+            series.append((ident, names, ys))
     if not series:
         return ""
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
-    for label, names, ys in series[:12]:
-        ax.plot(range(len(ys)), [y if y is not None and y > 0 else math.nan for y in ys], marker=".", label=label)
+    _log_lines(ax, series[:12])
     names = series[0][1]
     if key == "per_layer" and len(names) <= 40:
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yscale("log")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7, parse_math=False)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("error")
-    ax.set_title(title + (f" (first 12 of {len(series)})" if len(series) > 12 else ""))
-    ax.legend(fontsize=6)
+    ax.set_title(title + (f" (first 12 of {len(series)})" if len(series) > 12 else ""), parse_math=False)
     return _img(fig, f"{summary['suite']}: {title}")
 
 
@@ -217,35 +296,30 @@ def layer_curves(summary: dict) -> str:
     order the suite wrote them (harness/hidden_states.py, harness/localise.py); one line per
     (other settings, subject, against, metric).
     """
-    lines: dict[str, tuple[list[str], list[float | None]]] = {}
+    lines: dict[str, tuple[dict, list[str], list[float | None]]] = {}
     for c in summary["cells"]:
         case = c["case"]
         if "layer" not in case or c["status"] == "n/a":
             continue
         point = str(case["layer"]) + (f".{case['op']}" if case.get("op") not in (None, "", "-") else "")
-        rest = ",".join(f"{k}={v}" for k, v in case.items() if k not in ("layer", "op", "device"))
-        label = f"{rest} {c['subject']} vs {c['against']} {c['metric']}"
-        names, ys = lines.setdefault(label, ([], []))
+        ident = {**{k: v for k, v in case.items() if k not in ("layer", "op", "device")},
+                 "subject": c["subject"], "against": c["against"], "metric": c["metric"]}
+        _, names, ys = lines.setdefault(json.dumps(ident, sort_keys=True, default=str), (ident, [], []))
         names.append(point)
         ys.append(_finite(c["value"]))
-    lines = {k: v for k, v in lines.items()     # a log axis needs one positive value to draw
-             if len(v[0]) > 1 and any(y is not None and y > 0 for y in v[1])}
-    if not lines:
+    series = [v for v in lines.values()     # a log axis needs one positive value to draw
+              if len(v[1]) > 1 and any(y is not None and y > 0 for y in v[2])]
+    if not series:
         return ""
     fig = Figure(figsize=(9, 4.2))
     ax = fig.subplots()
-    longest: list[str] = []
-    for label, (names, ys) in list(lines.items())[:12]:
-        ax.plot(range(len(ys)), [y if y is not None and y > 0 else math.nan for y in ys], marker=".", label=label)
-        longest = names if len(names) > len(longest) else longest
+    _log_lines(ax, series[:12])
+    longest = max((names for _, names, _ in series[:12]), key=len)
     if len(longest) <= 40:
-        ax.set_xticks(range(len(longest)), longest, rotation=60, ha="right", fontsize=7)
-    ax.set_yscale("log")
+        ax.set_xticks(range(len(longest)), longest, rotation=60, ha="right", fontsize=7, parse_math=False)
     ax.set_xlabel("capture point (forward order)")
-    ax.set_ylabel("error")
-    more = f" (first 12 of {len(lines)})" if len(lines) > 12 else ""
-    ax.set_title(f"{summary['suite']}: per-layer error{more}")
-    ax.legend(fontsize=6)
+    more = f" (first 12 of {len(series)})" if len(series) > 12 else ""
+    ax.set_title(f"{summary['suite']}: per-layer error{more}", parse_math=False)
     return _img(fig, f"{summary['suite']}: per-layer error curves")
 
 
@@ -272,7 +346,7 @@ def bench_scatter(results_dir: Path | None) -> str:
         ax.plot([lo, hi], [lo, hi], lw=0.8, color="grey")
         ax.set_xlabel("reference loglikelihood")
         ax.set_ylabel("transformers loglikelihood")
-        ax.set_title(f"{task}: {len(pairs)} requests")
+        ax.set_title(f"{task}: {len(pairs)} requests", parse_math=False)
         out.append(_img(fig, f"benchmark {task}: per-request loglikelihood, reference vs transformers"))
     return "".join(out)
 
@@ -388,14 +462,14 @@ def corpus_plots(summary: dict) -> str:
     ax1.set_xlabel("log10 KL(truth || subject) per position (nats)")
     ax1.set_ylabel("positions")
     ax1.set_title("KL over the corpus")
-    ax1.legend(fontsize=6)
+    _legend(ax1, below=True)
     for c, t in tops[:12]:
         ys = [_finite(v) for v in t]
         ax2.plot(range(len(ys)), [math.nan if y is None else y for y in ys], label=_label(c), lw=0.8)
     ax2.set_xlabel("position in window")
     ax2.set_ylabel("top-1 agreement with the truth")
     ax2.set_title("top-1 agreement along the window (mean over windows)")
-    ax2.legend(fontsize=6)
+    _legend(ax2, below=True)
     return _img(fig, f"{summary['suite']}: corpus KL histogram and top-1 agreement by position")
 
 
@@ -443,12 +517,12 @@ def all_rows_table(summary: dict) -> str:
 # --- the page ----------------------------------------------------------------------------------
 
 FOLD_ROWS = 20     # a cells table longer than this is folded below the evidence
+FOLD_FINDINGS = 12     # findings past these (new come first) are folded: the first screen stays readable
 
 
 def suite_section(summary: dict, results_dir: Path | None) -> str:
     """Verdict and heatmap first, then failing cells, the corpus table and plots; long tables folded."""
     s = summary
-    counts = s["counts"]
     evidence = "".join(x for x in (
         corpus_plots(s),
         curves(s, "per_position", "position", "error vs position"),
@@ -475,22 +549,68 @@ def suite_section(summary: dict, results_dir: Path | None) -> str:
         + f"<details><summary>Every cell, worst metric of each ({n_cells})</summary>{cells_table(s)}</details>")
     return (f'<section class="suite" id="{anchor}"><h2>{esc(s["suite"])}: '
             f'<span class="st-{esc(s["verdict"])}">{esc(s["verdict"].upper())}</span></h2>'
-            f"<p>{esc(counts.get('fail', 0))} failing, {esc(counts.get('pass', 0))} passing, "
-            f"{esc(counts.get('n/a', 0))} not applicable, {esc(counts.get('info', 0))} informational "
-            "(rows are case x subject x metric).</p>"
+            f"<p>{esc(headline.counts_line([s]))} (rows are case x subject x metric; skipped: n/a, not run).</p>"
             + heatmap(s)
             + _table(["", ""], [list(f) for f in facts])
             + cells
+            + divergence_table(s)
+            + na_table(s)
             + corpus_table(s)
             + "<h3>Evidence</h3>" + (evidence or "<p>No plots: these results hold no plottable evidence.</p>")
             + f"<details><summary>Every row ({len(s['cells'])})</summary>{all_rows_table(s)}</details></section>")
+
+
+def divergence_table(summary: dict) -> str:
+    """Where each failing cell group first diverges (one row per dtype x attn x tp group)."""
+    found = headline.divergences(summary)
+    if not found:
+        return ""
+    rows = [[" ".join(f"{k}={v}" for k, v in (d.get("case") or {}).items() if k != "device"),
+             headline.divergence_point(d), headline.divergence_detail(d)] for d in found]
+    return ("<h3>Where each failing group diverges first</h3>"
+            + _table(["group (the input it was localised on)", "first divergence", "evidence"], rows))
+
+
+def na_table(summary: dict) -> str:
+    reasons = headline.na_reasons(summary)
+    if not reasons:
+        return ""
+    return (f"<details><summary>Skipped: {sum(n for _, n in reasons)} rows not run (n/a), by reason</summary>"
+            + _table(["rows", "reason"], [[n, r] for r, n in reasons]) + "</details>")
+
+
+def headline_html(summaries: list[dict]) -> str:
+    """Under the verdict: the untested-release banner, the counts, where each failing suite diverged
+    first, and every finding (new first)."""
+    out = [f'<p class="banner" role="alert">Warning: {esc(b)}</p>' for b in headline.banners(summaries)]
+    per_suite = "; ".join(f"{s['suite']} {s['verdict'].upper()}" for s in summaries)
+    out.append(f"<p>{esc(headline.counts_line(summaries))}. {esc(per_suite)}.</p>")
+    for s in summaries:
+        found = headline.divergences(s)
+        if found:
+            more = f" ({len(found)} failing groups: each in the {s['suite']} section)" if len(found) > 1 else ""
+            out.append(f'<p class="diverge" id="{esc("divergence-" + s["suite"])}"><strong>{esc(s["suite"])}: '
+                       f"first divergence</strong> {esc(headline.divergence_line(found[0]))}{esc(more)}</p>")
+    found = [f for s in summaries for f in headline.findings(s)]
+    if found:
+        new = sum(f.get("status") == "new" for f in found)
+        gated = sum(bool(f.get("gated")) for f in found)
+        rows = [[f.get("status"), "yes" if f.get("gated") else "no", f.get("id"), f.get("title"), f.get("cells"),
+                 f.get("releases") or "-", f.get("seen_on") or "-", f.get("differs") or "",
+                 f.get("reproduction") or "", f.get("source") or ""] for f in found]
+        heads = ["status", "fails the run", "finding", "what", "cells", "releases", "seen on", "differs",
+                 "reproduction", "source"]
+        more = (f"<details><summary>{len(rows) - FOLD_FINDINGS} more findings</summary>"
+                + _table(heads, rows[FOLD_FINDINGS:], status_col=0) + "</details>") if len(rows) > FOLD_FINDINGS else ""
+        out.append(f'<h2 id="findings">Findings ({len(found)}: {new} new, {len(found) - new} known; '
+                   f"{gated} fail the run)</h2>" + _table(heads, rows[:FOLD_FINDINGS], status_col=0) + more)
+    return "".join(out)
 
 
 def render(summaries: list[dict], results_dirs: list[Path | None] | None = None, title: str = "llama-parity") -> str:
     """The whole page as a string."""
     dirs = results_dirs or [None] * len(summaries)
     overall = "fail" if any(s["verdict"] == "fail" for s in summaries) else "pass"
-    suites = ", ".join(f"{s['suite']} {s['verdict']}" for s in summaries)
     env_rows = [list(kv) for kv in environment_items(summaries[0])]
     envs = {json.dumps(s.get("environment"), sort_keys=True, default=str) for s in summaries}
     env_note = "" if len(envs) == 1 else "<p>The suites ran in different environments: each is in its own results.</p>"
@@ -500,8 +620,8 @@ def render(summaries: list[dict], results_dirs: list[Path | None] | None = None,
         f"<title>{esc(title)}: {esc(overall.upper())}</title><style>{STYLE}</style></head>"
         f'<body data-verdict="{esc(overall)}">'
         f'<h1 id="verdict">{esc(title)}: <span class="{esc(overall)}">{esc(overall.upper())}</span></h1>'
-        f"<p>{esc(suites)}</p>"
-        "<h2>Environment</h2>" + _table(["", ""], env_rows) + env_note
+        + headline_html(summaries)
+        + "<h2>Environment</h2>" + _table(["", ""], env_rows) + env_note
         + "".join(suite_section(s, d) for s, d in zip(summaries, dirs))
         + f"<script>{READY_SCRIPT}</script></body></html>\n"
     )
@@ -509,8 +629,8 @@ def render(summaries: list[dict], results_dirs: list[Path | None] | None = None,
 
 def write_html(path: Path, summaries: list[dict], results_dirs: list[Path | None] | None = None,
                title: str = "llama-parity") -> None:
-    # Names from results are text, never mathtext: '$' in a case value must not be parsed (or fail).
-    with matplotlib.rc_context({"text.parse_math": False}):
-        page = render(summaries, results_dirs, title)
+    # Text from results is drawn with parse_math=False artist by artist (_legend, tick labels,
+    # titles): a '$' in a case value stays a '$', while the log axes' own '10^-4' stays math text.
+    page = render(summaries, results_dirs, title)
     # A title or results path from the command line may hold bytes that are not UTF-8 (surrogates).
     atomic_write_text(Path(path), printable(page))

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.core.inputs import printable
 from harness.core.store import atomic_write_text
+from harness.results import headline
 from harness.results.stored import environment_items, policy_version
 
 GATED = ("pass", "fail")
@@ -66,9 +68,11 @@ def worst_cells(summary: dict) -> pd.DataFrame:
     df["ratio"] = [margin(v, t) for v, t in zip(df["value"], df["tolerance"])]
     lines = []
     for key, g in df.groupby(case_cols + ["subject", "against"], sort=False, dropna=False):
-        status = "fail" if (g["status"] == "fail").any() else g["status"].iloc[0]
-        gated = g[g["ratio"].notna()]
-        worst = gated.loc[gated["ratio"].idxmax()] if not gated.empty else g.iloc[0]
+        # a cell is as gated as its most gated row: one passing metric beside info rows is a passing cell
+        status = next(s for s in ("fail", "pass", "n/a", "info") if (g["status"] == s).any())
+        judged = g[g["ratio"].notna() & g["status"].isin(GATED)]
+        judged = judged if not judged.empty else g[g["ratio"].notna()]
+        worst = judged.loc[judged["ratio"].idxmax()] if not judged.empty else g.iloc[0]
         reasons = "; ".join(sorted({str(r) for r in g.loc[g["status"] == "fail", "reason"] if r}))
         lines.append({**dict(zip(case_cols + ["subject", "against"], key)), "status": status,
                       "worst metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
@@ -98,20 +102,46 @@ def table(headers: list[str], rows: list[list]) -> str:
     return markdown_table(pd.DataFrame(rows, columns=headers))
 
 
-FACTS = ("model", "truth", "seed", "policy", "plant", "first_divergence")
+FACTS = ("model", "truth", "seed", "policy", "plant")
+
+
+def headline_markdown(summary: dict, heading: str = "##") -> list[str]:
+    """What a reader needs before any table: where a failing run diverged, and its findings."""
+    lines: list[str] = []
+    found = headline.divergences(summary)
+    if found:
+        lines += [f"**First divergence** (`first_divergence` in summary.json): "
+                  f"{md_escape(headline.divergence_line(found[0]))}", ""]
+        if len(found) > 1:
+            lines += [f"- {md_escape(headline.divergence_line(d))}" for d in found[1:]] + [""]
+    lines += findings_markdown(headline.findings(summary), heading)
+    return lines
+
+
+def findings_markdown(found: list[dict], heading: str = "##") -> list[str]:
+    if not found:
+        return []
+    new = sum(f.get("status") == "new" for f in found)
+    gated = sum(bool(f.get("gated")) for f in found)
+    rows = [[f.get("id"), f.get("status"), "yes" if f.get("gated") else "no", f.get("cells"), f.get("title"),
+             f.get("releases") or "-", f.get("seen_on") or "-", f.get("differs") or "", f.get("reproduction") or "",
+             f.get("source") or ""] for f in found]
+    return [f"{heading} Findings ({len(found)}: {new} new, {len(found) - new} known; {gated} fail the run)", "",
+            table(["finding", "status", "fails the run", "cells", "what", "releases", "seen on", "differs",
+                   "reproduction", "source"], rows)]
 
 
 def render(summary: dict, sections: list[tuple[str, str]] = ()) -> str:
+    """The report.md of one results folder: the canonical Markdown report of a suite's run."""
     env = summary["environment"]
-    counts = summary["counts"]
-    lines = [
-        f"# llama-parity {md_escape(summary['suite'])}: **{md_escape(summary['verdict']).upper()}**", "",
-        f"{counts.get('fail', 0)} failing, {counts.get('pass', 0)} passing, {counts.get('n/a', 0)} not applicable "
-        f"(rows are case x subject x metric).", "",
-        "## Environment", "",
-        markdown_table(pd.DataFrame([{k: env.get(k) for k in ("torch", "transformers", "device", "python", "platform",
-                                                                "harness_commit")}])),
-    ]
+    lines = [f"# llama-parity {md_escape(summary['suite'])}: **{md_escape(summary['verdict']).upper()}**", ""]
+    if headline.banner(summary):
+        lines += [f"> **Warning**: {md_escape(headline.banner(summary))}", ""]
+    lines += [f"{headline.counts_line([summary])} (rows are case x subject x metric; skipped: n/a, not run).", ""]
+    lines += headline_markdown(summary)
+    lines += ["## Environment", "",
+              markdown_table(pd.DataFrame([{k: env.get(k) for k in ("torch", "transformers", "device", "python",
+                                                                      "platform", "harness_commit")}]))]
     for key in FACTS:
         if key in summary:
             value = summary[key] if isinstance(summary[key], str) else json.dumps(summary[key], default=str)
@@ -126,39 +156,75 @@ def write_markdown(path: Path, summary: dict, sections: list[tuple[str, str]] = 
     atomic_write_text(path, render(summary, sections))
 
 
-def print_console(summary: dict) -> None:
-    table = worst_cells(summary)
-    if not table.empty:
-        failing = table[table["status"] == "fail"]
-        shown = table[table["status"] != "info"]
-        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 200,
-                               "display.max_colwidth", 70, "display.float_format", "{:.3g}".format):
-            print(shown.to_string(index=False))
+MAX_FAILING_SHOWN = 40     # beyond this the findings say what the failing cells have in common
+CONSOLE = {"display.width": 200, "display.max_columns": 20, "display.max_rows": 500, "display.max_colwidth": 70,
+           "display.float_format": "{:.3g}".format}
+
+
+def print_console(summary: dict, verbose: bool = False, name: str = "") -> None:
+    """One suite's part of the console: its verdict, failing cells, where they diverge, its
+    findings, why rows were not run. ``verbose``: every cell (passing, n/a and info rows too).
+    ``name``: what the part is called, e.g. 'behaviour/padding' (default: its suite)."""
+    out = lambda line="": print(printable(line))       # noqa: E731 - paths and pieces may not be UTF-8
+    out(f"llama-parity {name or summary['suite']}: {summary['verdict'].upper()}")
+    if headline.banner(summary):
+        out(f"WARNING: {headline.banner(summary)}")
+    cells = worst_cells(summary)
+    if not cells.empty:
+        with pd.option_context(*[x for kv in CONSOLE.items() for x in kv]):
+            if verbose:
+                out(f"\ncells ({len(cells)}; worst metric of each):")
+                out(cells.to_string(index=False))
+            failing = cells[cells["status"] == "fail"]
             if not failing.empty:
-                print(f"\nFAILING cells ({len(failing)}):")
-                print(failing.to_string(index=False))
-    for f in summary.get("findings") or []:
-        print(finding_line(f))
-    print(f"\nverdict: {summary['verdict']}  ({summary['counts']})")
+                shown = failing if verbose else failing.head(MAX_FAILING_SHOWN)
+                more = "" if len(shown) == len(failing) else \
+                    f"; the first {len(shown)}: all are in report.md and results.csv, --verbose prints them"
+                out(f"\nFAILING cells ({len(failing)}; worst metric of each{more}):")
+                out(shown.to_string(index=False))
+    found = headline.divergences(summary)
+    if found:
+        out(f"\nfirst divergence{'s, one per failing group' if len(found) > 1 else ''}:")
+        for d in found:
+            out(f"  {headline.divergence_line(d)}")
+    finds = headline.findings(summary)
+    if finds:
+        new = sum(f.get("status") == "new" for f in finds)
+        out(f"\nfindings ({len(finds)}: {new} new, {len(finds) - new} known):")
+        for f in finds:
+            out(f"  {headline.finding_line(f)}")
+    reasons = headline.na_reasons(summary)
+    if reasons and not verbose:
+        out(f"\nskipped (n/a, not run): {sum(n for _, n in reasons)} rows")
+        for reason, n in reasons[:10]:
+            out(f"  {n} x {reason}")
+        if len(reasons) > 10:
+            out(f"  ... and {len(reasons) - 10} more reasons (--verbose lists every row)")
 
 
-def finding_line(f: dict) -> str:
-    """One finding in one line: status, cells, title, where it was seen (console, report.md)."""
-    gate = "fails the run" if f.get("gated") else "not gated"
-    return f"finding [{f.get('status')}, {gate}] {f.get('id')}: {f.get('title')} ({f.get('cells')} cells)"
+def print_totals(summaries: list[dict]) -> None:
+    """The last two lines of a run: the verdict in words, then pytest's counts line."""
+    print(headline.verdict_line(summaries))
+    print(headline.counts_line(summaries))
 
 
 def markdown_report(summaries: list[dict], regression_note: str = "") -> str:
-    """One Markdown page over several suites, for a pull request: verdict, environment, cells."""
+    """One Markdown page over several stored results (`llama-parity report`), for a pull request:
+    verdict, banner, counts, then per suite where it diverged, its findings and its cells."""
     overall = "fail" if any(s["verdict"] == "fail" for s in summaries) else "pass"
     lines = [f"# llama-parity: **{overall.upper()}**", ""]
+    lines += [f"> **Warning**: {md_escape(b)}" for b in headline.banners(summaries)]
+    lines += [""] if headline.banners(summaries) else []
+    lines += [f"{headline.counts_line(summaries)} (rows are case x subject x metric; skipped: n/a, not run).", ""]
     for s in summaries:
-        c = s["counts"]
-        lines.append(f"- **{md_escape(s['suite'])}**: {md_escape(s['verdict']).upper()} ({c.get('fail', 0)} failing, "
-                     f"{c.get('pass', 0)} passing, {c.get('n/a', 0)} n/a; policy "
-                     f"{md_escape(policy_version(s))})")
+        lines.append(f"- **{md_escape(s['suite'])}**: {md_escape(s['verdict']).upper()} "
+                     f"({md_escape(headline.counts_line([s]))}; policy {md_escape(policy_version(s))})")
     if regression_note:
         lines += ["", md_escape(regression_note)]
+    for s in summaries:
+        head = headline_markdown(s, heading="###")
+        if head:
+            lines += ["", f"## {md_escape(s['suite'])}: where it diverged, what was found", "", *head]
     lines += ["", "## Environment", "", "| key | value |", "|---|---|"]
     lines += [f"| {md_escape(k)} | {md_escape(v)} |" for k, v in environment_items(summaries[0])]
     for s in summaries:

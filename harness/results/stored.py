@@ -61,6 +61,7 @@ def load_summary(path: Path) -> dict:
         for k, v in c["case"].items():
             if isinstance(v, (dict, list)):
                 raise InputError(f"{file}: cells[{i}].case[{_shown(k)}] must be a plain value")
+    _check_findings(file, summary)
     # The verdict is what `report` and `matrix` gate on: it must be the one its cells give.
     failing = sum(c["status"] == "fail" for c in summary["cells"])
     if summary["verdict"] != ("fail" if failing else "pass"):
@@ -71,6 +72,42 @@ def load_summary(path: Path) -> dict:
         if status in summary["counts"] and summary["counts"][status] != n:
             raise InputError(f"{file}: counts[{status!r}] = {summary['counts'][status]}, but {n} cells are {status!r}")
     return summary
+
+
+FINDING_KEYS = {"id": str, "title": str, "status": str, "gated": bool, "cells": int}   # harness.core.findings
+FINDING_TEXT = ("releases", "seen_on", "reproduction", "differs", "source")
+
+
+def _check_findings(file: Path, summary: dict) -> None:
+    """``findings`` (absent from summaries before it existed) as harness.core.findings writes it."""
+    if "findings" not in summary:
+        return
+    found = summary["findings"]
+    if not isinstance(found, list):
+        raise InputError(f"{file}: 'findings' must be a list")
+    for i, f in enumerate(found):
+        where = f"{file}: findings[{i}]"
+        if not isinstance(f, dict):
+            raise InputError(f"{where} is not an object")
+        missing = [k for k in FINDING_KEYS if k not in f]
+        if missing:
+            raise InputError(f"{where} lacks {', '.join(missing)}")
+        for k, kind in FINDING_KEYS.items():
+            if not isinstance(f[k], kind) or (kind is int and isinstance(f[k], bool)):
+                raise InputError(f"{where}.{k} must be a {kind.__name__}")
+        if f["status"] not in ("new", "known"):
+            raise InputError(f"{where}.status {_shown(f['status'])} is not new or known")
+        if f["cells"] < 0:
+            raise InputError(f"{where}.cells = {f['cells']} is not a count")
+        for k in FINDING_TEXT:
+            if f.get(k) is not None and not isinstance(f[k], str):
+                raise InputError(f"{where}.{k} must be a str")
+        for k in ("subjects", "examples"):
+            if k in f and not (isinstance(f[k], list) and all(isinstance(x, str) for x in f[k])):
+                raise InputError(f"{where}.{k} must be a list of str")
+        if "settings" in f and not (isinstance(f["settings"], dict) and
+                                    not any(isinstance(v, (dict, list)) for v in f["settings"].values())):
+            raise InputError(f"{where}.settings must be an object of plain values")
 
 
 def _shown(x: Any, n: int = 60) -> str:
