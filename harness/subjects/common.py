@@ -151,7 +151,7 @@ def dequantised_checkpoint(ckpt, state: dict[str, torch.Tensor]):
 
 # --- budgets of lossy subjects (suites/subjects_tolerance.toml) ----------------------------------
 
-BUDGET_METRICS = ("kl_mean", "kl_p99", "rms_dp", "top1_disagree")
+BUDGET_METRICS = ("kl_mean", "kl_p99", "rms_dp", "top1_disagree", "quant_kl_mean", "runtime_kl_mean")
 DEFAULT_BUDGETS = "subjects_tolerance.toml"
 
 
@@ -185,6 +185,5 @@ def budget(kind: str, type_: str, path: Path | None = None) -> dict[str, float]:
 
 def over_budget(stats: dict[str, float], limits: dict[str, float]) -> dict[str, str]:
     """metric -> 'value > limit' for every budget metric a subject's corpus statistics break."""
-    values = {**stats, "top1_disagree": 1.0 - stats["same_top1"]}
-    return {m: f"{values[m]:.3g} > {lim:.3g}" for m, lim in limits.items()
-            if not values[m] <= lim}
+    values = {**stats, "top1_disagree": 1.0 - stats["same_top1"]} if "same_top1" in stats else stats
+    return {m: f"{values[m]:.3g} > {lim:.3g}" for m, lim in limits.items() if m in values and not values[m] <= lim}
