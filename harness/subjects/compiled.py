@@ -10,6 +10,7 @@ recorded as the compile cost, the later calls as the steady state.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -28,6 +29,9 @@ class CompiledForward:
         self.eager_forward = model.forward
         compiled = torch.compile(model.forward, backend=backend)
 
+        # wraps: the eager forward's signature stays visible, which is how the harness asks a model
+        # what its cache argument is called and whether it takes cache_position (core/compat.py)
+        @functools.wraps(self.eager_forward)
         def forward(*args, **kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             key = "x".join(map(str, ids.shape)) if ids is not None else "?"

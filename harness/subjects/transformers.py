@@ -70,7 +70,7 @@ class TransformersLM:
 
     def cannot(self) -> dict[str, str]:
         out = {}
-        if self.cache == "static" and not compat.forward_takes(self.model, "cache_position"):
+        if self.cache == "static" and compat.transformers_version() < (4, 41):
             out["decode"] = (f"transformers {compat.transformers_release()} takes a StaticCache only through "
                              "generate(cache_implementation='static') (from 4.41 as past_key_values)")
         if self.compiled is not None:
