@@ -104,3 +104,16 @@ def test_compiled_transformers_passes_the_logits_rule(truth, spec):
     logits = subject.decode(IDS, 16) if "static" in spec else subject.forward(IDS)
     assert exact_failures(logits, IDS, truth) == {}
     assert subject.provenance()["compile"]["first_call_seconds"]
+
+
+@pytest.mark.parametrize("spec, module, extra", [("torchao", "torchao", "torchao"),
+                                                 ("quanto", "optimum.quanto", "quanto"),
+                                                 ("onnxruntime", "onnxscript", "onnx"),
+                                                 ("onnxruntime-genai", "onnxruntime_genai", "onnx")])
+def test_an_optional_subject_without_its_package_is_bad_input_naming_the_extra(spec, module, extra):
+    import importlib.util
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+    load_kinds()
+    with pytest.raises(InputError, match=rf"needs the .* package \(pip install 'llama-parity\[{extra}\]'\)"):
+        make(spec)
