@@ -45,9 +45,8 @@ def load_kinds() -> None:
 
 
 def installed(kind: str) -> bool:
-    import importlib.util
-    module = PACKAGES.get(kind)
-    return module is None or importlib.util.find_spec(module) is not None
+    from harness.subjects.common import has_module
+    return kind not in PACKAGES or has_module(PACKAGES[kind])
 
 
 def stats_over(batches, run, truths) -> dict:

@@ -3,7 +3,6 @@ ways a subject is judged against the float64 oracle (the logits rule for exact s
 per-type budget for lossy ones)."""
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 
 import pytest
@@ -15,7 +14,7 @@ from harness.core.metrics import POLICY_METRICS, beyond_rounding, cat_stats, cor
 from harness.core.store import FAIL
 from harness.core.subjects import ReferenceSubject
 from harness.core.tolerance import load_policy
-from harness.subjects.common import budget, dequantised_checkpoint, over_budget, source_of
+from harness.subjects.common import budget, dequantised_checkpoint, has_module, over_budget, source_of
 from harness.suites.logits import GATED
 
 CTX, TOKENS = 128, 512        # 4 windows of 128: 508 real-text positions, seconds per subject
@@ -28,7 +27,7 @@ def load_kinds() -> None:
 
 def needs(module: str, extra: str):
     """Skip, naming the package, when an optional subject's package is absent."""
-    missing = importlib.util.find_spec(module) is None
+    missing = not has_module(module)
     return pytest.mark.skipif(missing, reason=f"{module} is not installed (pip install 'llama-parity[{extra}]')")
 
 

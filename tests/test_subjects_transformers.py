@@ -111,8 +111,8 @@ def test_compiled_transformers_passes_the_logits_rule(truth, spec):
                                                  ("onnxruntime", "onnxscript", "onnx"),
                                                  ("onnxruntime-genai", "onnxruntime_genai", "onnx")])
 def test_an_optional_subject_without_its_package_is_bad_input_naming_the_extra(spec, module, extra):
-    import importlib.util
-    if importlib.util.find_spec(module) is not None:
+    from harness.subjects.common import has_module
+    if has_module(module):
         pytest.skip(f"{module} is installed here")
     load_kinds()
     with pytest.raises(InputError, match=rf"needs the .* package \(pip install 'llama-parity\[{extra}\]'\)"):

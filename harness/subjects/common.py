@@ -80,10 +80,19 @@ def package_versions(*names: str) -> dict[str, str | None]:
     return out
 
 
+def has_module(module: str) -> bool:
+    """Whether a module can be imported, without importing it (a dotted name whose parent package
+    is absent, e.g. optimum.quanto without optimum, is absent too rather than an error)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def require(kind: str, module: str, dist: str, extra: str) -> None:
     """Exit 2 naming the package when an optional subject's package is not installed."""
-    import importlib.util
-    if importlib.util.find_spec(module) is None:
+    if not has_module(module):
         raise InputError(f"--subject {kind}: needs the {dist} package (pip install 'llama-parity[{extra}]')")
 
 
