@@ -13,7 +13,7 @@ from harness.core.cases import Shape, make_inputs
 from harness.core.errors import InputError
 from harness.core.subjects import TransformersSubject, padded_positions, transformers_decode
 from harness.subjects import KINDS, Subject, parse_spec
-from harness.subjects import transformers as tf_subject
+from harness.subjects import transformers as _registers  # noqa: F401  (registers the kind)
 from subjects_common import embedded, exact_failures, load_kinds, oracle
 
 IDS = make_inputs(Shape(2, 24), 32000, 0)
