@@ -26,7 +26,6 @@ class Fault:
     name = ""
     doc = ""
     suites: tuple[str, ...] = MODEL_SUITES
-    kinds: tuple[str, ...] = ("transformers",)     # the subject kinds it can edit
     shows_in: tuple[str, ...] = ()
     #: dtypes where the fault changes anything (a precision bug is invisible in float32)
     visible_at = ("float32", "bfloat16", "float16")
@@ -39,6 +38,9 @@ class Fault:
     first_point: tuple = (None, None)
     #: the logits suite's inputs beyond random ids that the fault needs in order to show
     inputs: tuple[str, ...] = ()
+    #: the subject kinds (harness.subjects) whose artefact this fault edits; empty: the model faults
+    #: of the logits suite edit any transformers model (see subject_kinds)
+    kinds: tuple[str, ...] = ()
 
     def expected_point(self, attn: str) -> tuple:
         return self.first_point
@@ -66,6 +68,9 @@ class Fault:
 
     def edit_tokenizer(self, subject, truth) -> None:
         """A tokenizer suite subject (its encode/decode callables), given the suite's truth."""
+
+    def edit_built(self, built) -> None:
+        """What a subject of ``kinds`` built (a quantised model, an ONNX graph or folder), once built."""
 
 
 def _layers(model):
@@ -547,16 +552,147 @@ class KvF16ForF32(LlamaCppFault):
                 context[k] = "f16"
 
 
+# --- subjects beyond transformers: bugs in what a runtime is handed (harness.subjects) -----------
+# Planted with a subject's plant=NAME option into its built artefact (a copy, never the cache).
+
+RING = 1.01     # a RoPE base 1% off: 10100 instead of 10000, as RopeBase plants in transformers
+
+
+def _ring(inv_freq, dim: int):
+    """inv_freq_i = base^(-2i/dim) recomputed for base x RING."""
+    import numpy as np
+    i = np.arange(inv_freq.shape[-1], dtype=np.float64)
+    return (inv_freq.astype(np.float64) * RING ** (-2 * i / dim)).astype(inv_freq.dtype)
+
+
+def _onnx_folder_edit(folder, edit) -> None:
+    """Load an onnxruntime-genai model folder's graph with its weights, edit initializers, save back."""
+    import onnx
+    from pathlib import Path
+    path = Path(folder) / "model.onnx"
+    proto = onnx.load(str(path))
+    edit({i.name: i for i in proto.graph.initializer})
+    for p in Path(folder).glob("model.onnx*"):
+        p.unlink()
+    onnx.save(proto, str(path), save_as_external_data=True, location="model.onnx.data")
+
+
+def _set_array(initializer, array) -> None:
+    from onnx import numpy_helper
+    initializer.CopyFrom(numpy_helper.from_array(array, initializer.name))
+
+
+class OnnxRopeBase(Fault):
+    name, doc = "onnx-rope-base", "the exported ONNX graph's RoPE frequencies made with base 10100, not 10000"
+    suites, kinds = (), ("onnxruntime",)
+    visible_at = ("float32",)
+
+    def edit_built(self, proto):
+        from onnx import numpy_helper
+        found = [i for i in proto.graph.initializer if i.name.endswith("rotary_emb.inv_freq")]
+        if not found:
+            raise RuntimeError("plant onnx-rope-base: no rotary_emb.inv_freq initializer in the exported graph")
+        for init in found:
+            inv = numpy_helper.to_array(init)
+            _set_array(init, _ring(inv, 2 * inv.shape[-1]))
+
+
+class GenaiRopeBase(Fault):
+    name, doc = "genai-rope-base", "onnxruntime-genai's cos/sin cache made with RoPE base 10100, not 10000"
+    suites, kinds = (), ("onnxruntime-genai",)
+    visible_at = ("float32",)
+
+    def edit_built(self, folder):
+        import numpy as np
+        from onnx import numpy_helper
+
+        def edit(init):
+            cos, sin = numpy_helper.to_array(init["cos_cache"]), numpy_helper.to_array(init["sin_cache"])
+            inv = np.arctan2(sin[1].astype(np.float64), cos[1].astype(np.float64))   # position 1: the frequencies
+            angle = np.arange(cos.shape[0], dtype=np.float64)[:, None] * _ring(inv, 2 * inv.shape[-1])[None]
+            _set_array(init["cos_cache"], np.cos(angle).astype(cos.dtype))
+            _set_array(init["sin_cache"], np.sin(angle).astype(sin.dtype))
+        _onnx_folder_edit(folder, edit)
+
+
+class ScaleRow0(Fault):
+    """A quantiser that writes the first output channel's scale for every channel of one tensor
+    (layer 0's down projection): the weights of that tensor come back scaled wrongly row by row."""
+    suites = ()
+    visible_at = ("float32", "bfloat16", "float16")
+
+    def edit_built(self, model):
+        w = model.model.layers[0].mlp.down_proj.weight
+        scale = getattr(w, "scale", None)
+        scale = getattr(w, "_scale", None) if scale is None else scale
+        if scale is None:
+            raise RuntimeError(f"plant {self.name}: layer 0's down_proj weight ({type(w).__name__}) has no scale")
+        with torch.no_grad():
+            scale.copy_(scale.reshape(-1)[0].expand_as(scale))
+
+
+class TorchaoScaleRow0(ScaleRow0):
+    name, doc = "torchao-scale-row0", "torchao: every output channel of one tensor dequantised with channel 0's scale"
+    kinds = ("torchao",)
+
+
+class QuantoScaleRow0(ScaleRow0):
+    name, doc = "quanto-scale-row0", "quanto: every channel (group) of one tensor dequantised with the first one's scale"
+    kinds = ("quanto",)
+
+
+class GenaiScaleRow0(Fault):
+    name, doc = "genai-scale-row0", "onnxruntime-genai int4: every block of one tensor dequantised with block 0's scale"
+    suites, kinds = (), ("onnxruntime-genai",)
+
+    def edit_built(self, folder):
+        from onnx import numpy_helper
+        key = "model.layers.0.mlp.down_proj.MatMul.weight_scales"
+
+        def edit(init):
+            if key not in init:
+                raise InputError(f"--plant {self.name}: the graph has no {key} (precision=int4 only)")
+            scales = numpy_helper.to_array(init[key])
+            _set_array(init[key], scales.reshape(-1)[:1].repeat(scales.size).reshape(scales.shape))
+        _onnx_folder_edit(folder, edit)
+
+
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoPermute, RopeBase, MaskShift, NormEps, NormLowPrecision, SwapGateUp, GqaTile, TiedEmbeddings,
     NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision, VocabTruncated,
     ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16,
     PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
-    TokSpaceAfterSpecial, TokDecodeDropsSpace, GgufNoPermute, GgufPermuteTwice, KvF16ForF32)}
+    TokSpaceAfterSpecial, TokDecodeDropsSpace, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
+    OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, GenaiScaleRow0)}
+
+
+# Subjects built on a transformers model (quantised in place or not): the logits suite's model faults
+# are planted into them before they quantise.
+TRANSFORMERS_KINDS = ("transformers", "torchao", "quanto")
+
+
+def subject_kinds(fault: type[Fault]) -> tuple[str, ...]:
+    """The subject kinds a fault can be planted in (no kinds named: the transformers-built ones)."""
+    return fault.kinds or TRANSFORMERS_KINDS
+
+
+def get_subject_fault(name: str, kind: str, label: str) -> Fault:
+    """The fault a subject's ``plant=NAME`` option names, checked against the subject's kind."""
+    def plantable(f: type[Fault]) -> bool:   # a tokenizer or behaviour fault edits no built model
+        return kind in subject_kinds(f) and bool(f.kinds or "logits" in f.suites)
+    known = [n for n, f in FAULTS.items() if plantable(f)]
+    if name not in FAULTS or not plantable(FAULTS[name]):
+        raise InputError(f"--subject {label}: plant={name!r} is not a fault of {kind} subjects "
+                         f"(known: {', '.join(known) or 'none'})")
+    fault = FAULTS[name]()
+    why = fault.not_applicable()
+    if why:
+        raise InputError(f"--subject {label}: plant={name}: not applicable here: {why}")
+    return fault
 
 
 def faults_for(suite: str, kind: str = "transformers") -> list[str]:
-    return [name for name, f in FAULTS.items() if suite in f.suites and kind in f.kinds]
+    return [name for name, f in FAULTS.items() if suite in f.suites and kind in subject_kinds(f)]
 
 
 def get_fault(name: str | None, suite: str = "logits", kind: str = "transformers") -> Fault | None:
@@ -564,8 +700,8 @@ def get_fault(name: str | None, suite: str = "logits", kind: str = "transformers
     if name is None:
         return None
     known = faults_for(suite, kind)
-    if name in FAULTS and kind not in FAULTS[name].kinds:
-        raise InputError(f"--plant {name}: edits {', '.join(FAULTS[name].kinds)} subjects, not {kind} "
+    if name in FAULTS and kind not in subject_kinds(FAULTS[name]):
+        raise InputError(f"--plant {name}: edits {', '.join(subject_kinds(FAULTS[name]))} subjects, not {kind} "
                          f"(known for {kind} in {suite}: {', '.join(known) or 'none'})")
     if name not in FAULTS:
         raise InputError(f"--plant: unknown fault {name!r} (known for {suite}: {', '.join(known)})")

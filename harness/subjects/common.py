@@ -1,0 +1,198 @@
+"""What the in-process subjects share: their options checked as bad input, the versions they record,
+the folder a build is cached in, and the way back from a model's (dequantised) weights to Meta's
+layout for the error split.
+
+The error split: a lossy subject's error against the oracle is part weight quantisation and part
+its runtime's own arithmetic (activations quantised inside the kernels, a low-precision cache). The
+oracle run on the subject's *dequantised* weights isolates the first; ``dequantised()`` on a
+subject returns those weights in Meta's layout (``reference_model.checkpoint.Checkpoint.state``)
+or None where the subject is not lossy.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from harness.core.errors import InputError
+from harness.subjects import Source, Spec
+
+
+class Options:
+    """A subject's key=value options, each read once with its check; what is left unread is unknown.
+
+        o = Options("transformers", options)
+        attn = o.choice("attn", ("eager", "sdpa"), "eager")
+        o.done()                      # exit 2 naming any option the subject does not know
+    """
+
+    def __init__(self, kind: str, options: dict[str, str]):
+        self.kind, self.left = kind, dict(options)
+        self.label = Spec(kind, dict(options)).label()
+        self.known: list[str] = []
+
+    def _take(self, key: str) -> str | None:
+        self.known.append(key)
+        return self.left.pop(key, None)
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self._take(key)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise InputError(f"--subject {self.label}: {key}={value!r} (choose from {', '.join(allowed)})")
+        return value
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        return self.choice(key, ("0", "1"), "1" if default else "0") == "1"
+
+    def integer(self, key: str, default: int, low: int = 1, high: int = 4096) -> int:
+        value = self._take(key)
+        if value is None:
+            return default
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise InputError(f"--subject {self.label}: {key}={value!r} must be an integer in {low}..{high}")
+        return int(value)
+
+    def text(self, key: str) -> str | None:
+        return self._take(key)
+
+    def done(self) -> None:
+        if self.left:
+            raise InputError(f"--subject {self.label}: unknown option(s) {', '.join(sorted(self.left))} "
+                             f"for {self.kind} (known: {', '.join(self.known)})")
+
+
+def package_versions(*names: str) -> dict[str, str | None]:
+    """Installed distribution versions (None: not installed)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def has_module(module: str) -> bool:
+    """Whether a module can be imported, without importing it (a dotted name whose parent package
+    is absent, e.g. optimum.quanto without optimum, is absent too rather than an error)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def require(kind: str, module: str, dist: str, extra: str) -> None:
+    """Exit 2 naming the package when an optional subject's package is not installed."""
+    if not has_module(module):
+        raise InputError(f"--subject {kind}: needs the {dist} package (pip install 'llama-parity[{extra}]')")
+
+
+def cache_key(source: Source, tool: dict[str, Any]) -> str:
+    """The folder name of a build: the weights' fingerprint and everything the tool's output depends on."""
+    from harness.core.store import fingerprint
+    return fingerprint({"weights": source.fingerprint, "tool": tool})
+
+
+@contextmanager
+def built(folder: Path) -> Iterator[Path | None]:
+    """A cached build folder: yields None when ``folder`` is complete (nothing to do), else a
+    temporary folder beside it to build into, renamed into place only when the build finished, so
+    an interrupted build is never mistaken for a finished one."""
+    if (folder / "BUILT").is_file():
+        yield None
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        yield tmp
+        (tmp / "BUILT").write_text("")
+        if folder.exists():         # an unfinished build of another process: ours replaces it
+            shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def source_of(folder, ckpt=None, cache: Path | None = None) -> Source:
+    """The Source of a model folder (harness.core.checkpoints.ModelFolder): what tests and the
+    benchmark build subjects from until the suites make it."""
+    from harness.core import cache_dir
+    from harness.core.checkpoints import HFFolder
+    from harness.core.store import fingerprint
+    ckpt = ckpt if ckpt is not None else folder.load()
+    holder: list = []
+
+    def hf_path() -> Path:
+        if not holder:
+            holder.append(HFFolder(ckpt))
+        return holder[0].path
+
+    tok = folder.path / "tokenizer.model"
+    return Source(ckpt=ckpt, fingerprint=fingerprint(folder.fingerprint()), hf_path=hf_path,
+                  tokenizer=tok if tok.is_file() else None, cache=cache or cache_dir() / "subjects")
+
+
+def meta_state(hf_state: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
+    """An HF-layout state dict (q/k permuted) as Meta's layout, float32 on the CPU."""
+    from reference_model.convert import hf_to_meta_state
+    return hf_to_meta_state({k: v.detach().to("cpu", torch.float32) for k, v in hf_state.items()}, args)
+
+
+def dequantised_checkpoint(ckpt, state: dict[str, torch.Tensor]):
+    """The checkpoint with these weights: the oracle built from it measures quantisation alone."""
+    from dataclasses import replace
+    return replace(ckpt, state=state)
+
+
+# --- budgets of lossy subjects (suites/subjects_torch_tolerance.toml) ----------------------------------
+
+BUDGET_METRICS = ("kl_mean", "kl_p99", "rms_dp", "top1_disagree", "quant_kl_mean", "runtime_kl_mean")
+DEFAULT_BUDGETS = "subjects_torch_tolerance.toml"
+
+
+def budget(kind: str, type_: str, path: Path | None = None) -> dict[str, float]:
+    """The per-type budget of a lossy subject: ``[kind.type]`` of the subjects' tolerance file,
+    metric -> largest value allowed on real text against the float64 oracle, every table with its
+    reason. A missing table or a bad number is bad input naming the file and key."""
+    import math
+
+    from harness.core import SUITES
+    from harness.core.datafiles import read_toml
+    path = path or SUITES / DEFAULT_BUDGETS
+    data = read_toml(path, "--policy")
+    table = data.get(kind, {}).get(type_) if isinstance(data.get(kind), dict) else None
+    where = f"{path}: [{kind}.{type_}]"
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: no budget for this subject type")
+    if not isinstance(table.get("reason"), str) or not table["reason"].strip():
+        raise InputError(f"{where}: needs a reason (a string saying where the numbers come from)")
+    out = {}
+    for metric, value in table.items():
+        if metric == "reason":
+            continue
+        if metric not in BUDGET_METRICS:
+            raise InputError(f"{where}.{metric}: unknown metric (known: {', '.join(BUDGET_METRICS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise InputError(f"{where}.{metric} = {value!r}: must be a finite number >= 0")
+        out[metric] = float(value)
+    return out
+
+
+def over_budget(stats: dict[str, float], limits: dict[str, float]) -> dict[str, str]:
+    """metric -> 'value > limit' for every budget metric a subject's corpus statistics break."""
+    values = {**stats, "top1_disagree": 1.0 - stats["same_top1"]} if "same_top1" in stats else stats
+    return {m: f"{values[m]:.3g} > {lim:.3g}" for m, lim in limits.items() if m in values and not values[m] <= lim}

@@ -1,0 +1,149 @@
+"""transformers' LlamaForCausalLM, as a user loads it (``harness.core.subjects.load_transformers``),
+behind the Subject protocol; optionally compiled, decoding through a StaticCache, or quantised in
+place (torchao.py, quanto.py build on the class here).
+
+    --subject transformers                        today's subject: eager attention, tp 1
+    --subject transformers:attn=sdpa,tp=2
+    --subject transformers:compile=1              torch.compile (inductor) of the forward
+    --subject transformers:cache=static,compile=1 StaticCache and a compiled decode, as generate() does
+
+``settings()`` of the plain subject are exactly the case keys the logits rows have today
+(dtype, attn, tp); a variant adds its own (compile, cache), so its cells never share a key with
+the plain ones.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+
+from harness.core import compat
+from harness.core.errors import InputError
+from harness.core.inputs import KNOWN_ATTN
+from harness.core.subjects import DTYPES, load_transformers, padded_positions, transformers_decode
+from harness.subjects import Source, register
+from harness.subjects.common import Options, package_versions
+from harness.subjects.compiled import BACKENDS, CompiledForward
+
+KIND = "transformers"
+CACHES = ("dynamic", "static")
+
+
+class TransformersLM:
+    """One loaded LlamaForCausalLM. ``inference=False`` runs under no_grad instead of
+    inference_mode, for tensor subclasses that cannot take inference tensors (quanto's int4)."""
+
+    name = KIND
+
+    def __init__(self, source: Source, dtype: str, device: str, attn: str = "eager", tp: int = 1,
+                 fault=None, cache: str = "dynamic", inference: bool = True):
+        if dtype not in DTYPES:
+            raise InputError(f"--subject {self.name}: dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        self.dtype, self.device, self.attn, self.tp = dtype, device, attn, tp
+        self.fault, self.cache, self.inference = fault, cache, inference
+        self.compiled: CompiledForward | None = None
+        self.model = load_transformers("LlamaForCausalLM", source.hf_path(), dtype, device, attn, fault,
+                                       pretraining_tp=tp)
+
+    # -- the protocol ------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "attn": self.attn, "tp": self.tp}
+        if self.compiled is not None:
+            out["compile"] = self.compiled.backend
+        if self.cache != "dynamic":
+            out["cache"] = self.cache
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            **package_versions("torch", "transformers"),
+            "weights": "HF folder written by the harness's converter (q/k permuted), loaded with from_pretrained",
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", self.attn),
+            "pretraining_tp": self.tp, "kv_cache": f"{self.cache} ({self.dtype})",
+        }
+        if self.compiled is not None:
+            out["compile"] = self.compiled.provenance()
+        if self.fault is not None:
+            out["plant"] = self.fault.name
+        return out
+
+    def cannot(self) -> dict[str, str]:
+        out = {}
+        if self.cache == "static" and compat.transformers_version() < (4, 41):
+            out["decode"] = (f"transformers {compat.transformers_release()} takes a StaticCache only through "
+                             "generate(cache_implementation='static') (from 4.41 as past_key_values)")
+        if self.compiled is not None:
+            out["hooks"] = (f"compiled with torch.compile ({self.compiled.backend}): per-layer captures "
+                            "(localisation, streaming) would run the eager model, not the compiled graph")
+        return out
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every position; with a mask, left-padded rows at their own positions (as the
+        logits suite's padded cell and generate() call it)."""
+        ids = ids.to(self.device)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if mask is not None:
+            positions = padded_positions(mask) if positions is None else positions
+            kwargs["attention_mask"] = mask.to(self.device)
+        if positions is not None:
+            kwargs["position_ids"] = positions.to(self.device)
+        if mask is None and positions is None and self.fault is not None:
+            kwargs.update(self.fault.forward_kwargs(ids))
+        with self.no_grad():
+            return self.model(input_ids=ids, **kwargs).logits
+
+    def decode(self, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+        """A prefill, then one token per step through the model's own cache (harness.core.subjects)."""
+        why = self.cannot().get("decode")
+        if why:
+            raise NotImplementedError(why)
+        run = transformers_decode if self.inference else transformers_decode.__wrapped__   # no inference_mode
+        with self.no_grad():
+            return run(self.model, ids.to(self.device), prefill, self.cache)
+
+    def dequantised(self) -> dict[str, torch.Tensor] | None:
+        """Meta-layout float weights the subject actually computes with, when they differ from the
+        checkpoint's (quantised subjects); None here: transformers holds the checkpoint's weights."""
+        return None
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+
+    # -- variants ----------------------------------------------------------------------------
+    def compile(self, backend: str) -> None:
+        self.compiled = CompiledForward(self.model, backend)
+
+    def no_grad(self):
+        return torch.inference_mode() if self.inference else torch.no_grad()
+
+
+def common_options(o: Options, kind: str) -> dict[str, Any]:
+    """attn, tp, cache and plant: what every subject built on a transformers model takes."""
+    from harness.core.faults import get_subject_fault
+    attn = o.choice("attn", KNOWN_ATTN, "eager")
+    tp = o.integer("tp", 1)
+    cache = o.choice("cache", CACHES, "dynamic")
+    plant = o.text("plant")
+    fault = get_subject_fault(plant, kind, o.label) if plant else None
+    return {"attn": attn, "tp": tp, "cache": cache, "fault": fault}
+
+
+@register(KIND)
+def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
+    o = Options(KIND, options)
+    common = common_options(o, KIND)
+    compiled = o.flag("compile")
+    backend = o.choice("backend", BACKENDS, "inductor")
+    if o.text("gguf") is not None:
+        raise InputError(f"--subject {o.label}: gguf= (transformers loading a GGUF file) is not built yet: it "
+                         "loads the GGUF that the llama.cpp subject's converter writes")
+    o.done()
+    if "backend" in options and not compiled:
+        raise InputError(f"--subject {o.label}: backend= needs compile=1")
+    subject = TransformersLM(source, dtype, device, **common)
+    if compiled:
+        subject.compile(backend)
+    return subject

@@ -1,0 +1,86 @@
+"""What the subject tests share: the embedded model as a Source, its held-out text, and the two
+ways a subject is judged against the float64 oracle (the logits rule for exact subjects, the
+per-type budget for lossy ones)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+from harness.core import corpus
+from harness.core.checkpoints import open_model
+from harness.core.metrics import POLICY_METRICS, beyond_rounding, cat_stats, corpus_stats, position_stats, summarize
+from harness.core.store import FAIL
+from harness.core.subjects import ReferenceSubject
+from harness.core.tolerance import load_policy
+from harness.subjects.common import budget, dequantised_checkpoint, has_module, over_budget, source_of
+from harness.suites.logits import GATED
+
+CTX, TOKENS = 128, 512        # 4 windows of 128: 508 real-text positions, seconds per subject
+
+
+def load_kinds() -> None:
+    """Register every kind (importing none of the optional packages)."""
+    from harness.subjects import onnx, ortgenai, quanto, torchao, transformers  # noqa: F401
+
+
+def needs(module: str, extra: str):
+    """Skip, naming the package, when an optional subject's package is absent."""
+    missing = not has_module(module)
+    return pytest.mark.skipif(missing, reason=f"{module} is not installed (pip install 'llama-parity[{extra}]')")
+
+
+@lru_cache(maxsize=1)
+def embedded():
+    folder = open_model(None)
+    return source_of(folder, folder.load())
+
+
+@lru_cache(maxsize=1)
+def text():
+    """(windows ids, targets) of the held-out corpus, and the oracle's logits of them."""
+    src = embedded()
+    sp = corpus.tokenizer_for(open_model(None).path, src.ckpt.args.vocab_size, None)
+    label, body = corpus.text_of("heldout", None)
+    w = corpus.windows(label, body, sp, CTX, TOKENS)
+    return w.ids, w.targets, oracle(src.ckpt).logits(w.ids)
+
+
+def oracle(ckpt) -> ReferenceSubject:
+    return ReferenceSubject(ckpt, "float64", "cpu", oracle=True)
+
+
+def exact_failures(logits: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor, dtype: str = "float32") -> dict:
+    """The logits suite's rule: each gated metric against the reference's own error at dtype."""
+    reference = ReferenceSubject(embedded().ckpt, dtype, "cpu").logits(ids)
+    st, rs = position_stats(logits, truth), position_stats(reference, truth)
+    (values, why), (ref_values, _) = summarize(st), summarize(rs)
+    assert not why, why
+    policy = load_policy(metrics=POLICY_METRICS)
+    factor = policy.limit(dtype, "max_abs").max_factor
+    values.update(beyond_rounding(st, rs, factor))
+    ref_values.update(beyond_rounding(rs, rs, factor))
+    judged = {m: policy.judge(dtype, m, values[m], ref_values[m]) for m in GATED}
+    return {m: reason for m, (_, status, reason) in judged.items() if status == FAIL}
+
+
+def text_stats(run, truth: torch.Tensor | None = None) -> dict:
+    ids, targets, oracle_logits = text()
+    truth = oracle_logits if truth is None else truth
+    parts = [position_stats(run(ids[i:i + 2]), truth[i:i + 2], targets=targets[i:i + 2]) for i in range(0, len(ids), 2)]
+    return corpus_stats(cat_stats(parts))
+
+
+def lossy_failures(subject, kind: str, type_: str) -> tuple[dict, dict]:
+    """(broken budget metrics, corpus statistics) of a lossy subject on the held-out text."""
+    stats = text_stats(subject.forward)
+    return over_budget(stats, budget(kind, type_)), stats
+
+
+def split(subject) -> tuple[float, float]:
+    """(quantisation, runtime) mean KL: the oracle on the subject's dequantised weights against the
+    true oracle, and the subject against that oracle."""
+    ids, _, _ = text()
+    dq = oracle(dequantised_checkpoint(embedded().ckpt, subject.dequantised())).logits(ids)
+    return text_stats(lambda x, it=iter(dq.split(2)): next(it))["kl_mean"], text_stats(subject.forward, dq)["kl_mean"]
