@@ -238,8 +238,10 @@ def test_a_venv_is_named_by_its_pins_and_a_failed_setup_leaves_nothing_that_look
     pins.write_text("numpy==2.0.0\n")
     venv = subproc.Venv("fake", pins, subproc.WORKERS / "run_vllm.py", ())
     key = venv.key()
+    pins.write_text("# a comment\nnumpy==2.0.0   # why\n\n")
+    assert venv.key() == key                                   # a comment is not a new venv
     pins.write_text("numpy==2.0.1\n")
-    assert venv.key() != key                                   # a changed pin is a new venv
+    assert venv.key() != key                                   # a changed pin is
     monkeypatch.setitem(subproc.VENVS, "fake", venv)
     monkeypatch.setattr(subproc, "ROOT", tmp_path)
 
@@ -256,6 +258,7 @@ def test_a_venv_is_named_by_its_pins_and_a_failed_setup_leaves_nothing_that_look
 
 # --- the real kinds, where their venv exists ------------------------------------------------------
 
+@pytest.mark.slow          # minutes for vLLM (its engine starts in each test), seconds for the others
 @pytest.mark.parametrize("kind, dtype", [("vllm", "float32"), ("torchtune", "float32"), ("llama-models", "float32")])
 def test_a_real_kind_computes_what_the_reference_computes(source, ref, kind, dtype):
     venv = subproc.VENVS[kind]

@@ -64,9 +64,15 @@ class Venv:
     worker: Path
     imports: tuple[str, ...]          # what `setup` imports to prove the venv works
 
+    def requirements(self) -> list[str]:
+        """The pins file's requirement lines (comments and blank lines are not part of it)."""
+        lines = (line.split("#", 1)[0].strip() for line in self.pins.read_text(encoding="utf-8").splitlines())
+        return [line for line in lines if line]
+
     def key(self) -> str:
-        """Hash of the pins and the interpreter's minor version (a venv is tied to both)."""
-        text = self.pins.read_text(encoding="utf-8")
+        """Hash of the pins and the interpreter's minor version (a venv is tied to both); a
+        comment edited in the pins file is not a new venv."""
+        text = "\n".join(self.requirements())
         tag = f"{sys.version_info.major}.{sys.version_info.minor}-{sys.platform}"
         return hashlib.sha256(f"{tag}\n{text}".encode()).hexdigest()[:12]
 

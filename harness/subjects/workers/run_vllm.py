@@ -42,6 +42,7 @@ class Runner:
 
     def provenance(self) -> dict:
         import torch
+        from vllm.platforms import current_platform
         cfg = self.llm.llm_engine.vllm_config
         return {
             "implementation": "vLLM (LLM.generate, prompt_logprobs=-1 and logprobs=-1)",
@@ -52,7 +53,9 @@ class Runner:
             "kv_cache_dtype": cfg.cache_config.cache_dtype,
             "enforce_eager": cfg.model_config.enforce_eager,
             "max_model_len": cfg.model_config.max_model_len,
-            "attention_backend": os.environ.get("VLLM_ATTENTION_BACKEND", "default"),
+            "platform": type(current_platform).__name__,
+            "attention_backend": str(cfg.attention_config.backend or "auto (CPU_ATTN is the CPU platform's)"),
+            "cpu_env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")},
             "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_config": torch.__config__.show().splitlines()[:3],
