@@ -9,7 +9,8 @@ first), each subject's full next-token distributions at every position are compa
 oracle's (the reference in float64) by harness.core.metrics: llama.cpp's ``perplexity
 --kl-divergence`` set (mean / median / p99 / p99.9 / max KL, same top-1, RMS delta-p, PPL ratio).
 The reference itself at the same dtype is printed first, as the yardstick an exact implementation
-is judged against. A kind whose venv is missing is listed n/a with the command that creates it.
+is judged against; the last column is each subject's largest |difference| from it (0: bit for bit
+the reference's numbers). A kind whose venv is missing is listed n/a with the command that creates it.
 Install sizes and times come from each venv's installed.json.
 """
 from __future__ import annotations
@@ -87,20 +88,22 @@ def main() -> int:
     sp = spm.SentencePieceProcessor(model_file=str(ensure_tokenizer_model()))
     label, text = corpus.text_of(a.corpus, None)
     w = corpus.windows(label, text, sp, a.ctx, a.max_tokens)
-    print(f"corpus {label}: {w.ids.shape[0]} windows x {a.ctx} tokens ({w.tokens} text tokens), "
-          f"model {source.ckpt.path}")
+    print(f"corpus {label}: {w.ids.shape[0]} windows x {a.ctx} tokens ({w.ids.numel()} positions, {w.tokens} text "
+          "tokens), "
+          f"model {source.ckpt.path.name}")
     t0 = time.perf_counter()
     with torch.inference_mode():
         truth = ReferenceSubject(source.ckpt, "float64", "cpu", oracle=True).logits(w.ids)
     print(f"oracle (float64): {time.perf_counter() - t0:.1f} s\n")
 
     rows = []
-    head = f"{'subject':28s} {'dtype':9s} " + " ".join(f"{h:>10s}" for _, h in COLUMNS) + "   seconds"
+    head = (f"{'subject':28s} {'dtype':9s} " + " ".join(f"{h:>10s}" for _, h in COLUMNS)
+            + f" {'max|d ref|':>10s}   seconds")
     for dtype in a.dtypes.split(","):
         print(head)
         with torch.inference_mode():
             ref = ReferenceSubject(source.ckpt, dtype, "cpu").logits(w.ids).float()
-        rows.append(_row("reference", dtype, stats_of(ref, truth, w.targets), {}, 0.0))
+        rows.append(_row("reference", dtype, stats_of(ref, truth, w.targets), {}, 0.0, vs_ref=0.0))
         for spec in specs:
             s = parse_spec(spec)
             subject = KINDS[s.kind](source, dtype, "cpu", s.options)
@@ -116,7 +119,10 @@ def main() -> int:
                 continue
             finally:
                 subject.close()
-            rows.append(_row(spec, dtype, stats_of(got, truth, w.targets), prov, time.perf_counter() - t))
+            # How far from the reference at the same dtype (in log-softmax space for a log-prob subject).
+            mine = ref if "logits" not in subject.cannot() else torch.log_softmax(ref, dim=-1)
+            rows.append(_row(spec, dtype, stats_of(got, truth, w.targets), prov, time.perf_counter() - t,
+                             vs_ref=(got - mine).abs().max().item()))
         print()
     print("Install (installed.json of each venv):")
     for kind, venv in sorted(subproc.VENVS.items()):
@@ -141,13 +147,15 @@ def _split_specs(text: str) -> list[str]:
     return out
 
 
-def _row(spec: str, dtype: str, stats: dict | None, prov: dict, seconds: float, na: str = "") -> dict:
+def _row(spec: str, dtype: str, stats: dict | None, prov: dict, seconds: float, na: str = "",
+         vs_ref: float = math.nan) -> dict:
     if stats is None:
         print(f"{spec:28s} {dtype:9s} n/a: {na}")
     else:
         print(f"{spec:28s} {dtype:9s} " + " ".join(f"{fmt(k, stats[k]):>10s}" for k, _ in COLUMNS)
-              + f"   {seconds:7.1f}")
-    return {"subject": spec, "dtype": dtype, "stats": stats, "provenance": prov, "seconds": seconds, "na": na}
+              + f" {vs_ref:10.2e}   {seconds:7.1f}")
+    return {"subject": spec, "dtype": dtype, "stats": stats, "provenance": prov, "seconds": seconds, "na": na,
+            "max_abs_vs_reference": vs_ref}
 
 
 if __name__ == "__main__":

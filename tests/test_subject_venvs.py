@@ -65,6 +65,8 @@ class Runner:
             out = out[:, :-1]
         elif m == "float64":
             out = out.astype(np.float64)
+        elif m == "shift":      # vLLM's prompt_logprobs[j] is position j - 1: forget that
+            out[:, 1:] = out[:, :-1].copy()
         elif m == "raise":
             raise MemoryError("out of memory in the kernel")
         elif m == "crash":
@@ -113,6 +115,14 @@ def fake_subject(ref, mode: str, raw: bool = False, **kw) -> WorkerSubject:
                          vocab=ref["ckpt"].args.vocab_size, **kw)
 
 
+def exact(got: torch.Tensor, ref) -> bool:
+    """Judged like transformers: every top-1 the oracle's, mean KL within a small factor of the
+    reference's own float32 error."""
+    ours = corpus_stats(position_stats(got, ref["oracle"]))
+    own = corpus_stats(position_stats(ref["ref32"], ref["oracle"]))
+    return ours["same_top1"] == 1.0 and ours["kl_mean"] <= 20 * own["kl_mean"]
+
+
 def test_fake_worker_returns_the_reference_and_the_statistics_are_the_references(ref):
     with fake_subject(ref, "ok") as subject:
         got = subject.forward(ref["ids"])
@@ -125,6 +135,15 @@ def test_fake_worker_returns_the_reference_and_the_statistics_are_the_references
     own = corpus_stats(position_stats(ref["ref32"], ref["oracle"]))
     assert via["kl_mean"] == own["kl_mean"] and 0 < via["kl_mean"] < 1e-9
     assert via["same_top1"] == 1.0
+
+
+def test_an_off_by_one_in_the_workers_positions_is_caught(ref):
+    """The bug a prompt_logprobs reader makes (score j is position j - 1): well-formed, finite,
+    and far outside what an exact subject may be."""
+    with fake_subject(ref, "shift") as subject:
+        got = subject.forward(ref["ids"])
+    assert not exact(got, ref)
+    assert exact(ref["ref32"], ref)
 
 
 @pytest.mark.parametrize("mode, says", [
@@ -269,10 +288,6 @@ def test_a_real_kind_computes_what_the_reference_computes(source, ref, kind, dty
         decoded = subject.decode(ref["ids"], prefill=10) if "decode" not in subject.cannot() else None
         prov = subject.provenance()
     assert prov["dtype"] == dtype and prov["versions"]
-    ours = corpus_stats(position_stats(got, ref["oracle"]))
-    own = corpus_stats(position_stats(ref["ref32"], ref["oracle"]))
-    # Judged like transformers: within a small factor of the reference's own float32 error.
-    assert ours["kl_mean"] <= 20 * own["kl_mean"], (ours["kl_mean"], own["kl_mean"])
-    assert ours["same_top1"] == 1.0
+    assert exact(got, ref), corpus_stats(position_stats(got, ref["oracle"]))
     if decoded is not None:
-        assert corpus_stats(position_stats(decoded, ref["oracle"]))["kl_mean"] <= 20 * own["kl_mean"]
+        assert exact(decoded, ref)

@@ -366,8 +366,7 @@ class WorkerSubject:
         self._check_ids(ids)
         worker = self._ready()
         out = worker.call("forward", ids)
-        return read_array(out, (*ids.shape, self.vocab), self.name).to(ids.device if self.device == "cpu"
-                                                                         else self.device)
+        return read_array(out, (*ids.shape, self.vocab), self.name).to(self.device)
 
     def decode(self, ids: torch.Tensor, prefill: int) -> torch.Tensor:
         if "decode" in self.cannots:
