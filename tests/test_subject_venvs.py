@@ -243,6 +243,8 @@ def test_each_kind_checks_its_options(no_venvs):
         KINDS["vllm"](no_venvs, "float32", "cpu", parse_spec("vllm:color=red").options)
     with pytest.raises(InputError, match="logits or logprobs"):
         KINDS["vllm"](no_venvs, "float32", "cpu", {"out": "probs"})
+    with pytest.raises(InputError, match=r"vllm:batch=1\.5: a positive integer"):
+        KINDS["vllm"](no_venvs, "float32", "cpu", {"batch": "1.5"})
     with pytest.raises(InputError, match="timeout=0: a positive number"):
         KINDS["torchtune"](no_venvs, "float32", "cpu", {"timeout": "0"})
     logprobs = KINDS["vllm"](no_venvs, "float32", "cpu", {"out": "logprobs"})

@@ -26,8 +26,7 @@ CANNOT = {
 @register("llama-models")
 def llama_models_subject(source, dtype: str, device: str, opts: dict):
     opts = options("llama-models", opts, OPTIONS)
-    start = {"threads": int(positive("llama-models", "threads", opts.get("threads"), 1)) if "threads" in opts
-             else None}
+    start = {"threads": positive("llama-models", "threads", opts.get("threads"), None, whole=True)}
     subject = venv_subject("llama-models", source, dtype, device, opts, dtypes=("float32", "bfloat16"),
                            cannots=CANNOT, start=start)
     if "run" not in subject.cannots:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import selectors
 import shutil
@@ -429,16 +430,17 @@ def options(kind: str, given: dict, known: dict[str, str]) -> dict[str, str]:
     return dict(given)
 
 
-def positive(kind: str, key: str, value: str | None, default: float) -> float:
+def positive(kind: str, key: str, value: str | None, default: float | None, whole: bool = False) -> float | None:
+    """A positive number (a positive integer where ``whole``) given as --subject KIND:key=value."""
     if value is None:
         return default
     try:
         x = float(value)
     except ValueError:
         x = -1.0
-    if not x > 0:
-        raise InputError(f"--subject {kind}:{key}={value}: a positive number expected")
-    return x
+    if not x > 0 or not math.isfinite(x) or (whole and x != int(x)):
+        raise InputError(f"--subject {kind}:{key}={value}: a positive {'integer' if whole else 'number'} expected")
+    return int(x) if whole else x
 
 
 def venv_subject(kind: str, source, dtype: str, device: str, opts: dict, *, dtypes: tuple[str, ...],

@@ -25,7 +25,7 @@ CANNOT = {
 @register("torchtune")
 def torchtune_subject(source, dtype: str, device: str, opts: dict):
     opts = options("torchtune", opts, OPTIONS)
-    start = {"threads": int(positive("torchtune", "threads", opts.get("threads"), 1)) if "threads" in opts else None}
+    start = {"threads": positive("torchtune", "threads", opts.get("threads"), None, whole=True)}
     subject = venv_subject("torchtune", source, dtype, device, opts, dtypes=("float32", "bfloat16"),
                            cannots=CANNOT, start=start)
     if "run" not in subject.cannots:

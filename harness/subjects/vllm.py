@@ -2,6 +2,7 @@
 
     --subject vllm                      float32 or bfloat16 (the run's dtype), raw logits
     --subject vllm:out=logprobs         what vLLM's API returns by default: log-probabilities
+    --subject vllm:batch=8              8 rows per generate() call, batched by the engine (default 1)
     --subject vllm:threads=2,timeout=600,compile=1,kv_space=2
 
 Every position's full-vocabulary scores come from ``LLM.generate`` with ``prompt_logprobs=-1``
@@ -18,7 +19,8 @@ from harness.subjects.subprocess import options, positive, venv_subject
 
 OPTIONS = {"out": "logits or logprobs", "threads": "torch threads in the worker",
            "timeout": "seconds per call", "compile": "1: let vLLM compile (default: enforce_eager)",
-           "kv_space": "GiB for vLLM's CPU KV cache (default 1)", "max_len": "max_model_len (default: the model's)"}
+           "kv_space": "GiB for vLLM's CPU KV cache (default 1)", "max_len": "max_model_len (default: the model's)",
+           "batch": "rows per generate() call, batched by the engine (default 1)"}
 
 CANNOT = {
     "padding": "vLLM takes each prompt as its own sequence: no attention mask or explicit positions",
@@ -40,13 +42,14 @@ def vllm_subject(source, dtype: str, device: str, opts: dict):
     if out == "logprobs":
         cannots["logits"] = ("vllm:out=logprobs returns log-probabilities (its API's default); metrics are "
                              "computed in log-softmax space")
-    max_len = int(positive("vllm", "max_len", opts.get("max_len"), source.ckpt.args.max_seq_len))
-    start = {"out": out, "compile": opts.get("compile", "0") == "1", "max_len": max_len,
+    max_len = positive("vllm", "max_len", opts.get("max_len"), source.ckpt.args.max_seq_len, whole=True)
+    rows = positive("vllm", "batch", opts.get("batch"), 1, whole=True)
+    start = {"out": out, "rows": rows, "compile": opts.get("compile", "0") == "1", "max_len": max_len,
              "kv_space_gib": positive("vllm", "kv_space", opts.get("kv_space"), 1),
-             "threads": int(positive("vllm", "threads", opts.get("threads"), 0)) if "threads" in opts else None}
+             "threads": positive("vllm", "threads", opts.get("threads"), None, whole=True)}
     subject = venv_subject("vllm", source, dtype, device, opts, dtypes=("float32", "bfloat16"),
                            cannots=cannots, start=start,
-                           settings={"out": out, "compile": int(start["compile"])})
+                           settings={"out": out, "compile": int(start["compile"]), "batch": rows})
     if "run" not in subject.cannots:
         subject.start["hf_dir"] = str(source.hf_path())
     return subject

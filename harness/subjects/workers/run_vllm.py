@@ -33,6 +33,7 @@ class Runner:
         self.vocab = int(start["model"]["vocab_size"])
         self.out = start.get("out", "logits")
         self.max_len = int(start["max_len"])
+        self.rows = int(start.get("rows", 1))
         self.start = start
         self.llm = LLM(model=start["hf_dir"], skip_tokenizer_init=True, dtype=start["dtype"],
                        max_model_len=self.max_len, max_logprobs=-1,
@@ -50,6 +51,7 @@ class Runner:
             "dtype": str(cfg.model_config.dtype).replace("torch.", ""),
             "logprobs_mode": cfg.model_config.logprobs_mode,
             "returns": self.out,
+            "rows_per_generate_call": self.rows,
             "kv_cache_dtype": cfg.cache_config.cache_dtype,
             "enforce_eager": cfg.model_config.enforce_eager,
             "max_model_len": cfg.model_config.max_model_len,
@@ -69,13 +71,18 @@ class Runner:
             raise ValueError(f"{seq} tokens and one generated do not fit max_model_len {self.max_len}")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=-1, logprobs=-1,
                                 detokenize=False, flat_logprobs=True)
-        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in ids]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
         result = np.full((batch, seq, self.vocab), np.nan, dtype=np.float32)
-        for b, out in enumerate(outs):
-            # prompt_logprobs[j] scores prompt token j given the tokens before it: row j - 1.
-            self._fill(result[b], out.prompt_logprobs, first=1, offset=-1)
-            self._fill(result[b], out.outputs[0].logprobs, first=0, offset=seq - 1, count=1)
+        # ``rows`` prompts per generate() call: the engine batches them as it would concurrent
+        # requests. vLLM hands back ~100 bytes of Python objects per (position, token) pair, so
+        # a call holds rows x seq x vocab of those at once.
+        for lo in range(0, batch, self.rows):
+            prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in ids[lo:lo + self.rows]]
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            for b, out in enumerate(outs, start=lo):
+                # prompt_logprobs[j] scores prompt token j given the tokens before it: row j - 1.
+                self._fill(result[b], out.prompt_logprobs, first=1, offset=-1)
+                self._fill(result[b], out.outputs[0].logprobs, first=0, offset=seq - 1, count=1)
+            del outs
         missing = int(np.isnan(result).sum())
         if missing:
             raise RuntimeError(f"vLLM returned no score for {missing} (position, token) pairs")
