@@ -7,7 +7,7 @@ tokenizer, no BOS added, no detokenising). Each row is one request with ``prompt
 ``logprobs=-1`` (the last position's distribution, computed on the full prompt, before sampling).
 
 ``out=logits`` asks vLLM for raw logits in those two places (``logprobs_mode="raw_logits"``,
-which prompt logprobs honour since vLLM 0.11); ``out=logprobs`` for what its API returns by
+which vLLM 0.32 honours for prompt logprobs too); ``out=logprobs`` for what its API returns by
 default, ``log_softmax`` of the same logits in float32 ("raw_logprobs").
 """
 from __future__ import annotations
