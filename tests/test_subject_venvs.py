@@ -279,7 +279,7 @@ def test_a_venv_is_named_by_its_pins_and_a_failed_setup_leaves_nothing_that_look
 
 # --- the real kinds, where their venv exists ------------------------------------------------------
 
-@pytest.mark.slow          # minutes for vLLM (its engine starts in each test), seconds for the others
+@pytest.mark.slow          # ~45 s for vLLM (its engine starts in the test), ~20 s for the others
 @pytest.mark.parametrize("kind, dtype", [("vllm", "float32"), ("torchtune", "float32"), ("llama-models", "float32")])
 def test_a_real_kind_computes_what_the_reference_computes(source, ref, kind, dtype):
     venv = subproc.VENVS[kind]
