@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.core.errors import InputError
-from harness.core.faults import FAULTS, faults_for, get_fault
+from harness.core.faults import FAULTS, TRANSFORMERS_KINDS, faults_for, get_fault, subject_kinds
 from harness.subjects import KINDS, parse_spec
 from harness.subjects import llamacpp
 
@@ -54,10 +54,10 @@ def test_llama_cpp_faults_are_their_own_kind():
     mine = faults_for("logits", kind="llama.cpp")
     assert set(mine) == {"gguf-no-permute", "gguf-permute-twice", "kv-f16-for-f32"}
     assert not set(mine) & set(faults_for("logits"))           # never planted into transformers
-    assert all(FAULTS[n].kinds == ("transformers",) for n in faults_for("logits"))
+    assert all(subject_kinds(FAULTS[n]) == TRANSFORMERS_KINDS for n in faults_for("logits"))
     with pytest.raises(InputError, match="edits llama.cpp subjects, not transformers"):
         get_fault("gguf-no-permute", "logits")
-    with pytest.raises(InputError, match="edits transformers subjects, not llama.cpp"):
+    with pytest.raises(InputError, match="edits transformers, torchao, quanto subjects, not llama.cpp"):
         get_fault("no-permute", "logits", kind="llama.cpp")
 
 
