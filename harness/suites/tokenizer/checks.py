@@ -243,7 +243,7 @@ def check_encode(j: Judge, truth: Truth, s: Subject, case: dict[str, Any]) -> No
 
 
 def check_decode_keeping_specials(j: Judge, truth: Truth, s: Subject, kind: str, name: str,
-                                  id_lists: list[list[int]]) -> None:
+                                  id_lists: list[list[int]], wrap: bool = True) -> None:
     """decode(skip_special_tokens=False) must give back text that encodes to the same ids when its
     special strings are parsed (Truth.special_aware): no space lost or added next to <s>, </s>."""
     if s.decode_keep is None:
@@ -253,7 +253,7 @@ def check_decode_keeping_specials(j: Judge, truth: Truth, s: Subject, kind: str,
     bos, eos = truth.sp.bos_id(), truth.sp.eos_id()
     bad, why = [], []
     for ids in id_lists:
-        full = [bos, *ids, eos]
+        full = [bos, *ids, eos] if wrap else list(ids)
         text, err = _safe(s.decode_keep, full)
         back = None if text is None else truth.special_aware(text)
         if back != full:
@@ -270,6 +270,8 @@ def check_decode(j: Judge, truth: Truth, s: Subject, case: dict[str, Any]) -> No
     j.add(s, "decode", case["name"], "decode", int(got != want),
           evidence=[_evidence(truth, s, None, want, got, err, ids=ids, pieces=truth.pieces(ids))]
           if got != want else None, mechanism=combine([truth.models.why_decode(ids, got)]))
+    if case.get("keep_special"):
+        check_decode_keeping_specials(j, truth, s, "decode", case["name"], [ids], wrap=False)
 
 
 def check_batch(j: Judge, truth: Truth, s: Subject, case: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ Which of them are known deviations (cited, release-scoped) is the catalogue's bu
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,10 +284,11 @@ class Models:
             return None
         if self.join_pieces(ids) == text:
             return ["join-pieces"]
-        t = self.truth
-        for name in t.specials:                   # 'Hey </s> you': the space before the token is extra
-            if f" {name}" in text and t.special_aware(text.replace(f" {name}", name)) == ids:
-                return ["space-before-special"]
+        t = self.truth                            # 'Hey </s> you': the space before each token is extra
+        fewer = re.sub(" (" + "|".join(re.escape(n) for n in sorted(t.specials, key=len, reverse=True)) + ")",
+                       r"\1", text)
+        if fewer != text and t.special_aware(fewer) == ids:
+            return ["space-before-special"]
         return None
 
 
