@@ -45,7 +45,11 @@ def test_models_reproduce_the_measured_outputs(truth):
     assert m.why_decode([243, 162, 15043, 195, 3, 258, 131, 131], "�� Hello�����") == ["byte-run-fffd"]
     assert m.why_decode([35], "") == ["byte-space-stripped"]
     assert m.why_decode([13, 15043], "<0x0A> Hello") == ["join-pieces"]
-    assert m.why_decode_keep([18637, 2, 366], "Hey </s> you") == ["space-before-special"]
+    assert m.why_decode_keep([18637, 2, 366], "Hey </s> you") == ["space-around-special"]
+    assert m.why_decode_keep([18637, 2, 366], " Hey</s>you") == ["space-around-special"]   # 4.45.2's
+    assert m.why_decode_keep([18637, 2, 366], "Hey</s>, you") is None
+    assert m.why_decode([29871, 10765, 1648], "Banana") == ["leading-space-dropped"]         # 4.32-4.x slow
+    assert m.why_encode("Hello world", [10994, 3186]) == ["no-dummy-prefix"]
     # what no model reproduces stays unexplained
     assert m.why_encode("Hello world", [15043]) is None
     assert m.why_decode([15043, 3186], "Hello  world") is None
@@ -132,28 +136,38 @@ def test_a_correct_subject_has_no_findings(truth, tmp_path):
 
 
 def test_a_planted_unexplained_bug_is_a_new_finding(truth, tmp_path):
-    """A decode that drops the space after a special token (registry fault): no model explains it."""
-    j = _judge(truth, _emulated(truth), "5.25.0", fault="tok-decode-drops-space")
-    bad = [r for r in j.rows if r.status == FAIL]
+    """encode losing its last id (registry fault): no model explains it, so it stays unexplained."""
+    j = _judge(truth, _emulated(truth), "5.25.0", fault="tok-drop-last-id")
+    bad = [r for r in j.rows if r.status == FAIL and r.metric == "encode"]
     assert bad and all(r.extra["mechanism"] == "unexplained" for r in bad)
     code, found = _gate(j, tmp_path)
-    assert code == 1 and all(f["id"].startswith("tokenizer/unexplained-") for f in found if f["status"] == "new")
+    assert code == 1 and "tokenizer/unexplained-transformers.Emulated-encode" in {f["id"] for f in found}
+
+
+def test_a_planted_known_mechanism_outside_its_scope_fails(truth, tmp_path):
+    """A decode that drops the space after a special token (registry fault) is the spacing
+    mechanism of the 4.31-4.48 slow tokenizer; on a 5.x subject it is a new finding and fails."""
+    j = _judge(truth, _emulated(truth), "5.25.0", fault="tok-decode-drops-space")
+    bad = [r for r in j.rows if r.status == FAIL]
+    assert bad and all(r.extra["mechanism"] == "space-around-special" for r in bad)
+    code, found = _gate(j, tmp_path)
+    assert code == 1 and all(f["status"] == "new" for f in found if f["gated"])
 
 
 def test_space_before_special_is_known_only_in_its_releases(truth, tmp_path):
-    """issue 20's museum class: the slow tokenizer of 4.31-4.48 decodes 'Hey</s> you' as
-    'Hey </s> you' (skip_special_tokens=False). Planted, it is caught by the default catalogue's
+    """issue 20's museum class: the slow tokenizer of 4.31-4.48 moves the space around a special
+    token between text pieces (skip_special_tokens=False; 4.45.2: ' Hey</s>you'). Planted, it is caught by the default catalogue's
     keep-special decode cases: known under 4.45.2, a failure under 5.x where it was fixed."""
     slow = _emulated(truth, name="transformers.LlamaTokenizer")
     j = _judge(truth, slow, "4.45.2", fault="tok-space-before-special")
     kept = [r for r in j.rows if r.metric == "decode_keep_special" and r.case["case"].startswith("keep-")]
-    assert kept and all(r.status == INFO and r.extra["mechanism"] == "space-before-special" for r in kept)
+    assert kept and all(r.status == INFO and r.extra["mechanism"] == "space-around-special" for r in kept)
     code, found = _gate(j, tmp_path / "4452")
-    assert code == 0 and any(f["id"] == "tokenizer/space-before-special" and f["status"] == "known" for f in found)
+    assert code == 0 and any(f["id"] == "tokenizer/space-around-special" and f["status"] == "known" for f in found)
 
     j5 = _judge(truth, _emulated(truth, name="transformers.LlamaTokenizer"), "5.25.0", fault="tok-space-before-special")
     code, found = _gate(j5, tmp_path / "5x")
-    assert code == 1 and any(f["status"] == "new" and f["id"].startswith("tokenizer/space-before-special")
+    assert code == 1 and any(f["status"] == "new" and f["id"].startswith("tokenizer/space-around-special")
                              for f in found)
 
 

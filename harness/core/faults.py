@@ -513,6 +513,18 @@ class TokSpaceBeforeSpecial(Fault):
             s.decode_keep = lambda ids: _space_before(real(ids), truth.specials)
 
 
+class TokDropLastId(Fault):
+    name, doc = "tok-drop-last-id", "encode loses the last id of every text (a bug no known mechanism explains)"
+    suites = ("tokenizer",)
+
+    def edit_tokenizer(self, s, truth):
+        if s.hf is None and not s.name.startswith("transformers."):
+            return
+        real = s.encode
+        s.encode = lambda text: real(text)[:-1]
+        s.batch_encode = lambda texts: [real(t)[:-1] for t in texts]
+
+
 def _space_before(text: str, specials: dict) -> str:
     import re
     pattern = "|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True))
@@ -680,7 +692,7 @@ FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision, VocabTruncated,
     ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16,
     PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
-    TokSpaceAfterSpecial, TokDecodeDropsSpace, TokSpaceBeforeSpecial, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
+    TokSpaceAfterSpecial, TokDecodeDropsSpace, TokSpaceBeforeSpecial, TokDropLastId, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
     OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, GenaiScaleRow0)}
 
 

@@ -12,6 +12,7 @@ Components (a cell may need several; ``extra["mechanism"]`` joins them with '+')
                 special-aware        '<s>', '</s>', '<unk>' in text parsed as special tokens, the
                                      text after one continues without a dummy prefix (legacy=False)
                 special-legacy       parsed, and the text after one gets a dummy prefix (legacy=True)
+                no-dummy-prefix      no dummy prefix at all ('Hello' -> 'Hello', not '▁Hello')
                 no-bos               encode with the default special tokens adds no <s>
   decode side   unk-skipped          skip_special_tokens=True drops <unk> (sentencepiece: ' ⁇ ')
                 byte-run-fffd        an invalid UTF-8 run of byte pieces becomes one U+FFFD per byte,
@@ -19,8 +20,10 @@ Components (a cell may need several; ``extra["mechanism"]`` joins them with '+')
                 byte-space-stripped  a leading space that a byte piece (<0x20>) produced is stripped
                 join-pieces          pieces joined as text, '▁' -> ' ', stripped: byte pieces read
                                      '<0x0A>', control pieces '<s>' (5.x SentencePieceBackend)
-                space-before-special decode keeping special tokens puts a space before a special
-                                     token that follows text ('Hey</s> you' -> 'Hey </s> you')
+                space-around-special decode keeping special tokens moves the spaces around a special
+                                     token between text pieces ([▁Hey, </s>, ▁you] -> ' Hey</s>you')
+                leading-space-dropped one more leading space lost (' Hello' -> 'Hello')
+                prefix-space-kept    the dummy prefix's space not removed ('Banana' -> ' Banana')
   subject       vocab-not-loaded     the tokenizer holds fewer pieces than tokenizer.model: every
                                      cell differs for that one reason
 
@@ -111,12 +114,27 @@ INFO: dict[str, Info] = {
         "SentencePieceBackend(vocab_file='tokenizer.model').decode([13, 15043]) -> '<0x0A> Hello' "
         "(sentencepiece '\\n Hello')",
         ">=5.0", "constructor path (SentencePieceBackend(vocab_file=...))"),
-    "space-before-special": Info(
-        "slow LlamaTokenizer.decode(skip_special_tokens=False) puts a space before a special token that "
-        "follows text (spaces_between_special_tokens)",
+    "space-around-special": Info(
+        "slow LlamaTokenizer.decode(skip_special_tokens=False) moves the spaces around a special token between "
+        "text pieces, so the text no longer encodes back to the same ids",
         "LlamaTokenizer.from_pretrained(folder).decode([18637, 2, 366], skip_special_tokens=False) -> "
-        "'Hey </s> you' (ids of 'Hey</s> you' parse back from 'Hey</s> you')",
-        ">=4.31,<4.49", "the slow (sentencepiece-backed) LlamaTokenizer, 4.x"),
+        "' Hey</s>you' on 4.45.2 (pieces '▁Hey','</s>','▁you': 'Hey</s> you')",
+        ">=4.31,<4.49", "the slow (sentencepiece-backed) LlamaTokenizer and AutoTokenizer(use_fast=False), 4.x"),
+    "leading-space-dropped": Info(
+        "slow LlamaTokenizer (legacy=True) drops one leading space when decoding (' Hello' -> 'Hello')",
+        "LlamaTokenizer.from_pretrained(folder).decode([29871, 10765, 1648]) -> 'Banana' (sentencepiece ' Banana')",
+        ">=4.32,<5", "the slow LlamaTokenizer, 4.x"),
+    "no-dummy-prefix": Info(
+        "4.x LlamaTokenizerFast(vocab_file=PATH) builds a tokenizer without the dummy prefix: 'Hello world' "
+        "encodes as 'Hello','▁world'",
+        "LlamaTokenizerFast(vocab_file='tokenizer.model').encode('Hello world', add_special_tokens=False) -> "
+        "[10994, 3186] (sentencepiece [15043, 3186])",
+        "<5", "constructor path (LlamaTokenizerFast(vocab_file=...)), not from_pretrained"),
+    "prefix-space-kept": Info(
+        "4.x LlamaTokenizerFast(vocab_file=PATH) decodes with the dummy prefix's space kept: [10765, 1648] -> "
+        "' Banana'",
+        "LlamaTokenizerFast(vocab_file='tokenizer.model').decode([10765, 1648]) -> ' Banana' (sentencepiece 'Banana')",
+        "<5", "constructor path (LlamaTokenizerFast(vocab_file=...)), not from_pretrained"),
 }
 
 
@@ -163,17 +181,20 @@ class Models:
 
     # --- encode ---------------------------------------------------------------------------------
 
-    def encode(self, text: str, fused: bool = False, by_id: bool = False, special: str | None = None) -> list[int]:
-        key = (text, fused, by_id, special)
+    def encode(self, text: str, fused: bool = False, by_id: bool = False, special: str | None = None,
+               bare: bool = False) -> list[int]:
+        key = (text, fused, by_id, special, bare)
         if key not in self._cache:
             if len(self._cache) > 50_000:
                 self._cache.clear()
-            self._cache[key] = self._encode(text, fused, by_id, special)
+            self._cache[key] = self._encode(text, fused, by_id, special, bare)
         return self._cache[key]
 
-    def _encode(self, text: str, fused: bool, by_id: bool, special: str | None) -> list[int]:
+    def _encode(self, text: str, fused: bool, by_id: bool, special: str | None, bare: bool) -> list[int]:
         t = self.truth
         first, cont = (self.by_id, self.by_id_cont) if by_id else (t.sp, t.continuation)
+        if bare:
+            first = cont
 
         def chunk(part: str, at_start: bool) -> list[int]:
             if at_start:
@@ -192,11 +213,13 @@ class Models:
     def _encode_variants(self, text: str):
         specials = [None, "aware", "legacy"] if self.truth.has_special(text) else [None]
         out = []
-        for fused, by_id, special in itertools.product((False, True), (False, True), specials):
+        for fused, by_id, special, bare in itertools.product((False, True), (False, True), specials, (False, True)):
+            if fused and bare:
+                continue
             comps = ((["prefix-space-fused"] if fused else []) + (["merges-by-id"] if by_id else [])
-                     + ([f"special-{special}"] if special else []))
-            out.append((comps, dict(fused=fused, by_id=by_id, special=special)))
-        out.sort(key=lambda c: len(c[0]))
+                     + ([f"special-{special}"] if special else []) + (["no-dummy-prefix"] if bare else []))
+            out.append((comps, dict(fused=fused, by_id=by_id, special=special, bare=bare)))
+        out.sort(key=lambda c: (len(c[0]), "no-dummy-prefix" in c[0]))   # fewest, the rarer reading last
         return out
 
     def why_encode(self, text: str, got: Any) -> list[str] | None:
@@ -244,15 +267,19 @@ class Models:
         flush()
         return out
 
-    def decode(self, ids: list[int], unk_skipped: bool = False, fffd: bool = False, strip: bool = False) -> str:
+    def decode(self, ids: list[int], unk_skipped: bool = False, fffd: bool = False, strip: bool = False,
+               dropped: bool = False, kept: bool = False) -> str:
         sp = self.truth.sp
         if unk_skipped:
             ids = [i for i in ids if i != self.unk]
         text = sp.decode(self._fffd(ids) if fffd else list(ids))
-        if strip and text.startswith(" "):
-            first = next((i for i in ids if not (sp.is_control(i) or (unk_skipped and i == self.unk))), None)
-            if first is not None and self.byte_ids.get(first) == 0x20:
-                text = text[1:]
+        first = next((i for i in ids if not sp.is_control(i)), None)
+        if strip and text.startswith(" ") and first is not None and self.byte_ids.get(first) == 0x20:
+            text = text[1:]
+        if dropped and text.startswith(" "):        # one more leading space lost
+            text = text[1:]
+        if kept and first is not None and sp.id_to_piece(first).startswith("▁") and first not in self.byte_ids:
+            text = " " + text                       # the dummy prefix's space not removed
         return text
 
     def join_pieces(self, ids: list[int]) -> str:
@@ -261,10 +288,12 @@ class Models:
     def why_decode(self, ids: list[int], got: Any) -> list[str] | None:
         if not isinstance(got, str):
             return None
+        names = ("unk-skipped", "byte-run-fffd", "byte-space-stripped", "leading-space-dropped", "prefix-space-kept")
         for n in range(4):
-            for flags in itertools.combinations(("unk-skipped", "byte-run-fffd", "byte-space-stripped"), n):
-                if self.decode(ids, "unk-skipped" in flags, "byte-run-fffd" in flags,
-                               "byte-space-stripped" in flags) == got:
+            for flags in itertools.combinations(names, n):
+                if ("leading-space-dropped" in flags and "prefix-space-kept" in flags):
+                    continue
+                if self.decode(ids, *(x in flags for x in names)) == got:
                     return list(flags)
         if self.join_pieces(ids) == got:
             return ["join-pieces"]
@@ -284,11 +313,23 @@ class Models:
             return None
         if self.join_pieces(ids) == text:
             return ["join-pieces"]
-        t = self.truth                            # 'Hey </s> you': the space before each token is extra
-        fewer = re.sub(" (" + "|".join(re.escape(n) for n in sorted(t.specials, key=len, reverse=True)) + ")",
-                       r"\1", text)
-        if fewer != text and t.special_aware(fewer) == ids:
-            return ["space-before-special"]
+        # [▁Hey, </s>, ▁you] -> ' Hey</s>you' or 'Hey </s> you': the same text once the spaces next to
+        # special tokens and at the ends are set aside
+        t = self.truth
+        specials = "|".join(re.escape(n) for n in sorted(t.specials, key=len, reverse=True))
+        chunks, run = [], []
+        for i in ids:
+            if i in t.specials.values():
+                chunks += [t.sp.decode(run), t.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        reference = "".join(chunks + [t.sp.decode(run)])
+
+        def canonical(x: str) -> str:
+            return re.sub(f" *({specials}) *", r"\1", x).strip(" ")
+        if canonical(text) == canonical(reference):
+            return ["space-around-special"]
         return None
 
 
