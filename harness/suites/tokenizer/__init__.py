@@ -55,6 +55,8 @@ class Tokenizer(Suite):
                             "e.g. 'reference,transformers.AutoTokenizer*'")
         p.add_argument("--fuzz-examples", default=str(DEFAULT_FUZZ_EXAMPLES),
                        help="hypothesis-generated texts per subject (derandomised: same texts every run)")
+        p.add_argument("--fuzz-seed", help="draw the fuzz texts from this seed (default: hypothesis' derandomised "
+                                           "draw, the same texts on every run)")
         p.add_argument("--codepoint-step", default="97", help="sweep every Nth Unicode code point")
         p.add_argument("--no-vocab-sweep", action="store_true", help="skip the every-id / every-piece sweep")
         p.add_argument("--cases", help="catalogue TOML (default: suites/tokenizer.toml)")
@@ -66,13 +68,14 @@ class Tokenizer(Suite):
     def run(self, a, ctx: Context) -> Result:
         from harness.core.real_tokenizer import ensure_tokenizer_model
         fuzz = inputs.integer("--fuzz-examples", a.fuzz_examples, 0, 100_000)
+        fuzz_seed = None if a.fuzz_seed is None else inputs.integer("--fuzz-seed", a.fuzz_seed, 0, 2**32 - 1)
         step = inputs.integer("--codepoint-step", a.codepoint_step, 0, 0x110000)
         cat = load_catalogue(Path(a.cases) if a.cases else CASES_FILE)
         fault = get_fault(a.plant, SUITE)
         path, folder = tokenizer_file(a.tokenizer) if a.tokenizer else (ensure_tokenizer_model(), None)
         check_model_file(path)
         return run_suite(path, cat, fuzz, a.subjects, step, not a.no_vocab_sweep, ctx, folder, fault,
-                         strict=a.strict)
+                         strict=a.strict, fuzz_seed=fuzz_seed)
 
 
 def tokenizer_file(value: str) -> tuple[Path, Path | None]:
@@ -105,11 +108,11 @@ def check_model_file(path: Path) -> None:
 
 def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, codepoint_step: int,
               vocab_sweep: bool, ctx: Context, user_folder: Path | None = None, fault=None,
-              strict: bool = False) -> Result:
+              strict: bool = False, fuzz_seed: int | None = None) -> Result:
     started = time.time()
     truth = Truth(path)
     judge = Judge(cat, strict)
-    texts = checks.fuzz_texts(fuzz_examples)
+    texts = checks.fuzz_texts(fuzz_examples, fuzz_seed)
     groups = checks.codepoint_classes(codepoint_step) if codepoint_step else {}
     log = ctx.note if not ctx.progress else (lambda msg: print(f"[tokenizer] {msg}", flush=True))
     with tempfile.TemporaryDirectory(prefix="llama-parity-tok-") as tmp:
@@ -150,7 +153,7 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
         "fuzz_examples": len(texts),
         # every check is exact equality (tolerance 0): nothing is drawn at random, so no threshold to
         # calibrate; the fuzz texts are hypothesis' derandomised draw, the same on every run
-        "seed": {"fuzz": "hypothesis derandomize=True (fixed)", "codepoint_step": codepoint_step},
+        "seed": {"fuzz": "derandomised (fixed)" if fuzz_seed is None else fuzz_seed, "codepoint_step": codepoint_step},
         "policy": {"kind": "exact", "tolerance": 0, "strict": strict, "known_deviations": len(cat.known),
                    "release": judge.release},
         "codepoint_step": codepoint_step,

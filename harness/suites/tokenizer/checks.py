@@ -334,11 +334,13 @@ def check_padding(j: Judge, truth: Truth, s: Subject, case: dict[str, Any]) -> N
     j.add(s, "padding", case["name"], "pad_mask", len(bad_mask), len(texts), bad_mask)
 
 
-def fuzz_texts(n: int) -> list[str]:
-    """n random Unicode strings from hypothesis, derandomised: the same list on every run."""
+def fuzz_texts(n: int, seed: int | None = None) -> list[str]:
+    """n random Unicode strings from hypothesis, derandomised (the same list on every run), or
+    drawn from ``seed`` (another fixed list per seed: the calibration campaign's draws)."""
     if n <= 0:
         return []
     from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as fix_seed
     from hypothesis import strategies as st
     pieces = st.one_of(
         st.text(max_size=12),                                            # any code point but surrogates
@@ -350,11 +352,14 @@ def fuzz_texts(n: int) -> list[str]:
     strategy = st.lists(pieces, max_size=6).map("".join)
     out: list[str] = []
 
-    @settings(max_examples=n, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+    @settings(max_examples=n, derandomize=seed is None, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def collect(text: str) -> None:
         out.append(text)
+
+    if seed is not None:
+        collect = fix_seed(seed)(collect)
 
     collect()
     seen, unique = set(), []
