@@ -179,3 +179,11 @@ def test_findings_key_is_public_and_groups_known_rows():
     assert k.startswith("known-") and mech.known and mech.reproduction == "f('x')"
     assert collect([r])[0]["reproduction"] == "f('x')"
     assert collect([Row("t", {}, "s", "x", "m", 0.0, 0.0, PASS)]) == []
+
+
+def test_fuzz_seed_draws_another_fixed_list_and_is_validated(tmp_path, capsys):
+    from harness.cli import main
+    from harness.suites.tokenizer.checks import fuzz_texts
+    assert fuzz_texts(20, 7) == fuzz_texts(20, 7) and fuzz_texts(20, 7) != fuzz_texts(20)
+    assert main(["tokenizer", "--fuzz-seed", "x", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--fuzz-seed" in capsys.readouterr().err and not (tmp_path / "o").exists()

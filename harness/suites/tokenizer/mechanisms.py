@@ -285,9 +285,13 @@ class Models:
     def join_pieces(self, ids: list[int]) -> str:
         return "".join(self.truth.sp.id_to_piece(i) for i in ids).replace("▁", " ").strip()
 
+    join_first = False    # set per subject (checks.check_subject): its decode joins pieces as text
+
     def why_decode(self, ids: list[int], got: Any) -> list[str] | None:
         if not isinstance(got, str):
             return None
+        if self.join_first and self.join_pieces(ids) == got:
+            return ["join-pieces"]      # the subject's decode is this one: ' Hello' -> 'Hello' is it too
         names = ("unk-skipped", "byte-run-fffd", "byte-space-stripped", "leading-space-dropped", "prefix-space-kept")
         for n in range(4):
             for flags in itertools.combinations(names, n):
