@@ -172,7 +172,10 @@ def test_text_next_to_a_special_token_is_excused_only_for_its_own_mechanism(toke
 def test_decoding_with_special_tokens_kept_must_round_trip(tokenizer_model, tmp_path):
     tokenizer(tokenizer_model, tmp_path / "clean", *LEGACY_FALSE)
     kept = _rows(tmp_path / "clean", metric="decode_keep_special")
-    assert kept and all(c["status"] == PASS for c in kept)
+    # 4.31-4.48's slow tokenizer moves the spaces around a special token between text pieces (the
+    # keep-* decode cases): a known deviation there, info; everything else passes
+    assert kept and all(c["status"] == PASS or (c["status"] == INFO and c["case"]["case"].startswith("keep-")
+                                                and c["extra"]["mechanism"] == "space-around-special") for c in kept)
     tokenizer(tokenizer_model, tmp_path / "bug", *LEGACY_FALSE, "--plant", "tok-decode-drops-space")
     bad = [c for c in _rows(tmp_path / "bug", metric="decode_keep_special") if c["status"] == FAIL]
     assert bad
