@@ -154,7 +154,7 @@ def test_a_planted_known_mechanism_outside_its_scope_fails(truth, tmp_path):
     assert code == 1 and all(f["status"] == "new" for f in found if f["gated"])
 
 
-def test_space_before_special_is_known_only_in_its_releases(truth, tmp_path):
+def test_space_around_special_is_known_only_in_its_releases(truth, tmp_path):
     """issue 20's museum class: the slow tokenizer of 4.31-4.48 moves the space around a special
     token between text pieces (skip_special_tokens=False; 4.45.2: ' Hey</s>you'). Planted, it is caught by the default catalogue's
     keep-special decode cases: known under 4.45.2, a failure under 5.x where it was fixed."""
