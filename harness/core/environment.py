@@ -63,6 +63,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "tokenizers": _version("tokenizers"),
+        "lm_eval": _version("lm_eval"),
         "sentencepiece": _version("sentencepiece"),
         "numpy": _version("numpy"),
         "harness_commit": _git_commit(),
