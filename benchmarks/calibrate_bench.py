@@ -47,7 +47,10 @@ def ratios(summary: dict) -> list[dict]:
         v, t = c.get("value"), c.get("tolerance")
         if c["status"] not in ("pass", "fail") or not isinstance(v, (int, float)) or not isinstance(t, (int, float)):
             continue
-        r = (t / v if v > 0 else float("inf")) if c["metric"] == "mcnemar_p" else (v / t if t > 0 else float("inf"))
+        if c["metric"] == "mcnemar_p":
+            r = t / v if v > 0 else float("inf")
+        else:
+            r = v / t if t > 0 else (0.0 if v == 0 else float("inf"))     # config_drift: 0 allowed, 0 seen
         out.append({"dtype": c["case"].get("dtype"), "metric": c["metric"], "v_over_t": r, "status": c["status"]})
     return out
 
@@ -56,6 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="tiny-llama2:8", help="MODEL:BATCH list (MODEL: tiny-llama2 or default@SEED)")
     p.add_argument("--limit", default="40")
+    p.add_argument("--max-length", default="2048", help="bench --max-length (a smaller one fits a busy machine)")
     p.add_argument("--subjects", default="reference,hf,adapter-hf")
     p.add_argument("--results", nargs="*", default=[], help="bench results folders already made, judged too")
     a = p.parse_args()
@@ -68,6 +72,7 @@ def main() -> None:
             name, _, batch = spec.partition(":")
             out = Path(tmp) / f"run-{name}-{batch}"
             argv = ["bench", "--model", str(preset(name, Path(tmp))), "--limit", a.limit, "--batch-size", batch or "8",
+                    "--max-length", a.max_length,
                     "--subjects", a.subjects, "--no-progress", "--out", str(out)]
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 code = cli(argv)

@@ -18,7 +18,7 @@ def recipe(*args: str, extra: str = SMALL) -> subprocess.CompletedProcess:
     env = {**os.environ, "LLAMA_PARITY": f"{sys.executable} -m harness", "PYTHON": sys.executable,
            "SUITE_ARGS": extra, "PYTHONPATH": str(ROOT)}
     return subprocess.run(["bash", str(ROOT / "scripts" / "ci_recipe.sh"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)   # a guard: seconds on an idle machine
 
 
 def test_ci_recipe_baseline_once_then_check(tmp_path):
