@@ -38,9 +38,10 @@ def commands() -> list[Command]:
     from harness.suites.logits import Logits
     from harness.suites.mp import MP
     from harness.suites.tokenizer import Tokenizer
+    from harness.suites.train import Train
     from harness.tools import Convert, Fixtures, MakeModel
     return [Logits(), MakeModel(), Convert(), Tokenizer(), Fixtures(), Behaviour(), Axes(), Bench(), MP(), Matrix(),
-            Localise(), Stream(), Place(), Report(), Compare()]
+            Localise(), Stream(), Place(), Report(), Compare(), Train()]
 
 
 class Parser(argparse.ArgumentParser):
