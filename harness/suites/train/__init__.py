@@ -52,6 +52,8 @@ class Train(Suite):
         p.add_argument("--inputs", type=inputs.csv, help=f"comma list of {', '.join(INPUTS)} (default: all)")
         p.add_argument("--corpus", help=f"a named corpus ({', '.join(corpus.NAMED)}; default: heldout)")
         p.add_argument("--text", help="a UTF-8 text file to train on, tokenized with the checkpoint's tokenizer")
+        p.add_argument("--ctx", help="tokens per text window, BOS first (default 128); padded rows scale with it")
+        p.add_argument("--long-ctx", help="tokens of the long window (default 1024, capped at the model's max_seq_len)")
         p.add_argument("--tokenizer", help="SentencePiece tokenizer.model for the text")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--seed", default="0", help="which text windows (or random ids) to train on (default 0)")
@@ -111,14 +113,20 @@ class Plan:
         fault = get_fault(a.plant, SUITE)
         folder = open_model(a.model)
         notes: list[str] = []
-        cfg = data["corpus"]
+        cfg = dict(data["corpus"])
+        base_ctx = cfg["ctx"]
+        if a.ctx:
+            cfg["ctx"] = inputs.integer("--ctx", a.ctx, 8, inputs.MAX_SEQ)
+        if a.long_ctx:
+            cfg["long_ctx"] = inputs.integer("--long-ctx", a.long_ctx, 8, inputs.MAX_SEQ)
         long_ctx = min(cfg["long_ctx"], folder.args.max_seq_len)
         ctx.check_memory(resources.logits_run(folder.args, dtypes, [Shape(1, long_ctx), Shape(cfg["corpus_rows"],
                                               cfg["ctx"])], folder.stored_bytes), device)
         ckpt = folder.load()
         text, long_text, label = cls.token_windows(a, cfg, folder, ckpt, long_ctx, seed, notes)
         shape = {**cfg, **data["padded"]}
-        shape["right_lengths"] = [min(n, cfg["ctx"]) for n in shape["right_lengths"]]
+        for key in ("right_lengths", "left_lengths", "sft_lengths", "sft_prompt"):   # scaled with --ctx
+            shape[key] = [max(2, min(cfg["ctx"], n * cfg["ctx"] // base_ctx)) for n in shape[key]]
         built = batches.build(kinds, text, long_text if "long" in kinds else None, shape,
                               pad_id=0, label=label)
         if not built and "accum" not in kinds:
