@@ -32,8 +32,8 @@ from reference_model.checkpoint import Checkpoint
 SUITE = "train"
 CASTS = ("load", "autocast")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant")
-INPUTS = (*batches.KINDS, "accum")
-POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err")
+INPUTS = (*batches.KINDS, "accum", "steps")
+POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err", "steps_loss_rel_err", "steps_drift")
 DEFAULT_POLICY = "train_tolerance.toml"
 
 
@@ -79,6 +79,7 @@ class Plan:
     checkpointing: list[str]
     batches: list[batches.Batch]
     accum: bool
+    steps: bool
     device: str
     seed: int
     policy: Policy
@@ -109,7 +110,7 @@ class Plan:
             raise InputError("--checkpointing: must include off (a checkpointed cell is judged against it)")
         from harness.core.datafiles import SUITES
         policy = load_policy(a.policy or SUITES / DEFAULT_POLICY, metrics=POLICY_METRICS).require(
-            dtypes, POLICY_METRICS)
+            dtypes, POLICY_METRICS).require(["float32"], POLICY_METRICS)
         fault = get_fault(a.plant, SUITE)
         folder = open_model(a.model)
         notes: list[str] = []
@@ -129,9 +130,9 @@ class Plan:
             shape[key] = [max(2, min(cfg["ctx"], n * cfg["ctx"] // base_ctx)) for n in shape[key]]
         built = batches.build(kinds, text, long_text if "long" in kinds else None, shape,
                               pad_id=0, label=label)
-        if not built and "accum" not in kinds:
+        if not built:
             raise InputError("--inputs: nothing to measure on")
-        return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, device, seed, policy,
+        return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds, device, seed, policy,
                    fault, data, label, notes)
 
     @staticmethod

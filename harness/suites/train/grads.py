@@ -122,11 +122,16 @@ def transformers_grads(model, batch: Batch, device: str, cast_dtype: str | None 
 
 def hf_grads(model, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """transformers' parameter gradients in Meta's names and layout (q/k rows unpermuted)."""
+    return hf_tensors(model, lambda p: _unscale(p.grad, scale, p))
+
+
+def hf_tensors(model, get) -> dict[str, torch.Tensor]:
+    """get(parameter) of every transformers parameter, float64 on the CPU, in Meta's names and layout."""
     c = model.config
     out = {}
     for name, p in model.named_parameters():
         key = hf_to_meta_key(name)
-        g = _unscale(p.grad, scale, p)
+        g = get(p).to("cpu", torch.float64)
         if key.endswith("attention.wq.weight"):
             g = unpermute(g, c.num_attention_heads)
         elif key.endswith("attention.wk.weight"):

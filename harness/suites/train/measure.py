@@ -119,6 +119,10 @@ class Measure:
                 from harness.suites.train.accumulate import accumulation_rows
                 g = {"subject": "trainer", "accum": plan.data["accum"]}
                 rows += self.cached(g, lambda: accumulation_rows(self))
+            if plan.steps:
+                from harness.suites.train.steps import steps_rows
+                g = {"subject": "steps", "steps": plan.data["steps"], "dtypes": plan.dtypes}
+                rows += self.cached(g, lambda: steps_rows(self))
         finally:
             if self._hf is not None:
                 self._hf.close()
