@@ -117,3 +117,13 @@ def test_float16_is_loss_scaled_and_unscaled_underflow_is_shown(models, tmp_path
     assert scaled and all(c["extra"]["loss_scale"] > 1 for c in scaled)
     under = [c for c in s["cells"] if c["metric"] == "underflow_frac"]
     assert under and all(c["status"] == "info" for c in under)
+
+
+def test_optimizer_steps_follow_the_oracle(models, tmp_path):
+    code, s = run(models["tiny-mha/meta"], tmp_path, "--dtypes", "float32", "--casts", "load", "--checkpointing", "off",
+                  "--inputs", "corpus,steps")
+    assert code == 0, failing(s)
+    drift = [c for c in s["cells"] if c["metric"] == "steps_drift" and c["subject"] == "transformers"]
+    assert drift and all(c["status"] == "pass" for c in drift)
+    curve = [c for c in s["cells"] if c["metric"] == "steps_loss_rel_err" and c["subject"] == "transformers"]
+    assert len(curve[0]["extra"]["losses"]) == len(curve[0]["extra"]["oracle_losses"]) >= 2

@@ -727,19 +727,31 @@ class TrainFault(Fault):
 class GradAccumMean(TrainFault):
     name = "grad-accum-mean"
     doc = ("gradient accumulation averages each micro-batch's mean loss instead of the per-token mean over "
-           "all micro-batches (transformers <= 4.45, #34191): Trainer is told the model takes no num_items_in_batch")
+           "all micro-batches (transformers <= 4.45, #34191): the model hides its num_items_in_batch from Trainer")
 
     def not_applicable(self):
         import inspect
-
-        from transformers import Trainer
-        if "accepts_loss_kwargs" not in inspect.getsource(Trainer.__init__):
+        try:
+            from transformers import Trainer
+        except Exception as e:   # noqa: BLE001 - Trainer needs accelerate (and a hub it agrees with)
+            return f"transformers' Trainer cannot be imported here: {type(e).__name__}: {str(e)[:160]}"
+        if "num_items_in_batch" not in inspect.signature(Trainer.compute_loss).parameters:
             return (f"transformers {compat.transformers_release()}'s Trainer has no num_items_in_batch path: it "
                     "averages per micro-batch already (the bug itself)")
         return ""
 
     def edit_model(self, model):
+        # Trainer asks the model whether it takes loss kwargs: 5.x reads accepts_loss_kwargs, 4.46-4.5x a
+        # **loss_kwargs in forward's signature. Saying no to both makes it divide each micro-batch's mean
+        # loss by the accumulation steps, as releases before the fix did.
         model.accepts_loss_kwargs = False
+        forward = model.forward
+
+        def no_loss_kwargs(*args, **kwargs):
+            kwargs.pop("num_items_in_batch", None)
+            return forward(*args, **kwargs)
+
+        model.forward = no_loss_kwargs
 
 
 class LabelsShiftedTwice(TrainFault):
