@@ -48,7 +48,7 @@ def seeds(spec: str) -> list[int]:
 
 
 def run(model: Path, out: Path, args: list[str]) -> tuple[int, dict | None]:
-    code = cli(["train", "--model", str(model), "--out", str(out), "--no-progress", "--no-resume", *args])
+    code = cli(["train", "--model", str(model), "--out", str(out), "--no-resume", *args])
     path = out / "summary.json"
     return code, (json.loads(path.read_text()) if path.exists() else None)
 

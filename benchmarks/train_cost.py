@@ -76,7 +76,7 @@ def main() -> int:
     a = p.parse_args()
     model = a.model or str(cached("tiny-gqa"))
     args = ["--model", model, "--dtypes", a.dtypes, "--ctx", a.ctx, "--long-ctx", a.long_ctx, "--attn", "eager",
-            "--tp", "1", "--inputs", a.inputs, "--no-progress", "--no-resume"]
+            "--tp", "1", "--inputs", a.inputs, "--no-resume"]
     with tempfile.TemporaryDirectory(prefix="train-cost-") as tmp:
         code = cli(["train", "--out", f"{tmp}/out", *args])
         timing = json.loads(Path(f"{tmp}/out/timing.json").read_text())

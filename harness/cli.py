@@ -72,7 +72,7 @@ ALIASES = {"--dtypes": "--dtype", "--dtype": "--dtypes", "--tp": "--pretraining-
 # needs (Context.check_memory) and refuse one that would not fit. --out, --html and --verbose
 # mean something for every suite (finish writes, renders and prints every Result alike).
 PROGRESS_BARS = ("logits", "tokenizer", "bench")
-MEMORY_CHECKED = ("logits", "behaviour", "axes", "bench", "mp", "localise", "stream", "place")
+MEMORY_CHECKED = ("logits", "behaviour", "axes", "bench", "mp", "localise", "stream", "place", "train")
 
 # Help for flags that mean the same wherever a command declares them without help of its own.
 SHARED_HELP = {

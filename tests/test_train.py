@@ -12,7 +12,7 @@ from harness.core.compat import attn_implementations
 from harness.core.faults import FAULTS, faults_for
 
 # Short windows keep the CI cost small; the long one stays past 256 positions, where bfloat16 angles round.
-BASE = ["--attn", "eager", "--tp", "1", "--ctx", "32", "--long-ctx", "320", "--no-progress"]
+BASE = ["--attn", "eager", "--tp", "1", "--ctx", "32", "--long-ctx", "320"]
 
 # The cells each planted bug shows in, the smallest that do (the default run has them all).
 PLANT_CELLS = {
@@ -75,7 +75,7 @@ def test_sdpa_and_tp_cells(models, tmp_path):
         pytest.skip(attn_implementations("cpu")["sdpa"])
     code, s = main(["train", "--model", str(models["tiny-gqa/meta"]), "--out", str(tmp_path), "--attn", "sdpa",
                     "--tp", "1,2", "--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--ctx", "32",
-                    "--inputs", "right", "--no-progress"]), json.loads((tmp_path / "summary.json").read_text())
+                    "--inputs", "right"]), json.loads((tmp_path / "summary.json").read_text())
     assert code == 0, failing(s)
     tps = {c["case"]["tp"] for c in s["cells"] if c["subject"] == "transformers"}
     assert tps == {1, 2}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 
 import torch
@@ -303,7 +302,3 @@ def enable_checkpointing(model, gc: str) -> str:
 def _first(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
-
-def _progress(total: int, on: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=SUITE, unit="group", disable=not on, file=sys.stderr)
