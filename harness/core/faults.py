@@ -837,12 +837,17 @@ class GradAccumMean(TrainFault):
 
     def edit_model(self, model):
         # Trainer asks the model whether it takes loss kwargs: 5.x reads accepts_loss_kwargs, 4.46-4.5x a
-        # **loss_kwargs in forward's signature. Saying no to both makes it divide each micro-batch's mean
-        # loss by the accumulation steps, as releases before the fix did.
+        # **loss_kwargs in forward's signature. Saying no makes it divide each micro-batch's mean loss by
+        # the accumulation steps, as releases before the fix did.
+        import inspect
+
+        from transformers import Trainer
         model.accepts_loss_kwargs = False
+        if "accepts_loss_kwargs\")" in inspect.getsource(Trainer.__init__):
+            return
         forward = model.forward
 
-        def no_loss_kwargs(*args, **kwargs):
+        def no_loss_kwargs(*args, **kwargs):     # a signature without **loss_kwargs
             kwargs.pop("num_items_in_batch", None)
             return forward(*args, **kwargs)
 
