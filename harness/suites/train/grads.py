@@ -110,7 +110,7 @@ def transformers_grads(model, batch: Batch, device: str, cast_dtype: str | None 
         model.zero_grad(set_to_none=True)
         with autocast(cast_dtype, device):
             out = model(input_ids=ids, attention_mask=mask, labels=None if own_loss else labels, use_cache=False)
-            loss = fault.train_loss(out.logits, labels) if own_loss else out.loss
+            loss = fault.train_loss(out.logits, labels, model) if own_loss else out.loss
         (loss * scale).backward()
         return float(loss.detach())
 
