@@ -39,9 +39,10 @@ def commands() -> list[Command]:
     from harness.suites.logits import Logits
     from harness.suites.mp import MP
     from harness.suites.tokenizer import Tokenizer
+    from harness.suites.train import Train
     from harness.tools import Convert, Fixtures, MakeModel
     return [Logits(), MakeModel(), Convert(), Tokenizer(), Fixtures(), Behaviour(), Axes(), Bench(), MP(), Matrix(),
-            Localise(), Stream(), Place(), Report(), Compare()]
+            Localise(), Stream(), Place(), Report(), Compare(), Train()]
 
 
 DESCRIPTION = """\
@@ -71,7 +72,7 @@ ALIASES = {"--dtypes": "--dtype", "--dtype": "--dtypes", "--tp": "--pretraining-
 # needs (Context.check_memory) and refuse one that would not fit. --out, --html and --verbose
 # mean something for every suite (finish writes, renders and prints every Result alike).
 PROGRESS_BARS = ("logits", "tokenizer", "bench")
-MEMORY_CHECKED = ("logits", "behaviour", "axes", "bench", "mp", "localise", "stream", "place")
+MEMORY_CHECKED = ("logits", "behaviour", "axes", "bench", "mp", "localise", "stream", "place", "train")
 
 # Help for flags that mean the same wherever a command declares them without help of its own.
 SHARED_HELP = {

@@ -808,3 +808,131 @@ def get_fault(name: str | None, suite: str = "logits", kind: str = "transformers
     if why:
         raise InputError(f"--plant {name}: not applicable here: {why}")
     return fault
+
+
+# --- training bugs: the train suite (harness/suites/train) -------------------------------------------
+# A training fault may also rewrite the labels a fine-tuning loop hands the model (``train_labels``),
+# compute the loss from the logits itself (``train_loss``), or edit the model Trainer drives.
+
+class TrainFault(Fault):
+    suites = ("train",)
+    fixture = "tiny-gqa"
+
+
+class GradAccumMean(TrainFault):
+    name = "grad-accum-mean"
+    doc = ("gradient accumulation averages each micro-batch's mean loss instead of the per-token mean over "
+           "all micro-batches (transformers <= 4.45, #34191): the model hides its num_items_in_batch from Trainer")
+
+    def not_applicable(self):
+        import inspect
+        try:
+            from transformers import Trainer
+        except Exception as e:   # noqa: BLE001 - Trainer needs accelerate (and a hub it agrees with)
+            return f"transformers' Trainer cannot be imported here: {type(e).__name__}: {str(e)[:160]}"
+        if "num_items_in_batch" not in inspect.signature(Trainer.compute_loss).parameters:
+            return (f"transformers {compat.transformers_release()}'s Trainer has no num_items_in_batch path: it "
+                    "averages per micro-batch already (the bug itself)")
+        return ""
+
+    def edit_model(self, model):
+        # Trainer asks the model whether it takes loss kwargs: 5.x reads accepts_loss_kwargs, 4.46-4.5x a
+        # **loss_kwargs in forward's signature. Saying no makes it divide each micro-batch's mean loss by
+        # the accumulation steps, as releases before the fix did.
+        import inspect
+
+        from transformers import Trainer
+        model.accepts_loss_kwargs = False
+        if "accepts_loss_kwargs\")" in inspect.getsource(Trainer.__init__):
+            return
+        forward = model.forward
+
+        def no_loss_kwargs(*args, **kwargs):     # a signature without **loss_kwargs
+            kwargs.pop("num_items_in_batch", None)
+            return forward(*args, **kwargs)
+
+        model.forward = no_loss_kwargs
+
+
+class LabelsShiftedTwice(TrainFault):
+    name, doc = "labels-shifted-twice", "labels shifted by one before the model shifts them again"
+
+    def train_labels(self, labels, batch):
+        return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+
+
+class PadsInLabels(TrainFault):
+    name, doc = "pads-in-labels", "labels = input_ids with the pads not masked (-100): pad tokens are trained on"
+    inputs = ("right",)
+
+    def train_labels(self, labels, batch):
+        out = labels.clone()
+        pads = batch.mask == 0
+        out[pads] = batch.ids[pads]
+        return out
+
+
+class CheckpointDropsGrad(TrainFault):
+    name = "gc-drops-grad"
+    doc = ("gradient checkpointing cuts the graph at the first decoder layer's input (reentrant checkpointing "
+           "of an input that does not require grad): everything before it gets no gradient, silently")
+
+    def edit_model(self, model):
+        layer = _layers(model)[0]
+
+        def cut(module, args, kwargs):
+            if not (module.training and getattr(model, "is_gradient_checkpointing", False)):
+                return None
+            if args:
+                return (args[0].detach(), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+        layer.register_forward_pre_hook(cut, with_kwargs=True)
+
+
+class RopeBf16Autocast(TrainFault):
+    name = "rope-bf16-autocast"
+    doc = ("RoPE angles computed inside autocast, so in bfloat16 (transformers 4.38.0-4.38.1, PR #29285): "
+           "positions past 256 round, the loss drifts with context")
+    visible_at = ("bfloat16", "float16")
+
+    def not_applicable(self):
+        from transformers.models.llama import modeling_llama
+        if not hasattr(modeling_llama, "LlamaRotaryEmbedding") or "position_ids" not in __import__(
+                "inspect").signature(modeling_llama.LlamaRotaryEmbedding.forward).parameters:
+            return (f"transformers {compat.transformers_release()} caches cos/sin in float32 buffers at load: no "
+                    "angle is computed under autocast")
+        return ""
+
+    def edit_model(self, model):
+        rotary = getattr(model.model, "rotary_emb", None)
+        if rotary is None:
+            return
+        scaling = getattr(rotary, "attention_scaling", 1.0)
+
+        def forward(x, position_ids):
+            device = x.device.type
+            inv = rotary.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+            freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)   # autocast: a bf16 matmul
+            emb = torch.cat((freqs, freqs), dim=-1)
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+        rotary.forward = forward
+
+
+class CrossEntropyNoUpcast(TrainFault):
+    name = "ce-no-upcast"
+    doc = "cross entropy on the logits in the working dtype (no float32 upcast): the loss lands on the bf16 grid"
+    visible_at = ("bfloat16", "float16")
+
+    def train_loss(self, logits, labels, model):
+        dtype = model.lm_head.weight.dtype          # 4.31-4.44 hand back float32 logits: the bug casts back
+        if torch.is_autocast_enabled(logits.device.type):
+            dtype = torch.get_autocast_dtype(logits.device.type)
+        shift = logits[:, :-1].to(dtype).reshape(-1, logits.shape[-1])
+        return torch.nn.functional.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+FAULTS.update({f.name: f for f in (GradAccumMean, LabelsShiftedTwice, PadsInLabels, CheckpointDropsGrad,
+                                   RopeBf16Autocast, CrossEntropyNoUpcast)})

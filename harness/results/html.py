@@ -520,6 +520,11 @@ FOLD_ROWS = 20     # a cells table longer than this is folded below the evidence
 FOLD_FINDINGS = 12     # findings past these (new come first) are folded: the first screen stays readable
 
 
+def train_gradients(summary: dict) -> str:
+    from harness.results.train import gradient_heatmap
+    return gradient_heatmap(summary)
+
+
 def suite_section(summary: dict, results_dir: Path | None) -> str:
     """Verdict and heatmap first, then failing cells, the corpus table and plots; long tables folded."""
     s = summary
@@ -531,6 +536,7 @@ def suite_section(summary: dict, results_dir: Path | None) -> str:
         distributions(s),
         piece_strips(s),
         bench_scatter(results_dir),
+        train_gradients(s),
     ) if x)
     facts = [("verdict", s["verdict"].upper()), ("tolerance policy", policy_version(s))]
     for key in ("truth", "model", "plant", "seed"):

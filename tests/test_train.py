@@ -1,0 +1,129 @@
+"""The train suite end to end through the CLI: a correct transformers passes, every planted training
+bug fails the gate (exit 1), bad input is exit 2, a rerun resumes. Tiny presets (random ids), float32
+and bfloat16 cells: the float16 and embedded-model runs are slow-marked."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cli import main
+from harness.core.compat import attn_implementations
+from harness.core.faults import FAULTS, faults_for
+
+# Short windows keep the CI cost small; the long one stays past 256 positions, where bfloat16 angles round.
+BASE = ["--attn", "eager", "--tp", "1", "--ctx", "32", "--long-ctx", "320"]
+
+# The cells each planted bug shows in, the smallest that do (the default run has them all).
+PLANT_CELLS = {
+    "labels-shifted-twice": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "corpus"],
+    "pads-in-labels": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "right"],
+    "gc-drops-grad": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off,reentrant,non-reentrant",
+                      "--inputs", "corpus"],
+    "rope-bf16-autocast": ["--dtypes", "bfloat16", "--casts", "autocast", "--checkpointing", "off", "--inputs", "long"],
+    "ce-no-upcast": ["--dtypes", "bfloat16", "--casts", "load", "--checkpointing", "off", "--inputs", "corpus"],
+    "grad-accum-mean": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "right,accum"],
+}
+
+
+def run(model, out, *extra) -> tuple[int, dict | None]:
+    code = main(["train", "--model", str(model), "--out", str(out), *BASE, *extra])
+    path = out / "summary.json"
+    return code, json.loads(path.read_text()) if path.exists() else None
+
+
+def failing(summary):
+    return [c for c in summary["cells"] if c["status"] == "fail"]
+
+
+def test_every_training_fault_has_cells():
+    assert set(faults_for("train")) == set(PLANT_CELLS)
+
+
+def test_correct_transformers_passes(models, tmp_path):
+    code, s = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float32,bfloat16",
+                  "--checkpointing", "off,reentrant,non-reentrant", "--inputs", "corpus,long,right,left,sft,accum")
+    assert code == 0, failing(s)
+    cells = [c for c in s["cells"] if c["subject"] == "transformers" and c["status"] in ("pass", "fail")]
+    assert {c["case"]["cast"] for c in cells} == {"load", "autocast"}
+    assert {c["metric"] for c in cells} >= {"loss_rel_err", "grad_rel_l2", "grad_cos_dist", "grad_rel_l2_max",
+                                            "gc_bitwise_diff"}
+    # checkpointing recomputes the same arithmetic: bit-equal to the cell without it
+    assert all(c["value"] == 0 for c in cells if c["metric"] == "gc_bitwise_diff")
+    # the left-pad hazard is measured and reported as a known finding, not gated
+    naive = [c for c in s["cells"] if c["case"]["input"] == "left-naive-labels" and c["metric"] == "grad_rel_l2"]
+    assert naive and all(c["status"] == "info" and c["value"] > 1e-3 for c in naive)
+    assert any("left-pad" in f["id"] or "left-padded" in f["title"] for f in s["findings"])
+    # the report's train section names the worst tensor
+    assert "worst tensor" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("fault", sorted(PLANT_CELLS))
+def test_planted_training_bug_fails_the_gate(models, tmp_path, fault):
+    why = FAULTS[fault]().not_applicable()
+    if why:
+        pytest.skip(f"{fault}: {why}")
+    model = models["tiny-gqa/meta"]
+    code, s = run(model, tmp_path / "planted", *PLANT_CELLS[fault], "--plant", fault)
+    assert code == 1, f"{fault} passed the gate"
+    bad = [c for c in failing(s) if c["subject"] in ("transformers", "trainer")]
+    assert bad and all(c["subject"] != "reference" for c in failing(s))
+    # the same cells without the plant pass: test_correct_transformers_passes runs every one of them
+
+def test_sdpa_and_tp_cells(models, tmp_path):
+    if attn_implementations("cpu")["sdpa"]:
+        pytest.skip(attn_implementations("cpu")["sdpa"])
+    code, s = main(["train", "--model", str(models["tiny-gqa/meta"]), "--out", str(tmp_path), "--attn", "sdpa",
+                    "--tp", "1,2", "--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--ctx", "32",
+                    "--inputs", "right"]), json.loads((tmp_path / "summary.json").read_text())
+    assert code == 0, failing(s)
+    tps = {c["case"]["tp"] for c in s["cells"] if c["subject"] == "transformers"}
+    assert tps == {1, 2}
+    assert all(c["reason"] for c in s["cells"] if c["status"] == "n/a")
+
+
+def test_resume_reuses_finished_groups(models, tmp_path, capsys):
+    args = ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "right"]
+    code, first = run(models["tiny-mha/meta"], tmp_path, *args)
+    assert code == 0
+    capsys.readouterr()
+    code, second = run(models["tiny-mha/meta"], tmp_path, *args)
+    assert code == 0 and "resumed" in capsys.readouterr().err
+    assert [c["value"] for c in first["cells"]] == [c["value"] for c in second["cells"]]
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["--dtypes", "float8"], "--dtypes"),
+    (["--casts", "amp"], "--casts"),
+    (["--checkpointing", "reentrant"], "--checkpointing"),
+    (["--inputs", "nothing"], "--inputs"),
+    (["--plant", "no-permute"], "--plant"),
+    (["--policy", "/nonexistent.toml"], "/nonexistent.toml"),
+])
+def test_bad_input_exits_2_naming_it(models, tmp_path, capsys, argv, names):
+    code = main(["train", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path / "o"), *BASE, *argv])
+    assert code == 2
+    assert names in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_float16_is_loss_scaled_and_unscaled_underflow_is_shown(models, tmp_path):
+    code, s = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float16", "--checkpointing", "off",
+                  "--inputs", "corpus,right")
+    assert code == 0, failing(s)
+    scaled = [c for c in s["cells"] if c["metric"] == "grad_rel_l2" and c["case"]["input"] == "corpus"
+              and c["subject"] == "transformers"]
+    assert scaled and all(c["extra"]["loss_scale"] > 1 for c in scaled)
+    under = [c for c in s["cells"] if c["metric"] == "underflow_frac"]
+    assert under and all(c["status"] == "info" for c in under)
+
+
+def test_optimizer_steps_follow_the_oracle(models, tmp_path):
+    code, s = run(models["tiny-mha/meta"], tmp_path, "--dtypes", "float32", "--casts", "load", "--checkpointing", "off",
+                  "--inputs", "corpus,steps")
+    assert code == 0, failing(s)
+    drift = [c for c in s["cells"] if c["metric"] == "steps_drift" and c["subject"] == "transformers"]
+    assert drift and all(c["status"] == "pass" for c in drift)
+    curve = [c for c in s["cells"] if c["metric"] == "steps_loss_rel_err" and c["subject"] == "transformers"]
+    assert len(curve[0]["extra"]["losses"]) == len(curve[0]["extra"]["oracle_losses"]) >= 2
