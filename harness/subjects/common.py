@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from harness.core.errors import InputError
-from harness.subjects import Source, Spec
+from harness.subjects import NotInstalledError, Source, Spec
 
 
 class Options:
@@ -93,7 +93,7 @@ def has_module(module: str) -> bool:
 def require(kind: str, module: str, dist: str, extra: str) -> None:
     """Exit 2 naming the package when an optional subject's package is not installed."""
     if not has_module(module):
-        raise InputError(f"--subject {kind}: needs the {dist} package (pip install 'llama-parity[{extra}]')")
+        raise NotInstalledError(f"--subject {kind}: needs the {dist} package (pip install 'llama-parity[{extra}]')")
 
 
 def cache_key(source: Source, tool: dict[str, Any]) -> str:
@@ -156,43 +156,3 @@ def dequantised_checkpoint(ckpt, state: dict[str, torch.Tensor]):
     """The checkpoint with these weights: the oracle built from it measures quantisation alone."""
     from dataclasses import replace
     return replace(ckpt, state=state)
-
-
-# --- budgets of lossy subjects (suites/subjects_torch_tolerance.toml) ----------------------------------
-
-BUDGET_METRICS = ("kl_mean", "kl_p99", "rms_dp", "top1_disagree", "quant_kl_mean", "runtime_kl_mean")
-DEFAULT_BUDGETS = "subjects_torch_tolerance.toml"
-
-
-def budget(kind: str, type_: str, path: Path | None = None) -> dict[str, float]:
-    """The per-type budget of a lossy subject: ``[kind.type]`` of the subjects' tolerance file,
-    metric -> largest value allowed on real text against the float64 oracle, every table with its
-    reason. A missing table or a bad number is bad input naming the file and key."""
-    import math
-
-    from harness.core import SUITES
-    from harness.core.datafiles import read_toml
-    path = path or SUITES / DEFAULT_BUDGETS
-    data = read_toml(path, "--policy")
-    table = data.get(kind, {}).get(type_) if isinstance(data.get(kind), dict) else None
-    where = f"{path}: [{kind}.{type_}]"
-    if not isinstance(table, dict):
-        raise InputError(f"{where}: no budget for this subject type")
-    if not isinstance(table.get("reason"), str) or not table["reason"].strip():
-        raise InputError(f"{where}: needs a reason (a string saying where the numbers come from)")
-    out = {}
-    for metric, value in table.items():
-        if metric == "reason":
-            continue
-        if metric not in BUDGET_METRICS:
-            raise InputError(f"{where}.{metric}: unknown metric (known: {', '.join(BUDGET_METRICS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise InputError(f"{where}.{metric} = {value!r}: must be a finite number >= 0")
-        out[metric] = float(value)
-    return out
-
-
-def over_budget(stats: dict[str, float], limits: dict[str, float]) -> dict[str, str]:
-    """metric -> 'value > limit' for every budget metric a subject's corpus statistics break."""
-    values = {**stats, "top1_disagree": 1.0 - stats["same_top1"]} if "same_top1" in stats else stats
-    return {m: f"{values[m]:.3g} > {lim:.3g}" for m, lim in limits.items() if m in values and not values[m] <= lim}

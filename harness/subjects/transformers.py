@@ -35,6 +35,7 @@ class TransformersLM:
     inference_mode, for tensor subclasses that cannot take inference tensors (quanto's int4)."""
 
     name = KIND
+    exact = True        # float32 arithmetic on the checkpoint's weights: the logits rule judges it
 
     def __init__(self, source: Source, dtype: str, device: str, attn: str = "eager", tp: int = 1,
                  fault=None, cache: str = "dynamic", inference: bool = True):
@@ -131,7 +132,7 @@ def common_options(o: Options, kind: str) -> dict[str, Any]:
     return {"attn": attn, "tp": tp, "cache": cache, "fault": fault}
 
 
-@register(KIND)
+@register(KIND, axes=("attn", "tp"))
 def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
     o = Options(KIND, options)
     common = common_options(o, KIND)

@@ -1,0 +1,72 @@
+"""`logits --subject KIND[:key=value,...]`: each subject is a parameter of the logits suite, gated on
+its own rows, with who it is (settings, provenance, what it cannot do) in the summary and report;
+a kind whose package is absent is n/a with the install command, never a traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.cli import main
+from harness.subjects.common import has_module
+
+FAST = ["--dtypes", "float32", "--attn", "eager", "--tp", "1", "--shapes", "1x8", "--no-progress"]
+# Optional kinds and the module each needs; the first one absent here shows the n/a path.
+OPTIONAL = (("llama.cpp", "llama_cpp"), ("torchao", "torchao"), ("quanto", "optimum.quanto"),
+            ("onnxruntime", "onnxscript"), ("onnxruntime-genai", "onnxruntime_genai"))
+
+
+def run(model, out, *extra) -> tuple[int, dict | None]:
+    code = main(["logits", "--model", str(model), "--out", str(out), *FAST, *extra])
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    return code, summary
+
+
+def test_each_subject_is_gated_on_its_own_rows_with_its_provenance(models, tmp_path):
+    absent = next((kind for kind, module in OPTIONAL if not has_module(module)), None)
+    subjects = ["--subject", "transformers", "--subject", "transformers:plant=no-permute"]
+    subjects += ["--subject", absent] if absent else []
+    code, summary = run(models["tiny-gqa/meta"], tmp_path, "--inputs", "random,padded,cached", *subjects)
+    assert code == 1                                  # the planted subject fails the gate
+    by = {}
+    for c in summary["cells"]:
+        if c["against"] == "oracle-fp64":
+            by.setdefault(c["subject"], []).append(c)
+    clean, planted = by["transformers"], by["transformers:plant=no-permute"]
+    assert clean and all(c["status"] in ("pass", "info") for c in clean)
+    assert any(c["status"] == "fail" and c["metric"] == "kl_mean" for c in planted)
+    assert {c["case"]["input"] for c in planted} == {c["case"]["input"] for c in clean} == {"random", "padded", "cached"}
+    who = summary["subjects"]
+    for label in ("transformers", "transformers:plant=no-permute"):
+        assert who[label]["exact"] is True and who[label]["kind"] == "transformers"
+        assert who[label]["provenance"]["torch"] and who[label]["provenance"]["transformers"]
+        assert who[label]["settings"] == {"dtype": "float32", "attn": "eager", "tp": 1}
+    assert who["transformers:plant=no-permute"]["provenance"]["plant"] == "no-permute"
+    report = (tmp_path / "report.md").read_text()
+    assert "transformers:plant=no-permute" in report
+    if absent:
+        rows = by[absent]
+        assert rows and all(c["status"] == "n/a" and "pip install" in c["reason"] for c in rows)
+
+
+def test_a_subject_that_cannot_pad_or_decode_is_na_with_its_reason(models, tmp_path, monkeypatch):
+    """What a subject says it cannot do makes those cells n/a with its reason, the others run."""
+    from harness.subjects import transformers as tf
+    monkeypatch.setattr(tf.TransformersLM, "cannot", lambda self: {"padding": "no mask here", "decode": "no cache"})
+    code, summary = run(models["tiny-gqa/meta"], tmp_path, "--inputs", "random,padded,cached")
+    assert code == 0
+    cells = {c["case"]["input"]: c for c in summary["cells"]
+             if c["subject"] == "transformers" and c["against"] == "oracle-fp64" and c["metric"] in ("all", "kl_mean")}
+    assert cells["padded"]["status"] == "n/a" and "no mask here" in cells["padded"]["reason"]
+    assert cells["cached"]["status"] == "n/a" and "no cache" in cells["cached"]["reason"]
+    assert cells["random"]["status"] == "pass"
+
+
+@pytest.mark.parametrize("spec, says", [("nope", "unknown kind 'nope'"),
+                                        ("transformers:color=1", "unknown option"),
+                                        ("transformers:compile", "is not key=value")])
+def test_a_bad_subject_is_exit_2_naming_it(models, tmp_path, capsys, spec, says):
+    code, _ = run(models["tiny-gqa/meta"], tmp_path, "--inputs", "random", "--subject", spec)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--subject" in err and says in err, err
