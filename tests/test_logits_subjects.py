@@ -4,6 +4,7 @@ a kind whose package is absent is n/a with the install command, never a tracebac
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -63,10 +64,50 @@ def test_a_subject_that_cannot_pad_or_decode_is_na_with_its_reason(models, tmp_p
 
 
 @pytest.mark.parametrize("spec, says", [("nope", "unknown kind 'nope'"),
-                                        ("transformers:color=1", "unknown option"),
                                         ("transformers:compile", "is not key=value")])
 def test_a_bad_subject_is_exit_2_naming_it(models, tmp_path, capsys, spec, says):
     code, _ = run(models["tiny-gqa/meta"], tmp_path, "--inputs", "random", "--subject", spec)
     assert code == 2
     err = capsys.readouterr().err
     assert "--subject" in err and says in err, err
+
+
+# --- the optional kinds through the suite (tox -e subjects: every package installed) --------------
+
+OPTIONAL_RUN = pytest.mark.skipif(
+    os.environ.get("LLAMA_PARITY_SUBJECTS") != "1",
+    reason="minutes of CPU (a compile, quantising, the split's oracle): runs in tox -e subjects "
+           "(LLAMA_PARITY_SUBJECTS=1)")
+CORPUS = ["--inputs", "corpus,cached", "--ctx", "64", "--max-tokens", "256"]
+
+
+@OPTIONAL_RUN
+def test_compiled_transformers_is_an_exact_subject_of_the_suite(tmp_path):
+    """transformers:compile=1 on the embedded model: judged like transformers, its provenance
+    saying it was compiled, and no localisation (it cannot be hooked)."""
+    code, summary = main_embedded(tmp_path, "--subject", "transformers:compile=1", "--inputs", "corpus")
+    assert code == 0, [c for c in summary["cells"] if c["status"] == "fail"]
+    who = summary["subjects"]["transformers:compile=1"]
+    assert who["exact"] and who["provenance"]["compile"]["backend"] == "inductor" and "hooks" in who["cannot"]
+
+
+@OPTIONAL_RUN
+@pytest.mark.skipif(not has_module("torchao"), reason="torchao is not installed (pip install 'llama-parity[torchao]')")
+def test_a_lossy_subject_is_judged_by_its_budget_with_the_split(tmp_path):
+    code, summary = main_embedded(tmp_path / "ok", "--subject", "torchao:quant=int8wo")
+    assert code == 0, [c for c in summary["cells"] if c["status"] == "fail"]
+    corpus = [c for c in summary["cells"] if c["subject"] == "torchao:quant=int8wo"
+              and c["case"]["input"].startswith("corpus") and c["against"] == "oracle-fp64"]
+    gated = {c["metric"]: c for c in corpus if c["status"] in ("pass", "fail")}
+    assert {"kl_mean", "kl_p99", "rms_dp", "top1_differ", "weights_kl_mean"} <= set(gated)
+    split = next(c for c in corpus if c["metric"] == "kl_max")["extra"]["split"]
+    assert split["weights_kl_mean"] > 1e-7 and split["runtime_kl_mean"] < 1e-10    # weight-only: all weights
+    code, summary = main_embedded(tmp_path / "bad", "--subject", "torchao:quant=int8wo,plant=torchao-scale-row0")
+    assert code == 1
+    failed = {c["metric"] for c in summary["cells"] if c["status"] == "fail"}
+    assert {"kl_mean", "weights_kl_mean"} <= failed
+
+
+def main_embedded(out, *extra) -> tuple[int, dict]:
+    code = main(["logits", "--out", str(out), *FAST, *CORPUS, *extra])
+    return code, json.loads((out / "summary.json").read_text())
