@@ -51,7 +51,7 @@ class Tokenizer(Suite):
                                            "(then also loaded as it is; default: the built Llama 2 fixture)")
         p.add_argument("--subjects", type=inputs.csv,
                        help="comma list of fnmatch patterns over name/loader[/flags], "
-                            "e.g. 'reference,transformers.AutoTokenizer*'")
+                            "e.g. 'reference,transformers.AutoTokenizer*' (default: every subject)")
         p.add_argument("--fuzz-examples", default=str(DEFAULT_FUZZ_EXAMPLES),
                        help="hypothesis-generated texts per subject (derandomised: same texts every run)")
         p.add_argument("--codepoint-step", default="97", help="sweep every Nth Unicode code point")
