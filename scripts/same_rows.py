@@ -4,6 +4,8 @@ a float's full repr, so equal there is bit-equal), with its status, tolerance, r
 and the verdict. Keys a newer run only adds are named (``--ignore-extra KEY``), never skipped silently.
 
     python scripts/same_rows.py /tmp/before /tmp/after [--ignore-extra subject]
+    python scripts/same_rows.py /tmp/before /tmp/after --journal   # runs still going: the cell groups
+                                                                    # both have journaled so far
 
 Exit 0: the same; 1: a difference (the first ten printed); 2: a folder without results.
 """
@@ -33,9 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("after", type=Path)
     p.add_argument("--ignore-extra", action="append", default=[],
                    help="a key of a cell's evidence (extra) that only the newer run writes")
+    p.add_argument("--journal", action="store_true",
+                   help="compare the rows of every cell group both folders' journal.jsonl hold (runs not finished)")
     a = p.parse_args(argv)
-    (csv_a, sum_a), (csv_b, sum_b) = load(a.before), load(a.after)
     ignore = set(a.ignore_extra)
+    if a.journal:
+        return journals(a.before, a.after, ignore)
+    (csv_a, sum_a), (csv_b, sum_b) = load(a.before), load(a.after)
     diffs = []
     if csv_a != csv_b:
         lines_a, lines_b = csv_a.splitlines(), csv_b.splitlines()
@@ -63,6 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + d)
     print("SAME" if not diffs else f"{len(diffs)} difference(s)")
     return 1 if diffs else 0
+
+
+def journals(before: Path, after: Path, ignore: set[str]) -> int:
+    def groups(folder: Path) -> dict[str, list]:
+        path = folder / "journal.jsonl"
+        if not path.is_file():
+            print(f"{folder}: no journal.jsonl", file=sys.stderr)
+            sys.exit(2)
+        out = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            out[json.dumps(entry["group"], sort_keys=True)] = entry["rows"]
+        return out
+    ga, gb = groups(before), groups(after)
+    common = [g for g in ga if g in gb]
+    diffs = [f"{g}: rows differ" for g in common
+             if [cell(r, ignore) for r in ga[g]] != [cell(r, ignore) for r in gb[g]]]
+    rows = sum(len(ga[g]) for g in common)
+    print(f"journal: {len(common)} cell groups in both ({rows} rows); {len(ga)} and {len(gb)} journaled")
+    for d in diffs[:10]:
+        print("  " + d)
+    print("SAME" if common and not diffs else f"{len(diffs)} difference(s)" if diffs else "nothing to compare")
+    return 1 if diffs or not common else 0
 
 
 if __name__ == "__main__":
