@@ -111,3 +111,18 @@ def test_a_lossy_subject_is_judged_by_its_budget_with_the_split(tmp_path):
 def main_embedded(out, *extra) -> tuple[int, dict]:
     code = main(["logits", "--out", str(out), *FAST, *CORPUS, *extra])
     return code, json.loads((out / "summary.json").read_text())
+
+
+@OPTIONAL_RUN
+def test_transformers_reading_the_converters_f32_gguf_is_bit_equal_to_the_hf_folder():
+    """llama.cpp's converter (from the pinned sdist) writes the F32 GGUF; transformers reads it back
+    with gguf_file=: the logits equal those of the HF folder it was converted from, bit for bit."""
+    import torch
+
+    from harness.core.cases import Shape, make_inputs
+    from harness.subjects.fidelity import build, open_source
+    source = open_source()
+    ids = make_inputs(Shape(2, 32), source.ckpt.args.vocab_size, 0)
+    gguf = build("transformers:gguf=F32", source)
+    assert gguf.exact and gguf.settings()["gguf"] == "F32" and gguf.provenance()["gguf"]["tensor_types"] == {"F32": 39}
+    assert torch.equal(gguf.forward(ids), build("transformers", source).forward(ids))
