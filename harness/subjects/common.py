@@ -127,23 +127,30 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def source_of(folder, ckpt=None, cache: Path | None = None) -> Source:
-    """The Source of a model folder (harness.core.checkpoints.ModelFolder): what tests and the
-    benchmark build subjects from until the suites make it."""
+def source_of(folder, ckpt=None, cache: Path | None = None, hf_path=None, tokenizer: Path | None = None) -> Source:
+    """The Source of a model folder (harness.core.checkpoints.ModelFolder), the one way every caller
+    (the logits suite, the benchmarks, the tests) makes it, so that builds cached by the weights'
+    fingerprint are shared. ``hf_path``: a caller's own HF folder maker (made on first call);
+    ``tokenizer``: the folder's tokenizer.model by default, else the Llama 2 fixture for a
+    32000-piece vocabulary."""
     from harness.core import cache_dir
     from harness.core.checkpoints import HFFolder
     from harness.core.store import fingerprint
     ckpt = ckpt if ckpt is not None else folder.load()
     holder: list = []
 
-    def hf_path() -> Path:
+    def own_hf_path() -> Path:
         if not holder:
             holder.append(HFFolder(ckpt))
         return holder[0].path
 
-    tok = folder.path / "tokenizer.model"
-    return Source(ckpt=ckpt, fingerprint=fingerprint(folder.fingerprint()), hf_path=hf_path,
-                  tokenizer=tok if tok.is_file() else None, cache=cache or cache_dir() / "subjects")
+    if tokenizer is None and (folder.path / "tokenizer.model").is_file():
+        tokenizer = folder.path / "tokenizer.model"
+    if tokenizer is None and ckpt.args.vocab_size == 32000:
+        from harness.core.real_tokenizer import ensure_tokenizer_model
+        tokenizer = ensure_tokenizer_model()
+    return Source(ckpt=ckpt, fingerprint=fingerprint(folder.fingerprint()), hf_path=hf_path or own_hf_path,
+                  tokenizer=tokenizer, cache=cache or cache_dir() / "subjects")
 
 
 def meta_state(hf_state: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
@@ -152,7 +159,13 @@ def meta_state(hf_state: dict[str, torch.Tensor], args) -> dict[str, torch.Tenso
     return hf_to_meta_state({k: v.detach().to("cpu", torch.float32) for k, v in hf_state.items()}, args)
 
 
-def dequantised_checkpoint(ckpt, state: dict[str, torch.Tensor]):
-    """The checkpoint with these weights: the oracle built from it measures quantisation alone."""
+def dequantised_checkpoint(ckpt, weights):
+    """The checkpoint a lossy subject really computes with, for the oracle that measures the weights'
+    share alone: ``dequantised()`` gives a Checkpoint (llama.cpp) or a Meta-layout state dict (the
+    torch kinds); None where there is nothing to split."""
     from dataclasses import replace
-    return replace(ckpt, state=state)
+
+    from reference_model.checkpoint import Checkpoint
+    if weights is None or isinstance(weights, Checkpoint):
+        return weights
+    return replace(ckpt, state=weights)

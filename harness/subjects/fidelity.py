@@ -17,8 +17,6 @@ What the fidelity table of ``benchmarks/subjects_fidelity.py`` and the subject t
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,27 +51,12 @@ EXACT_METRICS = ("max_abs", "rel_l2", "nmse", "kl_mean", "kl_p99", "kl_max", "lo
 
 def open_source(model: str | Path | None = None, preset: str | None = None) -> Source:
     """The weights of --model (or a preset, or the embedded default) as a subject ``Source``."""
-    from harness.core.checkpoints import HFFolder, open_model
+    from harness.core.checkpoints import open_model
+    from harness.subjects.common import source_of
     if preset is not None:
         from harness.core.presets import cached
         model = cached(preset)
-    folder = open_model(model)
-    ckpt = folder.load()
-    fingerprint = hashlib.sha256(json.dumps(folder.fingerprint()).encode()).hexdigest()
-    held: list[HFFolder] = []
-
-    def hf_path() -> Path:
-        if not held:
-            held.append(HFFolder(ckpt))
-        return held[0].path
-
-    tokenizer = folder.path / "tokenizer.model"
-    if not tokenizer.is_file():
-        tokenizer = None
-        if folder.args.vocab_size == 32000:
-            from harness.core.real_tokenizer import ensure_tokenizer_model
-            tokenizer = ensure_tokenizer_model()
-    return Source(ckpt, fingerprint, hf_path, tokenizer, cache_dir() / "subjects")
+    return source_of(open_model(model))
 
 
 def build(spec: str, source: Source, dtype: str = "float32", device: str = "cpu") -> Subject:
@@ -160,8 +143,14 @@ def error_split(subject, logits: torch.Tensor, windows, truth: torch.Tensor, bat
                 "runtime_kl_mean": runtime["kl_mean"], "runtime_kl_p99": runtime["kl_p99"]}
     deq = oracle_logits(ckpt, windows.ids, batch)
     del ckpt
-    w = corpus_stats(position_stats(deq, truth, targets=windows.targets))
-    r = corpus_stats(position_stats(logits, deq, targets=windows.targets))
+    return split_of(position_stats(deq, truth, targets=windows.targets),
+                    position_stats(logits, deq, targets=windows.targets))
+
+
+def split_of(weights: PositionStats, runtime: PositionStats) -> dict:
+    """The split's figures from two comparisons over the same positions: the oracle on the subject's
+    dequantised weights against the oracle (the weights' share), the subject against that (the runtime's)."""
+    w, r = corpus_stats(weights), corpus_stats(runtime)
     return {"weights_kl_mean": w["kl_mean"], "weights_kl_p99": w["kl_p99"], "weights_same_top1": w["same_top1"],
             "runtime_kl_mean": r["kl_mean"], "runtime_kl_p99": r["kl_p99"], "runtime_same_top1": r["same_top1"]}
 

@@ -52,7 +52,9 @@ from harness.core.tolerance import Policy, load_policy
 from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
 
-from harness.subjects import AXES, DEFAULT as DEFAULT_SUBJECT, NOT_INSTALLED, NotInstalledError, Source, Spec, factory, is_exact, parse_spec
+from harness.subjects import AXES, DEFAULT as DEFAULT_SUBJECT, NOT_INSTALLED, NotInstalledError, Spec, factory, is_exact, parse_spec
+from harness.subjects.common import dequantised_checkpoint, source_of
+from harness.subjects.fidelity import split_of
 
 SUITE = "logits"
 INPUTS = ("random", "tokens", "corpus", "padded", "cached")
@@ -379,12 +381,10 @@ class Measure:
             self._hf = HFFolder(self.plan.ckpt)
         return self._hf.path
 
-    def source(self) -> Source:
+    def source(self):
         """What every subject is built from: these weights, the one HF folder, the build cache."""
-        from harness.core import cache_dir
         plan = self.plan
-        return Source(plan.ckpt, fingerprint(plan.folder.fingerprint()), self.hf_path, plan.tokenizer,
-                      cache_dir() / "subjects")
+        return source_of(plan.folder, plan.ckpt, hf_path=self.hf_path, tokenizer=plan.tokenizer)
 
     # -- subjects ---------------------------------------------------------------------------------
     def cells(self) -> list[Cell]:
@@ -586,7 +586,7 @@ class Measure:
                 continue
             subjects[cell] = subject
             if not is_exact(subject) and hasattr(subject, "dequantised"):
-                weights = split_checkpoint(plan.ckpt, subject.dequantised())
+                weights = dequantised_checkpoint(plan.ckpt, subject.dequantised())
                 if weights is not None:
                     splits[cell] = ReferenceSubject(weights, "float64", plan.device, oracle=True)
         parts: dict = {"reference": [], **{c: [] for c in subjects}}
@@ -624,7 +624,7 @@ class Measure:
                     continue
                 st = cat_stats(parts[cell])
                 judged = self.judged(case, cell.label, st, ref_stats, dtype, None, inp)
-                split = error_split(*split_parts[cell]) if cell in splits else None
+                split = split_of(*(cat_stats(p) for p in split_parts[cell])) if cell in splits else None
                 if not is_exact(subject):
                     judged = self.budget_rows(judged, case, cell, subject, st, split)
                 self.described(judged, subject, cell)
@@ -772,23 +772,6 @@ def shown(rows: list[Row], reason: str) -> list[Row]:
         if r.status in (PASS, FAIL) and "non-finite" not in r.reason:
             r.status, r.reason, r.tolerance = INFO, reason, None
     return rows
-
-
-def split_checkpoint(ckpt: Checkpoint, weights) -> Checkpoint | None:
-    """The checkpoint a lossy subject really computes with: ``dequantised()`` gives a Checkpoint
-    (llama.cpp) or a Meta-layout state dict (the torch kinds); None: nothing to split."""
-    if weights is None or isinstance(weights, Checkpoint):
-        return weights
-    from dataclasses import replace
-    return replace(ckpt, state=weights)
-
-
-def error_split(weights: list[PositionStats], runtime: list[PositionStats]) -> dict:
-    """KL(oracle || subject) told apart: the oracle on the subject's dequantised weights against the
-    oracle (the weights' quantisation), and the subject against that (its runtime's arithmetic)."""
-    w, r = corpus_stats(cat_stats(weights)), corpus_stats(cat_stats(runtime))
-    return {"weights_kl_mean": w["kl_mean"], "weights_kl_p99": w["kl_p99"], "weights_same_top1": w["same_top1"],
-            "runtime_kl_mean": r["kl_mean"], "runtime_kl_p99": r["kl_p99"], "runtime_same_top1": r["same_top1"]}
 
 
 def _tp(value: str):
