@@ -142,10 +142,10 @@ def transformers_subject(source: Source, dtype: str, device: str, options: dict)
     gguf = o.text("gguf")
     o.done()
     if gguf is not None:
-        if compiled or common["fault"] is not None or common["tp"] != 1 or common["cache"] != "dynamic":
-            raise InputError(f"--subject {o.label}: gguf= takes attn= only (no compile, plant, tp or cache)")
+        if compiled or common["fault"] is not None or common["cache"] != "dynamic":
+            raise InputError(f"--subject {o.label}: gguf= takes attn= and tp= only (no compile, plant or cache)")
         from harness.subjects.transformers_gguf import load
-        return load(source, dtype, device, gguf, common["attn"])
+        return load(source, dtype, device, gguf, common["attn"], common["tp"])
     if "backend" in options and not compiled:
         raise InputError(f"--subject {o.label}: backend= needs compile=1")
     subject = TransformersLM(source, dtype, device, **common)

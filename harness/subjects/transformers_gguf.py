@@ -27,11 +27,11 @@ from harness.subjects.transformers import TransformersLM
 class GgufLM(TransformersLM):
     """LlamaForCausalLM.from_pretrained(folder, gguf_file=FILE): a GGUF read back by transformers."""
 
-    def __init__(self, source: Source, dtype: str, device: str, quant: str, attn: str = "eager"):
+    def __init__(self, source: Source, dtype: str, device: str, quant: str, attn: str = "eager", tp: int = 1):
         if dtype not in DTYPES:
             raise InputError(f"--subject transformers:gguf={quant}: dtype {dtype!r} (known: {', '.join(DTYPES)})")
         from harness.subjects import llamacpp
-        self.dtype, self.device, self.attn, self.tp = dtype, device, attn, 1
+        self.dtype, self.device, self.attn, self.tp = dtype, device, attn, tp
         self.fault, self.cache, self.inference, self.compiled = None, "dynamic", True, None
         self.source, self.quant = source, quant
         self.exact = quant == "F32"
@@ -52,18 +52,18 @@ class GgufLM(TransformersLM):
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        kwargs = {compat.dtype_kwarg(): DTYPES[dtype], "gguf_file": self.path.name}
+        kwargs = {compat.dtype_kwarg(): DTYPES[dtype], "gguf_file": self.path.name, "pretraining_tp": tp}
         if compat.transformers_version() >= (4, 36):
             kwargs["attn_implementation"] = attn
         self.model = transformers.LlamaForCausalLM.from_pretrained(self.path.parent, **kwargs).to(device).eval()
 
     def settings(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "gguf": self.quant, "attn": self.attn}
+        return {"dtype": self.dtype, "gguf": self.quant, "attn": self.attn, "tp": self.tp}
 
     def provenance(self) -> dict[str, Any]:
         return {**package_versions("torch", "transformers", "gguf"),
                 "weights": f"{self.path.name}, loaded with from_pretrained(gguf_file=...) (dequantised by transformers)",
-                "gguf": self.file, "attn_implementation": self.attn, "kv_cache": f"dynamic ({self.dtype})"}
+                "gguf": self.file, "attn_implementation": self.attn, "pretraining_tp": self.tp, "kv_cache": f"dynamic ({self.dtype})"}
 
     def cannot(self) -> dict[str, str]:
         return {"hooks": "per-layer captures load the harness's HF folder, not the model read from the GGUF",
@@ -78,14 +78,14 @@ class GgufLM(TransformersLM):
         return meta_state(dict(self.model.state_dict()), self.source.ckpt.args)
 
 
-def load(source: Source, dtype: str, device: str, quant: str, attn: str) -> GgufLM:
+def load(source: Source, dtype: str, device: str, quant: str, attn: str, tp: int = 1) -> GgufLM:
     known = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0")
     if quant not in known:
         raise InputError(f"--subject transformers:gguf={quant!r} (choose from {', '.join(known)})")
     if not _has_gguf():
         raise NotInstalledError("--subject transformers:gguf=: transformers reads GGUF files with the gguf package "
                                 "(pip install gguf)")
-    return GgufLM(source, dtype, device, quant, attn)
+    return GgufLM(source, dtype, device, quant, attn, tp)
 
 
 def _has_gguf() -> bool:
