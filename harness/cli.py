@@ -204,11 +204,11 @@ def _link_findings(part) -> None:
     """Each failing (or known-excused) row names the finding that explains it, ``extra["finding_id"]``,
     so that JUnit, the pytest plugin and the pages can say it beside the cell (the rule is the one
     ``harness.core.findings.collect`` groups by)."""
-    from harness.core.findings import _key
+    from harness.core.findings import key
     from harness.core.store import FAIL, INFO
     for r in part.rows:
         if r.status == FAIL or (r.status == INFO and isinstance(r.extra.get("known"), dict)):
-            r.extra["finding_id"] = f"{part.suite or r.suite}/{_key(r, part.mechanisms)[0]}"
+            r.extra["finding_id"] = f"{part.suite or r.suite}/{key(r, part.mechanisms)[0]}"
 
 
 # the arguments that choose a suite's cells, named when none of the chosen cells can be measured
