@@ -14,15 +14,17 @@ from harness.core.metrics import POLICY_METRICS, beyond_rounding, cat_stats, cor
 from harness.core.store import FAIL
 from harness.core.subjects import ReferenceSubject
 from harness.core.tolerance import load_policy
-from harness.subjects.common import budget, dequantised_checkpoint, has_module, over_budget, source_of
+from harness.subjects.common import dequantised_checkpoint, has_module, source_of
+from harness.subjects.fidelity import budget, over_budget
 from harness.suites.logits import GATED
 
 CTX, TOKENS = 128, 512        # 4 windows of 128: 508 real-text positions, seconds per subject
 
 
 def load_kinds() -> None:
-    """Register every kind (importing none of the optional packages)."""
-    from harness.subjects import onnx, ortgenai, quanto, torchao, transformers  # noqa: F401
+    """Register the torch-side kinds (importing none of the optional packages)."""
+    from harness.subjects import load_kinds as load
+    load("transformers", "torchao", "quanto", "onnxruntime", "onnxruntime-genai")
 
 
 def needs(module: str, extra: str):
@@ -72,10 +74,11 @@ def text_stats(run, truth: torch.Tensor | None = None) -> dict:
     return corpus_stats(cat_stats(parts))
 
 
-def lossy_failures(subject, kind: str, type_: str) -> tuple[dict, dict]:
-    """(broken budget metrics, corpus statistics) of a lossy subject on the held-out text."""
+def lossy_failures(subject) -> tuple[dict, dict]:
+    """(broken budget metrics, corpus statistics) of a lossy subject on the held-out text, against
+    the [[budget]] of suites/subjects_tolerance.toml that its settings match."""
     stats = text_stats(subject.forward)
-    return over_budget(stats, budget(kind, type_)), stats
+    return over_budget(stats, budget(subject.name, subject.settings())), stats
 
 
 def split(subject) -> tuple[float, float]:

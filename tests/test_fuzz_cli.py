@@ -845,6 +845,9 @@ def flags_for(command: str) -> dict[str, Flag]:
             "--device": DEVICE, "--seed": SEED,
             "--policy": Flag(policy_good("tolerance.toml"), policy_bad("tolerance.toml"), 20, 30, 50),
             "--plant": Flag(values("no-permute", "mask-shift", "swap-gate-up"), PLANT_BAD, 10, 10, 80),
+            "--subject": Flag(values("transformers", "transformers:attn=eager"),
+                              junk(["nope", "transformers:x", ":a=b", "transformers:colour=red", "torchao:quant=int3"]),
+                              10, 10, 80),
             "--no-localise": Flag(switch=True), "--no-resume": Flag(switch=True), "--html": html,
             "--memory-budget": BUDGET, "--out": OUT,
         }

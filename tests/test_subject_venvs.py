@@ -230,7 +230,7 @@ def no_venvs(source, tmp_path):
 @pytest.mark.parametrize("kind", ["vllm", "torchtune", "llama-models"])
 def test_a_missing_venv_makes_the_subject_na_with_the_command_that_creates_it(no_venvs, kind):
     subject = KINDS[kind](no_venvs, "float32", "cpu", {})
-    why = subject.cannot()["run"]
+    why = subject.cannot()["subject"]
     assert f"python -m harness.subjects.subprocess setup {kind}" in why and f"tox -e {kind}" in why
     with pytest.raises(SubjectCannot, match="setup " + kind):
         subject.forward(torch.ones(1, 4, dtype=torch.long))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from harness.subjects import KINDS
-from harness.subjects.common import budget, dequantised_checkpoint, over_budget
+from harness.subjects.common import dequantised_checkpoint
+from harness.subjects.fidelity import budget, over_budget
 from subjects_common import embedded, exact_failures, lossy_failures, needs, oracle, split, text
 
 ORT = needs("onnxscript", "onnx")
@@ -77,12 +78,12 @@ def test_genai_fp32_forward_and_its_own_cached_decode_pass_the_logits_rule():
 @GENAI
 def test_genai_int4_within_budget_and_its_dequantised_weights_are_the_kernels():
     subject = make("onnxruntime-genai", {"precision": "int4"})
-    broken, _ = lossy_failures(subject, "onnxruntime-genai", "int4")
+    broken, _ = lossy_failures(subject)
     assert broken == {}, broken
     graph = subject.provenance()["graph"]
     assert graph["lm_head_quantised"] and graph["float_matmul"] == 0 and graph["accuracy_level"] == [4]
     quant, runtime = split(subject)
-    assert over_budget({"quant_kl_mean": quant, "runtime_kl_mean": runtime}, budget("onnxruntime-genai", "int4")) == {}
+    assert over_budget({"weights_kl_mean": quant, "runtime_kl_mean": runtime}, budget("onnxruntime-genai", subject.settings())) == {}
     # With float32 activations (accuracy_level=1) the kernel computes with exactly the weights
     # dequantised() reads back: against their oracle it is float32-exact.
     f32 = make("onnxruntime-genai", {"precision": "int4", "accuracy_level": "1"})
@@ -100,5 +101,5 @@ def test_planted_genai_bugs_are_caught(options, fault):
     if options["precision"] == "fp32":
         assert {"kl_mean", "max_abs"} <= set(exact_failures(subject.forward(ids), ids, truth))
     else:
-        broken, _ = lossy_failures(subject, "onnxruntime-genai", "int4")
+        broken, _ = lossy_failures(subject)
         assert "kl_mean" in broken

@@ -416,7 +416,8 @@ def _label(c: dict) -> str:
 
 
 def corpus_table(summary: dict) -> str:
-    """llama.cpp's perplexity --kl-divergence layout, one line per subject x setting."""
+    """llama.cpp's perplexity --kl-divergence layout, one line per subject x setting, sorted by mean
+    KL, with the error split of lossy subjects; then who each subject is (its provenance)."""
     cells = _corpus_cells(summary)
     if not cells:
         return ""
@@ -425,21 +426,40 @@ def corpus_table(summary: dict) -> str:
         v = _finite(c.get(k))
         return "-" if v is None else format(scale * v, fmt)
     rows = []
-    for cell in cells:
-        c = cell["extra"]["corpus"]
+    for cell in sorted(cells, key=lambda cell: _finite(cell["extra"]["corpus"].get("kl_mean")) or float("inf")):
+        c, sp = cell["extra"]["corpus"], cell["extra"].get("split") or {}
         rows.append([cell["subject"], *(str(cell["case"].get(k, "-")) for k in ("dtype", "attn", "tp")),
                      f"{num(c, 'kl_mean')} ± {num(c, 'kl_mean_se', fmt='.2g')}", num(c, "kl_median"),
                      num(c, "kl_p99"), num(c, "kl_p99_9"), num(c, "kl_max"),
                      f"{num(c, 'same_top1', 100, '.3f')} ± {num(c, 'same_top1_se', 100, '.3f')} %",
                      f"{num(c, 'rms_dp', 100)} ± {num(c, 'rms_dp_se', 100, '.2g')} %",
                      f"{num(c, 'ppl_ratio', fmt='.6f')} ± {num(c, 'ppl_ratio_se', fmt='.2g')}",
-                     num(c, "topk_both", 100, ".3f") + " %", num(c, "lp_at_t_absdiff_mean")])
+                     num(c, "topk_both", 100, ".3f") + " %", num(c, "lp_at_t_absdiff_mean"),
+                     num(sp, "weights_kl_mean", fmt=".3g"), num(sp, "runtime_kl_mean", fmt=".3g")])
     n = _finite(cells[0]["extra"]["corpus"].get("n"))
     return ("<h3>Corpus statistics (llama.cpp's perplexity --kl-divergence layout)</h3>"
             + _table(["subject", "dtype", "attn", "tp", "Mean KLD", "Median KLD", "99% KLD", "99.9% KLD", "Max KLD",
-                      "Same top p", "RMS Δp", "PPL ratio", "top-5 both", "mean |Δ log p(t*)|"], rows)
+                      "Same top p", "RMS Δp", "PPL ratio", "top-5 both", "mean |Δ log p(t*)|",
+                      "KLD weights", "KLD runtime"], rows)
             + f"<p>{esc(int(n) if n else '?')} positions per cell; ± is one standard error; "
-              "truth: the float64 oracle.</p>")
+              "truth: the float64 oracle; sorted by mean KL. KLD weights: the oracle on a lossy subject's "
+              "own dequantised weights; KLD runtime: the subject against that.</p>"
+            + provenance_table(summary))
+
+
+def provenance_table(summary: dict) -> str:
+    """Each subject's settings, provenance and what it cannot do (the logits suite's summary)."""
+    subjects = summary.get("subjects")
+    if not isinstance(subjects, dict) or not subjects:
+        return ""
+    rows = []
+    for label, d in sorted(subjects.items()):
+        prov = d.get("provenance") or {}
+        rows.append([label, "exact: the logits rule" if d.get("exact") else "lossy: its budget",
+                     ", ".join(f"{k}={v}" for k, v in (d.get("settings") or {}).items()),
+                     "; ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, default=str)}" for k, v in prov.items()),
+                     "; ".join(f"{k}: {v}" for k, v in sorted((d.get("cannot") or {}).items())) or "-"])
+    return "<h3>Subjects and their provenance</h3>" + _table(["subject", "judged", "settings", "provenance", "cannot"], rows)
 
 
 def corpus_plots(summary: dict) -> str:

@@ -46,6 +46,7 @@ from harness.core.store import FAIL, INFO, PASS, Row
 from harness.core.subjects import ORACLE, ReferenceSubject, TransformersSubject
 from harness.core.suite import Context, Part, Result, Suite
 from harness.scale.capture import GROUP, Capture, Errors, Point, Store, point_name, point_order
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 FLOOR = {"float32": torch.finfo(torch.float32).eps, "bfloat16": torch.finfo(torch.bfloat16).eps,
          "float16": torch.finfo(torch.float16).eps, "float64": torch.finfo(torch.float64).eps}
@@ -278,7 +279,7 @@ class Localise(Suite):
             order, ref, tf = capture_full(ckpt, hf.path, ids, dtype, device, attn, tp, fault, fine=not a.coarse)
         found = locate(order, tf, ref, dtype)
         case = {"dtype": dtype, "attn": attn, "tp": tp, "shape": str(shape), "device": device}
-        curves = {"reference": ref, "transformers": tf}
+        curves = {"reference": ref, SUBJECT: tf}
         rows = curve_rows("localise", case, order, curves, ref, dtype)
         extra = {"case": case, "model": str(folder.path), "seed": seed, "plant": a.plant,
                  "truth": "oracle-fp64 (the reference entirely in float64)"}

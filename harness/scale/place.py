@@ -21,6 +21,7 @@ import torch
 from harness.core import inputs
 from harness.core.errors import InputError
 from harness.core.suite import Part, Result, Suite
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 NO_SPLIT_REFERENCE = ["TransformerBlock"]
 STRATEGIES = ("auto", "balanced")
@@ -260,7 +261,7 @@ class Place(Suite):
         rows = judged_rows("place", case, truth, ref_logits, tf_logits, policy, dtype)
         placement = {"oracle-fp64": {k: str(v) for k, v in oracle_map.items()},
                      "reference": {k: str(v) for k, v in work_map.items()},
-                     "transformers": {k: str(v) for k, v in tf_placed.items()},
+                     SUBJECT: {k: str(v) for k, v in tf_placed.items()},
                      "blocks_per_device": {str(d): b for d, b in blocks_per_device(work_map, ckpt.args.n_layers).items()}}
         extra = {"model": str(folder.path), "truth": "oracle-fp64 (the reference entirely in float64)", "seed": seed,
                  "policy": {"path": str(policy.path), "version": policy.version}, "plant": a.plant,
@@ -268,7 +269,7 @@ class Place(Suite):
         on_gpu = any(isinstance(d, int) for d in (*work_map.values(), *oracle_map.values()))
         from harness.results.markdown import md_escape
         section = "".join(f"- **{k}**: {md_escape(describe(v))}\n" for k, v in
-                          (("oracle-fp64", oracle_map), ("reference", work_map), ("transformers", tf_placed)))
+                          (("oracle-fp64", oracle_map), ("reference", work_map), (SUBJECT, tf_placed)))
         return Result([Part("place", rows, extra, sections=[("Placement (accelerate device maps)", section)],
                             device="cuda" if on_gpu else "cpu")],
                       [f"placement (reference, transformers): {describe(work_map)}"])
@@ -301,7 +302,7 @@ def _placed_logits(ckpt, hf_path, ids, dtype, attn, fault, work_map, oracle_map,
     truth = placed_reference("float64", oracle_map)
     ref_logits = placed_reference(dtype, work_map)
     subject = TransformersSubject(hf_path, dtype, "cpu", attn, fault=fault, device_map=tf_map,
-                                  offload_folder=str(offload / "transformers"))
+                                  offload_folder=str(offload / SUBJECT))
     tf_placed = dict(getattr(subject.model, "hf_device_map", tf_map))
     tf_logits = subject.logits(ids).float().cpu()
     return truth, ref_logits, tf_logits, tf_placed
@@ -318,10 +319,10 @@ def judged_rows(suite: str, case: dict, truth, ref_logits, tf_logits, policy, dt
     pair, pair_why = compare(tf_logits, ref_logits)
     rows = []
     for subject, values, why, calib in (("reference", ref_values, ref_why, None),
-                                        ("transformers", tf_values, tf_why, ref_values)):
+                                        (SUBJECT, tf_values, tf_why, ref_values)):
         for m in METRICS:
             tol, status, reason = policy.judge(dtype, m, values[m], None if calib is None else calib[m])
             rows.append(Row(suite, case, subject, ORACLE, m, values[m], tol, FAIL if why else status, why or reason))
-    rows += [Row(suite, case, "transformers", "reference", m, pair[m], status=INFO,
+    rows += [Row(suite, case, SUBJECT, "reference", m, pair[m], status=INFO,
                  reason=pair_why or "informational: same dtype, no truth") for m in METRICS]
     return rows

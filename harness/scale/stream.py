@@ -36,6 +36,7 @@ from harness.core.suite import Context, Result, Suite
 from harness.scale.capture import Capture, Errors, Store, point_order
 from reference_model.convert import args_to_hf_config, unpermute
 from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_cis
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 
 # --- transformers pieces, built one block at a time ------------------------------------------
@@ -243,12 +244,12 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     tf_err((None, "norm"), x)
     y = F.linear(x, out_w.to(device, dt))
     tf_err((None, "head"), y)
-    logits["transformers"] = y.float().cpu()
+    logits[SUBJECT] = y.float().cpu()
 
     if oracle:
-        metrics = {name: compare(logits[name], logits[ORACLE]) for name in ("reference", "transformers")}
+        metrics = {name: compare(logits[name], logits[ORACLE]) for name in ("reference", SUBJECT)}
     else:
-        metrics = {"transformers": compare(logits["transformers"], logits["reference"])}
+        metrics = {SUBJECT: compare(logits[SUBJECT], logits["reference"])}
     return StreamResult(point_order(args.n_layers, fine), ref_err.errors, tf_err.errors, logits, metrics, feed)
 
 
@@ -303,7 +304,7 @@ class Stream(Suite):
         result = stream_compare(folder.path, ids, dtype, device, attn, fine=not a.coarse, feed=a.feed, fault=fault)
         found = locate(result.order, result.transformers, result.reference, dtype)
         case = {"dtype": dtype, "attn": attn, "shape": str(shape), "device": device, "feed": a.feed}
-        curves = {"reference": result.reference, "transformers": result.transformers}
+        curves = {"reference": result.reference, SUBJECT: result.transformers}
         rows = curve_rows("stream", case, result.order, curves, result.reference, dtype)
         for subject, (values, why) in result.metrics.items():
             rows += [Row("stream", {**case, "layer": "-", "op": "logits"}, subject, ORACLE, m, values[m],

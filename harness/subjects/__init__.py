@@ -31,7 +31,14 @@ CAPABILITIES = (
     "hooks",        # per-layer / per-op captures (localisation, streaming)
     "logits",       # raw logits (else: log-probabilities over the full vocabulary)
     "planting",     # the harness's planted faults can be applied to it
+    "subject",      # the subject itself: its package is not installed here (NOT_INSTALLED's reason)
 )
+NOT_INSTALLED = "subject"   # cannot()[NOT_INSTALLED]: how to install it; every cell of it is n/a
+
+
+class NotInstalledError(InputError):
+    """A factory asked for a kind whose package is absent. Alone (a test, a benchmark) it is bad
+    input, exit 2; a suite running several subjects records the kind's cells n/a with this reason."""
 
 
 @runtime_checkable
@@ -80,16 +87,50 @@ class Spec:
         return f"{self.kind}:{opts}" if opts else self.kind
 
 
+DEFAULT = "transformers"    # the subject a suite judges when no --subject is given (today's runs)
 Factory = Callable[[Source, str, str, dict], Subject]    # (source, dtype, device, options)
 KINDS: dict[str, Factory] = {}
+# The logits suite's matrix axes (attn, tp) a kind takes as options: a spec that does not fix one
+# runs at each of the suite's values; a kind without an axis has "-" there.
+AXES: dict[str, tuple[str, ...]] = {}
+# Where each kind registers itself: imported only when the kind is asked for, so that naming one
+# subject never imports another's packages (torchao changes every `import transformers`).
+MODULES = {"transformers": "transformers", "torchao": "torchao", "quanto": "quanto",
+           "onnxruntime": "onnx", "onnxruntime-genai": "ortgenai", "llama.cpp": "llamacpp",
+           "vllm": "vllm", "torchtune": "torchtune", "llama-models": "llama_models"}
 _SPEC = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)(?::(.*))?$")
 
 
-def register(kind: str) -> Callable[[Factory], Factory]:
+def register(kind: str, axes: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
     def put(factory: Factory) -> Factory:
         KINDS[kind] = factory
+        AXES[kind] = tuple(axes)
         return factory
     return put
+
+
+def load_kinds(*kinds: str) -> list[str]:
+    """Import the modules that register ``kinds`` (every kind when none is named); the known kinds."""
+    import importlib
+    for kind in kinds or tuple(MODULES):
+        if kind not in KINDS and kind in MODULES:
+            importlib.import_module(f"{__name__}.{MODULES[kind]}")
+    return sorted(set(KINDS) | set(MODULES))
+
+
+def factory(spec: Spec, arg: str = "--subject") -> Factory:
+    """The registered factory of a spec's kind; an unknown kind is exit 2 naming the argument."""
+    known = load_kinds(spec.kind)
+    if spec.kind not in KINDS:
+        raise InputError(f"{arg} {spec.label()!r}: unknown kind {spec.kind!r} (known: {', '.join(known)})")
+    return KINDS[spec.kind]
+
+
+def is_exact(subject: Subject) -> bool:
+    """Exact subjects (float32 arithmetic on the checkpoint's own weights) are judged like
+    transformers; the others are lossy and judged against per-type budgets. A subject says which
+    with ``exact``; one that does not say is taken as lossy (a budget must vouch for it)."""
+    return bool(getattr(subject, "exact", False))
 
 
 def parse_spec(text: str, arg: str = "--subject") -> Spec:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from harness.core.errors import InputError
-from harness.subjects import Source, Spec
+from harness.subjects import NotInstalledError, Source, Spec
 
 
 class Options:
@@ -93,7 +93,7 @@ def has_module(module: str) -> bool:
 def require(kind: str, module: str, dist: str, extra: str) -> None:
     """Exit 2 naming the package when an optional subject's package is not installed."""
     if not has_module(module):
-        raise InputError(f"--subject {kind}: needs the {dist} package (pip install 'llama-parity[{extra}]')")
+        raise NotInstalledError(f"--subject {kind}: needs the {dist} package (pip install 'llama-parity[{extra}]')")
 
 
 def cache_key(source: Source, tool: dict[str, Any]) -> str:
@@ -127,23 +127,30 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def source_of(folder, ckpt=None, cache: Path | None = None) -> Source:
-    """The Source of a model folder (harness.core.checkpoints.ModelFolder): what tests and the
-    benchmark build subjects from until the suites make it."""
+def source_of(folder, ckpt=None, cache: Path | None = None, hf_path=None, tokenizer: Path | None = None) -> Source:
+    """The Source of a model folder (harness.core.checkpoints.ModelFolder), the one way every caller
+    (the logits suite, the benchmarks, the tests) makes it, so that builds cached by the weights'
+    fingerprint are shared. ``hf_path``: a caller's own HF folder maker (made on first call);
+    ``tokenizer``: the folder's tokenizer.model by default, else the Llama 2 fixture for a
+    32000-piece vocabulary."""
     from harness.core import cache_dir
     from harness.core.checkpoints import HFFolder
     from harness.core.store import fingerprint
     ckpt = ckpt if ckpt is not None else folder.load()
     holder: list = []
 
-    def hf_path() -> Path:
+    def own_hf_path() -> Path:
         if not holder:
             holder.append(HFFolder(ckpt))
         return holder[0].path
 
-    tok = folder.path / "tokenizer.model"
-    return Source(ckpt=ckpt, fingerprint=fingerprint(folder.fingerprint()), hf_path=hf_path,
-                  tokenizer=tok if tok.is_file() else None, cache=cache or cache_dir() / "subjects")
+    if tokenizer is None and (folder.path / "tokenizer.model").is_file():
+        tokenizer = folder.path / "tokenizer.model"
+    if tokenizer is None and ckpt.args.vocab_size == 32000:
+        from harness.core.real_tokenizer import ensure_tokenizer_model
+        tokenizer = ensure_tokenizer_model()
+    return Source(ckpt=ckpt, fingerprint=fingerprint(folder.fingerprint()), hf_path=hf_path or own_hf_path,
+                  tokenizer=tokenizer, cache=cache or cache_dir() / "subjects")
 
 
 def meta_state(hf_state: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
@@ -152,47 +159,13 @@ def meta_state(hf_state: dict[str, torch.Tensor], args) -> dict[str, torch.Tenso
     return hf_to_meta_state({k: v.detach().to("cpu", torch.float32) for k, v in hf_state.items()}, args)
 
 
-def dequantised_checkpoint(ckpt, state: dict[str, torch.Tensor]):
-    """The checkpoint with these weights: the oracle built from it measures quantisation alone."""
+def dequantised_checkpoint(ckpt, weights):
+    """The checkpoint a lossy subject really computes with, for the oracle that measures the weights'
+    share alone: ``dequantised()`` gives a Checkpoint (llama.cpp) or a Meta-layout state dict (the
+    torch kinds); None where there is nothing to split."""
     from dataclasses import replace
-    return replace(ckpt, state=state)
 
-
-# --- budgets of lossy subjects (suites/subjects_torch_tolerance.toml) ----------------------------------
-
-BUDGET_METRICS = ("kl_mean", "kl_p99", "rms_dp", "top1_disagree", "quant_kl_mean", "runtime_kl_mean")
-DEFAULT_BUDGETS = "subjects_torch_tolerance.toml"
-
-
-def budget(kind: str, type_: str, path: Path | None = None) -> dict[str, float]:
-    """The per-type budget of a lossy subject: ``[kind.type]`` of the subjects' tolerance file,
-    metric -> largest value allowed on real text against the float64 oracle, every table with its
-    reason. A missing table or a bad number is bad input naming the file and key."""
-    import math
-
-    from harness.core import SUITES
-    from harness.core.datafiles import read_toml
-    path = path or SUITES / DEFAULT_BUDGETS
-    data = read_toml(path, "--policy")
-    table = data.get(kind, {}).get(type_) if isinstance(data.get(kind), dict) else None
-    where = f"{path}: [{kind}.{type_}]"
-    if not isinstance(table, dict):
-        raise InputError(f"{where}: no budget for this subject type")
-    if not isinstance(table.get("reason"), str) or not table["reason"].strip():
-        raise InputError(f"{where}: needs a reason (a string saying where the numbers come from)")
-    out = {}
-    for metric, value in table.items():
-        if metric == "reason":
-            continue
-        if metric not in BUDGET_METRICS:
-            raise InputError(f"{where}.{metric}: unknown metric (known: {', '.join(BUDGET_METRICS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise InputError(f"{where}.{metric} = {value!r}: must be a finite number >= 0")
-        out[metric] = float(value)
-    return out
-
-
-def over_budget(stats: dict[str, float], limits: dict[str, float]) -> dict[str, str]:
-    """metric -> 'value > limit' for every budget metric a subject's corpus statistics break."""
-    values = {**stats, "top1_disagree": 1.0 - stats["same_top1"]} if "same_top1" in stats else stats
-    return {m: f"{values[m]:.3g} > {lim:.3g}" for m, lim in limits.items() if m in values and not values[m] <= lim}
+    from reference_model.checkpoint import Checkpoint
+    if weights is None or isinstance(weights, Checkpoint):
+        return weights
+    return replace(ckpt, state=weights)

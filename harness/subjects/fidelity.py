@@ -12,15 +12,12 @@ What the fidelity table of ``benchmarks/subjects_fidelity.py`` and the subject t
   KL(oracle on dequantised weights || subject);
 - the two ways a subject is judged: an exact one like transformers, by the logits rule against
   the reference's own float32 error (suites/tolerance.toml); a lossy one against the per-type
-  budgets of suites/subjects_tolerance.toml.
+  budgets of suites/subjects_tolerance.toml (one [[budget]] schema for every kind: ``budget``,
+  ``over_budget`` for tests that hold plain corpus statistics).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
-import json
 import math
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ from harness.core.errors import InputError
 from harness.core.metrics import (CORPUS_GATED, PositionStats, beyond_rounding, corpus_stats, position_stats,
                                   summarize)
 from harness.core.tolerance import Limit, load_policy
-from harness.subjects import KINDS, Source, Subject, parse_spec
+from harness.subjects import Source, Subject, factory, load_kinds, parse_spec  # noqa: F401 (load_kinds: re-exported)
 
 BUDGETS = SUITES / "subjects_tolerance.toml"
 # What a lossy budget may hold: each "lower is better", judged as value <= budget.
@@ -52,46 +49,19 @@ EXACT_METRICS = ("max_abs", "rel_l2", "nmse", "kl_mean", "kl_p99", "kl_max", "lo
                  "top1_flips", "topk_misses", *CORPUS_GATED)
 
 
-def load_kinds() -> list[str]:
-    """Import every subject module of harness.subjects so that each registers its kind."""
-    import harness.subjects as pkg
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"harness.subjects.{mod.name}")
-    return sorted(KINDS)
-
-
 def open_source(model: str | Path | None = None, preset: str | None = None) -> Source:
     """The weights of --model (or a preset, or the embedded default) as a subject ``Source``."""
-    from harness.core.checkpoints import HFFolder, open_model
+    from harness.core.checkpoints import open_model
+    from harness.subjects.common import source_of
     if preset is not None:
         from harness.core.presets import cached
         model = cached(preset)
-    folder = open_model(model)
-    ckpt = folder.load()
-    fingerprint = hashlib.sha256(json.dumps(folder.fingerprint()).encode()).hexdigest()
-    held: list[HFFolder] = []
-
-    def hf_path() -> Path:
-        if not held:
-            held.append(HFFolder(ckpt))
-        return held[0].path
-
-    tokenizer = folder.path / "tokenizer.model"
-    if not tokenizer.is_file():
-        tokenizer = None
-        if folder.args.vocab_size == 32000:
-            from harness.core.real_tokenizer import ensure_tokenizer_model
-            tokenizer = ensure_tokenizer_model()
-    return Source(ckpt, fingerprint, hf_path, tokenizer, cache_dir() / "subjects")
+    return source_of(open_model(model))
 
 
 def build(spec: str, source: Source, dtype: str = "float32", device: str = "cpu") -> Subject:
     s = parse_spec(spec)
-    if s.kind not in KINDS:
-        load_kinds()
-    if s.kind not in KINDS:
-        raise InputError(f"--subject {spec!r}: unknown kind {s.kind!r} (known: {', '.join(sorted(KINDS))})")
-    return KINDS[s.kind](source, dtype, device, s.options)
+    return factory(s)(source, dtype, device, s.options)
 
 
 def corpus_windows(source: Source, name: str = "heldout", ctx: int = 128, max_tokens: int | None = 1024):
@@ -173,8 +143,14 @@ def error_split(subject, logits: torch.Tensor, windows, truth: torch.Tensor, bat
                 "runtime_kl_mean": runtime["kl_mean"], "runtime_kl_p99": runtime["kl_p99"]}
     deq = oracle_logits(ckpt, windows.ids, batch)
     del ckpt
-    w = corpus_stats(position_stats(deq, truth, targets=windows.targets))
-    r = corpus_stats(position_stats(logits, deq, targets=windows.targets))
+    return split_of(position_stats(deq, truth, targets=windows.targets),
+                    position_stats(logits, deq, targets=windows.targets))
+
+
+def split_of(weights: PositionStats, runtime: PositionStats) -> dict:
+    """The split's figures from two comparisons over the same positions: the oracle on the subject's
+    dequantised weights against the oracle (the weights' share), the subject against that (the runtime's)."""
+    w, r = corpus_stats(weights), corpus_stats(runtime)
     return {"weights_kl_mean": w["kl_mean"], "weights_kl_p99": w["kl_p99"], "weights_same_top1": w["same_top1"],
             "runtime_kl_mean": r["kl_mean"], "runtime_kl_p99": r["kl_p99"], "runtime_same_top1": r["same_top1"]}
 
@@ -248,6 +224,27 @@ def budget_for(kind: str, settings: dict, budgets: list[Budget]) -> Budget | Non
     """The most specific budget whose match the subject's settings satisfy."""
     fits = [b for b in budgets if b.kind == kind and all(str(settings.get(k)) == v for k, v in b.match.items())]
     return max(fits, key=lambda b: len(b.match), default=None)
+
+
+def budget(kind: str, settings: dict, path: Path | None = None) -> dict[str, float]:
+    """metric -> largest value allowed, of the most specific [[budget]] matching a subject's
+    settings; none is bad input naming the file, the kind and the settings."""
+    _, budgets = load_budgets(path)
+    b = budget_for(kind, settings, budgets)
+    if b is None:
+        raise InputError(f"{path or BUDGETS}: no [[budget]] for {kind} matching {settings_key(settings)}")
+    return {m: lim.abs for m, lim in b.limits.items()}
+
+
+def over_budget(values: dict[str, float], limits: dict[str, float]) -> dict[str, str]:
+    """metric -> 'value > limit' for every budget metric that corpus statistics (corpus_stats, plus
+    the split's weights_/runtime_ values where measured) break."""
+    values = dict(values)
+    if "same_top1" in values:
+        values["top1_differ"] = 1.0 - values["same_top1"]
+    if "ppl_ratio" in values:
+        values["ppl_ratio_dev"] = abs(values["ppl_ratio"] - 1.0)
+    return {m: f"{values[m]:.3g} > {lim:.3g}" for m, lim in limits.items() if m in values and not values[m] <= lim}
 
 
 def judge_lossy(f: Fidelity, budget: Budget) -> list[tuple]:

@@ -10,7 +10,7 @@ forward always goes through its KV cache, so decode is its native path.
 """
 from __future__ import annotations
 
-from harness.subjects import register
+from harness.subjects import NOT_INSTALLED, register
 from harness.subjects.subprocess import meta_file, options, positive, venv_subject
 
 OPTIONS = {"threads": "torch threads in the worker", "timeout": "seconds per call"}
@@ -29,6 +29,6 @@ def llama_models_subject(source, dtype: str, device: str, opts: dict):
     start = {"threads": positive("llama-models", "threads", opts.get("threads"), None, whole=True)}
     subject = venv_subject("llama-models", source, dtype, device, opts, dtypes=("float32", "bfloat16"),
                            cannots=CANNOT, start=start)
-    if "run" not in subject.cannots:
+    if NOT_INSTALLED not in subject.cannots:
         subject.start["meta_file"] = str(meta_file(source))
     return subject

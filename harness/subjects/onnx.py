@@ -68,6 +68,7 @@ def export(source: Source, dtype: str, attn: str) -> Path:
 
 class OnnxRuntimeLM:
     name = KIND
+    exact = True        # float32 arithmetic on the checkpoint's weights: the logits rule judges it
 
     def __init__(self, source: Source, dtype: str, device: str, attn: str, fault=None):
         self.dtype, self.device, self.attn, self.fault = dtype, device, attn, fault
@@ -129,7 +130,7 @@ class OnnxRuntimeLM:
         self.session = None
 
 
-@register(KIND)
+@register(KIND, axes=("attn",))
 def onnxruntime_subject(source: Source, dtype: str, device: str, options: dict) -> OnnxRuntimeLM:
     from harness.core.faults import get_subject_fault
     o = Options(KIND, options)

@@ -115,6 +115,11 @@ def hf_keys(initializer: str) -> str:
 class GenaiLM:
     name = KIND
 
+    @property
+    def exact(self) -> bool:
+        """fp32 graphs are judged by the logits rule; int4 by its budget, with the split."""
+        return self.precision == "fp32"
+
     def __init__(self, source: Source, dtype: str, device: str, precision: str, accuracy: int | None, fault=None):
         self.dtype, self.device, self.precision, self.accuracy, self.fault = dtype, device, precision, accuracy, fault
         self.args, self.weights, self.model, self._tmp = source.ckpt.args, source.ckpt.state, None, None

@@ -9,7 +9,7 @@ an explicit command, never at run time:
     python -m harness.subjects.subprocess setup vllm        (or: tox -e vllm)
     python -m harness.subjects.subprocess status
 
-A subject whose venv is missing is built all the same and says so: ``cannot()["run"]`` holds the
+A subject whose venv is missing is built all the same and says so: ``cannot()[NOT_INSTALLED]`` holds the
 command that makes it, so every cell it would fill is n/a with that reason.
 
 The worker (``workers/run_<kind>.py`` + ``workers/worker_protocol.py``) imports nothing from the
@@ -39,6 +39,7 @@ import torch
 
 from harness.core import ROOT, SUITES, cache_dir
 from harness.core.errors import InputError
+from harness.subjects import NOT_INSTALLED
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 PINS = SUITES / "venvs"
@@ -319,7 +320,7 @@ class WorkerSubject:
     """A Subject (harness.subjects) whose numbers come from a worker in another environment.
 
     The worker starts on first use and stays up until ``close``. ``cannot`` holds what the kind
-    cannot do; "run" in it means the subject cannot run here at all (its venv is missing)."""
+    cannot do; NOT_INSTALLED ("subject") in it means the subject cannot run here at all (its venv is missing)."""
     name: str
     python: Path
     script: Path
@@ -337,6 +338,11 @@ class WorkerSubject:
     def settings(self) -> dict[str, Any]:
         return {"dtype": self.start["dtype"], **self.options}
 
+    @property
+    def exact(self) -> bool:
+        """float32 on the checkpoint's own weights (vLLM bf16 is lossy: judged by a budget)."""
+        return self.start["dtype"] == "float32"
+
     def cannot(self) -> dict[str, str]:
         return dict(self.cannots)
 
@@ -348,8 +354,8 @@ class WorkerSubject:
         return out
 
     def _ready(self) -> Worker:
-        if "run" in self.cannots:
-            raise SubjectCannot(f"{self.name}: {self.cannots['run']}")
+        if NOT_INSTALLED in self.cannots:
+            raise SubjectCannot(f"{self.name}: {self.cannots[NOT_INSTALLED]}")
         if self._worker is None:
             self._worker = Worker(self.name, self.python, self.script, self.start, self.start_timeout,
                                   self.call_timeout, self.env)
@@ -446,16 +452,16 @@ def positive(kind: str, key: str, value: str | None, default: float | None, whol
 def venv_subject(kind: str, source, dtype: str, device: str, opts: dict, *, dtypes: tuple[str, ...],
                  cannots: dict[str, str], start: dict, settings: dict | None = None,
                  env: dict | None = None) -> WorkerSubject:
-    """The subject of a venv kind; n/a (``cannot()["run"]``) when its venv is not installed."""
+    """The subject of a venv kind; n/a (``cannot()[NOT_INSTALLED]``) when its venv is not installed."""
     venv = VENVS[kind]
     info = venv.installed(source.cache)
     cannots = dict(cannots)
     if info is None:
-        cannots["run"] = (f"its environment is not installed (venv-{kind}-{venv.key()} under "
+        cannots[NOT_INSTALLED] = (f"its environment is not installed (venv-{kind}-{venv.key()} under "
                           f"{source.cache}); create it with: {venv.setup_command()}")
     if dtype not in dtypes:
         cannots[f"dtype:{dtype}"] = f"{kind} runs at {' or '.join(dtypes)} only"
-        cannots.setdefault("run", cannots[f"dtype:{dtype}"])
+        cannots.setdefault(NOT_INSTALLED, cannots[f"dtype:{dtype}"])
     timeout = positive(kind, "timeout", opts.get("timeout"), CALL_TIMEOUT)
     return WorkerSubject(name=kind, python=venv.python(source.cache), script=venv.worker,
                          start={"kind": kind, "dtype": dtype, "model": model_shape(source.ckpt.args), **start},

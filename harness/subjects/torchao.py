@@ -55,6 +55,7 @@ class QuantisedLM(TransformersLM):
 
     quant = ""
     head = False
+    exact = False       # quantised weights: a budget judges it, with the error split
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "quant": self.quant, "attn": self.attn}
@@ -103,7 +104,7 @@ class TorchaoLM(QuantisedLM):
                                  **self.census}}
 
 
-@register(KIND)
+@register(KIND, axes=("attn", "tp"))
 def torchao_subject(source: Source, dtype: str, device: str, options: dict) -> TorchaoLM:
     o = Options(KIND, options)
     quant = o.choice("quant", tuple(QUANTS), "int8wo")

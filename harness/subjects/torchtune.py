@@ -9,7 +9,7 @@ torchtune's own KV cache) return its float32 logits.
 """
 from __future__ import annotations
 
-from harness.subjects import register
+from harness.subjects import NOT_INSTALLED, register
 from harness.subjects.subprocess import meta_file, options, positive, venv_subject
 
 OPTIONS = {"threads": "torch threads in the worker", "timeout": "seconds per call"}
@@ -28,6 +28,6 @@ def torchtune_subject(source, dtype: str, device: str, opts: dict):
     start = {"threads": positive("torchtune", "threads", opts.get("threads"), None, whole=True)}
     subject = venv_subject("torchtune", source, dtype, device, opts, dtypes=("float32", "bfloat16"),
                            cannots=CANNOT, start=start)
-    if "run" not in subject.cannots:
+    if NOT_INSTALLED not in subject.cannots:
         subject.start["meta_file"] = str(meta_file(source))
     return subject

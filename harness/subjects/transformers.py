@@ -6,6 +6,7 @@ place (torchao.py, quanto.py build on the class here).
     --subject transformers:attn=sdpa,tp=2
     --subject transformers:compile=1              torch.compile (inductor) of the forward
     --subject transformers:cache=static,compile=1 StaticCache and a compiled decode, as generate() does
+    --subject transformers:gguf=F32               the llama.cpp converter's GGUF, read back with gguf_file=
 
 ``settings()`` of the plain subject are exactly the case keys the logits rows have today
 (dtype, attn, tp); a variant adds its own (compile, cache), so its cells never share a key with
@@ -35,6 +36,7 @@ class TransformersLM:
     inference_mode, for tensor subclasses that cannot take inference tensors (quanto's int4)."""
 
     name = KIND
+    exact = True        # float32 arithmetic on the checkpoint's weights: the logits rule judges it
 
     def __init__(self, source: Source, dtype: str, device: str, attn: str = "eager", tp: int = 1,
                  fault=None, cache: str = "dynamic", inference: bool = True):
@@ -131,16 +133,19 @@ def common_options(o: Options, kind: str) -> dict[str, Any]:
     return {"attn": attn, "tp": tp, "cache": cache, "fault": fault}
 
 
-@register(KIND)
+@register(KIND, axes=("attn", "tp"))
 def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
     o = Options(KIND, options)
     common = common_options(o, KIND)
     compiled = o.flag("compile")
     backend = o.choice("backend", BACKENDS, "inductor")
-    if o.text("gguf") is not None:
-        raise InputError(f"--subject {o.label}: gguf= (transformers loading a GGUF file) is not built yet: it "
-                         "loads the GGUF that the llama.cpp subject's converter writes")
+    gguf = o.text("gguf")
     o.done()
+    if gguf is not None:
+        if compiled or common["fault"] is not None or common["cache"] != "dynamic":
+            raise InputError(f"--subject {o.label}: gguf= takes attn= and tp= only (no compile, plant or cache)")
+        from harness.subjects.transformers_gguf import load
+        return load(source, dtype, device, gguf, common["attn"], common["tp"])
     if "backend" in options and not compiled:
         raise InputError(f"--subject {o.label}: backend= needs compile=1")
     subject = TransformersLM(source, dtype, device, **common)

@@ -14,7 +14,7 @@ same logits), and then ``cannot()`` says "logits": every metric is computed in l
 from __future__ import annotations
 
 from harness.core.errors import InputError
-from harness.subjects import register
+from harness.subjects import NOT_INSTALLED, register
 from harness.subjects.subprocess import options, positive, venv_subject
 
 OPTIONS = {"out": "logits or logprobs", "threads": "torch threads in the worker",
@@ -50,6 +50,6 @@ def vllm_subject(source, dtype: str, device: str, opts: dict):
     subject = venv_subject("vllm", source, dtype, device, opts, dtypes=("float32", "bfloat16"),
                            cannots=cannots, start=start,
                            settings={"out": out, "compile": int(start["compile"]), "batch": rows})
-    if "run" not in subject.cannots:
+    if NOT_INSTALLED not in subject.cannots:
         subject.start["hf_dir"] = str(source.hf_path())
     return subject

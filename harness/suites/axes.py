@@ -37,6 +37,7 @@ from harness.core.tolerance import Policy, load_policy
 from harness.scale.capture import Capture
 from harness.suites.behaviour.hidden import _layer_names, _reference_hidden, _rel_l2
 from reference_model.checkpoint import Checkpoint
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 AXES_FILE = SUITES / "axes.toml"
 CASTS = {
@@ -101,16 +102,16 @@ def buckets(length: int, edges: list[int], max_pos: int) -> list[tuple[int, int,
 
 def settle(rows: list[Row], spec: AxesSpec, strict: bool) -> list[Row]:
     """Failing transformers rows that a known deviation explains become info rows (unless strict)."""
-    return deviations.settle(rows, spec.known, strict, subjects=("transformers",))
+    return deviations.settle(rows, spec.known, strict, subjects=(SUBJECT,))
 
 
 def _na(suite: str, case: dict, why: str) -> Row:
-    return Row(suite, dict(case), "transformers", ORACLE, "all", None, status=NA, reason=why)
+    return Row(suite, dict(case), SUBJECT, ORACLE, "all", None, status=NA, reason=why)
 
 
 def _failed(suite: str, case: dict, e: Exception, what: str) -> Row:
     msg = str(e).splitlines()[0][:200] if str(e) else ""
-    return Row(suite, dict(case), "transformers", ORACLE, "all", None, status=FAIL,
+    return Row(suite, dict(case), SUBJECT, ORACLE, "all", None, status=FAIL,
                reason=f"{what} failed: {type(e).__name__}: {msg}")
 
 
@@ -202,7 +203,7 @@ def run_cast(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
                     except Exception as e:
                         rows.append(_failed(suite, {**case, "length": n}, e, "transformers forward"))
                         continue
-                    rows += _bucket_rows(suite, {**case, "length": n}, "transformers", logits, truth[n], spans[n],
+                    rows += _bucket_rows(suite, {**case, "length": n}, SUBJECT, logits, truth[n], spans[n],
                                          run.policy, dtype, ref_values[n], {"rope_buffers": buffers})[0]
                 del model
     return settle(rows, run.spec, run.strict)
@@ -276,10 +277,10 @@ def run_flags(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
                 values, bad = compare(logits, truth)
                 for m in METRICS:
                     tol, status, reason = run.policy.judge(dtype, m, values[m], ref_logits[m])
-                    rows.append(Row(suite, {**case, "layer": "logits"}, "transformers", ORACLE, m, values[m], tol,
+                    rows.append(Row(suite, {**case, "layer": "logits"}, SUBJECT, ORACLE, m, values[m], tol,
                                     FAIL if bad else status, bad or reason))
                 changed = _max_abs(logits, plain)
-                rows.append(Row(suite, {**case, "layer": "logits"}, "transformers", "transformers flags=none",
+                rows.append(Row(suite, {**case, "layer": "logits"}, SUBJECT, "transformers flags=none",
                                 "max_abs", changed, None, INFO,
                                 "the flag changed the code path (logits differ from the same model without it)"
                                 if changed else "same logits as without the flag"))
@@ -313,7 +314,7 @@ def _returned(suite, case, got, want: int, what: str) -> Row | None:
     if n == want and all(torch.is_tensor(t) for t in got):
         return None
     shown = "None" if got is None else f"a tuple of {n} ({', '.join(type(t).__name__ for t in got[:3])})"
-    return Row(suite, {**case, "layer": "-"}, "transformers", ORACLE, f"{what}_returned", float(n), float(want),
+    return Row(suite, {**case, "layer": "-"}, SUBJECT, ORACLE, f"{what}_returned", float(n), float(want),
                FAIL, f"asked for output_{what}=True: got {shown}, expected {want} tensors")
 
 
@@ -324,12 +325,12 @@ def _attention_rows(run, suite, case, got, truth, ref, names, dtype) -> list[Row
     rows = []
     for i, (a, t, rv) in enumerate(zip(got, truth, ref)):
         if a.shape != t.shape:
-            rows.append(Row(suite, {**case, "layer": f"block{i}"}, "transformers", ORACLE, "attn_probs_max_abs",
+            rows.append(Row(suite, {**case, "layer": f"block{i}"}, SUBJECT, ORACLE, "attn_probs_max_abs",
                             None, None, FAIL, f"attention weights of shape {tuple(a.shape)}, expected {tuple(t.shape)}"))
             continue
         v = _max_abs(a, t)
         tol, status, why = run.behaviour_policy.judge(dtype, "attn_probs_max_abs", v, rv)
-        rows.append(Row(suite, {**case, "layer": f"block{i}"}, "transformers", ORACLE, "attn_probs_max_abs",
+        rows.append(Row(suite, {**case, "layer": f"block{i}"}, SUBJECT, ORACLE, "attn_probs_max_abs",
                         v, tol, status, why))
     return rows
 
@@ -342,7 +343,7 @@ def _hidden_rows(run, suite, case, got, truth, ref, names, dtype) -> list[Row]:
     for name, h, t, rv in zip(names, got, truth, ref):
         v = _rel_l2(h, t)
         tol, status, why = run.behaviour_policy.judge(dtype, "hidden_rel_l2", v, rv)
-        rows.append(Row(suite, {**case, "layer": name}, "transformers", ORACLE, "hidden_rel_l2", v, tol, status, why))
+        rows.append(Row(suite, {**case, "layer": name}, SUBJECT, ORACLE, "hidden_rel_l2", v, tol, status, why))
     return rows
 
 

@@ -17,9 +17,16 @@ A cell is dtype x attention x pretraining_tp x input. Inputs (the case's ``input
 Random, padded, cached and full rows carry the vocabulary's special ids (<unk>, <s>, </s>, the
 config's pad id) where they matter (harness.core.cases.with_special_ids).
 
+Subjects (``--subject KIND[:key=value,...]``, repeatable; default: transformers) are built through
+the registry of ``harness.subjects``; a kind that takes the matrix's attn / tp axes runs at each of
+them unless its spec fixes one. Exact subjects are judged by the policy against the reference's own
+error; lossy ones (quantised weights, a low-precision cache) against their budget in
+suites/subjects_tolerance.toml, with the error split on real text. What a subject cannot do (a
+padding mask, its own cache, a dtype) makes those cells n/a with its reason.
+
 Flow: checkpoint -> oracle logits per input -> reference at each dtype (the calibrator) ->
-transformers per cell -> per-position statistics (harness.core.metrics) -> metrics -> verdict rows.
-Rows are journaled group by group (the reference at a dtype; transformers at a dtype, attention
+each subject per cell -> per-position statistics (harness.core.metrics) -> metrics -> verdict rows.
+Rows are journaled group by group (the reference at a dtype; a subject at a dtype, attention
 and tp; a corpus at a dtype), so a rerun with the same --out resumes. A corpus is streamed window
 batch by window batch: the oracle's logits of a batch live only while that batch is compared.
 Weights with NaN/Inf, or activations that overflow a narrow dtype, fail the cells they spoil
@@ -46,12 +53,15 @@ from harness.core.metrics import (BEYOND_ROUNDING, CORPUS_GATED, METRICS, PAIRED
                                   beyond_rounding, cat_stats, corpus_evidence, corpus_stats, curves, paired_ratio,
                                   position_stats, summarize)
 from harness.core.store import FAIL, INFO, NA, PASS, Row, fingerprint
-from harness.core.subjects import (DTYPES, ORACLE, TRUTH, ReferenceSubject, TransformersSubject, padded_positions,
-                                   reference_decode, transformers_decode)
+from harness.core.subjects import DTYPES, ORACLE, TRUTH, ReferenceSubject, padded_positions, reference_decode
 from harness.core.suite import Context, Part, Result, Suite
 from harness.core.tolerance import EXTREMES, Policy, load_policy
 from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
+
+from harness.subjects import AXES, DEFAULT as DEFAULT_SUBJECT, NOT_INSTALLED, NotInstalledError, Spec, factory, is_exact, parse_spec
+from harness.subjects.common import dequantised_checkpoint, source_of
+from harness.subjects.fidelity import split_of
 
 SUITE = "logits"
 INPUTS = ("random", "tokens", "corpus", "padded", "cached", "full")
@@ -65,7 +75,7 @@ CORPUS_INFO = ("ppl_ratio", "same_top1")
 
 class Logits(Suite):
     name = SUITE
-    help = "reference vs transformers logits over a case matrix"
+    help = "reference vs each subject's logits (default: transformers) over a case matrix"
 
     def add_arguments(self, p) -> None:
         p.add_argument("--model", help="Meta (params.json + consolidated.*.pth) or HF folder; default: embedded model")
@@ -91,7 +101,11 @@ class Logits(Suite):
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--seed", default="0", help="input seed (default 0)")
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")
-        p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "
+        p.add_argument("--subject", action="append",
+                       help="KIND[:key=value,...], repeatable: the implementations judged (default: transformers), "
+                            "e.g. transformers:compile=1, torchao:quant=int8wo, onnxruntime, llama.cpp:quant=Q8_0 "
+                            "(docs/subjects.md)")
+        p.add_argument("--plant", help=f"plant a known porting bug in every subject it can edit: "
                                        f"{', '.join(faults_for(SUITE))}")
         p.add_argument("--no-localise", action="store_true",
                        help="skip naming the first diverging layer/op of failing cells")
@@ -163,6 +177,8 @@ class Plan:
     localise: bool
     tokens_path: Path | None
     tokenizer_vocab: int | None
+    subjects: list[Spec] = field(default_factory=list)
+    tokenizer: Path | None = None
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -187,6 +203,11 @@ class Plan:
         kinds = cls.kinds(a)
         policy = load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, GATED + list(PAIRED) + list(RATES))
         fault = get_fault(a.plant, SUITE)
+        specs = [parse_spec(t) for t in (a.subject or [DEFAULT_SUBJECT])]
+        for spec in specs:
+            factory(spec)        # an unknown kind is exit 2 before anything in --out changes
+        if len({s.label() for s in specs}) < len(specs):
+            raise InputError(f"--subject: {', '.join(s.label() for s in specs)}: a subject given twice")
         folder = open_model(a.model, vocab_size=vocab)
         args = folder.args
         notes: list[str] = []
@@ -218,8 +239,10 @@ class Plan:
                              full, dtypes)
         if not ins:
             raise InputError("--inputs: nothing to measure on")
+        tok = Path(a.tokenizer) if a.tokenizer else folder.path / "tokenizer.model"
+        tok = tok / "tokenizer.model" if tok.is_dir() else tok
         return cls(folder, ckpt, dtypes, attns, tps, ins, device, seed, policy, fault, not a.no_localise,
-                   Path(a.tokens) if a.tokens else None, vocab, notes)
+                   Path(a.tokens) if a.tokens else None, vocab, specs, tok if tok.is_file() else None, notes)
 
     @staticmethod
     def kinds(a) -> list[str]:
@@ -324,16 +347,19 @@ def reference_logits(subject: ReferenceSubject, inp: Input, ids: torch.Tensor | 
     return subject.logits(ids)
 
 
-def transformers_logits(subject: TransformersSubject, inp: Input, ids: torch.Tensor | None = None) -> torch.Tensor:
+# What an input needs of a subject beyond its plain forward (harness.subjects.CAPABILITIES).
+NEEDS = {"padded": "padding", "cached": "decode"}
+
+
+def subject_logits(subject, inp: Input, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """A subject (harness.subjects.Subject) on an input: padded rows with their mask, a cached input
+    through its own cache, anything else in one forward."""
     ids = inp.ids if ids is None else ids
-    dev = subject.device
     if inp.kind == "padded":
-        with torch.inference_mode():
-            return subject.model(input_ids=ids.to(dev), attention_mask=inp.mask.to(dev),
-                                 position_ids=padded_positions(inp.mask).to(dev), use_cache=False).logits
+        return subject.forward(ids, mask=inp.mask, positions=padded_positions(inp.mask))
     if inp.kind == "cached":
-        return transformers_decode(subject.model, ids.to(dev), inp.prefill)
-    return subject.logits(ids)
+        return subject.decode(ids, inp.prefill)
+    return subject.forward(ids)
 
 
 def oracle_logits(oracle: ReferenceSubject, inp: Input, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -414,6 +440,63 @@ class Measure:
             self._hf = HFFolder(self.plan.ckpt)
         return self._hf.path
 
+    def source(self):
+        """What every subject is built from: these weights, the one HF folder, the build cache."""
+        plan = self.plan
+        return source_of(plan.folder, plan.ckpt, hf_path=self.hf_path, tokenizer=plan.tokenizer)
+
+    # -- subjects ---------------------------------------------------------------------------------
+    def cells(self) -> list[Cell]:
+        """Every --subject at every point of the attn x tp matrix its kind takes (a spec that fixes
+        an axis runs at that value only); --plant goes to every kind the fault can edit."""
+        from harness.core.faults import subject_kinds
+        plan, out = self.plan, []
+        for spec in plan.subjects:
+            axes = AXES.get(spec.kind, ())
+            attns = [spec.options["attn"]] if "attn" in spec.options else plan.attns if "attn" in axes else ["-"]
+            tps = ([_tp(spec.options["tp"])] if "tp" in spec.options else plan.tps if "tp" in axes else ["-"])
+            options = dict(spec.options)
+            if plan.fault is not None and "plant" not in options:
+                if spec.kind in subject_kinds(type(plan.fault)):
+                    options["plant"] = plan.fault.name
+                else:
+                    self.ctx.note(f"note: --plant {plan.fault.name} edits {', '.join(subject_kinds(type(plan.fault)))} "
+                                  f"subjects; {spec.label()} runs unplanted")
+            for a in attns:
+                for t in tps:
+                    given = {**options, **({"attn": a} if a != "-" else {}), **({"tp": str(t)} if t != "-" else {})}
+                    out.append(Cell(spec.label(), spec.kind, tuple(sorted(given.items())), a, t))
+        return out
+
+    def build(self, cell: Cell, dtype: str):
+        """(subject, None), or (None, (status, reason)): n/a when its package is absent or it cannot
+        run at this dtype, failed when it fails to load. Bad options are exit 2."""
+        options = dict(cell.options)
+        try:
+            subject = factory(Spec(cell.kind, options))(self.source(), dtype, self.plan.device, options)
+        except NotInstalledError as e:
+            return None, (NA, str(e))
+        except InputError:
+            raise
+        except Exception as e:  # a release that cannot build this cell fails it, naming the error
+            return None, (FAIL, f"{cell.kind} failed to load: {_first_line(e)}")
+        cannot = subject.cannot()
+        why = cannot.get(NOT_INSTALLED) or cannot.get(f"dtype:{dtype}")
+        if why:
+            subject.close()
+            return None, (NA, why)
+        return subject, None
+
+    @staticmethod
+    def described(rows: list[Row], subject, cell: Cell, split: dict | None = None) -> list[Row]:
+        """The group's first row carries who the subject is: settings, provenance (package versions,
+        build flags, KV-cache type, quantisation and fallbacks), what it cannot do and how it is judged."""
+        if rows:
+            rows[0].extra["subject"] = {"label": cell.label, "kind": cell.kind, "exact": is_exact(subject),
+                                        "settings": _plain(subject.settings()), "provenance": _plain(subject.provenance()),
+                                        "cannot": dict(subject.cannot())}
+        return rows
+
     def key(self, group: dict) -> str:
         return fingerprint({"run": self.settings, "group": group})
 
@@ -433,7 +516,7 @@ class Measure:
     def run(self) -> Result:
         plan, started = self.plan, time.perf_counter()
         support = self.env["dtype_support"]
-        groups = [(a, t) for a in plan.attns for t in plan.tps]
+        groups = self.cells()
         rows: list[Row] = []
         bar = _progress(sum((1 + len(groups)) * sum(i.at(d) for i in plan.inputs) for d in plan.dtypes),
                         self.ctx.progress)
@@ -441,7 +524,8 @@ class Measure:
             for dtype in plan.dtypes:
                 if not support.get(dtype, False):
                     why = f"{dtype} does not run on {plan.device}"
-                    rows += [_na(self.case(dtype, a, t, i), why) for a, t in groups for i in plan.inputs if i.at(dtype)]
+                    rows += [_na(self.case(dtype, c.attn, c.tp, i), why, c.label)
+                             for c in groups for i in plan.inputs if i.at(dtype)]
                     bar.update((1 + len(groups)) * sum(i.at(dtype) for i in plan.inputs))
                     continue
                 rows += self.dtype_rows(dtype, groups, bar)
@@ -454,7 +538,7 @@ class Measure:
             self.ctx.note(f"resumed: {len(journal.reused)} finished cell group(s) read from {journal.path}, not rerun")
         extra = self.summary_extra(rows)
         if plan.localise:
-            extra.update(localise_failures(plan, rows))
+            extra.update(localise_failures(plan, rows, self.ctx.notes))
         mechanisms = assign_findings(rows, plan.inputs, extra.get("divergences") or [])
         timing = {"wall_seconds": round(time.perf_counter() - started, 3), "groups_resumed": len(journal.reused)}
         sections = [("Corpus statistics (llama.cpp's perplexity --kl-divergence layout)", corpus_table(rows))] \
@@ -465,22 +549,21 @@ class Measure:
                             mechanisms=mechanisms)],
                       plan.notes + self.ctx.notes)
 
-    def dtype_rows(self, dtype: str, groups: list[tuple], bar) -> list[Row]:
-        """The reference at this dtype (it calibrates), each transformers group, and the corpus."""
+    def dtype_rows(self, dtype: str, groups: list[Cell], bar) -> list[Row]:
+        """The reference at this dtype (it calibrates), each subject's group, and the corpus."""
         plan = self.plan
         short = [i for i in plan.inputs if i.kind != "corpus" and i.at(dtype)]
         text = [i for i in plan.inputs if i.kind == "corpus" and i.at(dtype)]
         ref_group = {"subject": "reference", "dtype": dtype}
-        tf_groups = [{"subject": "transformers", "dtype": dtype, "attn": a, "tp": t} for a, t in groups]
         journal = self.ctx.journal()
         rows: list[Row] = []
         if short:
-            pending = any(journal.entries.get(self.key(g)) is None for g in [ref_group, *tf_groups])
+            pending = any(journal.entries.get(self.key(g)) is None for g in [ref_group, *(c.group(dtype) for c in groups)])
             calibration = self.reference_pass(dtype, short) if pending else None
             rows += self.cached(ref_group, lambda: calibration[1])
             bar.update(len(short))
-            for g in tf_groups:
-                rows += self.cached(g, lambda: self.transformers_rows(dtype, g["attn"], g["tp"], short, calibration))
+            for cell in groups:
+                rows += self.cached(cell.group(dtype), lambda: self.subject_rows(dtype, cell, short, calibration))
                 bar.update(len(short))
         for inp in text:
             group = {"subject": "corpus", "dtype": dtype, "input": inp.key()}
@@ -504,96 +587,156 @@ class Measure:
             rows += self.judged(self.case(dtype, "-", "-", inp), "reference", st, None, dtype, self.truth(inp), inp)
         return stats, rows, logits
 
-    def transformers_rows(self, dtype: str, attn: str, tp: int, short: list[Input], calibration) -> list[Row]:
-        """One (dtype, attn, tp) group; nothing loads for an n/a group."""
-        plan = self.plan
+    def subject_rows(self, dtype: str, cell: Cell, short: list[Input], calibration) -> list[Row]:
+        """One subject's group at a dtype; nothing loads for an n/a group."""
         ref_stats, _, ref_logits = calibration
+        label = cell.label
         pools = reference_pools(ref_stats, short)
-        why_na = self.not_applicable(dtype, attn, tp)
+        why_na = self.not_applicable(dtype, cell.attn, cell.tp)
         if why_na:
-            return [_na(self.case(dtype, attn, tp, i), why_na) for i in short]
+            return [_na(self.case(dtype, cell.attn, cell.tp, i), why_na, label) for i in short]
+        subject, bad = self.build(cell, dtype)
+        if subject is None:
+            return [Row(SUITE, self.case(dtype, cell.attn, cell.tp, i), label, ORACLE, "all", None, status=bad[0],
+                        reason=bad[1]) for i in short]
         try:
-            subject = TransformersSubject(self.hf_path(), dtype, plan.device, attn, tp, plan.fault)
-        except InputError:
-            raise
-        except Exception as e:  # a release that cannot build this cell fails it, naming the error
-            return [_failed(self.case(dtype, attn, tp, i), f"transformers failed to load: {_first_line(e)}")
-                    for i in short]
-        rows = []
-        for inp in short:
-            case = self.case(dtype, attn, tp, inp)
-            try:
-                logits = transformers_logits(subject, inp)
-            except Exception as e:
-                rows.append(_failed(case, f"transformers {inp.kind} forward failed: {_first_line(e)}"))
-                continue
-            truth = self.truth(inp)
-            if logits.shape != truth.shape:
-                rows.append(_failed(case, shape_mismatch(logits, truth, tp)))
-                continue
-            st = position_stats(logits, truth, mask=inp.mask)
-            rows += self.judged(case, "transformers", st, ref_stats[inp.key()], dtype, truth, inp,
-                                pool=pools.get(inp.kind))
-            pair, why = summarize(position_stats(logits, ref_logits[inp.key()], mask=inp.mask))
-            rows += [Row(SUITE, case, "transformers", "reference", m, pair[m], status=INFO,
-                         reason=why or "informational: same dtype, no truth") for m in METRICS]
-            if tp > 1 and inp.kind == "random" and not any(r.metric == "logits_dtype" for r in rows):
-                rows.append(tp_dtype_row(subject, case, tp, logits.dtype, inp.ids))
-        return rows
+            cannot, exact = subject.cannot(), is_exact(subject)
+            rows = []
+            for inp in short:
+                case = self.case(dtype, cell.attn, cell.tp, inp)
+                need = NEEDS.get(inp.kind)
+                if need in cannot:
+                    rows.append(_na(case, f"{label} cannot ({need}): {cannot[need]}", label))
+                    continue
+                try:
+                    logits = subject_logits(subject, inp)
+                except Exception as e:
+                    rows.append(_failed(case, f"{cell.kind} {inp.kind} forward failed: {_first_line(e)}", label))
+                    continue
+                truth = self.truth(inp)
+                if logits.shape != truth.shape:
+                    rows.append(_failed(case, shape_mismatch(cell.kind, logits, truth, cell.tp), label))
+                    continue
+                st = position_stats(logits, truth, mask=inp.mask)
+                judged = self.judged(case, label, st, ref_stats[inp.key()], dtype, truth, inp,
+                                     pool=pools.get(inp.kind))
+                rows += judged if exact else shown(judged, LOSSY_SHORT)
+                pair, why = summarize(position_stats(logits, ref_logits[inp.key()], mask=inp.mask))
+                rows += [Row(SUITE, case, label, "reference", m, pair[m], status=INFO,
+                             reason=why or "informational: same dtype, no truth") for m in METRICS]
+                if (isinstance(cell.tp, int) and cell.tp > 1 and inp.kind == "random" and hasattr(subject, "model")
+                        and not any(r.metric == "logits_dtype" for r in rows)):
+                    rows.append(tp_dtype_row(subject, label, case, cell.tp, logits.dtype, inp.ids))
+            return self.described(rows, subject, cell)
+        finally:
+            subject.close()
 
-    def not_applicable(self, dtype: str, attn: str, tp: int) -> str:
-        why = compat.attn_reason(attn, self.plan.device)
-        if not why and tp > 1 and not compat.tp_honoured():
+    def not_applicable(self, dtype: str, attn, tp) -> str:
+        why = compat.attn_reason(attn, self.plan.device) if attn != "-" else ""
+        if not why and tp != "-" and tp > 1 and not compat.tp_honoured():
             why = compat.TP_NOOP
         if not why and self.plan.fault is not None and dtype not in self.plan.fault.visible_at:
             self.ctx.note(f"note: --plant {self.plan.fault.name} changes nothing at {dtype}")
         return why
 
     # -- a corpus: windows outer, every subject of the dtype loaded at once ----------------------
-    def corpus_rows(self, dtype: str, groups: list[tuple], inp: Input) -> list[Row]:
+    def corpus_rows(self, dtype: str, groups: list[Cell], inp: Input) -> list[Row]:
         plan = self.plan
         reference = ReferenceSubject(plan.ckpt, dtype, plan.device)
-        subjects: dict[tuple, TransformersSubject] = {}
+        subjects: dict[Cell, object] = {}
+        splits: dict[Cell, ReferenceSubject] = {}     # lossy subjects: the oracle on their own weights
         rows = []
-        for attn, tp in groups:
-            why = self.not_applicable(dtype, attn, tp)
+        for cell in groups:
+            why = self.not_applicable(dtype, cell.attn, cell.tp)
             if why:
-                rows.append(_na(self.case(dtype, attn, tp, inp), why))
+                rows.append(_na(self.case(dtype, cell.attn, cell.tp, inp), why, cell.label))
                 continue
-            try:
-                subjects[(attn, tp)] = TransformersSubject(self.hf_path(), dtype, plan.device, attn, tp, plan.fault)
-            except InputError:
-                raise
-            except Exception as e:
-                rows.append(_failed(self.case(dtype, attn, tp, inp), f"transformers failed to load: {_first_line(e)}"))
-        parts: dict = {"reference": [], **{k: [] for k in subjects}}
-        broken: dict[tuple, str] = {}
-        for n, (ids, targets) in enumerate(corpus.Windows(inp.label, inp.ids, inp.targets, 0, "").batches(inp.batch)):
-            truth = self.corpus_truth(inp, n, ids)
-            ref = reference.logits(ids)
-            parts["reference"].append(position_stats(ref, truth, targets=targets))
-            for key, subject in subjects.items():
-                if key in broken:
-                    continue
-                try:
-                    logits = subject.logits(ids)
-                except Exception as e:
-                    broken[key] = f"transformers forward failed: {_first_line(e)}"
-                    continue
-                if logits.shape != truth.shape:
-                    broken[key] = shape_mismatch(logits, truth, key[1])
-                    continue
-                parts[key].append(position_stats(logits, truth, targets=targets))
-            del truth, ref
-        ref_stats = cat_stats(parts["reference"])
-        rows += self.judged(self.case(dtype, "-", "-", inp), "reference", ref_stats, None, dtype, None, inp)
-        for (attn, tp), subject in subjects.items():
-            case = self.case(dtype, attn, tp, inp)
-            if (attn, tp) in broken:
-                rows.append(_failed(case, broken[(attn, tp)]))
+            subject, bad = self.build(cell, dtype)
+            if subject is None:
+                rows.append(Row(SUITE, self.case(dtype, cell.attn, cell.tp, inp), cell.label, ORACLE, "all", None,
+                                status=bad[0], reason=bad[1]))
                 continue
-            rows += self.judged(case, "transformers", cat_stats(parts[(attn, tp)]), ref_stats, dtype, None, inp)
+            subjects[cell] = subject
+            if not is_exact(subject) and hasattr(subject, "dequantised"):
+                weights = dequantised_checkpoint(plan.ckpt, subject.dequantised())
+                if weights is not None:
+                    splits[cell] = ReferenceSubject(weights, "float64", plan.device, oracle=True)
+        parts: dict = {"reference": [], **{c: [] for c in subjects}}
+        split_parts: dict = {c: ([], []) for c in splits}
+        broken: dict[Cell, str] = {}
+        try:
+            for n, (ids, targets) in enumerate(corpus.Windows(inp.label, inp.ids, inp.targets, 0, "").batches(inp.batch)):
+                truth = self.corpus_truth(inp, n, ids)
+                ref = reference.logits(ids)
+                parts["reference"].append(position_stats(ref, truth, targets=targets))
+                for cell, subject in subjects.items():
+                    if cell in broken:
+                        continue
+                    try:
+                        logits = subject.forward(ids)
+                    except Exception as e:
+                        broken[cell] = f"{cell.kind} forward failed: {_first_line(e)}"
+                        continue
+                    if logits.shape != truth.shape:
+                        broken[cell] = shape_mismatch(cell.kind, logits, truth, cell.tp)
+                        continue
+                    parts[cell].append(position_stats(logits, truth, targets=targets))
+                    if cell in splits:       # weights: oracle vs oracle on them; runtime: them vs the subject
+                        deq = splits[cell].logits(ids)
+                        split_parts[cell][0].append(position_stats(deq, truth, targets=targets))
+                        split_parts[cell][1].append(position_stats(logits, deq, targets=targets))
+                        del deq
+                del truth, ref
+            ref_stats = cat_stats(parts["reference"])
+            rows += self.judged(self.case(dtype, "-", "-", inp), "reference", ref_stats, None, dtype, None, inp)
+            for cell, subject in subjects.items():
+                case = self.case(dtype, cell.attn, cell.tp, inp)
+                if cell in broken:
+                    rows.append(_failed(case, broken[cell], cell.label))
+                    continue
+                st = cat_stats(parts[cell])
+                judged = self.judged(case, cell.label, st, ref_stats, dtype, None, inp)
+                split = split_of(*(cat_stats(p) for p in split_parts[cell])) if cell in splits else None
+                if not is_exact(subject):
+                    judged = self.budget_rows(judged, case, cell, subject, st, split)
+                self.described(judged, subject, cell)
+                if split:
+                    next(r for r in judged if r.metric == "kl_max").extra["split"] = split
+                rows += judged
+        finally:
+            for subject in subjects.values():
+                subject.close()
         return rows
+
+    def budget_rows(self, judged: list[Row], case: dict, cell: Cell, subject, st: PositionStats,
+                    split: dict | None) -> list[Row]:
+        """A lossy subject's corpus cell: the metrics its budget names are judged against it, the
+        rest shown; the budget's other figures (top-1, perplexity, the split) as rows of their own."""
+        from harness.subjects.fidelity import Fidelity, budget_for, judge_lossy, load_budgets
+        version, budgets = load_budgets()
+        settings = subject.settings()
+        budget = budget_for(cell.kind, settings, budgets)
+        if budget is None:
+            return shown(judged, f"lossy subject with no budget for {cell.kind} {_settings(settings)} in "
+                                 "suites/subjects_tolerance.toml: shown, not judged") + [
+                Row(SUITE, case, cell.label, ORACLE, "budget", None, status=NA,
+                    reason=f"no [[budget]] for {cell.kind} matching {_settings(settings)}")]
+        if any(r.status == FAIL and r.metric != "all" and "non-finite" in r.reason for r in judged):
+            return judged
+        verdicts = {m: (v, lim, status, reason) for m, v, lim, status, reason in
+                    judge_lossy(Fidelity(cell.label, settings, {}, st, corpus_stats(st), split or {}), budget)}
+        why = f"budget {_settings(budget.match)} (suites/subjects_tolerance.toml {version}): {budget.measured}"
+        out = []
+        for r in judged:
+            if r.metric in verdicts:
+                v, lim, status, reason = verdicts.pop(r.metric)
+                r.tolerance, r.status, r.reason = lim, status, reason or why
+            elif r.status != INFO:
+                r.status, r.reason = INFO, "lossy: shown; its budget judges it"
+            out.append(r)
+        out += [Row(SUITE, case, cell.label, ORACLE, m, v, lim, status, reason or why)
+                for m, (v, lim, status, reason) in verdicts.items()]
+        return out
 
     # -- judging ----------------------------------------------------------------------------------
     def judged(self, case: dict, subject: str, st: PositionStats, ref: PositionStats | None, dtype: str,
@@ -689,53 +832,143 @@ class Measure:
             "policy": {"path": str(plan.policy.path), "version": plan.policy.version},
             "plant": plan.fault.name if plan.fault else None,
             "tokenizer_vocab": plan.tokenizer_vocab,
+            "subjects": subjects_of(rows),
             "weights": ({d: n for d, n in self.notes.items() if n} or None) if nonfinite else None,
         }
 
 
 # --- rows ----------------------------------------------------------------------------------------
 
-def _na(case: dict, why: str) -> Row:
-    return Row(SUITE, case, "transformers", ORACLE, "all", None, status=NA, reason=why)
+@dataclass(frozen=True)
+class Cell:
+    """One subject at one point of the matrix: a --subject spec with the suite's axes filled in."""
+    label: str              # the rows' subject: the spec as given ("transformers", "torchao:quant=int8wo")
+    kind: str
+    options: tuple          # (key, value) pairs for the kind's factory, axes and --plant included
+    attn: str               # the case's attn and tp ("-" where the kind has no such axis)
+    tp: object
+
+    def group(self, dtype: str) -> dict:
+        return {"subject": self.label, "dtype": dtype, "attn": self.attn, "tp": self.tp}
 
 
-def _failed(case: dict, why: str) -> Row:
-    return Row(SUITE, case, "transformers", ORACLE, "all", None, status=FAIL, reason=why)
+# Lossy subjects on short random inputs: there is no budget for random ids, only for real text.
+LOSSY_SHORT = "lossy subject: shown; judged by its budget on real text (suites/subjects_tolerance.toml)"
+
+
+def shown(rows: list[Row], reason: str) -> list[Row]:
+    """Rows made informational (failures that say the logits are not finite stay failures)."""
+    for r in rows:
+        if r.status in (PASS, FAIL) and "non-finite" not in r.reason:
+            r.status, r.reason, r.tolerance = INFO, reason, None
+    return rows
+
+
+def _tp(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def _settings(settings: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(settings.items())) or "-"
+
+
+def _plain(obj):
+    """JSON-able copy (provenance may hold paths, tuples, numbers of numpy types)."""
+    import json
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _na(case: dict, why: str, subject: str) -> Row:
+    return Row(SUITE, case, subject, ORACLE, "all", None, status=NA, reason=why)
+
+
+def _failed(case: dict, why: str, subject: str) -> Row:
+    return Row(SUITE, case, subject, ORACLE, "all", None, status=FAIL, reason=why)
 
 
 def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def shape_mismatch(logits: torch.Tensor, truth: torch.Tensor, tp: int) -> str:
-    why = f"transformers returned logits of shape {tuple(logits.shape)}, the oracle {tuple(truth.shape)}"
+def shape_mismatch(kind: str, logits: torch.Tensor, truth: torch.Tensor, tp) -> str:
+    why = f"{kind} returned logits of shape {tuple(logits.shape)}, the oracle {tuple(truth.shape)}"
     vocab = truth.shape[-1]
-    if tp > 1 and vocab % tp and logits.shape[-1] == tp * (vocab // tp):
+    if isinstance(tp, int) and tp > 1 and vocab % tp and logits.shape[-1] == tp * (vocab // tp):
         why += (f": pretraining_tp={tp} slices lm_head into {vocab} // {tp} = {vocab // tp} rows and drops the "
                 f"last {vocab % tp} vocabulary entries")
     return why
 
 
-def corpus_table(rows: list[Row]) -> str:
-    """One line per corpus cell in llama.cpp's layout (its own statistics against the oracle)."""
-    from harness.results.markdown import md_escape
-    head = ("| subject | dtype | attn | tp | Mean KLD | Median KLD | 99% KLD | 99.9% KLD | Max KLD | Same top p | "
-            "RMS Δp | PPL ratio |\n|" + "---|" * 12)
-    lines = [head]
+FIDELITY_HEAD = ("subject", "dtype", "attn", "tp", "Mean KLD", "Median KLD", "99% KLD", "99.9% KLD", "Max KLD",
+                 "Same top p", "RMS Δp", "PPL ratio", "KLD weights", "KLD runtime", "verdict")
+
+
+def fidelity_rows(rows: list[Row]) -> list[list[str]]:
+    """One line per corpus cell in llama.cpp's `perplexity --kl-divergence` layout (against the
+    oracle), with the error split of lossy subjects, sorted by mean KL (closest to the truth first)."""
+    verdicts: dict[tuple, str] = {}
+    for r in rows:
+        if r.against == ORACLE and str(r.case.get("input", "")).startswith("corpus"):
+            k = (r.subject, r.case["dtype"], r.case["attn"], r.case["tp"])
+            if r.status == FAIL or (r.status == PASS and verdicts.get(k) != FAIL):
+                verdicts[k] = r.status
+    found = []
     for r in rows:
         c = r.extra.get("corpus") if r.metric == "kl_max" else None
         if not c or r.against != ORACLE:
             continue
-        lines.append("| " + " | ".join(md_escape(x) for x in (
-            r.subject, r.case["dtype"], r.case["attn"], r.case["tp"],
-            f"{c['kl_mean']:.4g} ± {c['kl_mean_se']:.2g}", f"{c['kl_median']:.4g}", f"{c['kl_p99']:.4g}",
+        sp = r.extra.get("split") or {}
+        key = (r.subject, r.case["dtype"], r.case["attn"], r.case["tp"])
+        found.append((c["kl_mean"], [str(x) for x in (
+            *key, f"{c['kl_mean']:.4g} ± {c['kl_mean_se']:.2g}", f"{c['kl_median']:.4g}", f"{c['kl_p99']:.4g}",
             f"{c['kl_p99_9']:.4g}", f"{c['kl_max']:.4g}",
             f"{100 * c['same_top1']:.3f} ± {100 * c['same_top1_se']:.3f} %",
             f"{100 * c['rms_dp']:.4g} ± {100 * c['rms_dp_se']:.2g} %",
-            f"{c['ppl_ratio']:.6f} ± {c['ppl_ratio_se']:.2g}")) + " |")
+            f"{c['ppl_ratio']:.6f} ± {c['ppl_ratio_se']:.2g}",
+            f"{sp['weights_kl_mean']:.3g}" if sp else "-", f"{sp['runtime_kl_mean']:.3g}" if sp else "-",
+            verdicts.get(key, INFO))]))
+    return [line for _, line in sorted(found, key=lambda f: f[0])]
+
+
+def corpus_table(rows: list[Row]) -> str:
+    """The fidelity table of every subject on the corpus, and where each subject's numbers come from."""
+    from harness.results.markdown import md_escape
+    lines = ["| " + " | ".join(FIDELITY_HEAD) + " |", "|" + "---|" * len(FIDELITY_HEAD)]
+    lines += ["| " + " | ".join(md_escape(x) for x in line) + " |" for line in fidelity_rows(rows)]
     n = next((r.extra["corpus"]["n"] for r in rows if r.metric == "kl_max" and r.extra.get("corpus")), None)
-    note = f"\n{int(n)} positions per cell; ± is one standard error; truth: the float64 oracle.\n" if n else ""
-    return "\n".join(lines) + "\n" + note
+    note = (f"\n{int(n)} positions per cell; ± is one standard error; truth: the float64 oracle; sorted by mean KL. "
+            "KLD weights: the oracle on the subject's own dequantised weights; KLD runtime: the subject "
+            "against that (lossy subjects).\n") if n else ""
+    return "\n".join(lines) + "\n" + note + provenance_table(rows)
+
+
+def subjects_of(rows: list[Row]) -> dict[str, dict]:
+    """label -> what the subject said of itself (settings, provenance, cannot), from its rows."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if "subject" in r.extra:
+            out.setdefault(r.subject, r.extra["subject"])
+    return out
+
+
+def provenance_table(rows: list[Row]) -> str:
+    from harness.results.markdown import md_escape
+    subjects = subjects_of(rows)
+    if not subjects:
+        return ""
+    lines = ["", "| subject | judged | settings | provenance | cannot |", "|---|---|---|---|---|"]
+    for label, d in sorted(subjects.items()):
+        lines.append("| " + " | ".join(md_escape(x) for x in (
+            label, "exact: the logits rule" if d["exact"] else "lossy: its budget", _settings(d["settings"]),
+            "; ".join(f"{k}={_short(v)}" for k, v in d["provenance"].items()),
+            "; ".join(sorted(d["cannot"])) or "-")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(v) -> str:
+    import json
+    text = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 # --- non-finite logits: say why ------------------------------------------------------------------
@@ -763,16 +996,27 @@ def explain_nonfinite(why: str, dtype: str, truth: torch.Tensor | None, notes: d
 
 # --- where failing cells diverge -----------------------------------------------------------------
 
-def localise_failures(plan: Plan, rows: list[Row]) -> dict:
-    """For each failing transformers group, name the first layer and op that diverge, on the
-    group's first failing plain input (a corpus: its first window). A group whose only failures
-    are padded or cached inputs is named by that mechanism: its full unpadded forward agrees, and
-    what differs is the mask or the cache. A localisation error is reported, never fatal."""
+def localise_failures(plan: Plan, rows: list[Row], notes: list[str] | None = None) -> dict:
+    """For each failing group of a subject that takes per-layer captures (the default one, whose
+    model the captures load), name the first layer and op that diverge, on the group's first failing
+    plain input (a corpus: its first window). A group whose only failures are padded or cached
+    inputs is named by that mechanism: its full unpadded forward agrees, and what differs is the
+    mask or the cache. A subject that cannot be hooked says so once. A localisation error is
+    reported, never fatal."""
     from harness.scale.localise import first_divergence
+    cannot = {r.subject: r.extra["subject"]["cannot"] for r in rows if "subject" in r.extra}
     failing: dict[tuple, list[Row]] = {}
+    unhooked: dict[str, str] = {}
     for r in rows:
-        if r.subject == "transformers" and r.against == ORACLE and r.status == FAIL:
-            failing.setdefault((r.case["dtype"], r.case["attn"], r.case["tp"]), []).append(r)
+        if r.subject == "reference" or r.against != ORACLE or r.status != FAIL:
+            continue
+        if r.subject != DEFAULT_SUBJECT or "hooks" in cannot.get(r.subject, {}):
+            unhooked.setdefault(r.subject, cannot.get(r.subject, {}).get(
+                "hooks", "per-layer captures load the default subject's model, not this one"))
+            continue
+        failing.setdefault((r.case["dtype"], r.case["attn"], r.case["tp"]), []).append(r)
+    if notes is not None:
+        notes += [f"note: {label} fails and is not localised: {why}" for label, why in unhooked.items()]
     if not failing:
         return {}
     by_key = {(i.name, str(i.shape)): i for i in plan.inputs}
@@ -797,7 +1041,7 @@ def localise_failures(plan: Plan, rows: list[Row]) -> dict:
                 d = {"layer": None, "op": None, "error": _first_line(e)}
             found.append({"case": dict(r.case), **{k: v for k, v in d.items() if _jsonable(v)}})
     for d in found:
-        d["subject"] = "transformers"      # what diverged (the reference is what it is measured beside)
+        d["subject"] = DEFAULT_SUBJECT      # what diverged (the reference is what it is measured beside)
     return {"first_divergence": found[0], "divergences": found}
 
 
@@ -812,7 +1056,7 @@ TP_CHECKS = {"logits_dtype": Mechanism(
     releases="==4.45.*")}
 
 
-def tp_dtype_row(subject: TransformersSubject, case: dict, tp: int, got: torch.dtype, ids: torch.Tensor) -> Row:
+def tp_dtype_row(subject, label: str, case: dict, tp: int, got: torch.dtype, ids: torch.Tensor) -> Row:
     """The dtype of a tp > 1 cell's logits against the same model's at pretraining_tp=1 (one short
     forward with the config switched, which every release that honours tp reads at call time)."""
     config = subject.model.config
@@ -825,9 +1069,9 @@ def tp_dtype_row(subject: TransformersSubject, case: dict, tp: int, got: torch.d
     name = lambda d: str(d).replace("torch.", "")     # noqa: E731
     case = {**case, "input": "-", "shape": "-"}
     if got == want:
-        return Row(SUITE, case, "transformers", "transformers-tp1", "logits_dtype", 0.0, 0.0, PASS,
+        return Row(SUITE, case, label, f"{label}-tp1", "logits_dtype", 0.0, 0.0, PASS,
                    f"{name(got)} logits, as at pretraining_tp=1")
-    return Row(SUITE, case, "transformers", "transformers-tp1", "logits_dtype", 1.0, 0.0, FAIL,
+    return Row(SUITE, case, label, f"{label}-tp1", "logits_dtype", 1.0, 0.0, FAIL,
                f"pretraining_tp={tp} returns {name(got)} logits, pretraining_tp=1 {name(want)} (same model, same call)")
 
 
@@ -852,7 +1096,7 @@ def assign_findings(rows: list[Row], ins: list[Input], found: list[dict]) -> dic
     localised, the first diverging point; groups that share both are one finding. A failure only at
     tp > 1, whose tp 1 sibling passes, is named as pretraining_tp's. Returns the mechanisms."""
     kind_of = {(i.name, str(i.shape)): i.kind for i in ins}
-    failing = [r for r in rows if r.subject == "transformers" and r.status == FAIL
+    failing = [r for r in rows if r.subject == DEFAULT_SUBJECT and r.status == FAIL
                and (r.against == ORACLE or r.metric in TP_CHECKS)]
     groups: dict[tuple, list[Row]] = {}
     for r in failing:

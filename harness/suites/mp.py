@@ -36,6 +36,7 @@ from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
 from reference_model.errors import CheckpointError
 from reference_model.parallel import check_degree, distributed_logits, emulated_logits
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 SUITE = "mp"
 KEY_METRIC = "rel_l2"
@@ -145,7 +146,7 @@ def run_mp(run: MPRun) -> Result:
                 check_degree(ckpt.args, k, str(ckpt.path))
             except CheckpointError as e:
                 rows += [Row(SUITE, {"dtype": d, "degree": k, "tp": "-", "shape": str(s), "attn": run.attn},
-                             "transformers", against, "all", None, status=NA, reason=f"degree {k}: {e.key} = {e.problem}")
+                             SUBJECT, against, "all", None, status=NA, reason=f"degree {k}: {e.key} = {e.problem}")
                          for d in run.dtypes for s in run.shapes for against in ("mp-original", ORACLE)]
                 continue
             mp_path = checkpoint.save_meta(Path(tmp) / f"mp{k}", ckpt.args, ckpt.state, n_shards=k)
@@ -176,14 +177,14 @@ def _degree_rows(run: MPRun, k: int, shape: Shape, dtype: str, original, truth, 
     for tp in dict.fromkeys((1, k)):
         case = {"dtype": dtype, "degree": k, "tp": tp, "shape": str(shape), "attn": run.attn}
         if tp > 1 and not tp_live:
-            rows += [Row(SUITE, case, "transformers", against, "all", None, status=NA, reason=compat.TP_NOOP)
+            rows += [Row(SUITE, case, SUBJECT, against, "all", None, status=NA, reason=compat.TP_NOOP)
                      for against in ("mp-original", ORACLE)]
             continue
         logits = hf_logits(dtype, tp)[shape]
         v_orig, why = compare(logits, original)
         v_truth, why_t = compare(logits, truth)
-        rows += _rows(case, "transformers", "mp-original", v_orig, why)
-        rows += _rows(case, "transformers", ORACLE, v_truth, why_t)
+        rows += _rows(case, SUBJECT, "mp-original", v_orig, why)
+        rows += _rows(case, SUBJECT, ORACLE, v_truth, why_t)
         dist[tp] = (v_orig[KEY_METRIC], v_truth[KEY_METRIC])
     claims = [_claim(dtype, k, shape, dist[1], dist[k])] if k > 1 and len(dist) == 2 else []
     return rows, claims

@@ -17,6 +17,7 @@ import torch
 from harness.core.cases import Shape, make_inputs
 from harness.core.store import FAIL, NA, PASS, Row
 from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 SUITE = "api"
 KEEP_ARGS = ("logits_to_keep", "num_logits_to_keep")
@@ -30,14 +31,14 @@ def run(r: BehaviourRun) -> list[Row]:
             case = {"dtype": dtype, "device": r.device, "attn": attn}
             why = attn_reason(attn, r.device)
             if why:
-                rows.append(Row(SUITE, case, "transformers", "contract", "all", None, status=NA, reason=why))
+                rows.append(Row(SUITE, case, SUBJECT, "contract", "all", None, status=NA, reason=why))
                 continue
             try:
                 model = r.load("LlamaForCausalLM", dtype, attn)
                 with torch.inference_mode():
                     full = model(input_ids=ids, use_cache=False).logits
             except Exception as e:   # a release that cannot build this cell fails it, naming why
-                rows.append(failed(SUITE, case, "transformers", "contract", e, "forward"))
+                rows.append(failed(SUITE, case, SUBJECT, "contract", e, "forward"))
                 continue
             rows.append(_dtype_row(case, full))
             rows += [_keep_row(case, model, ids, full, name) for name in KEEP_ARGS]
@@ -48,7 +49,7 @@ def _dtype_row(case: dict, logits: torch.Tensor) -> Row:
     bits = torch.finfo(logits.dtype).bits
     name = str(logits.dtype).removeprefix("torch.")
     ok = logits.dtype == torch.float32
-    return Row(SUITE, case, "transformers", "contract", "logits_dtype", float(bits), 32.0, PASS if ok else FAIL,
+    return Row(SUITE, case, SUBJECT, "contract", "logits_dtype", float(bits), 32.0, PASS if ok else FAIL,
                "" if ok else f"logits come back as {name}, not float32, for a {case['dtype']} model",
                {"logits_dtype": name})
 
@@ -58,15 +59,15 @@ def _keep_row(case: dict, model, ids: torch.Tensor, full: torch.Tensor, name: st
         with torch.inference_mode():
             kept = model(input_ids=ids, use_cache=False, **{name: 1}).logits
     except TypeError as e:
-        return Row(SUITE, case, "transformers", "contract", name, None, status=NA,
+        return Row(SUITE, case, SUBJECT, "contract", name, None, status=NA,
                    reason=f"this release does not take {name} ({str(e).splitlines()[0][:120]})")
     positions = kept.shape[1]
     if positions != 1:
-        return Row(SUITE, case, "transformers", "contract", name, float(positions), 1.0, FAIL,
+        return Row(SUITE, case, SUBJECT, "contract", name, float(positions), 1.0, FAIL,
                    f"{name}=1 was accepted and {positions} positions came back: the argument was ignored")
     # The head multiplies one row instead of all: the same numbers up to that matmul's rounding.
     a, b = kept[:, -1].double(), full[:, -1].double()
     gap, allowed = (a - b).abs().max().item(), 64 * torch.finfo(full.dtype).eps * b.abs().max().item()
-    return Row(SUITE, case, "transformers", "contract", name, 1.0, 1.0, PASS if gap <= allowed else FAIL,
+    return Row(SUITE, case, SUBJECT, "contract", name, 1.0, 1.0, PASS if gap <= allowed else FAIL,
                "" if gap <= allowed else f"the kept position's logits differ from the full forward's by {gap:.3g}",
                {"max_abs_vs_full_forward": gap})

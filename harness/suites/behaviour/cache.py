@@ -16,6 +16,7 @@ from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
 from harness.core.subjects import reference_decode, transformers_decode
 from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 SUITE = "cache"
 GATED = ("max_abs", "kl_max", "top1_disagree")
@@ -50,22 +51,22 @@ def run(r: BehaviourRun) -> list[Row]:
                 case = {**base, "attn": attn, "cache": kind}
                 why = attn_reason(attn, r.device)
                 if why:
-                    rows.append(Row(SUITE, case, "transformers", "transformers-full-forward", "all", None,
+                    rows.append(Row(SUITE, case, SUBJECT, "transformers-full-forward", "all", None,
                                     status=NA, reason=why))
                     continue
                 try:
                     model = r.load("LlamaForCausalLM", dtype, attn)
                     full, inc = _transformers_pair(model, ids.to(r.device), kind, prefill)
                 except NotImplementedError as e:
-                    rows.append(Row(SUITE, case, "transformers", "transformers-full-forward", "all", None,
+                    rows.append(Row(SUITE, case, SUBJECT, "transformers-full-forward", "all", None,
                                     status=NA, reason=str(e)))
                     continue
                 except Exception as e:   # a release that cannot run this cell fails it, naming why
-                    rows.append(failed(SUITE, case, "transformers", "transformers-full-forward", e, "cached decoding"))
+                    rows.append(failed(SUITE, case, SUBJECT, "transformers-full-forward", e, "cached decoding"))
                     continue
                 vals, nonfinite = compare(inc, full)
                 for m in GATED:
-                    row = judge(r.policy, SUITE, case, "transformers", "transformers-full-forward",
+                    row = judge(r.policy, SUITE, case, SUBJECT, "transformers-full-forward",
                                 f"cache_{m}", vals[m], ref_vals[m])
                     if nonfinite:
                         row.status, row.reason = FAIL, nonfinite

@@ -17,6 +17,7 @@ from reference_model.generate import greedy, top2_margin
 from harness.core.compat import has_output_logits
 from harness.core.store import NA, Row
 from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, info, judge, reference
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 SUITE = "generate"
 
@@ -96,13 +97,13 @@ def run(r: BehaviourRun) -> list[Row]:
         for attn in r.attns:
             why = attn_reason(attn, r.device)
             if why:
-                out.append(Row(SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers", ORACLE,
+                out.append(Row(SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, SUBJECT, ORACLE,
                                "all", None, status=NA, reason=why))
                 continue
             try:
                 hf = r.load("LlamaForCausalLM", dtype, attn)
             except Exception as e:
-                out.append(failed(SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers",
+                out.append(failed(SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, SUBJECT,
                                   ORACLE, e, "loading"))
                 continue
             for i, (p, t) in enumerate(zip(ps, truth)):
@@ -110,7 +111,7 @@ def run(r: BehaviourRun) -> list[Row]:
                 try:
                     tokens, logits = hf_greedy(hf, p, r.device, new, eos)
                 except Exception as e:
-                    out.append(failed(SUITE, case, "transformers", ORACLE, e, "generate"))
+                    out.append(failed(SUITE, case, SUBJECT, ORACLE, e, "generate"))
                     continue
-                out += _rows(r, case, "transformers", _measure(tokens, logits, t.tokens, t.logits), ref_m[i])
+                out += _rows(r, case, SUBJECT, _measure(tokens, logits, t.tokens, t.logits), ref_m[i])
     return out

@@ -9,6 +9,7 @@ import torch
 from harness.core.cases import Shape, make_inputs
 from harness.core.store import FAIL, NA, Row
 from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, judge, reference
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 HIDDEN_SUITE = "hidden"
 
@@ -45,7 +46,7 @@ def run(r: BehaviourRun) -> list[Row]:
         for attn in r.attns:
             why = attn_reason(attn, r.device)
             if why:
-                out.append(Row(HIDDEN_SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers",
+                out.append(Row(HIDDEN_SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, SUBJECT,
                                ORACLE, "all", None, status=NA, reason=why))
                 continue
             try:
@@ -54,15 +55,15 @@ def run(r: BehaviourRun) -> list[Row]:
                     hidden = hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
             except Exception as e:
                 out.append(failed(HIDDEN_SUITE, {"dtype": dtype, "device": r.device, "attn": attn},
-                                  "transformers", ORACLE, e, "LlamaModel forward"))
+                                  SUBJECT, ORACLE, e, "LlamaModel forward"))
                 continue
             if len(hidden) != len(truth):
-                out.append(Row(HIDDEN_SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, "transformers",
+                out.append(Row(HIDDEN_SUITE, {"dtype": dtype, "device": r.device, "attn": attn}, SUBJECT,
                                ORACLE, "hidden_count", float(len(hidden)), float(len(truth)), FAIL,
                                f"{len(hidden)} hidden states, the reference has {len(truth)}"))
                 continue
             for name, h, t, rv in zip(names, hidden, truth, ref):
                 case = {"dtype": dtype, "device": r.device, "attn": attn, "layer": name}
-                out.append(judge(r.policy, HIDDEN_SUITE, case, "transformers", ORACLE, "hidden_rel_l2",
+                out.append(judge(r.policy, HIDDEN_SUITE, case, SUBJECT, ORACLE, "hidden_rel_l2",
                                  _rel_l2(h, t), rv))
     return out

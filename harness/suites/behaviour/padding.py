@@ -24,6 +24,7 @@ from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
 from harness.core.subjects import padded_positions
 from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 SUITE = "padding"
 GATED = ("max_abs", "kl_max", "top1_disagree")
@@ -151,7 +152,7 @@ def run(r: BehaviourRun) -> list[Row]:
         for attn in r.attns:
             why = attn_reason(attn, r.device)
             if why:
-                out.append(Row(SUITE, {**base, "attn": attn}, "transformers", "transformers-alone", "all", None,
+                out.append(Row(SUITE, {**base, "attn": attn}, SUBJECT, "transformers-alone", "all", None,
                                status=NA, reason=why))
                 continue
             try:
@@ -162,7 +163,7 @@ def run(r: BehaviourRun) -> list[Row]:
                 resized = r.load("LlamaForCausalLM", dtype, attn)
                 hf_pad = add_pad_token_hf(resized)
             except Exception as e:
-                out.append(failed(SUITE, {**base, "attn": attn}, "transformers", "transformers-alone", e, "loading"))
+                out.append(failed(SUITE, {**base, "attn": attn}, SUBJECT, "transformers-alone", e, "loading"))
                 continue
             for cell in _cells(extra):
                 case = {**base, "attn": attn, **cell}
@@ -171,15 +172,15 @@ def run(r: BehaviourRun) -> list[Row]:
                 try:
                     vals, nonfinite = _errors(batch, hf_alone, toks, cell, pid, vocab, extra)
                 except Exception as e:
-                    out.append(failed(SUITE, case, "transformers", "transformers-alone", e, "padded forward"))
+                    out.append(failed(SUITE, case, SUBJECT, "transformers-alone", e, "padded forward"))
                     continue
                 for metric in GATED:
-                    row = judge(r.policy, SUITE, case, "transformers", "transformers-alone", f"pad_{metric}",
+                    row = judge(r.policy, SUITE, case, SUBJECT, "transformers-alone", f"pad_{metric}",
                                 vals[metric], rounding[metric])
                     if nonfinite:
                         row.status, row.reason = FAIL, nonfinite
                     out.append(row)
             pad_row = resized.get_input_embeddings()(torch.tensor([hf_pad], device=r.device)).abs().max().item()
-            out.append(judge(r.policy, SUITE, {**base, "attn": attn, "pad_token": "added"}, "transformers", "zero",
+            out.append(judge(r.policy, SUITE, {**base, "attn": attn, "pad_token": "added"}, SUBJECT, "zero",
                              "pad_row_abs", pad_row, None))
     return out

@@ -17,6 +17,7 @@ from reference_model.classify import SequenceClassifier
 from harness.core.store import NA, Row
 from harness.suites.behaviour.common import ORACLE, BehaviourRun, attn_reason, failed, info, judge, reference
 from harness.suites.behaviour.padding import pad_batch, rows_of_tokens
+from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
 
 SUITE = "seqcls"
 
@@ -88,7 +89,7 @@ def run(r: BehaviourRun) -> list[Row]:
                 case = {"dtype": dtype, "device": r.device, "attn": attn, "padding": padding}
                 why = attn_reason(attn, r.device)
                 if why:
-                    out.append(Row(SUITE, case, "transformers", ORACLE, "all", None, status=NA, reason=why))
+                    out.append(Row(SUITE, case, SUBJECT, ORACLE, "all", None, status=NA, reason=why))
                     continue
                 ids, mask, _ = _inputs(vocab, r.seed, padding, c)
                 try:
@@ -98,10 +99,10 @@ def run(r: BehaviourRun) -> list[Row]:
                     with torch.inference_mode():
                         scores = hf(input_ids=ids.to(r.device), attention_mask=mask.to(r.device)).logits.cpu()
                 except Exception as e:
-                    out.append(failed(SUITE, case, "transformers", ORACLE, e, "classification"))
+                    out.append(failed(SUITE, case, SUBJECT, ORACLE, e, "classification"))
                     continue
-                out.append(judge(r.policy, SUITE, case, "transformers", ORACLE, "seqcls_max_abs",
+                out.append(judge(r.policy, SUITE, case, SUBJECT, ORACLE, "seqcls_max_abs",
                                  _max_abs(scores, truth[padding]), ref_err[padding]))
-                out.append(info(SUITE, case, "transformers", "reference", "seqcls_max_abs",
+                out.append(info(SUITE, case, SUBJECT, "reference", "seqcls_max_abs",
                                 _max_abs(scores, ref_scores[padding]), "informational: same dtype, no truth"))
     return out
