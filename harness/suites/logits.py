@@ -311,7 +311,7 @@ class Measure:
                        "sha": fingerprint(plan.policy.path.read_text(encoding="utf-8"))},
             "plant": plan.fault.name if plan.fault else None,
             "environment": {k: self.env[k] for k in ("torch", "transformers", "device", "torch_threads",
-                                                     "harness_commit", "harness_source_sha256")},
+                                                     "harness_commit", "harness_source_sha256", "code_sha256")},
         }
 
     # -- shared, made once ----------------------------------------------------------------------
