@@ -91,6 +91,7 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
     for part in result.parts:           # every folder checked before the first one is written
         check_writable(ctx.out / part.folder if part.folder else ctx.out)
     ctx.lock()                          # suites that never called ctx.begin() take --out here
+    ctx.discard_previous()              # from here this run's results replace the previous ones
     clear_derived(ctx.out)
     folders, summaries, failed = [], [], False
     for part in result.parts:
@@ -155,7 +156,11 @@ def execute(a: argparse.Namespace) -> int:
     try:
         ctx.lock(create=False)          # an --out that exists is held from the start: a second run is refused
         return finish(a.cmd.run(a, ctx), ctx, a)
+    except (InputError, CheckpointError):
+        ctx.restore_previous()          # exit 2 leaves --out as it found it
+        raise
     finally:
+        ctx.discard_previous()
         ctx.release()
 
 

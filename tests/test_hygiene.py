@@ -61,3 +61,51 @@ def test_a_rerun_after_transformers_code_changed_in_place_resumes_nothing(fake_t
     llama.write_bytes(llama.read_bytes().replace(b"variance_epsilon", b"variance_epsilon ", 1))  # same version
     assert main(run) == 0
     assert "resumed" not in capsys.readouterr().err
+
+
+# --- 2. a stale verdict: nothing in --out may contradict this run, and exit 2 changes nothing ------
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_nothing_measured_after_the_run_began_puts_the_previous_results_back(models, tmp_path, monkeypatch, capsys):
+    """logits takes --out (ctx.begin) before it measures; a run whose every cell then turns out n/a
+    ends in exit 2, and exit 2 must leave the folder as it was, journal and views included."""
+    out = tmp_path / "o"
+    run = ["logits", "--model", str(models["tiny-mha/meta"]), "--out", str(out), *SMALL]
+    assert main(run + ["--html"]) == 0
+    before = _files(out)
+    real = environment.dtype_support
+    monkeypatch.setattr(environment, "dtype_support", lambda device: {k: False for k in real(device)})
+    capsys.readouterr()
+    assert main(run + ["--no-resume"]) == 2
+    assert "nothing was measured" in capsys.readouterr().err
+    assert _files(out) == before
+
+
+def test_a_killed_runs_moved_aside_results_are_removed_by_the_next_run(models, tmp_path):
+    from harness.core import store
+    out = tmp_path / "o"
+    run = ["logits", "--model", str(models["tiny-mha/meta"]), "--out", str(out), *SMALL]
+    assert main(run) == 0
+    stale = out / f"{store.STASH_PREFIX}999999"          # what a SIGKILL between begin and finish leaves
+    stale.mkdir()
+    (stale / "summary.json").write_text('{"verdict": "pass"}')
+    assert main(run) == 0
+    assert not list(out.glob(f"{store.STASH_PREFIX}*"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["behaviour", "--suite", "hidden", "--dtypes", "float32", "--attn", "eager"],
+    ["axes", "--suite", "flags", "--dtypes", "float32", "--attn", "eager", "--lengths", "8"],
+], ids=["behaviour", "axes"])
+def test_every_suite_removes_the_views_an_earlier_run_rendered(models, tmp_path, argv):
+    """The views in OUT/report belong to the run that rendered them: a later run without --html
+    removes them, whichever suite it is (logits: tests/test_reliability.py)."""
+    out = tmp_path / "o"
+    run = [*argv, "--model", str(models["tiny-gqa/hf"]), "--out", str(out), "--no-progress"]
+    assert main(run + ["--html"]) in (0, 1)
+    assert (out / "report" / "junit.xml").is_file() and (out / "report" / "index.html").is_file()
+    assert main(run) in (0, 1)
+    assert not (out / "report").exists()
