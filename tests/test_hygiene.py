@@ -109,3 +109,98 @@ def test_every_suite_removes_the_views_an_earlier_run_rendered(models, tmp_path,
     assert (out / "report" / "junit.xml").is_file() and (out / "report" / "index.html").is_file()
     assert main(run) in (0, 1)
     assert not (out / "report").exists()
+
+
+# --- 3. the <pad>-resized model the Llama 2 page tells users to make -----------------------------
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory) -> Path:
+    from harness.core.presets import write_padded_model
+    return write_padded_model(tmp_path_factory.mktemp("pad") / "model")
+
+
+def test_the_padded_fixture_is_what_save_pretrained_leaves(padded):
+    """transformers itself reads the folder as a 32001-token tokenizer with <pad> = 32000: the
+    fixture is the user's model, not the harness's idea of it."""
+    from transformers import AutoConfig, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(padded)
+    assert (len(tok), tok.pad_token, tok.pad_token_id) == (32001, "<pad>", 32000)
+    assert AutoConfig.from_pretrained(padded).vocab_size == 32001
+
+
+def test_pieces_plus_added_tokens_cover_the_vocabulary(padded, tmp_path):
+    from harness.core import corpus
+    from harness.core.errors import InputError
+    sp, voc = corpus.tokenizer_for(padded, 32001, None)
+    assert (voc.pieces, voc.added, voc.size) == (32000, {32000: "<pad>"}, 32001)
+    with pytest.raises(InputError, match="32000 pieces plus 1 added token"):
+        corpus.tokenizer_for(padded, 32002, None)
+    gap = tmp_path / "gap"
+    shutil.copytree(padded, gap)
+    (gap / "added_tokens.json").write_text('{"<pad>": 32001}')
+    (gap / "tokenizer_config.json").unlink()
+    with pytest.raises(InputError, match="leave id 32000 without a token"):
+        corpus.vocabulary(gap / "tokenizer.model", "--tokenizer")
+    (gap / "added_tokens.json").write_text('{"<pad>": "32000"}')
+    with pytest.raises(InputError, match=r"added_tokens.json \[<pad>\]"):
+        corpus.vocabulary(gap / "tokenizer.model", "--tokenizer")
+
+
+def test_the_default_run_of_the_padded_model_keeps_its_real_text(padded):
+    """The default run takes real text whenever a tokenizer is at hand ("corpus?"); before, the
+    32001-row model lost it to a note (no real-text cells). The plan's text step, without the run."""
+    from harness.cli import build_parser
+    from harness.core.checkpoints import open_model
+    from harness.core.datafiles import suite_data
+    from harness.suites.logits import Plan
+    a = build_parser().parse_args(["logits", "--model", str(padded), "--ctx", "64", "--max-tokens", "256"])
+    notes: list[str] = []
+    text = Plan.text_windows(a, suite_data("logits")["corpus"], open_model(a.model), Plan.kinds(a), notes)
+    assert text is not None and text.ids.shape == (4, 64), notes
+    assert not any("no real-text cells" in n for n in notes)
+    assert text.source["tokenizer"]["pieces"] == 32000 and text.source["not_measured"] == 256 - 4 * 63 + \
+        text.source["tokens"] - 256
+
+
+@pytest.mark.parametrize("extra", [["--text", "TEXT", "--inputs", "corpus"],
+                                   ["--tokenizer", "MODEL/tokenizer.model", "--inputs", "corpus"]],
+                         ids=["text", "tokenizer"])
+def test_the_padded_model_runs_with_real_text(padded, tmp_path, capsys, extra):
+    """Before: --text and --tokenizer exit 2 (32000 pieces, vocabulary 32001) and the default run
+    drops the real text with a note. Now each measures the text, and says which tokenizer cut it."""
+    import json
+    text = tmp_path / "t.txt"
+    text.write_text("The parity of two implementations is measured on real prose. " * 30)
+    extra = [x.replace("TEXT", str(text)).replace("MODEL", str(padded)) for x in extra]
+    out = tmp_path / "o"
+    code = main(["logits", "--model", str(padded), "--out", str(out), "--dtypes", "float32", "--attn", "eager",
+                 "--tp", "1", "--no-progress", "--no-localise", "--ctx", "64", "--max-tokens", "256", *extra])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert any(c["case"]["input"].startswith("corpus:") for c in summary["cells"])
+    tok = summary["text"]["tokenizer"]
+    assert tok["path"] == str(padded / "tokenizer.model") and tok["added"] == {"32000": "<pad>"} and tok["sha256"]
+    assert tok["sha256"] in (out / "report.md").read_text()
+
+
+# --- 4. sizes in a checkpoint's config are part of the resource estimate --------------------------
+
+@pytest.mark.parametrize("layout, file, key", [("meta", "params.json", "max_seq_len"),
+                                               ("hf", "config.json", "max_position_embeddings")])
+@pytest.mark.parametrize("argv", [["logits", "--dtypes", "float32", "--attn", "eager", "--tp", "1", "--shapes", "1x6"],
+                                  ["behaviour", "--suite", "hidden"], ["stream"]], ids=["logits", "behaviour", "stream"])
+def test_a_config_claiming_2_to_the_30_positions_is_refused_before_allocating(models, tmp_path, capsys, layout, file,
+                                                                                argv, key):
+    """Before: exit 3 after an allocation of 8+ GiB for the RoPE table (a 'bug in the harness')."""
+    import json
+    model = tmp_path / "m"
+    shutil.copytree(models[f"tiny-mha/{layout}"], model)
+    config = json.loads((model / file).read_text())
+    config[key] = 2 ** 30
+    (model / file).write_text(json.dumps(config))
+    out = tmp_path / "o"
+    assert main([*argv, "--model", str(model), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "max_seq_len 1073741824" in err and "position tables" in err, err
+    assert not out.exists()
