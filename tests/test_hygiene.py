@@ -204,3 +204,27 @@ def test_a_config_claiming_2_to_the_30_positions_is_refused_before_allocating(mo
     err = capsys.readouterr().err
     assert "max_seq_len 1073741824" in err and "position tables" in err, err
     assert not out.exists()
+
+
+# --- 7. short text (issue 19): run on what there is, and never drop tokens without a word ----------
+
+def test_text_shorter_than_a_window_is_one_shorter_window_and_a_remainder_is_named(tmp_path):
+    """Before: a few paragraphs were refused below one 512-token window (exit 2), and with --ctx 128
+    the tokens past the last full window went without a word."""
+    import sentencepiece as spm
+
+    from harness.core import corpus
+    from harness.core.real_tokenizer import ensure_tokenizer_model
+    sp = spm.SentencePieceProcessor(model_file=str(ensure_tokenizer_model()))
+    text = "\n\n".join(["Python lets you work quickly and integrate systems more effectively."] * 3)
+    n = len(sp.encode(text))
+    w = corpus.windows("short", text, sp, 512, 4096)
+    assert w.ids.shape == (1, n + 1) and w.tokens == n and w.dropped == 0
+    assert f"{n} tokens, fewer than one window of --ctx 512" in w.note
+    assert w.ids[0, 0] == sp.bos_id() and w.ids[0, 1:].tolist() == sp.encode(text)
+    step = next(k for k in (8, 7, 6, 5) if n % k)             # windows that leave a remainder
+    w = corpus.windows("short", text, sp, step + 1, None)
+    assert w.ids.shape == (n // step, step + 1) and w.dropped == n % step
+    assert f"the last {n % step} of {n} tokens do not fill a window" in w.note
+    w = corpus.windows("short", text, sp, 9, 16)
+    assert w.dropped == n - 16 and f"{n - 16} of {n} tokens are past --max-tokens 16" in w.note

@@ -214,7 +214,7 @@ def windows(label: str, text: str, sp, ctx: int, max_tokens: int | None) -> Wind
     left = len(stream) - n * step
     if left:
         notes.append(f"{label}: the last {left} of {len(stream)} tokens do not fill a window of --ctx {step + 1} "
-                     f"and are not measured (a --ctx that divides {len(stream)} measures every token)")
+                     f"and are not measured (a window holds --ctx - 1 text tokens after BOS)")
     if len(full) > len(stream):
         notes.append(f"{label}: {len(full) - len(stream)} of {len(full)} tokens are past --max-tokens {max_tokens} "
                      "and are not measured (--max-tokens all measures them)")
