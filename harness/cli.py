@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         say(f"llama-parity: error: {where}{e.strerror or e} (finished groups are journaled: the next run resumes)")
         return 2
-    except KeyboardInterrupt:
-        say("llama-parity: interrupted (finished groups are journaled: the next run resumes)")
-        return 130
+    except KeyboardInterrupt as e:
+        say(f"llama-parity: {'terminated' if isinstance(e, Terminated) else 'interrupted'} (finished groups are "
+            "journaled: the next run resumes)")
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:   # noqa: BLE001 - a harness bug must never read as "transformers diverged" (1)
         say(f"llama-parity: internal error: {type(e).__name__}: {str(e)[:500]}")
         say("  this is a bug in the harness, not a verdict (exit 3); LLAMA_PARITY_DEBUG=1 shows the traceback")
@@ -208,5 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a CI timeout sends) raised as an exception, so that every ``finally`` and
+    context manager runs: converted weights and temporary files are removed, the lock released."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main_entry() -> None:
+    import signal
+    signal.signal(signal.SIGTERM, _on_sigterm)
     sys.exit(main())

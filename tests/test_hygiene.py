@@ -228,3 +228,62 @@ def test_text_shorter_than_a_window_is_one_shorter_window_and_a_remainder_is_nam
     assert f"the last {n % step} of {n} tokens do not fill a window" in w.note
     w = corpus.windows("short", text, sp, 9, 16)
     assert w.dropped == n - 16 and f"{n - 16} of {n} tokens are past --max-tokens 16" in w.note
+
+
+# --- 5. signals: converted weights never outlive a run ---------------------------------------------
+
+def _run_until_converted(tmpdir: Path, out: Path, model: Path):
+    """A logits run (a subprocess, as CI runs it) stopped once its converted HF copy exists."""
+    import os
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "logits", "--model", str(model), "--out", str(out),
+                             "--dtypes", "float32,bfloat16,float16", "--attn", "eager,sdpa", "--shapes", "1x6",
+                             "--inputs", "random", "--no-progress"],
+                            env={**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, before = time.time() + 600, set(tmpdir.glob("llama-parity-hf-*/hf/model.safetensors"))
+    while not set(tmpdir.glob("llama-parity-hf-*/hf/model.safetensors")) - before:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+        time.sleep(0.1)
+    return proc
+
+
+def test_sigterm_removes_converted_weights_and_the_next_run_removes_a_killed_runs(models, tmp_path):
+    """Before: SIGTERM (a CI timeout) left the full converted copy in the temp folder, for ever."""
+    import signal
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = _run_until_converted(tmpdir, tmp_path / "o1", models["tiny-gqa/meta"])
+    proc.kill()                                              # SIGKILL: no cleanup can run
+    proc.wait()
+    left = list(tmpdir.glob("llama-parity-hf-*"))
+    assert len(left) == 1
+    (tmpdir / "llama-parity-hf-users-own").mkdir()          # no owner marker: not the harness's
+    proc = _run_until_converted(tmpdir, tmp_path / "o2", models["tiny-gqa/meta"])
+    assert not left[0].exists()                              # the killed run's copy went when this one began
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert "terminated" in proc.stderr.read()
+    assert sorted(p.name for p in tmpdir.glob("llama-parity-*")) == ["llama-parity-hf-users-own"]
+
+
+def test_a_scratch_folder_whose_process_lives_is_kept(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from harness.core import checkpoints
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    mine = checkpoints.scratch("llama-parity-hf-")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / "llama-parity-hf-gone"
+    gone.mkdir()
+    (gone / checkpoints.SCRATCH_OWNER).write_text(f"{int(dead.stdout)} 1\n")
+    reused = tmp_path / "llama-parity-hf-reused"             # a live pid with another start time: pid reuse
+    reused.mkdir()
+    (reused / checkpoints.SCRATCH_OWNER).write_text(f"{__import__('os').getpid()} 0\n")
+    assert sorted(p.name for p in checkpoints.remove_stale_scratch()) == ["llama-parity-hf-gone",
+                                                                           "llama-parity-hf-reused"]
+    assert Path(mine.name).is_dir()
+    mine.cleanup()

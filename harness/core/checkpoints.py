@@ -253,6 +253,62 @@ class LazyWeights:
 
 # --- the HF folder transformers loads ------------------------------------------------------------
 
+# --- scratch folders: converted weights in the temp folder, removed also after a kill -------------
+
+SCRATCH_OWNER = ".llama-parity-owner"     # inside every scratch folder: "pid start-time" of its process
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), so that a reused pid is not
+    taken for the run that made a folder; None when the process is gone (or there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(marker: Path) -> bool:
+    try:
+        pid_text, start = marker.read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False                     # unreadable or torn: written by a run killed at birth
+    if not Path("/proc").is_dir():       # no way to tell: keep it
+        return True
+    return _process_start(pid) == start
+
+
+def remove_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove scratch folders (converted weights) that runs killed before their cleanup left in the
+    temp folder: only folders holding the harness's owner marker, and only when the process it
+    names is gone. Returns what was removed."""
+    import shutil
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = list(root.glob("llama-parity-*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        marker = folder / SCRATCH_OWNER
+        if folder.is_symlink() or not marker.is_file() or _owner_alive(marker):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def scratch(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder marked as this process's (SCRATCH_OWNER), so that a later run removes it if
+    this one is SIGKILLed; SIGTERM and SIGINT unwind through the caller's cleanup (harness.cli)."""
+    remove_stale_scratch()
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    pid = os.getpid()
+    (Path(tmp.name) / SCRATCH_OWNER).write_text(f"{pid} {_process_start(pid) or '-'}\n")
+    return tmp
+
+
 class HFFolder:
     """An HF folder for transformers: the user's own, or one converted from a Meta checkpoint by
     the harness's converter (the same conversion a user would run) into a temporary folder."""
@@ -262,8 +318,12 @@ class HFFolder:
         if ckpt.source == "hf":
             self.path = ckpt.path
         else:
-            self._tmp = tempfile.TemporaryDirectory(prefix="llama-parity-hf-")
-            self.path = ckpt_io.save_hf(Path(self._tmp.name) / "hf", ckpt.args, ckpt.state)
+            self._tmp = scratch("llama-parity-hf-")
+            try:
+                self.path = ckpt_io.save_hf(Path(self._tmp.name) / "hf", ckpt.args, ckpt.state)
+            except BaseException:
+                self._tmp.cleanup()
+                raise
 
     def close(self) -> None:
         if self._tmp is not None:
