@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        say(f"llama-parity: error: {where}{e.strerror or e} (finished groups are journaled: the next run resumes)")
+        say(f"llama-parity: error: {_variable_behind(e.filename)}{where}{e.strerror or e} (finished groups are journaled: "
+            "the next run resumes)")
         return 2
     except KeyboardInterrupt as e:
         say(f"llama-parity: {'terminated' if isinstance(e, Terminated) else 'interrupted'} (finished groups are "
@@ -216,6 +217,27 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+# Variables that choose where the harness and the libraries it drives write: an OSError under one of
+# them is a problem with the variable's value, and the message says which.
+PATH_VARIABLES = ("LLAMA_PARITY_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE",
+                  "TRANSFORMERS_CACHE", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "TMPDIR", "HOME")
+
+
+def _variable_behind(filename) -> str:
+    """'HF_HOME=/x: a file, not a folder; ' when the failing path lies under a variable's value."""
+    if not filename:
+        return ""
+    from pathlib import Path
+    failing = Path(os.fsdecode(filename))
+    for var in PATH_VARIABLES:
+        value = os.environ.get(var)
+        if not value or not (failing == Path(value) or Path(value) in failing.parents):
+            continue
+        problem = inputs.path_problem(Path(value), "folder")
+        return f"{var}={value}{f' is {problem}' if problem else ''}: "
+    return ""
 
 
 def main_entry() -> None:

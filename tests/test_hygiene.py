@@ -287,3 +287,77 @@ def test_a_scratch_folder_whose_process_lives_is_kept(tmp_path, monkeypatch):
                                                                            "llama-parity-hf-reused"]
     assert Path(mine.name).is_dir()
     mine.cleanup()
+
+
+# --- 6. messages that name the real problem --------------------------------------------------------
+
+@pytest.fixture
+def odd_paths(tmp_path):
+    """A file, a folder, a FIFO, a dangling link and a looping link, side by side."""
+    import os
+    d = tmp_path / "odd"
+    d.mkdir()
+    (d / "afile").write_text("x")
+    (d / "adir").mkdir()
+    os.mkfifo(d / "fifo")
+    (d / "dangling").symlink_to(d / "nowhere" / "x")
+    (d / "loop").symlink_to(d / "loop")
+    return d
+
+
+@pytest.mark.parametrize("flag, name, needle", [
+    ("--tokens", "fifo", "a named pipe (FIFO), not a regular file"),
+    ("--tokens", "adir", "a folder, not a file"),
+    ("--tokens", "dangling", "a dangling symbolic link (to "),
+    ("--tokens", "loop", "a symbolic link that loops"),
+    ("--text", "adir", "a folder, not a file"),             # before: "file not found"
+    ("--text", "fifo", "a named pipe (FIFO), not a regular file"),
+    ("--policy", "adir", "a folder, not a file"),           # before: "file not found"
+    ("--tokenizer", "fifo", "a named pipe (FIFO), not a regular file"),
+    ("--out", "dangling", "a dangling symbolic link (to "),  # before: "File exists"
+    ("--out", "afile", "a file, not a folder"),
+])
+def test_odd_paths_are_named_for_what_they_are(models, odd_paths, capsys, flag, name, needle):
+    out = odd_paths / "o"
+    model = [] if flag == "--text" else ["--model", str(models["tiny-mha/meta"])]   # text: the embedded model
+    argv = ["logits", *model, "--dtypes", "float32", "--no-progress", flag, str(odd_paths / name)]
+    if flag != "--out":
+        argv += ["--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}" in err and needle in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_a_looping_weights_link_is_named(models, tmp_path, capsys):
+    """Before: 'the weight files hold 0 bytes: this is not the config of these weights'."""
+    model = tmp_path / "m"
+    shutil.copytree(models["tiny-mha/meta"], model)
+    (model / "consolidated.00.pth").unlink()
+    (model / "consolidated.00.pth").symlink_to(model / "consolidated.00.pth")
+    assert main(["logits", "--model", str(model), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model: {model / 'consolidated.00.pth'}: a symbolic link that loops" in err, err
+
+
+@pytest.mark.parametrize("variables, needle", [
+    ({"LLAMA_PARITY_CACHE": "{afile}"}, "LLAMA_PARITY_CACHE={afile}: {afile}: a file, not a folder"),
+    ({"LLAMA_PARITY_CACHE": "", "HOME": "{afile}"}, "LLAMA_PARITY_CACHE is unset; HOME={afile}): {afile}: a file"),
+])
+def test_a_cache_variable_or_home_pointing_at_a_file_is_named(monkeypatch, odd_paths, capsys, variables, needle):
+    """Before: '/x/afile/tokenizer: Not a directory', naming no variable. A run that needs the cache
+    (the Llama 2 tokenizer fixture, for real text) is refused naming the variable."""
+    afile = str(odd_paths / "afile")
+    for k, v in variables.items():
+        monkeypatch.setenv(k, v.format(afile=afile))
+    assert main(["logits", "--dtypes", "float32", "--attn", "eager", "--tp", "1", "--inputs", "corpus",
+                 "--out", str(odd_paths / "o"), "--no-progress"]) == 2
+    assert needle.format(afile=afile) in capsys.readouterr().err
+
+
+def test_an_os_error_under_a_library_cache_variable_names_it(monkeypatch, odd_paths):
+    from harness import cli
+    monkeypatch.setenv("HF_HOME", str(odd_paths / "afile"))
+    said = cli._variable_behind(str(odd_paths / "afile" / "hub" / "models--x"))
+    assert said == f"HF_HOME={odd_paths / 'afile'} is a file, not a folder: "
+    assert cli._variable_behind(str(odd_paths / "elsewhere")) == ""

@@ -76,9 +76,10 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
         path = default_model()
     else:
         from harness.core.inputs import path_arg
+        from harness.core.inputs import path_problem
         path = path_arg(arg, value)
-        if not path.exists():
-            raise InputError(f"{arg}: {path}: no such file or folder")
+        if problem := path_problem(path, "folder"):
+            raise InputError(f"{arg}: {path}: {'no such file or folder' if problem == 'no such folder' else problem}")
     fmt = ckpt_io.detect_format(path)
     sets = weight_sets(path)
     if len(sets) > 1:
@@ -103,6 +104,11 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
         check_vocab(args, vocab_size, str(path / "config.json"))
         ckpt_io.hf_weight_files(path)      # an index that points elsewhere is refused here
     files = ckpt_io.meta_shard_files(path) if fmt == "meta" else ckpt_io.hf_weight_files(path)[0]
+    from harness.core.inputs import path_problem
+    for f in files:                      # a link that loops or dangles, a FIFO: named, not summed as 0 bytes
+        if f.exists() or f.is_symlink():
+            if problem := path_problem(f):
+                raise InputError(f"{arg}: {f}: {problem}")
     stored = sum(f.stat().st_size for f in files if f.is_file())
     from harness.core.resources import check_files
     check_files(args, stored, str(path / ("params.json" if fmt == "meta" else "config.json")))
@@ -111,9 +117,14 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
 
 # --- content hashes, computed once per file ------------------------------------------------------
 
-def _hash_cache() -> Path:
+def _hash_cache() -> Path | None:
+    """Where hashes are remembered; None when the cache folder is unusable (a run that needs nothing
+    else from the cache goes on, hashing again; one that does is refused naming the variable)."""
     from harness.core import cache_dir
-    return cache_dir() / "file-hashes.json"
+    try:
+        return cache_dir() / "file-hashes.json"
+    except InputError:
+        return None
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
@@ -123,6 +134,8 @@ def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
     key = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
     cache_file = _hash_cache()
     try:
+        if cache_file is None:
+            raise FileNotFoundError
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
         if not isinstance(cache, dict):
             cache = {}
@@ -139,7 +152,8 @@ def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
     cache[key] = digest
     try:
         from harness.core.store import atomic_write_text
-        atomic_write_text(cache_file, json.dumps(cache, indent=0) + "\n")
+        if cache_file is not None:
+            atomic_write_text(cache_file, json.dumps(cache, indent=0) + "\n")
     except OSError:
         pass   # a read-only cache only costs the hash again next time
     return digest

@@ -48,9 +48,10 @@ class Windows:
 def text_of(name: str | None, path: str | None) -> tuple[str, str]:
     """(label, text) of --corpus NAME or --text FILE."""
     if path is not None:
+        from harness.core.inputs import path_problem
         p = Path(path)
-        if not p.is_file():
-            raise InputError(f"--text {p}: file not found")
+        if problem := path_problem(p):
+            raise InputError(f"--text {p}: {problem}")
         if p.stat().st_size > MAX_TEXT_BYTES:
             raise InputError(f"--text {p}: larger than {MAX_TEXT_BYTES >> 20} MB")
         try:
@@ -143,9 +144,10 @@ def vocabulary(path: Path, arg: str) -> Vocabulary:
     import hashlib
 
     from reference_model.tokenizer import TokenizerFileError, read_model_file
+    from harness.core.inputs import path_problem
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{arg}: {path}: " + ("a folder, not a tokenizer.model" if path.is_dir() else "file not found"))
+    if problem := path_problem(path):
+        raise InputError(f"{arg}: {path}: {problem}")
     try:
         model = read_model_file(path)
     except TokenizerFileError as e:
