@@ -330,6 +330,70 @@ class VocabTruncated(Fault):
         model.lm_head.register_forward_hook(lambda module, args, out: out[..., :-1])
 
 
+class SpecialRowsZeroed(Fault):
+    name, doc = "special-rows-zeroed", ("the embedding rows of <unk>, <s> and </s> (ids 0-2) zeroed, as a fine-tune "
+                                        "that zeroes its pad row (<unk>) or a resize that re-initialises them does")
+    # Only inputs holding ids 0-2 can see it: the logits suite's default rows carry them (cases.py)
+    first_point = (None, "embed")
+
+    def edit_model(self, model):
+        emb = model.get_input_embeddings()
+        emb.weight.data[:3] = 0
+
+
+class RopeWraps512(Fault):
+    name, doc = "rope-wraps-512", ("positions from 512 on wrap around (a RoPE table or position buffer of 512 rows "
+                                   "indexed modulo its length): invisible in any window of 512 tokens")
+    # the full-context row it needs is localised on coarse ops (harness.suites.logits), so the first
+    # changed value named is the attention's output, not q
+    first_point = (0, "attn")
+    min_positions = 513
+    WRAP = 512
+
+    def edit_model(self, model):
+        def wrap(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                return args, kwargs
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                past = _cache_length(kwargs.get("cache", kwargs.get("past_key_values")))
+                pos = torch.arange(past, past + ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+            kwargs["position_ids"] = pos % self.WRAP
+            return args, kwargs
+        model.register_forward_pre_hook(wrap, with_kwargs=True)
+
+
+class KvKeysBf16(Fault):
+    name, doc = "kv-keys-bf16", ("keys kept in bfloat16 on their way into the KV cache, whatever the model's dtype "
+                                 "(a cache allocated in a narrower dtype): only cached decoding sees it")
+    # logits: its cached cell. A no-op at bfloat16 itself.
+    suites, inputs = ("logits",), ("cached",)
+    first_point = (None, "kv_cache")
+    visible_at = ("float32", "float16")
+
+    def edit_model(self, model):
+        state = {"cached": False}
+
+        def note(module, args, kwargs):     # only forwards that fill a cache round their keys
+            state["cached"] = bool(kwargs.get("use_cache"))
+            return args, kwargs
+
+        def narrow(module, args, out):
+            return out.to(torch.bfloat16).to(out.dtype) if state["cached"] else out
+        model.register_forward_pre_hook(note, with_kwargs=True)
+        for layer in _layers(model):
+            layer.self_attn.k_proj.register_forward_hook(narrow)
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[2])      # 4.31-4.35: a tuple of (key, value) per layer
+
+
 # Not planted: positions counted from 1. RoPE is relative, so a full forward without cache or
 # padding cannot see a constant position offset (measured: ratio ~1 at every dtype); the cache
 # and padding suites are where that bug shows (cache-off-by-one).
@@ -501,6 +565,36 @@ class TokDecodeDropsSpace(Fault):
             s.decode_keep = lambda ids: _drop_space_after(real(ids), truth.specials)
 
 
+class TokSpaceBeforeSpecial(Fault):
+    name, doc = "tok-space-before-special", ("decoding with special tokens kept puts a space before a special "
+                                             "token that follows text ('Hey</s> you' -> 'Hey </s> you'; the "
+                                             "slow tokenizer of 4.31-4.48)")
+    suites = ("tokenizer",)
+
+    def edit_tokenizer(self, s, truth):
+        if s.decode_keep is not None:
+            real = s.decode_keep
+            s.decode_keep = lambda ids: _space_before(real(ids), truth.specials)
+
+
+class TokDropLastId(Fault):
+    name, doc = "tok-drop-last-id", "encode loses the last id of every text (a bug no known mechanism explains)"
+    suites = ("tokenizer",)
+
+    def edit_tokenizer(self, s, truth):
+        if s.hf is None and not s.name.startswith("transformers."):
+            return
+        real = s.encode
+        s.encode = lambda text: real(text)[:-1]
+        s.batch_encode = lambda texts: [real(t)[:-1] for t in texts]
+
+
+def _space_before(text: str, specials: dict) -> str:
+    import re
+    pattern = "|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True))
+    return re.sub(f"(?<=[^ ])({pattern})", r" \1", text)
+
+
 def _drop_space_after(text: str, specials: dict) -> str:
     for sp in specials:
         text = text.replace(sp + " ", sp)
@@ -660,9 +754,10 @@ class GenaiScaleRow0(Fault):
 FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoPermute, RopeBase, MaskShift, NormEps, NormLowPrecision, SwapGateUp, GqaTile, TiedEmbeddings,
     NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision, VocabTruncated,
-    ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16,
+    ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16, SpecialRowsZeroed, RopeWraps512,
+    KvKeysBf16,
     PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
-    TokSpaceAfterSpecial, TokDecodeDropsSpace, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
+    TokSpaceAfterSpecial, TokDecodeDropsSpace, TokSpaceBeforeSpecial, TokDropLastId, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
     OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, GenaiScaleRow0)}
 
 

@@ -718,8 +718,30 @@ BEYOND_ROUNDING = {
 # Corpus statistics gated like the means they are (harness.suites.logits).
 CORPUS_GATED = {"rms_dp": "RMS over positions of p_subject(next token) - p_truth(next token)",
                 "lp_at_t_absdiff_mean": "mean |log p_subject(t*) - log p_truth(t*)| at the truth's argmax t*"}
+# Paired with the reference position by position (same input, same dtype): a precision regression
+# of one code path (cache, head, norm) makes most positions worse, while one cell's extreme is one
+# draw; judged against a fixed ratio (suites/tolerance.toml), not against a multiple of the reference.
+PAIRED = {"kl_ratio_lo": "lower 3-sigma bound of the geometric mean over "
+                         "positions of KL_subject / KL_reference"}
 # What a logits tolerance policy may hold (suites/tolerance.toml).
-POLICY_METRICS = [*METRICS, *BEYOND_ROUNDING, *CORPUS_GATED]
+POLICY_METRICS = [*METRICS, *BEYOND_ROUNDING, *CORPUS_GATED, *PAIRED]
+PAIRED_Z = 3.0
+
+
+def paired_ratio(stats: PositionStats, reference: PositionStats) -> dict[str, float]:
+    """kl_ratio_lo: exp(mean - Z sd / sqrt(n)) of log((KL_s + e) / (KL_r + e)) over the positions
+    both measured (e: 1% of the reference's median KL, so that exact positions do not divide by
+    0). A correct subject's log-ratios centre on ~0 and the bound stays below 1; a path made k
+    times less precise moves the whole distribution by log k, which n positions resolve to
+    sd / sqrt(n). Also gm (the geometric mean itself) and n, for the reason."""
+    if stats.nonfinite or reference.nonfinite or len(stats) != len(reference) or len(stats) == 0:
+        return {"kl_ratio_lo": math.nan, "gm": math.nan, "n": len(stats)}
+    eps = max(float(reference.kl.median()) * 0.01, 1e-300)
+    x = torch.log((stats.kl + eps) / (reference.kl + eps))
+    n = int(x.numel())
+    mu = float(x.mean())
+    sd = float(x.std()) if n > 1 else math.inf
+    return {"kl_ratio_lo": math.exp(mu - PAIRED_Z * sd / math.sqrt(n)), "gm": math.exp(mu), "n": n}
 
 
 def beyond_rounding(stats: PositionStats, reference: PositionStats, factor: float) -> dict[str, float]:

@@ -30,6 +30,9 @@ POLICY_DTYPES = ("float32", "bfloat16", "float16")
 # 3x on 128 positions (measured), so they get their own factor, calibrated on the distribution of
 # that ratio over many clean runs (benchmarks/calibrate_policy.py), not on one.
 EXTREMES = ("max_abs", "kl_max", "kl_p99", "logprob_diff_max")
+# Ratios to the reference measured position by position (harness.core.metrics.PAIRED): already
+# relative, so judged against abs alone.
+RATIOS = ("kl_ratio_lo",)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Limit:
 
     def allowed(self, metric: str, reference_value: float | None) -> float:
         """min(abs, max(floor, f x reference)); the reference itself is held to abs."""
-        if reference_value is None or not math.isfinite(reference_value):
+        if reference_value is None or not math.isfinite(reference_value) or metric in RATIOS:
             return self.abs
         f = self.max_factor if metric in EXTREMES and self.max_factor is not None else self.factor
         return min(self.abs, max(self.floor, f * reference_value))

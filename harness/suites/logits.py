@@ -10,6 +10,12 @@ A cell is dtype x attention x pretraining_tp x input. Inputs (the case's ``input
            (no informational transformers-vs-reference rows: they would double the metric cost)
   padded   rows of different lengths left-padded into one batch, attention mask and positions given
   cached   a prefill, then one token at a time through the KV cache
+  full     one row as long as the model's context (max_seq_len / max_position_embeddings), at the
+           dtypes suites/logits.toml [full] names: where a RoPE table, cache or mask that breaks
+           past a window's length shows
+
+Random, padded, cached and full rows carry the vocabulary's special ids (<unk>, <s>, </s>, the
+config's pad id) where they matter (harness.core.cases.with_special_ids).
 
 Flow: checkpoint -> oracle logits per input -> reference at each dtype (the calibrator) ->
 transformers per cell -> per-position statistics (harness.core.metrics) -> metrics -> verdict rows.
@@ -29,25 +35,26 @@ from pathlib import Path
 import torch
 
 from harness.core import compat, corpus, inputs, resources
-from harness.core.cases import Shape, make_inputs
+from harness.core.cases import Shape, make_inputs, with_special_ids
 from harness.core.checkpoints import HFFolder, ModelFolder, open_model
 from harness.core.datafiles import suite_data
 from harness.core.environment import environment
 from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
-from harness.core.metrics import (BEYOND_ROUNDING, CORPUS_GATED, METRICS, POLICY_METRICS, PositionStats,
-                                  beyond_rounding, cat_stats, corpus_evidence, corpus_stats, curves, position_stats,
-                                  summarize)
+from harness.core.findings import Mechanism
+from harness.core.metrics import (BEYOND_ROUNDING, CORPUS_GATED, METRICS, PAIRED, POLICY_METRICS, PositionStats,
+                                  beyond_rounding, cat_stats, corpus_evidence, corpus_stats, curves, paired_ratio,
+                                  position_stats, summarize)
 from harness.core.store import FAIL, INFO, NA, PASS, Row, fingerprint
 from harness.core.subjects import (DTYPES, ORACLE, TRUTH, ReferenceSubject, TransformersSubject, padded_positions,
                                    reference_decode, transformers_decode)
 from harness.core.suite import Context, Part, Result, Suite
-from harness.core.tolerance import Policy, load_policy
+from harness.core.tolerance import EXTREMES, Policy, load_policy
 from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
 
 SUITE = "logits"
-INPUTS = ("random", "tokens", "corpus", "padded", "cached")
+INPUTS = ("random", "tokens", "corpus", "padded", "cached", "full")
 GATED = [m for m in METRICS if m not in ("top1_disagree", "topk_miss")] + list(BEYOND_ROUNDING)
 RATES = ("top1_disagree", "topk_miss")      # shown; the counts beyond rounding are what is gated
 # Corpus statistics beyond the common metrics: gated like the means they are, or shown.
@@ -63,19 +70,24 @@ class Logits(Suite):
     def add_arguments(self, p) -> None:
         p.add_argument("--model", help="Meta (params.json + consolidated.*.pth) or HF folder; default: embedded model")
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
-        p.add_argument("--attn", type=inputs.csv, help="comma list of eager,sdpa,flash_attention_2,flex_attention")
+        p.add_argument("--attn", type=inputs.csv, help="comma list of eager,sdpa,flash_attention_2,flex_attention (default: eager,sdpa)")
         p.add_argument("--tp", type=inputs.csv, help="comma list of pretraining_tp values (default: 1,2)")
         p.add_argument("--shapes", type=inputs.csv, help="comma list of BATCHxSEQ of random ids (default: 1x16,2x64)")
-        p.add_argument("--tokens", help="JSON file: a list of equal-length token-id lists to run instead of --shapes")
-        p.add_argument("--text", help="a UTF-8 text file to measure on, tokenized with the checkpoint's tokenizer")
+        p.add_argument("--tokens", help="JSON file: a list of equal-length token-id lists to run instead of --shapes "
+                                         "(default: none; seeded random ids of --shapes)")
+        p.add_argument("--text", help="a UTF-8 text file to measure on, tokenized with the checkpoint's tokenizer "
+                                       "(default: none; the --corpus is read)")
         p.add_argument("--corpus", help=f"a named corpus to measure on ({', '.join(corpus.NAMED)}; default: heldout)")
         p.add_argument("--ctx", help="tokens per text window, BOS first (default 512)")
         p.add_argument("--max-tokens", help="text tokens to use at most (default 4096; 'all' for the whole text)")
         p.add_argument("--inputs", type=inputs.csv,
                        help=f"comma list of {', '.join(INPUTS)} (default: random, corpus when a tokenizer is at "
-                            "hand, padded, cached; only the given ones when --shapes/--tokens/--text/--corpus is)")
+                            "hand, padded, cached, full (one row of the model's whole context, at float32); only "
+                            "the given ones when --shapes/--tokens/--text/--corpus is)")
         p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (or a folder holding one): the checkpoint's "
-                                           "vocab_size must match it (fills params.json's -1); tokenizes the text")
+                                           "vocab_size must match it (fills params.json's -1); tokenizes the text "
+                                           "(default: the model folder's, else the built Llama 2 fixture "
+                                           "for a 32000-piece vocabulary)")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--seed", default="0", help="input seed (default 0)")
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")
@@ -104,6 +116,10 @@ class Input:
     batch: int = 0                      # corpus: windows per forward
     label: str = ""                     # corpus: which text
     source: dict | None = None          # corpus: the text, the tokenizer that cut it, tokens not measured
+    dtypes: tuple[str, ...] | None = None  # measured only at these dtypes (None: every dtype of the run)
+
+    def at(self, dtype: str) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
 
     @property
     def name(self) -> str:
@@ -121,13 +137,13 @@ class Input:
         return d
 
 
-def padded_input(lengths: list[int], vocab: int, seed: int) -> Input:
+def padded_input(lengths: list[int], vocab: int, seed: int, pad_id: int | None = None) -> Input:
     width = max(lengths)
     base = make_inputs(Shape(len(lengths), width), vocab, seed + 17)
     ids = torch.zeros_like(base)
     mask = torch.zeros_like(base)
     for i, n in enumerate(lengths):          # left padding, as generation batches are padded
-        ids[i, width - n:] = base[i, :n]
+        ids[i, width - n:] = with_special_ids(base[i:i + 1, :n], pad_id)[0]
         mask[i, width - n:] = 1
     return Input("padded", Shape(len(lengths), width), ids, mask=mask)
 
@@ -170,7 +186,7 @@ class Plan:
             raise InputError(f"--tp {','.join(map(str, tps))}: {compat.TP_NOOP}, so nothing would be measured")
         shapes = inputs.shapes("--shapes", a.shapes if a.shapes is not None else d["shapes"])
         kinds = cls.kinds(a)
-        policy = load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, GATED + list(RATES))
+        policy = load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, GATED + list(PAIRED) + list(RATES))
         fault = get_fault(a.plant, SUITE)
         folder = open_model(a.model, vocab_size=vocab)
         args = folder.args
@@ -185,23 +201,22 @@ class Plan:
             shapes = [*shapes, Shape(long.batch, min(long.seq, args.max_seq_len))]
         plan_shapes = ([Shape(len(tokens), len(tokens[0]))] if tokens else list(shapes) if "random" in kinds else [])
         plan_shapes += [Shape(text.batch, text.shape.seq)] if text else []
+        full = cls.full_window(a, data["full"], kinds, dtypes, args)
+        plan_shapes += [full] if full is not None else []
         ctx.check_memory(resources.logits_run(args, dtypes, plan_shapes or [Shape(1, 16)], folder.stored_bytes), device)
         ckpt = folder.load(vocab_size=vocab)
+        pad = config_pad_id(folder, ckpt.args.vocab_size)
         ins: list[Input] = []
         if tokens is not None:
             inputs.token_ids_in_vocab(f"--tokens {a.tokens}", tokens, ckpt.args.vocab_size)
             t = torch.tensor(tokens, dtype=torch.long)
             ins.append(Input("tokens", Shape(*t.shape), t))
-        elif "random" in kinds:
-            ins += [Input("random", s, make_inputs(s, ckpt.args.vocab_size, seed)) for s in shapes]
+        else:
+            ins += seeded_inputs(data, [k for k in kinds if k == "random"], shapes, ckpt.args.vocab_size, seed, pad)
         if text is not None:
             ins.append(text)
-        if "padded" in kinds:
-            ins.append(padded_input(data["padded"]["lengths"], ckpt.args.vocab_size, seed))
-        if "cached" in kinds:
-            s = inputs.shape("suites/logits.toml [cached] shape", data["cached"]["shape"])
-            ins.append(Input("cached", s, make_inputs(s, ckpt.args.vocab_size, seed + 29),
-                             prefill=data["cached"]["prefill"]))
+        ins += seeded_inputs(data, [k for k in kinds if k != "random"], shapes, ckpt.args.vocab_size, seed, pad,
+                             full, dtypes)
         if not ins:
             raise InputError("--inputs: nothing to measure on")
         return cls(folder, ckpt, dtypes, attns, tps, ins, device, seed, policy, fault, not a.no_localise,
@@ -212,7 +227,17 @@ class Plan:
         if a.inputs is not None:
             return inputs.choices("--inputs", a.inputs, INPUTS)
         given = [k for k, v in (("random", a.shapes), ("tokens", a.tokens), ("corpus", a.text or a.corpus)) if v]
-        return given or ["random", "corpus?", "padded", "cached"]     # corpus? = when a tokenizer is at hand
+        return given or ["random", "corpus?", "padded", "cached", "full"]  # corpus? = when a tokenizer is at hand
+
+    @staticmethod
+    def full_window(a, cfg: dict, kinds: list[str], dtypes: list[str], args) -> Shape | None:
+        """One row of the model's whole context, at the [full] dtypes this run measures (none of
+        them: no row). Explicit --inputs full with none of them measures it at every dtype given."""
+        if "full" not in kinds:
+            return None
+        if a.inputs is None and not any(d in cfg.get("dtypes", ()) for d in dtypes):
+            return None
+        return inputs.shape("the model's max_seq_len", f"1x{args.max_seq_len}")
 
     @staticmethod
     def text_windows(a, cfg: dict, folder: ModelFolder, kinds: list[str], notes: list[str]) -> Input | None:
@@ -238,6 +263,44 @@ class Plan:
                      label=Path(label).name if a.text else label,
                      source={"text": label, "tokenizer": voc.describe(), "tokens": w.total, "measured": w.tokens,
                              "not_measured": w.dropped, **({"note": w.note} if w.note else {})})
+
+
+def config_pad_id(folder: ModelFolder, vocab: int) -> int | None:
+    """The pad id an HF config names (a fine-tune's, e.g. <unk> or an added <pad>); Meta has none."""
+    if folder.format != "hf":
+        return None
+    try:
+        pad = inputs.read_json("--model", folder.path / "config.json").get("pad_token_id")
+    except (InputError, AttributeError):
+        return None
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab else None
+
+
+def seeded_inputs(data: dict, kinds: list[str], shapes: list[Shape], vocab: int, seed: int, pad: int | None,
+                  full: Shape | None = None, dtypes: list[str] = ()) -> list[Input]:
+    """The seeded inputs of ``kinds`` (random, padded, cached, full), each with the special ids."""
+    ins = []
+    if "random" in kinds:
+        ins += [Input("random", s, with_special_ids(make_inputs(s, vocab, seed), pad)) for s in shapes]
+    if "padded" in kinds:
+        ins.append(padded_input(data["padded"]["lengths"], vocab, seed, pad))
+    if "cached" in kinds:
+        s = inputs.shape("suites/logits.toml [cached] shape", data["cached"]["shape"])
+        ins.append(Input("cached", s, with_special_ids(make_inputs(s, vocab, seed + 29), pad),
+                         prefill=data["cached"]["prefill"]))
+    if full is not None:
+        at = tuple(d for d in dtypes if d in data["full"]["dtypes"])
+        ins.append(Input("full", full, with_special_ids(make_inputs(full, vocab, seed + 41), pad), dtypes=at or None))
+    return ins
+
+
+def reference_pools(stats: dict[str, PositionStats], short: list[Input]) -> dict[str, PositionStats]:
+    """kind -> the reference's statistics over every input of that kind (only kinds with several)."""
+    kinds: dict[str, list[PositionStats]] = {}
+    for inp in short:
+        if inp.key() in stats:
+            kinds.setdefault(inp.kind, []).append(stats[inp.key()])
+    return {k: cat_stats(v) for k, v in kinds.items() if len(v) > 1}
 
 
 def tokenizer_vocab(path: str) -> int:
@@ -371,13 +434,14 @@ class Measure:
         support = self.env["dtype_support"]
         groups = [(a, t) for a in plan.attns for t in plan.tps]
         rows: list[Row] = []
-        bar = _progress(len(plan.dtypes) * (1 + len(groups)) * len(plan.inputs), self.ctx.progress)
+        bar = _progress(sum((1 + len(groups)) * sum(i.at(d) for i in plan.inputs) for d in plan.dtypes),
+                        self.ctx.progress)
         try:
             for dtype in plan.dtypes:
                 if not support.get(dtype, False):
                     why = f"{dtype} does not run on {plan.device}"
-                    rows += [_na(self.case(dtype, a, t, i), why) for a, t in groups for i in plan.inputs]
-                    bar.update((1 + len(groups)) * len(plan.inputs))
+                    rows += [_na(self.case(dtype, a, t, i), why) for a, t in groups for i in plan.inputs if i.at(dtype)]
+                    bar.update((1 + len(groups)) * sum(i.at(dtype) for i in plan.inputs))
                     continue
                 rows += self.dtype_rows(dtype, groups, bar)
         finally:
@@ -390,19 +454,21 @@ class Measure:
         extra = self.summary_extra(rows)
         if plan.localise:
             extra.update(localise_failures(plan, rows))
+        mechanisms = assign_findings(rows, plan.inputs, extra.get("divergences") or [])
         timing = {"wall_seconds": round(time.perf_counter() - started, 3), "groups_resumed": len(journal.reused)}
         sections = [("Corpus statistics (llama.cpp's perplexity --kl-divergence layout)", corpus_table(rows))] \
             if any(i.kind == "corpus" for i in plan.inputs) else []
         if extra.get("divergences"):
             sections.insert(0, ("Where each failing group diverges first", divergence_table(extra["divergences"])))
-        return Result([Part(SUITE, rows, extra, sections=sections, timing=timing, device=plan.device)],
+        return Result([Part(SUITE, rows, extra, sections=sections, timing=timing, device=plan.device,
+                            mechanisms=mechanisms)],
                       plan.notes + self.ctx.notes)
 
     def dtype_rows(self, dtype: str, groups: list[tuple], bar) -> list[Row]:
         """The reference at this dtype (it calibrates), each transformers group, and the corpus."""
         plan = self.plan
-        short = [i for i in plan.inputs if i.kind != "corpus"]
-        text = [i for i in plan.inputs if i.kind == "corpus"]
+        short = [i for i in plan.inputs if i.kind != "corpus" and i.at(dtype)]
+        text = [i for i in plan.inputs if i.kind == "corpus" and i.at(dtype)]
         ref_group = {"subject": "reference", "dtype": dtype}
         tf_groups = [{"subject": "transformers", "dtype": dtype, "attn": a, "tp": t} for a, t in groups]
         journal = self.ctx.journal()
@@ -419,6 +485,10 @@ class Measure:
             group = {"subject": "corpus", "dtype": dtype, "input": inp.key()}
             rows += self.cached(group, lambda: self.corpus_rows(dtype, groups, inp))
             bar.update(1 + len(groups))
+        later = plan.dtypes[plan.dtypes.index(dtype) + 1:]
+        for inp in short:       # a full-context truth (GBs at a 32000 vocabulary) is not kept for nothing
+            if not any(inp.at(d) for d in later):
+                self._truth.pop(inp.key(), None)
         return rows
 
     # -- short inputs: each subject loaded once, every input through it ---------------------------
@@ -437,6 +507,7 @@ class Measure:
         """One (dtype, attn, tp) group; nothing loads for an n/a group."""
         plan = self.plan
         ref_stats, _, ref_logits = calibration
+        pools = reference_pools(ref_stats, short)
         why_na = self.not_applicable(dtype, attn, tp)
         if why_na:
             return [_na(self.case(dtype, attn, tp, i), why_na) for i in short]
@@ -460,10 +531,13 @@ class Measure:
                 rows.append(_failed(case, shape_mismatch(logits, truth, tp)))
                 continue
             st = position_stats(logits, truth, mask=inp.mask)
-            rows += self.judged(case, "transformers", st, ref_stats[inp.key()], dtype, truth, inp)
+            rows += self.judged(case, "transformers", st, ref_stats[inp.key()], dtype, truth, inp,
+                                pool=pools.get(inp.kind))
             pair, why = summarize(position_stats(logits, ref_logits[inp.key()], mask=inp.mask))
             rows += [Row(SUITE, case, "transformers", "reference", m, pair[m], status=INFO,
                          reason=why or "informational: same dtype, no truth") for m in METRICS]
+            if tp > 1 and inp.kind == "random" and not any(r.metric == "logits_dtype" for r in rows):
+                rows.append(tp_dtype_row(subject, case, tp, logits.dtype, inp.ids))
         return rows
 
     def not_applicable(self, dtype: str, attn: str, tp: int) -> str:
@@ -522,9 +596,16 @@ class Measure:
 
     # -- judging ----------------------------------------------------------------------------------
     def judged(self, case: dict, subject: str, st: PositionStats, ref: PositionStats | None, dtype: str,
-               truth: torch.Tensor | None, inp: Input) -> list[Row]:
+               truth: torch.Tensor | None, inp: Input, pool: PositionStats | None = None) -> list[Row]:
         """The cell's rows: every metric judged by the policy against the reference's same value (the
-        reference itself against the hard ceilings), flips counted beyond rounding, corpus statistics."""
+        reference itself against the hard ceilings), flips counted beyond rounding, corpus statistics.
+
+        Extremes are judged against the reference's extreme over ``pool`` when it is larger: every
+        position of the inputs of the same kind at this dtype (random ids: 1x16 and 2x64 together),
+        not the cell's own 16, whose maximum is one small draw. The paired ratio (kl_ratio_lo) is
+        what a precision regression of one path fails on at every dtype: it compares every position
+        with the reference's same position on the same path (the cached cell with the reference's
+        own cache)."""
         policy = self.plan.policy
         values, why = summarize(st)
         if why:
@@ -534,6 +615,13 @@ class Measure:
             why = explain_nonfinite(f"non-finite float64 oracle logits: {bad} values "
                                     f"({'NaN' if torch.isnan(truth).any() else 'Inf'})", dtype, truth, self.notes)
         ref_values = summarize(ref)[0] if ref is not None else None
+        if ref_values is not None and pool is not None and len(pool) > len(ref) and not pool.nonfinite:
+            pooled = summarize(pool)[0]
+            for m in EXTREMES:
+                ref_values[m] = max(ref_values[m], pooled[m])
+        paired = paired_ratio(st, ref) if ref is not None and not why else None
+        if paired is not None:
+            values["kl_ratio_lo"], ref_values["kl_ratio_lo"] = paired["kl_ratio_lo"], 1.0
         max_factor = policy.limit(dtype, "max_abs").max_factor or policy.limit(dtype, "max_abs").factor
         values.update(beyond_rounding(st, ref if ref is not None else st, max_factor))
         if ref_values is not None:
@@ -547,7 +635,7 @@ class Measure:
                 ref_values.update({m: rc[m] for m in CORPUS_GATED})
             extra_rows = {"corpus": {k: v for k, v in c.items()}}
         rows = []
-        for m in [*GATED, *RATES, *(CORPUS_GATED if inp.kind == "corpus" else ())]:
+        for m in [*GATED, *PAIRED, *RATES, *(CORPUS_GATED if inp.kind == "corpus" else ())]:
             if m not in values:
                 continue
             tol, status, reason = policy.judge(dtype, m, values[m], None if ref_values is None else ref_values[m])
@@ -557,6 +645,9 @@ class Measure:
                                  "rounding cannot explain")
             elif why:
                 status, reason = FAIL, why
+            elif m in PAIRED:
+                reason = (f"{'' if status == PASS else reason + ': '}KL {paired['gm']:.3g}x the reference's at the "
+                          f"same positions (geometric mean over {paired['n']}; lower 3-sigma bound {values[m]:.3g})")
             rows.append(Row(SUITE, case, subject, ORACLE, m, values[m], tol, status, reason))
         if inp.kind == "corpus" and not why:
             c = extra_rows["corpus"]
@@ -695,12 +786,100 @@ def localise_failures(plan: Plan, rows: list[Row]) -> dict:
                 continue
             inp, r = plain[0]
             ids = inp.ids[:1] if inp.kind == "corpus" else inp.ids
+            # a full-context row is localised on the block's coarse ops: the fine ones hold the
+            # attention weights, seq^2 per head (GBs at 4096 positions)
+            fine = inp.kind != "full"
             try:
-                d = first_divergence(plan.ckpt, hf.path, ids, dtype, plan.device, attn, tp, plan.fault, failed=True)
+                d = first_divergence(plan.ckpt, hf.path, ids, dtype, plan.device, attn, tp, plan.fault, fine=fine,
+                                     failed=True)
             except Exception as e:  # noqa: BLE001 - evidence gathering must not lose the verdict
                 d = {"layer": None, "op": None, "error": _first_line(e)}
             found.append({"case": dict(r.case), **{k: v for k, v in d.items() if _jsonable(v)}})
+    for d in found:
+        d["subject"] = "transformers"      # what diverged (the reference is what it is measured beside)
     return {"first_divergence": found[0], "divergences": found}
+
+
+# --- pretraining_tp's own contract: the same outputs as tp 1, in the same dtype ---------------------
+
+TP_CHECKS = {"logits_dtype": Mechanism(
+    "tp-logits-dtype",
+    "LlamaForCausalLM with pretraining_tp > 1 returns logits in the model's dtype, with pretraining_tp=1 in "
+    "float32: the tp > 1 branch of the head skips the upcast (values equal, dtype differs)",
+    reproduction="LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16, pretraining_tp=2)(ids).logits"
+                 ".dtype -> torch.bfloat16; pretraining_tp=1 -> torch.float32",
+    releases="==4.45.*")}
+
+
+def tp_dtype_row(subject: TransformersSubject, case: dict, tp: int, got: torch.dtype, ids: torch.Tensor) -> Row:
+    """The dtype of a tp > 1 cell's logits against the same model's at pretraining_tp=1 (one short
+    forward with the config switched, which every release that honours tp reads at call time)."""
+    config = subject.model.config
+    config.pretraining_tp = 1
+    try:
+        with torch.inference_mode():
+            want = subject.model(input_ids=ids[:1, :2].to(subject.device), use_cache=False).logits.dtype
+    finally:
+        config.pretraining_tp = tp
+    name = lambda d: str(d).replace("torch.", "")     # noqa: E731
+    case = {**case, "input": "-", "shape": "-"}
+    if got == want:
+        return Row(SUITE, case, "transformers", "transformers-tp1", "logits_dtype", 0.0, 0.0, PASS,
+                   f"{name(got)} logits, as at pretraining_tp=1")
+    return Row(SUITE, case, "transformers", "transformers-tp1", "logits_dtype", 1.0, 0.0, FAIL,
+               f"pretraining_tp={tp} returns {name(got)} logits, pretraining_tp=1 {name(want)} (same model, same call)")
+
+
+# --- findings: one per mechanism, not one per failing metric ----------------------------------------
+
+PATHS = {   # input kind -> the code path that only that kind exercises
+    "cached": ("kv-cache", "decoding with the KV cache diverges while full forwards agree"),
+    "padded": ("attention-mask", "the attention mask of a left-padded batch diverges while unpadded forwards agree"),
+    "full": ("long-positions", "positions past the short windows diverge (a RoPE table, cache or mask that breaks "
+                               "with length) while every short input agrees"),
+}
+ERRORS = (("transformers failed to load", "load-failed", "transformers cannot build the cell"),
+          ("forward failed", "forward-failed", "transformers' forward raises"),
+          ("returned logits of shape", "logits-shape", "transformers returns logits of the wrong shape"),
+          ("non-finite", "non-finite", "non-finite logits"))
+
+
+def assign_findings(rows: list[Row], ins: list[Input], found: list[dict]) -> dict[str, Mechanism]:
+    """Name each failing transformers row's mechanism in ``extra["finding"]`` (harness.core.findings):
+    within a (dtype, attn, tp) group, the path its failing inputs share (only cached: the KV cache;
+    only padded: the mask; only the full-context row: long positions; else the forward) and, when
+    localised, the first diverging point; groups that share both are one finding. A failure only at
+    tp > 1, whose tp 1 sibling passes, is named as pretraining_tp's. Returns the mechanisms."""
+    kind_of = {(i.name, str(i.shape)): i.kind for i in ins}
+    failing = [r for r in rows if r.subject == "transformers" and r.status == FAIL
+               and (r.against == ORACLE or r.metric in TP_CHECKS)]
+    groups: dict[tuple, list[Row]] = {}
+    for r in failing:
+        groups.setdefault((r.case["dtype"], r.case["attn"], r.case["tp"]), []).append(r)
+    point = {(d["case"].get("dtype"), d["case"].get("attn"), d["case"].get("tp")): d for d in found}
+    mechanisms: dict[str, Mechanism] = {}
+    for (dtype, attn, tp), group in groups.items():
+        kinds = {kind_of.get((r.case["input"], r.case["shape"]), "random") for r in group if r.metric not in TP_CHECKS}
+        path, title = PATHS[min(kinds)] if len(kinds) == 1 and min(kinds) in PATHS else \
+            ("forward", "transformers' forward diverges from the float64 oracle")
+        d = point.get((dtype, attn, tp))
+        if d and path == "forward" and d.get("op") is not None:
+            where = d["op"] if d.get("layer") is None else f"layers.{d['layer']}.{d['op']}"
+            path, title = f"forward-at-{where}", f"{title}, first at {where}"
+        if tp not in ("-", 1) and not any(r.metric not in TP_CHECKS for r in groups.get((dtype, attn, 1), [])):
+            path, title = f"tp{tp}-{path}", f"pretraining_tp={tp} only (tp 1 agrees): {title}"
+        for r in group:
+            key = next((k for needle, k, _ in ERRORS if needle in r.reason), None)
+            if r.metric in TP_CHECKS:
+                key = TP_CHECKS[r.metric].key
+                mechanisms[key] = TP_CHECKS[r.metric]
+            elif key is not None:
+                mechanisms[key] = Mechanism(key, next(t for _, k, t in ERRORS if k == key) + f" ({r.reason[:120]})")
+            else:
+                key = path
+                mechanisms[key] = Mechanism(key, title)
+            r.extra["finding"] = key
+    return mechanisms
 
 
 def divergence_table(found: list[dict]) -> str:

@@ -1,0 +1,132 @@
+"""Hundreds of clean seeds of the logits suite's short cells, in one process: does a correct
+transformers ever fail the gate?
+
+    python benchmarks/seed_campaign.py --seeds 1-300                       # embedded model, default cells
+    python benchmarks/seed_campaign.py --models tiny-gqa,tiny-llama2 --seeds 1-50 --dtypes bfloat16
+
+What `llama-parity logits --seed N` measures on the random (1x16, 2x64), padded and cached inputs
+(tp 1, eager and sdpa, every dtype), made and judged by the suite's own code (seeded_inputs,
+position_stats, Measure.judged with the pooled reference extremes and the paired ratio), but with
+every subject loaded once, not once per seed: what a CLI run per seed (benchmarks/false_alarms.py)
+would give, about 20x faster. Every run is clean, so every failing cell is a false alarm. Prints
+the failing (seed, cell, metric) under the judging of today and under the judging before the
+pooled extremes and the paired ratio ("one draw": each extreme against the reference's own cell
+only), and per (dtype, metric) the largest value / limit (above 1 it fails).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from false_alarms import models, seeds  # noqa: E402
+
+
+def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], attns: list[str], kinds: list[str],
+             shapes: str | None, policy: str | None, tmp: Path) -> list[dict]:
+    from harness.core.metrics import PAIRED, position_stats
+    from harness.core.subjects import ReferenceSubject, TransformersSubject
+    from harness.core.suite import Context
+    from harness.core.datafiles import suite_data
+    from harness.suites.logits import (Logits, Measure, Plan, config_pad_id, oracle_logits, reference_logits,
+                                       reference_pools, seeded_inputs, transformers_logits)
+    p = argparse.ArgumentParser()
+    Logits().add_arguments(p)
+    argv = ["--model", str(model), "--dtypes", ",".join(dtypes), "--attn", ",".join(attns), "--tp", "1",
+            "--inputs", ",".join(kinds), "--no-localise", *(["--shapes", shapes] if shapes else []),
+            *(["--policy", policy] if policy else [])]
+    plan = Plan.from_args(p.parse_args(argv), Context(tmp / "out", progress=False))
+    measure = Measure(plan, Context(tmp / "out", progress=False))
+    data, pad = suite_data("logits"), config_pad_id(plan.folder, plan.ckpt.args.vocab_size)
+    shape_list = sorted({i.shape for i in plan.inputs if i.kind == "random"}, key=lambda s: s.batch * s.seq)
+    records = []
+    try:
+        for dtype in dtypes:
+            reference = ReferenceSubject(plan.ckpt, dtype, plan.device)
+            subjects = {a: TransformersSubject(measure.hf_path(), dtype, plan.device, a, 1) for a in attns}
+            for seed in seed_list:
+                ins = seeded_inputs(data, kinds, shape_list, plan.ckpt.args.vocab_size, seed, pad)
+                truth = {i.key(): oracle_logits(measure.oracle(), i) for i in ins}
+                ref = {i.key(): position_stats(reference_logits(reference, i), truth[i.key()], mask=i.mask)
+                       for i in ins}
+                pools = reference_pools(ref, ins)
+                for attn, subject in subjects.items():
+                    for inp in ins:
+                        st = position_stats(transformers_logits(subject, inp), truth[inp.key()], mask=inp.mask)
+                        case = measure.case(dtype, attn, 1, inp)
+                        now = measure.judged(case, "transformers", st, ref[inp.key()], dtype, truth[inp.key()], inp,
+                                             pool=pools.get(inp.kind))
+                        before = measure.judged(case, "transformers", st, ref[inp.key()], dtype, truth[inp.key()],
+                                                inp)
+                        old = {r.metric: r for r in before}
+                        for r in now:
+                            if r.status not in ("pass", "fail"):
+                                continue
+                            o = old.get(r.metric)
+                            records.append({
+                                "model": name, "seed": seed, "dtype": dtype, "attn": attn, "input": inp.name,
+                                "shape": str(inp.shape), "metric": r.metric, "value": r.value, "tolerance": r.tolerance,
+                                "v_over_t": r.value / r.tolerance if r.tolerance else math.nan,
+                                "fail": r.status == "fail", "reason": r.reason,
+                                # before: no paired ratio, each extreme against the cell's own reference draw
+                                "fail_one_draw": r.metric not in PAIRED and o is not None and o.status == "fail",
+                                "v_over_t_one_draw": (o.value / o.tolerance if o is not None and o.tolerance
+                                                      else math.nan)})
+                print(f"{name} {dtype} seed {seed}: "
+                      f"{sum(r['fail'] for r in records if r['seed'] == seed and r['dtype'] == dtype)} failing",
+                      flush=True)
+    finally:
+        if measure._hf is not None:
+            measure._hf.close()
+    return records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny-llama2", help="tiny-llama2 is the embedded model; presets by name")
+    p.add_argument("--seeds", default="1-300")
+    p.add_argument("--dtypes", default="float32,bfloat16,float16")
+    p.add_argument("--attn", default="eager,sdpa")
+    p.add_argument("--inputs", default="random,padded,cached")
+    p.add_argument("--shapes", help="random-id shapes (default: the suite's, 1x16,2x64)")
+    p.add_argument("--policy")
+    p.add_argument("--out", default="reports/latest/seed-campaign")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, records = time.time(), []
+    seed_list = seeds(a.seeds)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in models(a.models.split(","), Path(tmp)).items():
+            records += campaign(model, name, seed_list, a.dtypes.split(","), a.attn.split(","),
+                                a.inputs.split(","), a.shapes, a.policy, Path(tmp))
+    df = pd.DataFrame(records)
+    df.to_csv(out / "seed_campaign.csv", index=False)
+    runs = df.groupby(["model", "seed"])
+    for col, what in (("fail", "today's judging"), ("fail_one_draw", "one-draw extremes, no paired ratio")):
+        failed = runs[col].any()
+        print(f"\n{what}: {int(failed.sum())} of {len(failed)} clean (model, seed) runs fail; "
+              f"{int(df.groupby(['model', 'seed', 'dtype', 'attn', 'input', 'shape'])[col].any().sum())} cells")
+        for _, r in df[df[col]].head(12).iterrows():
+            print(f"  {r['model']} seed {r['seed']} {r['dtype']} {r['attn']} {r['input']} {r['shape']} {r['metric']} "
+                  f"{r['value']:.3g} (v/t {r['v_over_t' if col == 'fail' else 'v_over_t_one_draw']:.3g})")
+    worst = df.groupby(["dtype", "metric"]).agg(n=("v_over_t", "size"), median=("v_over_t", "median"),
+                                                worst=("v_over_t", "max"), worst_one_draw=("v_over_t_one_draw", "max"))
+    with pd.option_context("display.width", 200, "display.max_rows", 100, "display.float_format", "{:.3g}".format):
+        print("\nvalue / limit of every gated transformers value (1 = the limit):")
+        print(worst)
+    print(f"\n{len(seed_list)} seeds x {a.models}: {time.time() - started:.0f} s")
+    sys.exit(1 if df["fail"].any() else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""What the logits suite's default inputs reach (special ids, the full context), how it judges a
+precision regression of one path, and how its failures become findings: each class planted."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.core import compat
+from harness.core.cases import BOS, EOS, UNK, special_positions
+from harness.core.suite import Context
+from harness.suites.logits import Logits, Plan
+
+# the default matrix at float32 / eager / tp 1: every default input, the full-context row included
+DEFAULT32 = ["--dtypes", "float32", "--attn", "eager", "--tp", "1", "--no-progress"]
+
+
+def run(model, out, *extra) -> tuple[int, dict]:
+    code = main(["logits", "--model", str(model), "--out", str(out), *extra])
+    return code, json.loads((out / "summary.json").read_text())
+
+
+def plan(model, tmp_path, *argv) -> Plan:
+    p = argparse.ArgumentParser()
+    Logits().add_arguments(p)
+    return Plan.from_args(p.parse_args(["--model", str(model), *argv]), Context(tmp_path / "o", progress=False))
+
+
+def test_default_inputs_hold_every_special_id_and_the_full_context(models, tmp_path):
+    hf = models["tiny-gqa/hf"]
+    config = json.loads((hf / "config.json").read_text())
+    folder = tmp_path / "padded-model"
+    folder.mkdir()
+    for f in hf.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": 7}))
+    p = plan(folder, tmp_path, "--dtypes", "float32,bfloat16")
+    by_kind = {i.kind: i for i in p.inputs}
+    assert {"random", "padded", "cached", "full"} <= set(by_kind)
+    for kind in ("random", "cached", "full"):
+        ids = by_kind[kind].ids
+        for row in ids.tolist():
+            assert row[-1] == EOS and UNK in row and 7 in row, kind
+            assert any(a == EOS and b == BOS for a, b in zip(row[1:], row[2:])), kind   # packed: </s> <s> mid-row
+    padded = by_kind["padded"]
+    real = padded.ids[padded.mask.bool()].tolist()
+    assert {UNK, BOS, EOS, 7} <= set(real)
+    full = by_kind["full"]
+    assert full.shape.seq == config["max_position_embeddings"] and full.dtypes == ("float32",)
+    assert special_positions(5) == [(4, "eos")] and special_positions(1) == []
+
+
+def test_full_context_row_is_only_where_asked(models, tmp_path):
+    p = plan(models["tiny-gqa/meta"], tmp_path, "--dtypes", "bfloat16,float16")
+    assert "full" not in {i.kind for i in p.inputs}           # [full] dtypes = float32 only
+    p = plan(models["tiny-gqa/meta"], tmp_path, "--dtypes", "bfloat16", "--inputs", "full")
+    assert [i.kind for i in p.inputs] == ["full"] and p.inputs[0].dtypes is None
+
+
+@pytest.mark.parametrize("fault", ["special-rows-zeroed", "rope-wraps-512"])
+def test_default_run_fails_on_a_bug_only_its_new_inputs_reach(models, tmp_path, fault):
+    """Zeroed embedding rows of ids 0-2 and positions that wrap at 512 passed main's default run
+    (its rows drew ids from [3, vocab) and stopped at 512); now the default run fails, as one finding."""
+    code, summary = run(models["tiny-gqa/meta"], tmp_path / "p", *DEFAULT32, "--plant", fault)
+    assert code == 1
+    failing = [c for c in summary["cells"] if c["status"] == "fail"]
+    if fault == "rope-wraps-512":
+        assert {c["case"]["input"] for c in failing} == {"full"}
+        assert [f["id"] for f in summary["findings"]] == ["logits/long-positions"]
+    else:
+        assert [f["id"] for f in summary["findings"]] == ["logits/forward-at-embed"]
+    assert summary["first_divergence"]["subject"] == "transformers"
+
+
+def test_a_planted_bug_is_one_finding_not_one_per_metric(models, tmp_path):
+    code, summary = run(models["tiny-gqa/meta"], tmp_path / "p", "--dtypes", "float32", "--attn", "eager,sdpa",
+                        "--tp", "1", "--shapes", "1x8,2x24", "--no-progress", "--plant", "no-permute")
+    assert code == 1
+    failing = [c for c in summary["cells"] if c["status"] == "fail"]
+    assert len(failing) > 4
+    assert [f["id"] for f in summary["findings"]] == ["logits/forward-at-layers.0.q"]
+    assert summary["findings"][0]["cells"] == len(failing)
+
+
+def test_tp2_logits_dtype_is_checked_against_tp1(models, tmp_path):
+    """4.45's pretraining_tp > 1 head returned bfloat16 logits where tp 1 returned float32."""
+    if not compat.tp_honoured():
+        pytest.skip(f"{compat.TP_NOOP}: no tp 2 cell to check")
+    code, summary = run(models["tiny-gqa/meta"], tmp_path / "p", "--dtypes", "bfloat16", "--attn", "eager",
+                        "--tp", "1,2", "--shapes", "1x8", "--no-progress")
+    rows = [c for c in summary["cells"] if c["metric"] == "logits_dtype"]
+    assert len(rows) == 1 and rows[0]["case"]["tp"] == 2
+    release = compat.transformers_release()
+    if release.startswith("4.45."):
+        assert code == 1 and rows[0]["status"] == "fail" and "bfloat16" in rows[0]["reason"]
+        assert [f["id"] for f in summary["findings"]] == ["logits/tp-logits-dtype"]
+        assert summary["findings"][0]["releases"] == "==4.45.*"
+    else:
+        assert code == 0 and rows[0]["status"] == "pass", rows[0]["reason"]
