@@ -104,7 +104,7 @@ def test_every_suite_removes_the_views_an_earlier_run_rendered(models, tmp_path,
     """The views in OUT/report belong to the run that rendered them: a later run without --html
     removes them, whichever suite it is (logits: tests/test_reliability.py)."""
     out = tmp_path / "o"
-    run = [*argv, "--model", str(models["tiny-gqa/hf"]), "--out", str(out), "--no-progress"]
+    run = [*argv, "--model", str(models["tiny-gqa/hf"]), "--out", str(out)]
     assert main(run + ["--html"]) in (0, 1)
     assert (out / "report" / "junit.xml").is_file() and (out / "report" / "index.html").is_file()
     assert main(run) in (0, 1)
@@ -200,7 +200,7 @@ def test_a_config_claiming_2_to_the_30_positions_is_refused_before_allocating(mo
     config[key] = 2 ** 30
     (model / file).write_text(json.dumps(config))
     out = tmp_path / "o"
-    assert main([*argv, "--model", str(model), "--out", str(out), "--no-progress"]) == 2
+    assert main([*argv, "--model", str(model), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "max_seq_len 1073741824" in err and "position tables" in err, err
     assert not out.exists()
