@@ -236,7 +236,7 @@ def execute(a: argparse.Namespace) -> int:
     try:
         ctx.lock(create=False)          # an --out that exists is held from the start: a second run is refused
         return finish(a.cmd.run(a, ctx), ctx, a)
-    except (InputError, CheckpointError):
+    except (InputError, CheckpointError, MemoryError):
         ctx.restore_previous()          # exit 2 leaves --out as it found it
         raise
     finally:
