@@ -6,7 +6,8 @@
 A resumed run keys its journal on each weight file's sha256 (harness/core/checkpoints.py
 file_sha256), cached under the file's identity (device, inode, size, mtime, ctime), so a model is
 read in full once and looked up afterwards. Prints both figures and the extrapolation to a 13 GB
-Llama 2 7B checkpoint. The first figure depends on the disk and page cache: the file is freshly
+Llama 2 7B checkpoint, and what keying on the installed transformers / tokenizers / sentencepiece
+code (harness/core/environment.py code_sha256) costs per run. The first figure depends on the disk and page cache: the file is freshly
 written here, so it is likely in the page cache (a cold disk is slower).
 """
 from __future__ import annotations
@@ -42,11 +43,21 @@ def main() -> None:
         for _ in range(100):
             assert file_sha256(path) == first
         cached = (time.perf_counter() - t) / 100
+    from harness.core import environment
+    environment._DIGESTS.clear()
+    t = time.perf_counter()
+    environment.code_sha256()
+    code_first = time.perf_counter() - t
+    t = time.perf_counter()
+    environment.code_sha256()
+    code_again = time.perf_counter() - t
     print(f"file: {size / 2**30:.2f} GiB")
     print(f"first hash: {cold:.2f} s ({size / cold / 1e9:.2f} GB/s)")
     print(f"cached lookup: {cached * 1e3:.2f} ms")
     print(f"13 GB checkpoint (Llama 2 7B), first run: about {13e9 / (size / cold):.0f} s; later runs: "
           f"{cached * 1e3 * 2:.1f} ms for its 2 files")
+    print(f"installed code hash (transformers, tokenizers, sentencepiece): {code_first * 1e3:.0f} ms first, "
+          f"{code_again * 1e3:.1f} ms again in the same process")
 
 
 if __name__ == "__main__":

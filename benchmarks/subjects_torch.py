@@ -68,7 +68,7 @@ def main() -> None:
     folder = open_model(a.model)
     ckpt = folder.load()
     source = source_of(folder, ckpt)
-    sp = corpus.tokenizer_for(folder.path, ckpt.args.vocab_size, None)
+    sp, _ = corpus.tokenizer_for(folder.path, ckpt.args.vocab_size, None)
     label, text = corpus.text_of("heldout", None)
     w = corpus.windows(label, text, sp, a.ctx, a.max_tokens)
     batches = list(w.batches(a.batch))

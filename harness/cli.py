@@ -171,6 +171,7 @@ def finish(result: Result, ctx: Context, a: argparse.Namespace) -> int:
     for part in result.parts:           # every folder checked before the first one is written
         check_writable(ctx.out / part.folder if part.folder else ctx.out)
     ctx.lock()                          # suites that never called ctx.begin() take --out here
+    ctx.discard_previous()              # from here this run's results replace the previous ones
     clear_derived(ctx.out)
     folders, summaries, failed = [], [], False
     for part in result.parts:
@@ -236,7 +237,11 @@ def execute(a: argparse.Namespace) -> int:
     try:
         ctx.lock(create=False)          # an --out that exists is held from the start: a second run is refused
         return finish(a.cmd.run(a, ctx), ctx, a)
+    except (InputError, CheckpointError, MemoryError):
+        ctx.restore_previous()          # exit 2 leaves --out as it found it
+        raise
     finally:
+        ctx.discard_previous()
         ctx.release()
 
 
@@ -271,11 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        say(f"llama-parity: error: {where}{e.strerror or e} (finished groups are journaled: the next run resumes)")
+        say(f"llama-parity: error: {_variable_behind(e.filename)}{where}{e.strerror or e} (finished groups are journaled: "
+            "the next run resumes)")
         return 2
-    except KeyboardInterrupt:
-        say("llama-parity: interrupted (finished groups are journaled: the next run resumes)")
-        return 130
+    except KeyboardInterrupt as e:
+        say(f"llama-parity: {'terminated' if isinstance(e, Terminated) else 'interrupted'} (finished groups are "
+            "journaled: the next run resumes)")
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:   # noqa: BLE001 - a harness bug must never read as "transformers diverged" (1)
         say(f"llama-parity: internal error: {type(e).__name__}: {str(e)[:500]}")
         say("  this is a bug in the harness, not a verdict (exit 3); LLAMA_PARITY_DEBUG=1 shows the traceback")
@@ -284,5 +291,37 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a CI timeout sends) raised as an exception, so that every ``finally`` and
+    context manager runs: converted weights and temporary files are removed, the lock released."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+# Variables that choose where the harness and the libraries it drives write: an OSError under one of
+# them is a problem with the variable's value, and the message says which.
+PATH_VARIABLES = ("LLAMA_PARITY_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE",
+                  "TRANSFORMERS_CACHE", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "TMPDIR", "HOME")
+
+
+def _variable_behind(filename) -> str:
+    """'HF_HOME=/x: a file, not a folder; ' when the failing path lies under a variable's value."""
+    if not filename:
+        return ""
+    from pathlib import Path
+    failing = Path(os.fsdecode(filename))
+    for var in PATH_VARIABLES:
+        value = os.environ.get(var)
+        if not value or not (failing == Path(value) or Path(value) in failing.parents):
+            continue
+        problem = inputs.path_problem(Path(value), "folder")
+        return f"{var}={value}{f' is {problem}' if problem else ''}: "
+    return ""
+
+
 def main_entry() -> None:
+    import signal
+    signal.signal(signal.SIGTERM, _on_sigterm)
     sys.exit(main())

@@ -24,9 +24,15 @@ class MakeModel(Command):
         p.add_argument("--out", required=True, help="folder to write (new, or holding no checkpoint)")
 
     def run(self, a, ctx=None) -> int:
-        from harness.core.presets import preset_args, write_preset
+        from harness.core.presets import DERIVED, preset_args, write_padded_model, write_preset
         shards, seed = inputs.integer("--shards", a.shards, 1, 64), inputs.seed(a.seed)
         vocab = None if a.vocab_size is None else inputs.integer("--vocab-size", a.vocab_size, 4, 1 << 20)
+        if a.preset in DERIVED:
+            if a.format != "hf" or shards != 1 or vocab is not None:
+                raise InputError(f"--preset {a.preset}: made in HF format only, one file, its own vocabulary")
+            path = write_padded_model(_empty_target(a.out), seed=seed)
+            print(inputs.printable(f"wrote {a.preset} (hf, seed {seed}) to {path}"))
+            return 0
         preset_args(a.preset)
         out = _empty_target(a.out)
         path = write_preset(a.preset, out, fmt=a.format, shards=shards, seed=seed, vocab_size=vocab)

@@ -43,7 +43,7 @@ def embedded():
 def text():
     """(windows ids, targets) of the held-out corpus, and the oracle's logits of them."""
     src = embedded()
-    sp = corpus.tokenizer_for(open_model(None).path, src.ckpt.args.vocab_size, None)
+    sp, _ = corpus.tokenizer_for(open_model(None).path, src.ckpt.args.vocab_size, None)
     label, body = corpus.text_of("heldout", None)
     w = corpus.windows(label, body, sp, CTX, TOKENS)
     return w.ids, w.targets, oracle(src.ckpt).logits(w.ids)

@@ -76,9 +76,10 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
         path = default_model()
     else:
         from harness.core.inputs import path_arg
+        from harness.core.inputs import path_problem
         path = path_arg(arg, value)
-        if not path.exists():
-            raise InputError(f"{arg}: {path}: no such file or folder")
+        if problem := path_problem(path, "folder"):
+            raise InputError(f"{arg}: {path}: {'no such file or folder' if problem == 'no such folder' else problem}")
     fmt = ckpt_io.detect_format(path)
     sets = weight_sets(path)
     if len(sets) > 1:
@@ -103,6 +104,11 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
         check_vocab(args, vocab_size, str(path / "config.json"))
         ckpt_io.hf_weight_files(path)      # an index that points elsewhere is refused here
     files = ckpt_io.meta_shard_files(path) if fmt == "meta" else ckpt_io.hf_weight_files(path)[0]
+    from harness.core.inputs import path_problem
+    for f in files:                      # a link that loops or dangles, a FIFO: named, not summed as 0 bytes
+        if f.exists() or f.is_symlink():
+            if problem := path_problem(f):
+                raise InputError(f"{arg}: {f}: {problem}")
     stored = sum(f.stat().st_size for f in files if f.is_file())
     from harness.core.resources import check_files
     check_files(args, stored, str(path / ("params.json" if fmt == "meta" else "config.json")))
@@ -111,9 +117,14 @@ def open_model(value: str | Path | None, arg: str = "--model", vocab_size: int |
 
 # --- content hashes, computed once per file ------------------------------------------------------
 
-def _hash_cache() -> Path:
+def _hash_cache() -> Path | None:
+    """Where hashes are remembered; None when the cache folder is unusable (a run that needs nothing
+    else from the cache goes on, hashing again; one that does is refused naming the variable)."""
     from harness.core import cache_dir
-    return cache_dir() / "file-hashes.json"
+    try:
+        return cache_dir() / "file-hashes.json"
+    except InputError:
+        return None
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
@@ -123,6 +134,8 @@ def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
     key = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
     cache_file = _hash_cache()
     try:
+        if cache_file is None:
+            raise FileNotFoundError
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
         if not isinstance(cache, dict):
             cache = {}
@@ -139,7 +152,8 @@ def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
     cache[key] = digest
     try:
         from harness.core.store import atomic_write_text
-        atomic_write_text(cache_file, json.dumps(cache, indent=0) + "\n")
+        if cache_file is not None:
+            atomic_write_text(cache_file, json.dumps(cache, indent=0) + "\n")
     except OSError:
         pass   # a read-only cache only costs the hash again next time
     return digest
@@ -253,6 +267,62 @@ class LazyWeights:
 
 # --- the HF folder transformers loads ------------------------------------------------------------
 
+# --- scratch folders: converted weights in the temp folder, removed also after a kill -------------
+
+SCRATCH_OWNER = ".llama-parity-owner"     # inside every scratch folder: "pid start-time" of its process
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), so that a reused pid is not
+    taken for the run that made a folder; None when the process is gone (or there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(marker: Path) -> bool:
+    try:
+        pid_text, start = marker.read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False                     # unreadable or torn: written by a run killed at birth
+    if not Path("/proc").is_dir():       # no way to tell: keep it
+        return True
+    return _process_start(pid) == start
+
+
+def remove_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove scratch folders (converted weights) that runs killed before their cleanup left in the
+    temp folder: only folders holding the harness's owner marker, and only when the process it
+    names is gone. Returns what was removed."""
+    import shutil
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = list(root.glob("llama-parity-*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        marker = folder / SCRATCH_OWNER
+        if folder.is_symlink() or not marker.is_file() or _owner_alive(marker):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def scratch(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder marked as this process's (SCRATCH_OWNER), so that a later run removes it if
+    this one is SIGKILLed; SIGTERM and SIGINT unwind through the caller's cleanup (harness.cli)."""
+    remove_stale_scratch()
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    pid = os.getpid()
+    (Path(tmp.name) / SCRATCH_OWNER).write_text(f"{pid} {_process_start(pid) or '-'}\n")
+    return tmp
+
+
 class HFFolder:
     """An HF folder for transformers: the user's own, or one converted from a Meta checkpoint by
     the harness's converter (the same conversion a user would run) into a temporary folder."""
@@ -262,8 +332,12 @@ class HFFolder:
         if ckpt.source == "hf":
             self.path = ckpt.path
         else:
-            self._tmp = tempfile.TemporaryDirectory(prefix="llama-parity-hf-")
-            self.path = ckpt_io.save_hf(Path(self._tmp.name) / "hf", ckpt.args, ckpt.state)
+            self._tmp = scratch("llama-parity-hf-")
+            try:
+                self.path = ckpt_io.save_hf(Path(self._tmp.name) / "hf", ckpt.args, ckpt.state)
+            except BaseException:
+                self._tmp.cleanup()
+                raise
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -11,9 +11,10 @@ from harness.core.errors import InputError
 
 def read_toml(path: Path, arg: str) -> dict[str, Any]:
     """A TOML file with a string 'version'; arg names the option that chose it (for the message)."""
+    from harness.core.inputs import path_problem
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{arg}: {path}: file not found")
+    if problem := path_problem(path):
+        raise InputError(f"{arg}: {path}: {problem}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import platform
 import subprocess
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from harness.core import ROOT, releases
@@ -30,6 +32,65 @@ def source_sha256() -> str:
         for f in sorted((ROOT / pkg).rglob("*.py")):
             h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:32]
+
+
+# The installed files whose code decides a Llama's logits and a tokenizer's ids, per package (globs under
+# the package folder). A resumed run keys on their content, not on a version string: an editable
+# install, a local patch or a vendored fix changes the code and leaves the version as it was.
+CODE_FILES = {
+    "transformers": ("models/llama/*.py", "modeling_utils.py", "modeling_rope_utils.py",
+                     "modeling_attn_mask_utils.py", "masking_utils.py", "cache_utils.py",
+                     "modeling_flash_attention_utils.py", "modeling_layers.py", "pytorch_utils.py",
+                     "activations.py", "integrations/*attention*.py", "integrations/tensor_parallel.py",
+                     "configuration_utils.py", "generation/utils.py", "tokenization_utils*.py",
+                     "convert_slow_tokenizer.py", "core_model_loading.py"),
+    "tokenizers": ("*.py", "*.so", "*.pyd", "**/*.py"),
+    "sentencepiece": ("*.py", "*.so", "*.pyd"),
+}
+
+
+def package_dir(name: str) -> Path | None:
+    """Where a package is installed, found without importing it (None: not installed)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
+
+
+def code_sha256(packages: tuple[str, ...] = ("transformers", "tokenizers", "sentencepiece")) -> dict[str, str | None]:
+    """sha256 of each package's files that define Llama, attention, masks, caches and tokenizers
+    (CODE_FILES): what a journaled group's key holds so that changed code is never resumed from.
+    Each file is read again when its stat changes, so a file edited in place is seen."""
+    out: dict[str, str | None] = {}
+    for name in packages:
+        root = package_dir(name)
+        if root is None:
+            out[name] = None
+            continue
+        files = sorted({f for pattern in CODE_FILES.get(name, ("**/*.py",)) for f in root.glob(pattern)
+                        if f.is_file()})
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + _file_digest(f) + b"\0")
+        out[name] = h.hexdigest()[:32]
+    return out
+
+
+_DIGESTS: dict[tuple, bytes] = {}
+
+
+def _file_digest(f: Path) -> bytes:
+    """A file's sha256, read again whenever its size, mtime, ctime or inode change (an edit in place)."""
+    try:
+        st = f.stat()
+        key = (str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = hashlib.sha256(f.read_bytes()).digest()
+        return _DIGESTS[key]
+    except OSError as e:                  # unreadable: its error still keys the code
+        return f"unreadable: {e.strerror}".encode()
 
 
 def _version(module: str) -> str | None:
@@ -71,6 +132,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "numpy": _version("numpy"),
         "harness_commit": _git_commit(),
         "harness_source_sha256": source_sha256(),
+        "code_sha256": code_sha256(),
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,

@@ -7,6 +7,7 @@ allocated from them (``harness.core.resources`` then checks the memory a run nee
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -123,8 +124,10 @@ def path_arg(arg: str, value: Any) -> Path:
 def out_dir(value: str | Path, arg: str = "--out") -> Path:
     """An output folder that is (or can become) a writable folder; nothing is created here."""
     path = path_arg(arg, value)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{arg}: {path}: exists and is not a folder")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        problem = path_problem(path, "folder")
+        if problem:
+            raise InputError(f"{arg}: {path}: {problem}")
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -150,12 +153,44 @@ def printable(x: Any) -> str:
                        f"\\u{ord(ch):04x}" if 0xd800 <= ord(ch) <= 0xdfff else ch for ch in s)
 
 
+def path_problem(path: Path, want: str = "file") -> str | None:
+    """Why ``path`` cannot be read as a regular file (want="file") or used as a folder
+    (want="folder"), in words that name the real problem; None when it can."""
+    import stat
+    path = Path(path)
+    try:
+        st = path.stat()
+    except RuntimeError:                 # Python 3.11's pathlib on a symlink loop
+        return "a symbolic link that loops (it points, directly or not, at itself)"
+    except OSError as e:
+        if path.is_symlink():
+            if e.errno == errno.ELOOP:
+                return "a symbolic link that loops (it points, directly or not, at itself)"
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"a dangling symbolic link (to {target}, which does not exist)"
+        if e.errno == errno.ENOTDIR:
+            return "not found (a part of the path before it is a file, not a folder)"
+        if e.errno == errno.EACCES:
+            return "not readable (permission denied)"
+        return "file not found" if want == "file" else "no such folder"
+    kind = ("folder" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else
+            "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+    if kind == want:
+        return None
+    if kind in ("folder", "file"):
+        return f"a {kind}, not a {want}"
+    return f"{kind}, not a regular {want}"
+
+
 def existing_file(arg: str, value: str | Path) -> Path:
     path = path_arg(arg, value)
-    if not path.exists():
-        raise InputError(f"{arg} {path}: file not found")
-    if not path.is_file():
-        raise InputError(f"{arg} {path}: not a file")
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"{arg} {path}: {problem}")
     return path
 
 

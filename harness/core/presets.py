@@ -7,6 +7,7 @@ norm weight must not get away with it because every weight was 1.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from harness.core import ROOT, cache_dir
@@ -46,9 +47,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Presets made from the embedded model rather than drawn (HF format: what save_pretrained writes).
+DERIVED = {"embedded-pad": "the embedded model with <pad> added and the embeddings resized to 32001"}
+
+
 def preset_args(name: str, **overrides) -> ModelArgs:
     if name not in PRESETS:
-        raise InputError(f"--preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        raise InputError(f"--preset: unknown preset {name!r} (known: {', '.join([*PRESETS, *DERIVED])})")
     return ModelArgs.from_params({**PRESETS[name], **overrides})
 
 
@@ -110,3 +115,51 @@ def long_positions_model() -> Path:
 def random_default_model() -> Path:
     """The random-weight `default` preset (real vocab size)."""
     return cached("default")
+
+
+# --- the model the Llama 2 page tells users to make: <pad> added, embeddings resized --------------
+
+PAD_PIECE = "<pad>"
+
+
+def write_padded_model(out: Path, source: Path | None = None, seed: int = 0) -> Path:
+    """An HF folder as ``tokenizer.add_special_tokens({"pad_token": "<pad>"})`` then
+    ``model.resize_token_embeddings(len(tokenizer))`` and ``save_pretrained`` leave it: vocabulary
+    32001, the 32000-piece tokenizer.model unchanged, ``<pad>`` (id 32000) in added_tokens.json,
+    tokenizer_config.json's added_tokens_decoder and special_tokens_map.json. The new embedding and
+    output rows are the mean of the old ones plus seeded noise (what transformers' mean resizing
+    draws), so id 32000 computes something definite. ``source``: the embedded model by default."""
+    import json
+
+    from reference_model.checkpoint import load
+    from harness.core.real_tokenizer import ensure_tokenizer_model
+    ckpt = load(source or default_model())
+    args, state = ckpt.args, dict(ckpt.state)
+    gen = torch.Generator().manual_seed(seed)
+    for key in ("tok_embeddings.weight", "output.weight"):
+        w = state[key].to(torch.float32)
+        row = w.mean(0, keepdim=True) + 0.02 * w.std() * torch.randn(1, w.shape[1], generator=gen)
+        state[key] = torch.cat([w, row]).to(state[key].dtype)
+    pad_id = args.vocab_size
+    args = dataclasses.replace(args, vocab_size=pad_id + 1)
+    out = Path(out)
+    save_hf(out, args, state)
+    config = json.loads((out / "config.json").read_text())
+    config["pad_token_id"] = pad_id
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "tokenizer.model").write_bytes(ensure_tokenizer_model().read_bytes())
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": PAD_PIECE}
+    decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                        "single_word": False, "special": True}
+               for i, t in enumerate(("<unk>", "<s>", "</s>"))}
+    decoder[str(pad_id)] = {**decoder["0"], "content": PAD_PIECE}
+    files = {
+        "added_tokens.json": {PAD_PIECE: pad_id},
+        "special_tokens_map.json": special,
+        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+                                  "add_eos_token": False, "legacy": False, "model_max_length": args.max_seq_len,
+                                  "added_tokens_decoder": decoder, **special},
+    }
+    for name, data in files.items():
+        (out / name).write_text(json.dumps(data, indent=2) + "\n")
+    return out

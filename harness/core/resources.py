@@ -6,8 +6,8 @@ in a MemoryError. Two checks:
 
 - the weight files must be able to hold what the config describes (a config that promises more
   parameters than its files have bytes for is not the config of these weights);
-- the estimated peak (weights at the dtypes the run builds, the largest forward's activations,
-  the logits kept for comparison) must fit the memory the device has; ``--memory-budget``
+- the estimated peak (weights at the dtypes the run builds, the position tables the config's
+  max_seq_len asks for, the largest forward's activations, the logits kept for comparison) must fit the memory the device has; ``--memory-budget``
   overrides the detected figure.
 
 The estimate is deliberately simple and on the high side: it is a guard against the impossible,
@@ -49,6 +49,20 @@ class Need:
     bytes: int
 
 
+def position_tables(args: ModelArgs) -> Need:
+    """The tables a model builds from the config's context length, whatever the input's: the
+    reference precomputes RoPE angles for 2 x max_seq_len positions as Meta does (float64 angles and
+    complex128 for the oracle, float32 / complex64 for the reference), and transformers releases up
+    to 4.3x cache cos and sin for max_position_embeddings positions. A config claiming 2^30
+    positions asks for hundreds of GiB here, before any input is seen."""
+    half = args.head_dim // 2
+    n = 2 * args.max_seq_len
+    reference = n * half * (8 + 16) + n * half * (4 + 8)      # oracle (angles + complex) and reference
+    transformers = args.max_seq_len * args.head_dim * 2 * 4    # cos and sin, float32
+    return Need(f"position tables for the config's max_seq_len {args.max_seq_len} (max_position_embeddings in "
+                "config.json): RoPE angles of 2 x that many positions", reference + transformers)
+
+
 def logits_run(args: ModelArgs, dtypes: list[str], shapes: list, stored_bytes: int) -> list[Need]:
     """The logits suite (and the others that run whole models one after another): the checkpoint
     as stored, the float64 oracle with its largest forward, then the reference and transformers
@@ -58,6 +72,7 @@ def logits_run(args: ModelArgs, dtypes: list[str], shapes: list, stored_bytes: i
     truth = sum(s.batch * s.seq * args.vocab_size * 8 for s in shapes)
     wide = max(dtypes, key=lambda d: BYTES[d]) if dtypes else "float32"
     return [
+        position_tables(args),
         Need("the checkpoint as stored", stored_bytes),
         Need("the oracle's logits of every input (float64)", truth),
         Need("the float64 oracle and its largest forward",
@@ -101,6 +116,9 @@ def check(needs: list[Need], device: str, budget: int | None, flag: str = "--mem
     if total > have:
         parts = "; ".join(f"{n.what} {n.bytes / GiB:.3g} GiB" for n in sorted(needs, key=lambda n: -n.bytes)[:3])
         source = f"{flag} {have / GiB:.3g} GiB" if budget is not None else f"{have / GiB:.3g} GiB available on {device}"
+        top = max(needs, key=lambda n: n.bytes)
+        fix = ("lower the checkpoint's max_seq_len / max_position_embeddings" if top.what.startswith("position tables")
+               else "use smaller --shapes or fewer dtypes")
         raise InputError(f"this run needs about {total / GiB:.3g} GiB ({parts}), more than {source}; "
-                         f"use smaller --shapes or fewer dtypes, or set {flag} to override the check")
+                         f"{fix}, or set {flag} to override the check")
     return total

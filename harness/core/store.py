@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -362,6 +363,40 @@ def clear_derived(out_dir: Path) -> None:
         report.rmdir()
     except OSError:              # the user's own files are in it: they stay, and so does the folder
         pass
+
+
+STASH_PREFIX = ".llama-parity-previous."
+
+
+def stash_previous(out_dir: Path, journal: bool = False) -> Path | None:
+    """Move the previous run's results (RESULT_FILES, OUT/report's views, and the journal when asked)
+    into OUT/.llama-parity-previous.<pid>/ by rename; None when there was nothing to move. Stashes
+    left by killed runs are removed first (the caller holds the folder's lock: none is in use)."""
+    out_dir = Path(out_dir)
+    for old in out_dir.glob(f"{STASH_PREFIX}*"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    names = [*RESULT_FILES, *([JOURNAL] if journal else []), *(f"{REPORT_DIR}/{n}" for n in REPORT_FILES)]
+    moving = [n for n in names if (out_dir / n).is_file() and not (out_dir / n).is_symlink()]
+    if not moving:
+        return None
+    stash = out_dir / f"{STASH_PREFIX}{os.getpid()}"
+    for name in moving:
+        (stash / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out_dir / name, stash / name)
+    _fsync_dir(out_dir)
+    return stash
+
+
+def restore_stash(stash: Path, out_dir: Path) -> None:
+    """Undo stash_previous: every file back under its name (a run that refused after begin())."""
+    for p in sorted(Path(stash).rglob("*")):
+        if p.is_file():
+            dst = Path(out_dir) / p.relative_to(stash)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dst)
+    shutil.rmtree(stash, ignore_errors=True)
+    _fsync_dir(Path(out_dir))
 
 
 def clean_temporary(folder: Path) -> None:

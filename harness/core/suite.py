@@ -17,6 +17,7 @@ Commands that are not suites (``report``, ``make-model``, ...) return an exit co
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from harness.core.errors import InputError
 from harness.core.store import (JOURNAL, FolderLock, Journal, Row, check_writable, clean_temporary, clear_derived,
-                                clear_results)
+                                clear_results, restore_stash, stash_previous)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Context:
         self.notes: list[str] = []
         self._journal: Journal | None = None
         self._lock = FolderLock(self.out)
+        self._stash: Path | None = None         # the previous run's results, moved aside by begin()
         self.command = command                  # said to a second run that finds --out busy
 
     def lock(self, create: bool = True) -> None:
@@ -99,11 +101,26 @@ class Context:
             raise InputError(f"--out: {journal} is not a file (the journal a rerun resumes from); move it away")
         check_writable(self.out)        # every name before anything is made or removed
         self.lock()                     # before removing anything: another run's results are its own
-        clear_results(self.out)
-        clear_derived(self.out)
         clean_temporary(self.out)       # a write killed between its temporary file and the rename
-        if not resume and (self.out / JOURNAL).exists():
-            (self.out / JOURNAL).unlink()
+        # The previous run's results and views move aside, not away: a run that still ends in exit 2
+        # (every cell n/a, a checkpoint refused mid-run) puts them back (restore_previous), one that
+        # writes its own results drops them (discard_previous), and a killed run's are dropped by the
+        # next run that holds the lock, so no verdict in --out is ever one this run did not reach.
+        self._stash = stash_previous(self.out, journal=not resume)
+        clear_results(self.out)         # what stash_previous could not move (none, normally)
+        clear_derived(self.out)
+
+    def restore_previous(self) -> None:
+        """Put back what begin() moved aside: this run ends in exit 2 before writing anything."""
+        if self._stash is not None:
+            restore_stash(self._stash, self.out)
+            self._stash = None
+
+    def discard_previous(self) -> None:
+        """This run's results are being written (or the run died): the previous ones go for good."""
+        if self._stash is not None:
+            shutil.rmtree(self._stash, ignore_errors=True)
+            self._stash = None
 
     def journal(self) -> Journal:
         if self._journal is None:

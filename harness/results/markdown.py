@@ -108,7 +108,7 @@ def table(headers: list[str], rows: list[list]) -> str:
     return markdown_table(pd.DataFrame(rows, columns=headers))
 
 
-FACTS = ("model", "truth", "seed", "policy", "plant")
+FACTS = ("model", "truth", "seed", "policy", "plant", "text")
 
 
 def headline_markdown(summary: dict, heading: str = "##") -> list[str]:

@@ -243,7 +243,7 @@ class Place(Suite):
         policy = load_policy(a.policy, metrics=POLICY_METRICS).require([dtype], METRICS)
         folder = open_model(a.model)
         from harness.core import resources
-        ctx.check_memory([resources.Need("the checkpoint as stored", folder.stored_bytes),
+        ctx.check_memory([resources.position_tables(folder.args), resources.Need("the checkpoint as stored", folder.stored_bytes),
                           resources.Need("the largest forward (float64)",
                                          resources.forward_bytes(folder.args, shape.batch, shape.seq, "float64"))], "cpu")
         ckpt = folder.load()

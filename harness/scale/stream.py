@@ -297,7 +297,7 @@ class Stream(Suite):
         fault = get_fault(a.plant, "stream")
         folder = open_model(a.model)
         args = folder.args
-        ctx.check_memory([resources.Need("the largest forward (float64)", resources.forward_bytes(
+        ctx.check_memory([resources.position_tables(args), resources.Need("the largest forward (float64)", resources.forward_bytes(
             args, shape.batch, shape.seq, "float64")), resources.Need("the embedding and head at float64",
                                                                         4 * args.vocab_size * args.dim * 8)], device)
         ids = make_inputs(shape, folder.args.vocab_size, seed)

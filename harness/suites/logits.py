@@ -129,6 +129,7 @@ class Input:
     prefill: int = 0                    # cached
     batch: int = 0                      # corpus: windows per forward
     label: str = ""                     # corpus: which text
+    source: dict | None = None          # corpus: the text, the tokenizer that cut it, tokens not measured
     dtypes: tuple[str, ...] | None = None  # measured only at these dtypes (None: every dtype of the run)
 
     def at(self, dtype: str) -> bool:
@@ -271,7 +272,7 @@ class Plan:
         else:
             limit = inputs.integer("--max-tokens", a.max_tokens, 1, 10 ** 9) if a.max_tokens else cfg["max_tokens"]
         try:
-            sp = corpus.tokenizer_for(folder.path, folder.args.vocab_size, a.tokenizer)
+            sp, voc = corpus.tokenizer_for(folder.path, folder.args.vocab_size, a.tokenizer)
         except InputError as e:
             if "corpus" in kinds:
                 raise
@@ -279,8 +280,12 @@ class Plan:
             return None
         label, text = corpus.text_of(a.corpus or (None if a.text else cfg["name"]), a.text)
         w = corpus.windows(label, text, sp, ctx_len, limit)
+        if w.note:
+            notes.append(f"note: {w.note}")
         return Input("corpus", Shape(*w.ids.shape), w.ids, targets=w.targets, batch=cfg["batch"],
-                     label=Path(label).name if a.text else label)
+                     label=Path(label).name if a.text else label,
+                     source={"text": label, "tokenizer": voc.describe(), "tokens": w.total, "measured": w.tokens,
+                             "not_measured": w.dropped, **({"note": w.note} if w.note else {})})
 
 
 def config_pad_id(folder: ModelFolder, vocab: int) -> int | None:
@@ -322,17 +327,11 @@ def reference_pools(stats: dict[str, PositionStats], short: list[Input]) -> dict
 
 
 def tokenizer_vocab(path: str) -> int:
-    """Number of pieces in a SentencePiece tokenizer.model: the vocabulary the checkpoint must have."""
-    from reference_model.tokenizer import TokenizerFileError, read_model_file
+    """A SentencePiece tokenizer.model's pieces plus the tokens added beside it (a <pad>-resized
+    model's added_tokens.json): the vocabulary the checkpoint must have."""
     p = Path(path)
     path = inputs.existing_file("--tokenizer", p / "tokenizer.model" if p.is_dir() else p)
-    try:
-        model = read_model_file(path)
-    except TokenizerFileError as e:
-        raise InputError(f"--tokenizer {e}") from None
-    if not model.pieces:
-        raise InputError(f"--tokenizer {path}: no pieces (not a SentencePiece model)")
-    return len(model.pieces)
+    return corpus.vocabulary(path, "--tokenizer").size
 
 
 # --- how each subject runs an input ----------------------------------------------------------------
@@ -400,7 +399,7 @@ class Measure:
                        "sha": fingerprint(plan.policy.path.read_text(encoding="utf-8"))},
             "plant": plan.fault.name if plan.fault else None,
             "environment": {k: self.env[k] for k in ("torch", "transformers", "device", "torch_threads",
-                                                     "harness_commit", "harness_source_sha256")},
+                                                     "harness_commit", "harness_source_sha256", "code_sha256")},
         }
 
     # -- shared, made once ----------------------------------------------------------------------
@@ -833,6 +832,7 @@ class Measure:
             "plant": plan.fault.name if plan.fault else None,
             "tokenizer_vocab": plan.tokenizer_vocab,
             "subjects": subjects_of(rows),
+            "text": next((i.source for i in plan.inputs if i.source), None),
             "weights": ({d: n for d, n in self.notes.items() if n} or None) if nonfinite else None,
         }
 

@@ -60,7 +60,7 @@ class Bench(Suite):
         folder = open_model(a.model)
         batch, length = inputs.integer("--batch-size", a.batch_size, 1, 4096), inputs.integer("--max-length", a.max_length, 2, 1 << 20)
         n = resources.parameters(folder.args)
-        ctx.check_memory([resources.Need("the checkpoint as stored", folder.stored_bytes),
+        ctx.check_memory([resources.position_tables(folder.args), resources.Need("the checkpoint as stored", folder.stored_bytes),
                           resources.Need(f"two subjects at {dtype}", 2 * n * resources.BYTES[dtype]),
                           resources.Need("the largest batch's forward", resources.forward_bytes(
                               folder.args, batch, length, dtype))], inputs.device(a.device))

@@ -244,7 +244,8 @@ def run_bench(run: BenchRun) -> Result:
     go_offline()
     from harness.suites.bench.paired import compare_runs, drift_rows, scores_rows
     from harness.suites.bench.report import sections
-    with tempfile.TemporaryDirectory(prefix="llama-parity-bench-") as tmp:
+    from harness.core.checkpoints import scratch
+    with scratch("llama-parity-bench-") as tmp:      # holds converted weights: removed after a kill too
         # Bad input (unknown task, missing model) must fail before anything is written to --out.
         tasks_dir = materialise_tasks(run.tasks, Path(tmp))
         manager = task_manager(str(tasks_dir))
