@@ -142,7 +142,7 @@ class Plan:
         ids when the model has no tokenizer at hand. The seed picks where in the text they start."""
         ctx_len, rows = cfg["ctx"], cfg["corpus_rows"] + 3
         try:
-            sp = corpus.tokenizer_for(folder.path, folder.args.vocab_size, a.tokenizer)
+            sp, _ = corpus.tokenizer_for(folder.path, folder.args.vocab_size, a.tokenizer)
         except InputError as e:
             if a.text or a.corpus:
                 raise
