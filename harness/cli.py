@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import traceback
 
 from harness.core import inputs
@@ -43,19 +44,91 @@ def commands() -> list[Command]:
             Localise(), Stream(), Place(), Report(), Compare()]
 
 
+DESCRIPTION = """\
+Numerical parity of Hugging Face transformers' Llama 2 against an independent float64 reference.
+
+Each suite compares the subjects cell by cell and writes results.csv, summary.json and report.md
+into --out (with --html also report/index.html and report/junit.xml). `llama-parity COMMAND --help`
+lists a command's flags with their defaults."""
+
+EXIT_CODES = """\
+exit codes:
+  0  every gated cell passes
+  1  a cell fails its tolerance (the failing cells are printed)
+  2  bad input or usage: the message names the argument, file or key; nothing is written
+  3  an error inside the harness itself: a bug to report, never a verdict on transformers"""
+
+TOOL_EXIT_CODES = """\
+exit codes: 0 done, 2 bad input or usage (the message names the argument, file or key),
+3 an error inside the harness itself"""
+
+# One flag, two spellings: either is accepted wherever the other is declared, and both land in
+# the dest of the one the command declared (a single dtype or a comma list, as its help says).
+ALIASES = {"--dtypes": "--dtype", "--dtype": "--dtypes", "--tp": "--pretraining-tp"}
+
+# The flags the CLI adds to suites are offered only where they change something: --no-progress to
+# the suites that draw progress bars, --memory-budget to those that estimate the memory a run
+# needs (Context.check_memory) and refuse one that would not fit. --out, --html and --verbose
+# mean something for every suite (finish writes, renders and prints every Result alike).
+PROGRESS_BARS = ("logits", "tokenizer", "bench")
+MEMORY_CHECKED = ("logits", "behaviour", "axes", "bench", "mp", "localise", "stream", "place")
+
+# Help for flags that mean the same wherever a command declares them without help of its own.
+SHARED_HELP = {
+    "device": "cpu, cuda or cuda:N",
+    "seed": "seed of the random inputs",
+}
+# Flags whose absence means "nothing of the kind" (their help lists what could be given instead).
+NONE_BY_DEFAULT = ("plant",)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default shown once: appended as "(default: X)" unless its help already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.required or action.nargs == 0 or default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if default is None:
+            return f"{text} (default: none)" if action.dest in NONE_BY_DEFAULT else text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """Lines break between words, never inside a name such as norm-low-precision."""
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the harness's one error format: exit 2, 'llama-parity: error:' and the argument."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(2, f"llama-parity: error: {self.prog}: {message}\n")
 
+    def add_argument(self, *names, **kwargs):
+        names += tuple(ALIASES[n] for n in names if n in ALIASES and ALIASES[n] not in names)
+        return super().add_argument(*names, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        """A flag the command does not take is refused by that command's parser: its usage, its name."""
+        a, extra = self.parse_known_args(args, namespace)
+        if extra:
+            sub = self.commands.get(getattr(a, "command", None), self)
+            sub.error(f"unrecognized arguments: {' '.join(extra)} (`{sub.prog} --help` lists its flags)")
+        return a
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="llama-parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="llama-parity", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    p.commands = sub.choices
     for cmd in commands():
-        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
+                            epilog=EXIT_CODES if cmd.suite else TOOL_EXIT_CODES, formatter_class=HelpFormatter)
         cmd.add_arguments(sp)
         if cmd.suite:
             sp.add_argument("--out", default=f"reports/latest/{cmd.name}",
@@ -63,13 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--html", action="store_true",
                             help="also render the self-contained HTML report and JUnit XML into OUT/report "
                                  "(without it, a run removes the ones an earlier run left there)")
-            sp.add_argument("--no-progress", action="store_true",
-                            help="no progress bars (they are drawn only when stderr is a terminal)")
+            if cmd.name in PROGRESS_BARS:
+                sp.add_argument("--no-progress", action="store_true",
+                                help="no progress bars (they are drawn only when stderr is a terminal)")
             sp.add_argument("--verbose", action="store_true",
                             help="print every cell, passing, n/a and info rows included (default: the failing "
                                  "cells, findings and n/a reasons, then the counts)")
-            sp.add_argument("--memory-budget", help="memory the run may use, e.g. 20GiB (default: what the device "
-                                                    "has available); a run estimated to need more is refused")
+            if cmd.name in MEMORY_CHECKED:
+                sp.add_argument("--memory-budget", help="memory the run may use, e.g. 20GiB (default: what the "
+                                                        "device has available); a run estimated to need more is "
+                                                        "refused")
+        for action in sp._actions:
+            if not action.help and action.dest in SHARED_HELP:
+                action.help = SHARED_HELP[action.dest]
         sp.set_defaults(cmd=cmd)
     return p
 
@@ -125,11 +204,11 @@ def _link_findings(part) -> None:
     """Each failing (or known-excused) row names the finding that explains it, ``extra["finding_id"]``,
     so that JUnit, the pytest plugin and the pages can say it beside the cell (the rule is the one
     ``harness.core.findings.collect`` groups by)."""
-    from harness.core.findings import _key
+    from harness.core.findings import key
     from harness.core.store import FAIL, INFO
     for r in part.rows:
         if r.status == FAIL or (r.status == INFO and isinstance(r.extra.get("known"), dict)):
-            r.extra["finding_id"] = f"{part.suite or r.suite}/{_key(r, part.mechanisms)[0]}"
+            r.extra["finding_id"] = f"{part.suite or r.suite}/{key(r, part.mechanisms)[0]}"
 
 
 # the arguments that choose a suite's cells, named when none of the chosen cells can be measured
@@ -146,8 +225,9 @@ def execute(a: argparse.Namespace) -> int:
     if not a.cmd.suite:
         return a.cmd.run(a, None)
     from harness.core.store import REPORT_DIR, check_writable
-    budget = inputs.size("--memory-budget", a.memory_budget) if a.memory_budget else None
-    ctx = Context(inputs.out_dir(a.out), progress=not a.no_progress and _terminal(sys.stderr),
+    given = getattr(a, "memory_budget", None)
+    budget = inputs.size("--memory-budget", given) if given else None
+    ctx = Context(inputs.out_dir(a.out), progress=not getattr(a, "no_progress", False) and _terminal(sys.stderr),
                   memory_budget=budget, command=f"llama-parity {a.command} --out {a.out}")
     if a.html:                          # refused before the run, not after its results are written
         inputs.out_dir(ctx.out / REPORT_DIR)

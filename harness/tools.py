@@ -13,13 +13,15 @@ class MakeModel(Command):
     help = "write a deterministic synthetic checkpoint"
 
     def add_arguments(self, p) -> None:
-        p.add_argument("--preset", required=True)
-        p.add_argument("--format", default="meta", choices=("meta", "hf"))
+        from harness.core.presets import PRESETS
+        p.add_argument("--preset", required=True, help=f"model shape to write: {', '.join(PRESETS)}")
+        p.add_argument("--format", default="meta", choices=("meta", "hf"),
+                       help="meta (params.json + consolidated.NN.pth) or hf (config.json + safetensors)")
         p.add_argument("--shards", default="1", help="model-parallel shards (Meta format)")
-        p.add_argument("--seed", default="0")
+        p.add_argument("--seed", default="0", help="seed of the random weights")
         p.add_argument("--vocab-size", help="override the preset's vocabulary (e.g. 32001: not divisible by "
-                                            "pretraining_tp)")
-        p.add_argument("--out", required=True)
+                                            "pretraining_tp; default: the preset's)")
+        p.add_argument("--out", required=True, help="folder to write (new, or holding no checkpoint)")
 
     def run(self, a, ctx=None) -> int:
         from harness.core.presets import preset_args, write_preset
@@ -37,10 +39,10 @@ class Convert(Command):
     help = "convert a checkpoint between Meta and HF layouts"
 
     def add_arguments(self, p) -> None:
-        p.add_argument("--model", required=True)
-        p.add_argument("--to", required=True, choices=("meta", "hf"))
-        p.add_argument("--shards", default="1")
-        p.add_argument("--out", required=True)
+        p.add_argument("--model", required=True, help="Meta or HF folder to read")
+        p.add_argument("--to", required=True, choices=("meta", "hf"), help="layout to write")
+        p.add_argument("--shards", default="1", help="model-parallel shards (--to meta)")
+        p.add_argument("--out", required=True, help="folder to write (new, or holding no checkpoint)")
 
     def run(self, a, ctx=None) -> int:
         from harness.core.checkpoints import open_model

@@ -46,6 +46,6 @@ def run_suite(model: Path, out: Path, suite: str, plant: str | None = None, dtyp
               attns=("eager",)) -> tuple[int, list[dict]]:
     """One behaviour sub-suite through the CLI: (exit code, its cells)."""
     argv = ["behaviour", "--model", str(model), "--suite", suite, "--dtypes", ",".join(dtypes),
-            "--attn", ",".join(attns), "--out", str(out), "--no-progress"]
+            "--attn", ",".join(attns), "--out", str(out)]
     code = main(argv + (["--plant", plant] if plant else []))
     return code, summary(Path(out) / suite)["cells"]

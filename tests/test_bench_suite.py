@@ -5,6 +5,7 @@ Kept small (a few documents per task) so the file runs in about a minute on two 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -74,11 +75,13 @@ def test_adapter_rolling_scores_text_after_bos(model, tokenizer):
     assert rolling == pytest.approx(ll, abs=1e-4)
 
 
-def test_bench_passes_clean_and_catches_a_dropped_bos(model, tokenizer, tmp_path):
+def test_bench_passes_clean_and_catches_a_dropped_bos(model, tokenizer, tmp_path, capsys):
     common = ["--model", str(model), "--tokenizer", str(tokenizer), "--limit", "3", "--batch-size", "2"]
     clean = tmp_path / "clean"
     code = _bench([*common, "--tasks", "parity_heldout_mc,parity_heldout_ppl,parity_heldout_gen",
                    "--out", str(clean)])
+    err = capsys.readouterr().err
+    assert not re.search(r"\d+%\|| \d+/\d+ \[", err), f"lm-eval drew progress bars under --no-progress: {err[-500:]}"
     summary = json.loads((clean / "summary.json").read_text())
     fails = [c for c in summary["cells"] if c["status"] == "fail"]
     assert code == 0 and summary["verdict"] == "pass", fails
@@ -113,3 +116,19 @@ def test_bad_input_is_input_error_and_writes_nothing(model, tokenizer, tmp_path,
     assert _bench(["--model", str(model), "--tokenizer", str(tokenizer), *argv, "--out", str(out)]) == 2
     assert match in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_lmeval_bars_are_off_off_a_terminal_and_restored_after():
+    import tqdm
+    import lm_eval.api.task as task
+    from transformers.utils import logging as hf_logging
+    from harness.suites.bench.run import lmeval_bars
+    drawn = tqdm.tqdm
+    hf_logging.enable_progress_bar()
+    with lmeval_bars(False):
+        from tqdm import tqdm as made_meanwhile
+        assert made_meanwhile(range(2)).disable and task.tqdm(range(2)).disable
+        assert not hf_logging.is_progress_bar_enabled()
+    assert tqdm.tqdm is drawn and task.tqdm is drawn and hf_logging.is_progress_bar_enabled()
+    with lmeval_bars(True):
+        assert tqdm.tqdm is drawn

@@ -64,7 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from harness.cli import main  # noqa: E402
+from harness.cli import PROGRESS_BARS, main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES_DIR = ROOT / "suites"
@@ -176,8 +176,7 @@ def fixtures() -> Fixtures:
     # A real run with per-layer rows and per-position curves (what the HTML page plots).
     out = root / "results" / "localise"
     with _captured():
-        code = main(["localise", "--model", str(models["mha-meta"]), "--shape", "1x4", "--out", str(out),
-                     "--no-progress"])
+        code = main(["localise", "--model", str(models["mha-meta"]), "--shape", "1x4", "--out", str(out)])
     if code == 0:
         summaries["localise"] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     # A real logits run (per-position curves), and the journal a rerun with the same arguments resumes.
@@ -868,7 +867,7 @@ def flags_for(command: str) -> dict[str, Flag]:
                 "--codepoint-step": Flag(values("0", "300000"), junk(["1114113"]), 75, 25, 0),
                 "--no-vocab-sweep": Flag(values(None), None, 100, 0, 0),
                 "--cases": Flag(policy_good("tokenizer.toml"), policy_bad("tokenizer.toml"), 20, 30, 50),
-                "--html": html, "--memory-budget": BUDGET, "--out": OUT}
+                "--html": html, "--out": OUT}
     if command == "fixtures":
         return {"--cache-dir": Flag(CACHE_GOOD, cache_bad(), 30, 60, 10)}
     if command == "behaviour":
@@ -962,7 +961,7 @@ def flags_for(command: str) -> dict[str, Flag]:
                 "--current": Flag(results_good(), results_bad(), 70, 25, 5),
                 "--regression-policy": Flag(policy_good("regression.toml"), policy_bad("regression.toml"), 20, 30, 50),
                 "--allow-missing": Flag(switch=True),
-                "--html": html, "--memory-budget": BUDGET, "--out": OUT}
+                "--html": html, "--out": OUT}
     raise KeyError(command)
 
 
@@ -1018,7 +1017,7 @@ def invocation(draw, command: str) -> Invocation:
             argv.append(f"{name}={value}")
         else:
             argv += [name, value]
-    if command not in ("make-model", "convert", "fixtures", "matrix", "report"):
+    if command in PROGRESS_BARS:        # the suites that draw bars (the others do not take the flag)
         argv += NO_PROGRESS
     return Invocation(command, argv)
 

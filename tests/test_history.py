@@ -85,7 +85,7 @@ def test_argv_placeholders_are_known_and_the_harness_parses_it(e):
     assert set(names) <= set(history.PLACEHOLDERS)
     argv = [re.sub(r"\{[^{}]*\}", "/nonexistent/fixture", a) for a in e["argv"]]
     from harness.cli import build_parser
-    a = build_parser().parse_args(argv + ["--out", "/tmp/x", "--no-progress"])
+    a = build_parser().parse_args(argv + ["--out", "/tmp/x"])
     assert a.command == e["argv"][0]
 
 

@@ -11,7 +11,7 @@ from harness.core.errors import InputError
 
 
 def mp(model, out, *argv) -> int:
-    return main(["mp", "--model", str(model), "--out", str(out), "--no-progress", *argv])
+    return main(["mp", "--model", str(model), "--out", str(out), *argv])
 
 
 @pytest.fixture(scope="module")

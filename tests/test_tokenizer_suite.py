@@ -152,7 +152,8 @@ LEGACY_FALSE = ["--subjects", "transformers.LlamaTokenizer/from_pretrained/legac
 
 def test_text_next_to_a_special_token_is_excused_only_for_its_own_mechanism(tokenizer_model, tmp_path):
     """'<s>Hello' parsed as <s> + 'Hello' is the known mechanism (info); a space put after the
-    special token (the pre-legacy=False behaviour, planted) is a failure of the same case."""
+    special token (the pre-legacy=False behaviour, planted) is a failure of the same case: a new
+    finding, the legacy mechanism outside the flags it is known for."""
     if transformers_version() < (4, 41):
         pytest.skip("4.31-4.40 tokenizers space text after special tokens themselves (the museum's entries)")
     tokenizer(tokenizer_model, tmp_path / "clean", *LEGACY_FALSE)
@@ -161,14 +162,20 @@ def test_text_next_to_a_special_token_is_excused_only_for_its_own_mechanism(toke
     assert "known deviation special-strings-matched" in clean[0]["reason"]
     tokenizer(tokenizer_model, tmp_path / "bug", *LEGACY_FALSE, "--plant", "tok-space-after-special")
     bug = _rows(tmp_path / "bug", case="special-bos-then-text", metric="encode")
-    assert bug and bug[0]["status"] == FAIL and bug[0]["extra"]["mechanism"] == "unexplained"
-    assert "not known deviation special-strings-matched" in bug[0]["reason"]
+    # explained (the legacy=True spacing), but on a legacy=False subject: outside its known scope, new
+    assert bug and bug[0]["status"] == FAIL and bug[0]["extra"]["mechanism"] == "special-legacy"
+    assert bug[0]["extra"]["finding_id"].startswith("tokenizer/special-legacy@")
+    found = {f["id"]: f for f in _summary(tmp_path / "bug")["findings"]}
+    assert found[bug[0]["extra"]["finding_id"]]["status"] == "new"
 
 
 def test_decoding_with_special_tokens_kept_must_round_trip(tokenizer_model, tmp_path):
     tokenizer(tokenizer_model, tmp_path / "clean", *LEGACY_FALSE)
     kept = _rows(tmp_path / "clean", metric="decode_keep_special")
-    assert kept and all(c["status"] == PASS for c in kept)
+    # 4.31-4.48's slow tokenizer moves the spaces around a special token between text pieces (the
+    # keep-* decode cases): a known deviation there, info; everything else passes
+    assert kept and all(c["status"] == PASS or (c["status"] == INFO and c["case"]["case"].startswith("keep-")
+                                                and c["extra"]["mechanism"] == "space-around-special") for c in kept)
     tokenizer(tokenizer_model, tmp_path / "bug", *LEGACY_FALSE, "--plant", "tok-decode-drops-space")
     bad = [c for c in _rows(tmp_path / "bug", metric="decode_keep_special") if c["status"] == FAIL]
     assert bad

@@ -570,6 +570,36 @@ class TokDecodeDropsSpace(Fault):
             s.decode_keep = lambda ids: _drop_space_after(real(ids), truth.specials)
 
 
+class TokSpaceBeforeSpecial(Fault):
+    name, doc = "tok-space-before-special", ("decoding with special tokens kept puts a space before a special "
+                                             "token that follows text ('Hey</s> you' -> 'Hey </s> you'; the "
+                                             "slow tokenizer of 4.31-4.48)")
+    suites = ("tokenizer",)
+
+    def edit_tokenizer(self, s, truth):
+        if s.decode_keep is not None:
+            real = s.decode_keep
+            s.decode_keep = lambda ids: _space_before(real(ids), truth.specials)
+
+
+class TokDropLastId(Fault):
+    name, doc = "tok-drop-last-id", "encode loses the last id of every text (a bug no known mechanism explains)"
+    suites = ("tokenizer",)
+
+    def edit_tokenizer(self, s, truth):
+        if s.hf is None and not s.name.startswith("transformers."):
+            return
+        real = s.encode
+        s.encode = lambda text: real(text)[:-1]
+        s.batch_encode = lambda texts: [real(t)[:-1] for t in texts]
+
+
+def _space_before(text: str, specials: dict) -> str:
+    import re
+    pattern = "|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True))
+    return re.sub(f"(?<=[^ ])({pattern})", r" \1", text)
+
+
 def _drop_space_after(text: str, specials: dict) -> str:
     for sp in specials:
         text = text.replace(sp + " ", sp)
@@ -732,7 +762,7 @@ FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16, SpecialRowsZeroed, RopeWraps512,
     KvKeysBf16,
     PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
-    TokSpaceAfterSpecial, TokDecodeDropsSpace, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
+    TokSpaceAfterSpecial, TokDecodeDropsSpace, TokSpaceBeforeSpecial, TokDropLastId, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
     OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, GenaiScaleRow0)}
 
 

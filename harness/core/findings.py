@@ -60,7 +60,8 @@ def _differs(row: Row) -> str:
     return row.reason[:400]
 
 
-def _key(row: Row, mechanisms: dict[str, Mechanism]) -> tuple[str, Mechanism]:
+def key(row: Row, mechanisms: dict[str, Mechanism]) -> tuple[str, Mechanism]:
+    """The finding a failing (or known-excused) row belongs to: its key and what is known of it."""
     key = row.extra.get("finding")
     if isinstance(key, str) and key in mechanisms:
         return key, mechanisms[key]
@@ -69,8 +70,9 @@ def _key(row: Row, mechanisms: dict[str, Mechanism]) -> tuple[str, Mechanism]:
         # deviations that share a mechanism (one cause, several catalogue entries) are one finding
         title = str(known.get("mechanism") or known["name"])
         key = "known-" + "-".join(re.findall(r"[a-z0-9_=]+", title.lower()))[:80]
-        return key, Mechanism(key, title, source=str(known.get("source") or ""),
-                              releases=str(known.get("releases") or ""), known=True)
+        return key, Mechanism(key, title, reproduction=str(known.get("reproduction") or ""),
+                              source=str(known.get("source") or ""), releases=str(known.get("releases") or ""),
+                              known=True)
     key = f"unexplained-{row.subject}-{row.metric}"
     return key, Mechanism(key, f"{row.subject} {row.metric}: cells beyond the tolerance, no mechanism "
                                "identified yet")
@@ -84,16 +86,16 @@ def collect(rows: list[Row], mechanisms: dict[str, Mechanism] | None = None, sui
     for r in rows:
         if r.status != FAIL and not (r.status == INFO and isinstance(r.extra.get("known"), dict)):
             continue
-        key, mech = _key(r, mechanisms)
-        groups.setdefault(key, (mech, []))[1].append(r)
+        k, mech = key(r, mechanisms)
+        groups.setdefault(k, (mech, []))[1].append(r)
     out = []
-    for key, (mech, members) in groups.items():
+    for k, (mech, members) in groups.items():
         gated = any(r.status == FAIL for r in members)
         shared = dict(members[0].case)
         for r in members[1:]:
             shared = {k: v for k, v in shared.items() if r.case.get(k) == v}
         out.append({
-            "id": f"{suite or members[0].suite}/{key}",
+            "id": f"{suite or members[0].suite}/{k}",
             "title": mech.title,
             "status": "known" if mech.known else "new",
             "gated": gated,
@@ -115,3 +117,6 @@ def counts(findings: list[dict[str, Any]]) -> dict[str, int]:
     return {"new": sum(f["status"] == "new" for f in findings),
             "known": sum(f["status"] == "known" for f in findings),
             "gated": sum(bool(f["gated"]) for f in findings)}
+
+
+_key = key   # the name callers used before it was public

@@ -211,7 +211,8 @@ class Place(Suite):
                        help="auto (accelerate fills GPUs in order, then cpu, then disk), balanced (even over the "
                             "GPUs), or a JSON file {module: device} in the reference's names "
                             "(tok_embeddings, layers.N, norm, output; device 0, 'cuda:1', 'cpu' or 'disk')")
-        p.add_argument("--max-memory", help="budgets for auto/balanced, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        p.add_argument("--max-memory", help="budgets for auto/balanced, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                                                 "(default: what each device has free)")
         p.add_argument("--offload-dir", help="folder for weights placed on disk (default: a temporary folder)")
         p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
         p.add_argument("--attn", default="eager", help="attention implementation (default eager)")

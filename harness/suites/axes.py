@@ -357,11 +357,15 @@ class Axes(Suite):
         p.add_argument("--suite", type=inputs.csv, help="comma list of cast,flags (default: both)")
         p.add_argument("--model", help="Meta or HF checkpoint; default: the long-hd128 preset (head_dim 128, "
                                        "max_position_embeddings 2048), generated into the cache")
-        p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16")
-        p.add_argument("--attn", type=inputs.csv, help="comma list of attention implementations")
-        p.add_argument("--casts", type=inputs.csv, help="comma list of load,to,autocast")
-        p.add_argument("--flags", type=inputs.csv, help="comma list of none,attentions,hidden_states")
-        p.add_argument("--lengths", type=inputs.csv, help="comma list of sequence lengths for the cast suite")
+        p.add_argument("--dtypes", type=inputs.csv,
+                       help="comma list of float32,bfloat16,float16 (default: all three)")
+        p.add_argument("--attn", type=inputs.csv,
+                       help="comma list of attention implementations (default: eager,sdpa)")
+        p.add_argument("--casts", type=inputs.csv, help="comma list of load,to,autocast (default: all three)")
+        p.add_argument("--flags", type=inputs.csv,
+                       help="comma list of none,attentions,hidden_states (default: all three)")
+        p.add_argument("--lengths", type=inputs.csv,
+                       help="comma list of sequence lengths for the cast suite (default: 16,3072)")
         p.add_argument("--spec", help="axes data file (default: suites/axes.toml)")
         p.add_argument("--policy", help="logits tolerance policy (default: suites/tolerance.toml)")
         p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "

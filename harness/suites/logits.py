@@ -70,11 +70,13 @@ class Logits(Suite):
     def add_arguments(self, p) -> None:
         p.add_argument("--model", help="Meta (params.json + consolidated.*.pth) or HF folder; default: embedded model")
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
-        p.add_argument("--attn", type=inputs.csv, help="comma list of eager,sdpa,flash_attention_2,flex_attention")
+        p.add_argument("--attn", type=inputs.csv, help="comma list of eager,sdpa,flash_attention_2,flex_attention (default: eager,sdpa)")
         p.add_argument("--tp", type=inputs.csv, help="comma list of pretraining_tp values (default: 1,2)")
         p.add_argument("--shapes", type=inputs.csv, help="comma list of BATCHxSEQ of random ids (default: 1x16,2x64)")
-        p.add_argument("--tokens", help="JSON file: a list of equal-length token-id lists to run instead of --shapes")
-        p.add_argument("--text", help="a UTF-8 text file to measure on, tokenized with the checkpoint's tokenizer")
+        p.add_argument("--tokens", help="JSON file: a list of equal-length token-id lists to run instead of --shapes "
+                                         "(default: none; seeded random ids of --shapes)")
+        p.add_argument("--text", help="a UTF-8 text file to measure on, tokenized with the checkpoint's tokenizer "
+                                       "(default: none; the --corpus is read)")
         p.add_argument("--corpus", help=f"a named corpus to measure on ({', '.join(corpus.NAMED)}; default: heldout)")
         p.add_argument("--ctx", help="tokens per text window, BOS first (default 512)")
         p.add_argument("--max-tokens", help="text tokens to use at most (default 4096; 'all' for the whole text)")
@@ -83,7 +85,9 @@ class Logits(Suite):
                             "hand, padded, cached, full (one row of the model's whole context, at float32); only "
                             "the given ones when --shapes/--tokens/--text/--corpus is)")
         p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (or a folder holding one): the checkpoint's "
-                                           "vocab_size must match it (fills params.json's -1); tokenizes the text")
+                                           "vocab_size must match it (fills params.json's -1); tokenizes the text "
+                                           "(default: the model folder's, else the built Llama 2 fixture "
+                                           "for a 32000-piece vocabulary)")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--seed", default="0", help="input seed (default 0)")
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")

@@ -52,7 +52,7 @@ class MP(Suite):
         p.add_argument("--degrees", type=inputs.csv, help="model-parallel degrees (default 1,2,4,8)")
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
         p.add_argument("--shapes", type=inputs.csv, help="BATCHxSEQ list (default 1x64)")
-        p.add_argument("--attn", default="eager", help="transformers attention implementation (eager)")
+        p.add_argument("--attn", default="eager", help="transformers attention implementation (default: eager)")
         p.add_argument("--ranks", default="emulated", choices=("emulated", "real"),
                        help="original logits from the in-process emulation or real torch.distributed ranks")
         p.add_argument("--device", default="cpu")

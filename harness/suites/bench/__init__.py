@@ -31,10 +31,11 @@ class Bench(Suite):
         p.add_argument("--tasks", type=inputs.csv, action="append",
                        help="comma list of lm-eval task names (default: the local suites/lmeval tasks)")
         p.add_argument("--limit", help="documents per task (default: all)")
-        p.add_argument("--dtype", default="float32")
-        p.add_argument("--batch-size", default="8")
-        p.add_argument("--max-length", default="2048")
-        p.add_argument("--num-fewshot", default="0")
+        p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+        p.add_argument("--batch-size", default="8", help="documents per forward of each subject")
+        p.add_argument("--max-length", default="2048",
+                       help="longest context in tokens; longer inputs are cut from the left")
+        p.add_argument("--num-fewshot", default="0", help="few-shot examples before each document")
         p.add_argument("--effects", action="store_true",
                        help="also measure batch size 1 vs --batch-size and bfloat16 vs float32")
         p.add_argument("--tokenizer", help="tokenizer.model (default: beside the weights, else the built fixture)")
@@ -71,7 +72,7 @@ class Bench(Suite):
                        effects=a.effects, fault=get_fault(a.plant, self.name),
                        policy=load_bench_policy(a.policy).require([dtype, "bfloat16"] if a.effects else [dtype]),
                        tokenizer=Path(a.tokenizer) if a.tokenizer else None, device=inputs.device(a.device),
-                       subjects=subjects, chance=dict(data.get("chance", {})))
+                       subjects=subjects, chance=dict(data.get("chance", {})), progress=ctx.progress)
         if not run.tasks:
             raise InputError("--tasks: no task given")
         return run_bench(run)

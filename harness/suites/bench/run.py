@@ -21,6 +21,7 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -138,6 +139,7 @@ class BenchRun:
     device: str = "cpu"
     subjects: tuple[str, ...] = ("reference", "hf", "adapter-hf")
     chance: dict[str, float] = field(default_factory=dict)    # suites/bench.toml [chance]
+    progress: bool = False            # lm-eval's bars drawn (a terminal, no --no-progress)
     log: list[str] = field(default_factory=list)
 
 
@@ -192,10 +194,45 @@ def evaluate(lm, tasks_dir: Path, tasks: list[str], limit: int | None, num_fewsh
     return {"results": res["results"], "samples": res["samples"], "configs": res.get("configs", {})}
 
 
+@contextmanager
+def lmeval_bars(on: bool):
+    """lm-eval draws tqdm bars of its own (building requests, HFLM's loglikelihood, bootstrapping)
+    and offers no switch for all of them: off a terminal or with --no-progress, every tqdm made
+    meanwhile through lm-eval's imports or ``from tqdm import tqdm`` is created disabled, and
+    transformers' own (HFLM's "Loading weights") are switched off."""
+    if on:
+        yield
+        return
+    import tqdm
+    from transformers.utils import logging as hf_logging
+    drawn = tqdm.tqdm
+    hf_bars = getattr(hf_logging, "is_progress_bar_enabled", lambda: False)()
+    hf_logging.disable_progress_bar()
+
+    class Quiet(drawn):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    def holding(cls) -> list:
+        return [m for name, m in list(sys.modules.items())
+                if name.startswith("lm_eval") and getattr(m, "tqdm", None) is cls]
+
+    for m in [tqdm, *holding(drawn)]:
+        m.tqdm = Quiet
+    try:
+        yield
+    finally:            # modules lm-eval imported meanwhile took Quiet too: they get the real one back
+        for m in [tqdm, *holding(Quiet)]:
+            m.tqdm = drawn
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
 def run_subject(subjects: Subjects, spec: SubjectSpec, tasks_dir: Path, run: BenchRun) -> dict:
     t0 = time.time()
-    lm, settings = subjects.build(spec)
-    out = evaluate(lm, tasks_dir, run.tasks, run.limit, run.num_fewshot)
+    with lmeval_bars(run.progress):
+        lm, settings = subjects.build(spec)
+        out = evaluate(lm, tasks_dir, run.tasks, run.limit, run.num_fewshot)
     settings = {**settings, "num_fewshot": run.num_fewshot}
     out.update(settings=settings, label=spec.label, seconds=round(time.time() - t0, 2))
     run.log.append(f"{spec.label}: {out['seconds']}s")

@@ -37,6 +37,7 @@ from harness.results.markdown import md_escape
 from harness.suites.tokenizer import checks
 from harness.suites.tokenizer.catalogue import CASES_FILE, load_catalogue
 from harness.suites.tokenizer.checks import SUITE, Judge, Truth
+from harness.suites.tokenizer.mechanisms import mechanism_table
 from harness.suites.tokenizer.subjects import discover_subjects, load_subject
 
 DEFAULT_FUZZ_EXAMPLES = 300
@@ -51,24 +52,30 @@ class Tokenizer(Suite):
                                            "(then also loaded as it is; default: the built Llama 2 fixture)")
         p.add_argument("--subjects", type=inputs.csv,
                        help="comma list of fnmatch patterns over name/loader[/flags], "
-                            "e.g. 'reference,transformers.AutoTokenizer*'")
+                            "e.g. 'reference,transformers.AutoTokenizer*' (default: every subject)")
         p.add_argument("--fuzz-examples", default=str(DEFAULT_FUZZ_EXAMPLES),
                        help="hypothesis-generated texts per subject (derandomised: same texts every run)")
+        p.add_argument("--fuzz-seed", help="draw the fuzz texts from this seed (default: hypothesis' derandomised "
+                                           "draw, the same texts on every run)")
         p.add_argument("--codepoint-step", default="97", help="sweep every Nth Unicode code point")
         p.add_argument("--no-vocab-sweep", action="store_true", help="skip the every-id / every-piece sweep")
         p.add_argument("--cases", help="catalogue TOML (default: suites/tokenizer.toml)")
+        p.add_argument("--strict", action="store_true",
+                       help="gate known deviations too (default: they are listed as known findings, not failed)")
         p.add_argument("--plant", help=f"plant a tokenizer bug in the transformers subjects: "
                                        f"{', '.join(faults_for(SUITE))}")
 
     def run(self, a, ctx: Context) -> Result:
         from harness.core.real_tokenizer import ensure_tokenizer_model
         fuzz = inputs.integer("--fuzz-examples", a.fuzz_examples, 0, 100_000)
+        fuzz_seed = None if a.fuzz_seed is None else inputs.integer("--fuzz-seed", a.fuzz_seed, 0, 2**32 - 1)
         step = inputs.integer("--codepoint-step", a.codepoint_step, 0, 0x110000)
         cat = load_catalogue(Path(a.cases) if a.cases else CASES_FILE)
         fault = get_fault(a.plant, SUITE)
         path, folder = tokenizer_file(a.tokenizer) if a.tokenizer else (ensure_tokenizer_model(), None)
         check_model_file(path)
-        return run_suite(path, cat, fuzz, a.subjects, step, not a.no_vocab_sweep, ctx, folder, fault)
+        return run_suite(path, cat, fuzz, a.subjects, step, not a.no_vocab_sweep, ctx, folder, fault,
+                         strict=a.strict, fuzz_seed=fuzz_seed)
 
 
 def tokenizer_file(value: str) -> tuple[Path, Path | None]:
@@ -100,11 +107,12 @@ def check_model_file(path: Path) -> None:
 
 
 def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, codepoint_step: int,
-              vocab_sweep: bool, ctx: Context, user_folder: Path | None = None, fault=None) -> Result:
+              vocab_sweep: bool, ctx: Context, user_folder: Path | None = None, fault=None,
+              strict: bool = False, fuzz_seed: int | None = None) -> Result:
     started = time.time()
     truth = Truth(path)
-    judge = Judge(cat)
-    texts = checks.fuzz_texts(fuzz_examples)
+    judge = Judge(cat, strict)
+    texts = checks.fuzz_texts(fuzz_examples, fuzz_seed)
     groups = checks.codepoint_classes(codepoint_step) if codepoint_step else {}
     log = ctx.note if not ctx.progress else (lambda msg: print(f"[tokenizer] {msg}", flush=True))
     with tempfile.TemporaryDirectory(prefix="llama-parity-tok-") as tmp:
@@ -123,6 +131,8 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
                                       None, None, NA, s.na))
                 log(f"{s.label}: n/a ({s.na[:100]})")
                 continue
+            if s.info.get("vocab_size", truth.n) < truth.n:
+                s.info["vocab_missing"] = True     # every cell of it differs for this one reason
             if fault is not None:
                 fault.edit_tokenizer(s, truth)
             t0 = time.time()
@@ -141,6 +151,11 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
         "plant": fault.name if fault is not None else None,
         "ground_truth": f"sentencepiece {getattr(sentencepiece, '__version__', '?')}",
         "fuzz_examples": len(texts),
+        # every check is exact equality (tolerance 0): nothing is drawn at random, so no threshold to
+        # calibrate; the fuzz texts are hypothesis' derandomised draw, the same on every run
+        "seed": {"fuzz": "derandomised (fixed)" if fuzz_seed is None else fuzz_seed, "codepoint_step": codepoint_step},
+        "policy": {"kind": "exact", "tolerance": 0, "strict": strict, "known_deviations": len(cat.known),
+                   "release": judge.release},
         "codepoint_step": codepoint_step,
         "subjects": [{"subject": s.name, "loader": s.loader, "flags": s.flags,
                       **({"n/a": s.na} if s.na else {}), **s.info} for s in found],
@@ -151,7 +166,7 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
     sections = [("Per subject", per_subject(rows)), ("Divergences (first evidence per failing or known cell)",
                                                      divergences(rows))]
     return Result([Part(SUITE, rows, extra, sections=sections, timing={"seconds": round(time.time() - started, 1)},
-                        calibrators=())], ctx.notes)
+                        calibrators=(), mechanisms=mechanism_table(rows, judge.known_sources))], ctx.notes)
 
 
 def per_subject(rows: list[Row]) -> str:
