@@ -191,3 +191,39 @@ def test_truncated_safetensors(models, tmp_path, capsys):
 def test_errors_are_checkpoint_errors_not_crashes(tmp_path):
     with pytest.raises(CheckpointError, match="neither params.json"):
         checkpoint.load(tmp_path)
+
+
+def test_convert_to_hf_writes_the_folder_a_llama2_user_downloads(tmp_path):
+    """The embedded model converted to HF: weights, config, generation config and the tokenizer files
+    of a published Llama-2-7b-hf, so that AutoTokenizer loads it (on every tested release: no
+    tokenizer.json, which 4.31-4.40 cannot read when a newer tokenizers wrote it) and encodes as
+    sentencepiece does; converted back to Meta, tokenizer.model stays beside the weights."""
+    from transformers import AutoTokenizer
+    import sentencepiece as spm
+    from harness.core.presets import default_model
+    hf, meta = tmp_path / "hf", tmp_path / "meta"
+    assert main(["convert", "--model", str(default_model()), "--to", "hf", "--out", str(hf)]) == 0
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+            "special_tokens_map.json"} <= {p.name for p in hf.iterdir()}
+    assert not (hf / "tokenizer.json").exists()
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    sp = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+    for text in ("Hello world", "The cat sat on the mat.\nIt purred."):
+        assert tok(text).input_ids == [1] + sp.encode(text), text
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
+    assert main(["convert", "--model", str(hf), "--to", "meta", "--out", str(meta)]) == 0
+    assert (meta / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
+
+
+def test_convert_refuses_a_tokenizer_of_another_vocabulary(models, tmp_path, capsys):
+    """A 512-entry model with the 32000-piece Llama 2 tokenizer: exit 2 naming --tokenizer, nothing written;
+    without --tokenizer it converts and says that no tokenizer was shipped."""
+    from harness.core.real_tokenizer import ensure_tokenizer_model
+    out = tmp_path / "hf"
+    code = main(["convert", "--model", str(models["tiny-gqa/meta"]), "--to", "hf", "--tokenizer",
+                 str(ensure_tokenizer_model()), "--out", str(out)])
+    assert code == 2 and "--tokenizer" in capsys.readouterr().err and not any(out.glob("*"))
+    assert main(["convert", "--model", str(models["tiny-gqa/meta"]), "--to", "hf", "--out", str(out)]) == 0
+    assert "no tokenizer" in capsys.readouterr().out and not (out / "tokenizer_config.json").exists()

@@ -152,6 +152,11 @@ def test_a_planted_known_mechanism_outside_its_scope_fails(truth, tmp_path):
     assert bad and all(r.extra["mechanism"] == "space-around-special" for r in bad)
     code, found = _gate(j, tmp_path)
     assert code == 1 and all(f["status"] == "new" for f in found if f["gated"])
+    # on the slow tokenizer's own releases it is known only where a special token sits between text
+    # pieces: the same lost space after '<s>' in text wrapped in <s>...</s> still fails there
+    old = _judge(truth, _emulated(truth, name="transformers.LlamaTokenizer"), "4.45.2", fault="tok-decode-drops-space")
+    wrapped = [r for r in old.rows if r.metric == "decode_keep_special" and r.case["kind"] == "encode"]
+    assert wrapped and any(r.status == FAIL for r in wrapped)
 
 
 def test_space_around_special_is_known_only_in_its_releases(truth, tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 from functools import lru_cache
 from typing import Any
 
-from harness.core import ROOT
+from harness.core import ROOT, releases
 import torch
 
 
@@ -63,6 +63,10 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "tokenizers": _version("tokenizers"),
+        "lm_eval": _version("lm_eval"),
+        # suites/releases.toml: a release not on the list gets the banner at the top of every view
+        "transformers_tested": releases.is_tested(_version("transformers")),
+        "tested_releases": ", ".join(releases.tested()),
         "sentencepiece": _version("sentencepiece"),
         "numpy": _version("numpy"),
         "harness_commit": _git_commit(),

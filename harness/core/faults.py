@@ -597,7 +597,7 @@ class TokDropLastId(Fault):
 def _space_before(text: str, specials: dict) -> str:
     import re
     pattern = "|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True))
-    return re.sub(f"(?<=[^ ])({pattern})", r" \1", text)
+    return re.sub(f"(?<=[^ ])({pattern})(?=.)", r" \1", text, flags=re.S)   # between text pieces only
 
 
 def _drop_space_after(text: str, specials: dict) -> str:

@@ -24,6 +24,18 @@ def banner(summary: dict) -> str:
             f"(tested: {tested})")
 
 
+def upgrade(summary: dict) -> list[str]:
+    """A comparison's two sides (`compare`): what changed between the environments, then any
+    WARNING that the sides differ in model, inputs or policy; [] for a suite's own run."""
+    lines = []
+    if isinstance(summary.get("upgrade"), str) and summary["upgrade"]:
+        lines.append(f"baseline -> current: {summary['upgrade']}")
+    warnings = summary.get("warnings")
+    if isinstance(warnings, list):
+        lines += [w for w in warnings if isinstance(w, str)]
+    return lines
+
+
 def banners(summaries: list[dict]) -> list[str]:
     return list(dict.fromkeys(b for b in map(banner, summaries) if b))
 

@@ -583,6 +583,7 @@ def headline_html(summaries: list[dict]) -> str:
     """Under the verdict: the untested-release banner, the counts, where each failing suite diverged
     first, and every finding (new first)."""
     out = [f'<p class="banner" role="alert">Warning: {esc(b)}</p>' for b in headline.banners(summaries)]
+    out += [f"<p><strong>{esc(line)}</strong></p>" for s in summaries for line in headline.upgrade(s)]
     per_suite = "; ".join(f"{s['suite']} {s['verdict'].upper()}" for s in summaries)
     out.append(f"<p>{esc(headline.counts_line(summaries))}. {esc(per_suite)}.</p>")
     for s in summaries:

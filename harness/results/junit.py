@@ -45,6 +45,8 @@ def failure_text(cell: dict, summary: dict | None = None) -> str:
         ratio = f" (value/tolerance {value / tol:.3g})"
     text = (f"{cell['subject']} vs {cell['against']}: {cell['metric']} = {_num(value)}, "
             f"tolerance {_num(tol)}{ratio}; {cell.get('reason') or 'over tolerance'}")
+    if summary is not None and isinstance(summary.get("upgrade"), str):
+        text += f"; baseline -> current: {summary['upgrade']}"
     if summary is not None:
         d = headline.cell_divergence(cell, summary)
         if d is not None:
@@ -80,7 +82,8 @@ def testsuite(summary: dict) -> ET.Element:
                        ("harness_commit", env.get("harness_commit"))):
         ET.SubElement(props, "property", {"name": key, "value": _clean(value)})
     for key, value in (("first_divergence", headline.divergence_line(found[0]) if found else ""),
-                       ("untested_release", headline.banner(summary))):
+                       ("untested_release", headline.banner(summary)),
+                       ("baseline_to_current", summary.get("upgrade") if isinstance(summary.get("upgrade"), str) else "")):
         if value:
             ET.SubElement(props, "property", {"name": key, "value": _clean(value)})
     for c in cells:
@@ -93,7 +96,7 @@ def testsuite(summary: dict) -> ET.Element:
         elif c["status"] == "n/a":
             ET.SubElement(tc, "skipped", {"message": _clean(c.get("reason") or "not applicable")})
     out = [headline.verdict_line([summary]), headline.counts_line([summary])]
-    out = [headline.banner(summary)] * bool(headline.banner(summary)) + out
+    out = [headline.banner(summary)] * bool(headline.banner(summary)) + headline.upgrade(summary) + out
     out += [f"first divergence: {headline.divergence_line(d)}" for d in found]
     out += [f"finding {headline.finding_line(f)}" for f in headline.findings(summary)]
     ET.SubElement(suite, "system-out").text = _clean("\n".join(out))

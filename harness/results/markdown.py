@@ -70,10 +70,16 @@ def worst_cells(summary: dict) -> pd.DataFrame:
     for key, g in df.groupby(case_cols + ["subject", "against"], sort=False, dropna=False):
         # a cell is as gated as its most gated row: one passing metric beside info rows is a passing cell
         status = next(s for s in ("fail", "pass", "n/a", "info") if (g["status"] == s).any())
-        judged = g[g["ratio"].notna() & g["status"].isin(GATED)]
-        judged = judged if not judged.empty else g[g["ratio"].notna()]
-        worst = judged.loc[judged["ratio"].idxmax()] if not judged.empty else g.iloc[0]
-        reasons = "; ".join(sorted({str(r) for r in g.loc[g["status"] == "fail", "reason"] if r}))
+        # a failing cell shows one of its failing metrics (never a passing one beside the failing reason)
+        pool = g[g["status"] == "fail"] if status == "fail" else g
+        judged = pool[pool["ratio"].notna() & pool["status"].isin(GATED)]
+        judged = judged if not judged.empty else pool[pool["ratio"].notna()]
+        worst = judged.loc[judged["ratio"].idxmax()] if not judged.empty else pool.iloc[0]
+        failing = g[g["status"] == "fail"]
+        # each reason under its own metric's name when more than one metric fails (or another is shown)
+        named = len(set(failing["metric"])) > 1 or (not failing.empty and worst["metric"] not in set(failing["metric"]))
+        reasons = "; ".join(sorted({(f"{m}: {r}" if named and not str(r).startswith(str(m)) else str(r))
+                                    for m, r in zip(failing["metric"], failing["reason"]) if r}))
         lines.append({**dict(zip(case_cols + ["subject", "against"], key)), "status": status,
                       "worst metric": worst["metric"], "value": worst["value"], "tolerance": worst["tolerance"],
                       "value/tol": worst["ratio"], "reason": reasons or (worst["reason"] if status != "pass" else "")})
@@ -137,6 +143,7 @@ def render(summary: dict, sections: list[tuple[str, str]] = ()) -> str:
     lines = [f"# llama-parity {md_escape(summary['suite'])}: **{md_escape(summary['verdict']).upper()}**", ""]
     if headline.banner(summary):
         lines += [f"> **Warning**: {md_escape(headline.banner(summary))}", ""]
+    lines += [f"**{md_escape(line)}**\n" for line in headline.upgrade(summary)]
     lines += [f"{headline.counts_line([summary])} (rows are case x subject x metric; skipped: n/a, not run).", ""]
     lines += headline_markdown(summary)
     lines += ["## Environment", "",
@@ -169,6 +176,8 @@ def print_console(summary: dict, verbose: bool = False, name: str = "") -> None:
     out(f"llama-parity {name or summary['suite']}: {summary['verdict'].upper()}")
     if headline.banner(summary):
         out(f"WARNING: {headline.banner(summary)}")
+    for line in headline.upgrade(summary):
+        out(line)
     cells = worst_cells(summary)
     if not cells.empty:
         with pd.option_context(*[x for kv in CONSOLE.items() for x in kv]):

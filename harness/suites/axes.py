@@ -30,7 +30,7 @@ from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
 from harness.core.metrics import METRICS, POLICY_METRICS, compare
 from harness.core.presets import long_positions_model
-from harness.core.store import FAIL, INFO, NA, Row
+from harness.core.store import FAIL, INFO, NA, Row, fingerprint
 from harness.core.subjects import DTYPES, ORACLE, load_transformers, reference
 from harness.core.suite import Context, Part, Result, Suite
 from harness.core.tolerance import Policy, load_policy
@@ -405,6 +405,7 @@ class Axes(Suite):
             for name in suites:
                 rows = {"cast": run_cast, "flags": run_flags}[name](run, ckpt, hf.path)
                 extra = {"model": {"path": str(folder.path), "format": ckpt.source,
+                                   "fingerprint": fingerprint(folder.fingerprint()),
                                    "max_position_embeddings": ckpt.args.max_seq_len},
                          "seed": run.seed, "plant": run.fault.name if run.fault else None, "strict": run.strict,
                          "spec": {"path": str(spec.path), "version": spec.version},

@@ -688,6 +688,7 @@ class Measure:
         nonfinite = any(r.status == FAIL and "non-finite" in r.reason for r in rows)
         return {
             "model": {"path": str(plan.folder.path), "format": plan.ckpt.source, "shards": plan.ckpt.n_shards,
+                      "fingerprint": fingerprint(self.settings["model"]),
                       "args": dict(vars(plan.ckpt.args))},
             "truth": TRUTH,
             "seed": plan.seed,

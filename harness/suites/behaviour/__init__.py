@@ -16,6 +16,7 @@ from harness.core.cases import Shape
 from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import suite_data
 from harness.core.faults import faults_for, get_fault
+from harness.core.store import fingerprint
 from harness.core.suite import Context, Part, Result, Suite
 from harness.core.tolerance import load_policy
 from harness.suites.behaviour.common import DEFAULT_POLICY, BehaviourRun
@@ -65,6 +66,7 @@ class Behaviour(Suite):
         folder = open_model(a.model)
         ctx.check_memory(resources.logits_run(folder.args, dtypes, largest_inputs(cases), folder.stored_bytes), device)
         ckpt = folder.load()
+        model_id = fingerprint(folder.fingerprint())      # what `compare` checks both sides ran
         notes = []
         if fault is not None and not set(fault.shows_in) & set(suites):
             notes.append(f"note: --plant {fault.name} is visible only in suite(s) {', '.join(fault.shows_in)}")
@@ -74,7 +76,8 @@ class Behaviour(Suite):
             known = deviations.read(cases, "suites/behaviour.toml")
             for name in suites:
                 rows = deviations.settle(_runner(name)(run), known, a.strict)
-                extra = {"model": {"path": str(ckpt.path), "format": ckpt.source}, "seed": seed,
+                extra = {"model": {"path": str(ckpt.path), "format": ckpt.source, "fingerprint": model_id},
+                         "seed": seed,
                          "plant": a.plant, "policy": {"path": str(policy.path), "version": policy.version}}
                 parts.append(Part(name, rows, extra, folder=name, device=device))
         return Result(parts, notes + run.notes)

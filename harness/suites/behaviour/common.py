@@ -46,7 +46,10 @@ def judge(policy: Policy, suite: str, case: dict, subject: str, against: str, me
           value: float, reference_value: float | None, extra: dict | None = None) -> Row:
     """One gated row: value <= min(abs, max(floor, factor * reference_value)) from the policy."""
     tol, status, why = policy.judge(case["dtype"], metric, value, reference_value)
-    return Row(suite, dict(case), subject, against, metric, value, tol, status, why, extra or {})
+    # the calibrator beside the value: a campaign can judge the same run under another policy
+    # (benchmarks/calibrate_behaviour.py) and a reader can see whether the floor or the factor bound
+    extra = {**(extra or {}), "calibrator": reference_value}
+    return Row(suite, dict(case), subject, against, metric, value, tol, status, why, extra)
 
 
 def info(suite: str, case: dict, subject: str, against: str, metric: str, value: float | None,

@@ -277,7 +277,8 @@ def run_bench(run: BenchRun) -> Result:
                 rows += drift_rows(subject, against, a, b)
             rows += compare_runs(subject, against, a, b, run.policy, dtype, gated)
         summary_extra = {
-            "model": str(run.model), "tasks": run.tasks, "limit": run.limit,
+            "model": str(run.model), "model_fingerprint": _model_fingerprint(run.model),
+            "tasks": run.tasks, "limit": run.limit,
             "plant": run.fault.name if run.fault else None,
             "policy": {"path": str(run.policy.path), "version": run.policy.version},
             "subjects": {k: {"label": v["label"], "settings": v["settings"], "seconds": v["seconds"],
@@ -291,6 +292,13 @@ def run_bench(run: BenchRun) -> Result:
     part = Part("bench", rows, summary_extra, files=files, device=run.device)
     part.sections = sections(summary_extra, rows)
     return Result([part], notes)
+
+
+def _model_fingerprint(path) -> str:
+    """The weights' content fingerprint (cached hashes), which `compare` checks both sides ran."""
+    from harness.core.checkpoints import open_model
+    from harness.core.store import fingerprint
+    return fingerprint(open_model(path).fingerprint())
 
 
 def _scores(ev: dict) -> dict:

@@ -115,26 +115,25 @@ INFO: dict[str, Info] = {
         "(sentencepiece '\\n Hello')",
         ">=5.0", "constructor path (SentencePieceBackend(vocab_file=...))"),
     "space-around-special": Info(
-        "slow LlamaTokenizer.decode(skip_special_tokens=False) moves the spaces around a special token between "
-        "text pieces, so the text no longer encodes back to the same ids",
+        "decode(skip_special_tokens=False) moves the spaces around a special token between text pieces, so the "
+        "text no longer encodes back to the same ids (the slow LlamaTokenizer of 4.31-4.48)",
         "LlamaTokenizer.from_pretrained(folder).decode([18637, 2, 366], skip_special_tokens=False) -> "
         "' Hey</s>you' on 4.45.2 (pieces '▁Hey','</s>','▁you': 'Hey</s> you')",
-        ">=4.31,<4.49", "the slow (sentencepiece-backed) LlamaTokenizer and AutoTokenizer(use_fast=False), 4.x"),
+        ">=4.31,<4.49", "the slow LlamaTokenizer and AutoTokenizer(use_fast=False), 4.x; add_prefix_space=False"),
     "leading-space-dropped": Info(
         "slow LlamaTokenizer (legacy=True) drops one leading space when decoding (' Hello' -> 'Hello')",
         "LlamaTokenizer.from_pretrained(folder).decode([29871, 10765, 1648]) -> 'Banana' (sentencepiece ' Banana')",
         ">=4.32,<5", "the slow LlamaTokenizer, 4.x"),
     "no-dummy-prefix": Info(
-        "4.x LlamaTokenizerFast(vocab_file=PATH) builds a tokenizer without the dummy prefix: 'Hello world' "
-        "encodes as 'Hello','▁world'",
+        "the tokenizer adds no dummy prefix: 'Hello world' encodes as 'Hello','▁world'",
         "LlamaTokenizerFast(vocab_file='tokenizer.model').encode('Hello world', add_special_tokens=False) -> "
-        "[10994, 3186] (sentencepiece [15043, 3186])",
-        "<5", "constructor path (LlamaTokenizerFast(vocab_file=...)), not from_pretrained"),
+        "[10994, 3186] on 4.x (sentencepiece [15043, 3186])",
+        "", "add_prefix_space=False (on purpose); 4.x LlamaTokenizerFast(vocab_file=...) (constructor path)"),
     "prefix-space-kept": Info(
-        "4.x LlamaTokenizerFast(vocab_file=PATH) decodes with the dummy prefix's space kept: [10765, 1648] -> "
-        "' Banana'",
-        "LlamaTokenizerFast(vocab_file='tokenizer.model').decode([10765, 1648]) -> ' Banana' (sentencepiece 'Banana')",
-        "<5", "constructor path (LlamaTokenizerFast(vocab_file=...)), not from_pretrained"),
+        "decode keeps the space of a first '▁' piece: [10765, 1648] -> ' Banana'",
+        "LlamaTokenizerFast(vocab_file='tokenizer.model').decode([10765, 1648]) -> ' Banana' on 4.x "
+        "(sentencepiece 'Banana')",
+        "", "add_prefix_space=False (on purpose); 4.x LlamaTokenizerFast(vocab_file=...) (constructor path)"),
 }
 
 
@@ -155,7 +154,7 @@ def mechanism_table(rows: list, known_sources: dict[str, dict[str, Any]]) -> dic
         known = known_sources.get(key) if all_known else None
         title = info.title + (f" [outside its known scope: {scope}]" if scope else "") + f" ({info.path})"
         table[key] = Mechanism(key, title, info.reproduction, (known or {}).get("source", ""),
-                               (known or {}).get("releases") or info.releases, known is not None)
+                               info.releases if known is None else known.get("releases", ""), known is not None)
     return table
 
 
