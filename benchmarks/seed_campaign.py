@@ -32,7 +32,7 @@ from false_alarms import models, seeds  # noqa: E402
 
 
 def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], attns: list[str], kinds: list[str],
-             shapes: str | None, policy: str | None, tmp: Path) -> list[dict]:
+             shapes: str | None, policy: str | None, tmp: Path, csv: Path | None = None) -> list[dict]:
     from harness.core.metrics import PAIRED, position_stats
     from harness.core.subjects import ReferenceSubject, TransformersSubject
     from harness.core.suite import Context
@@ -49,17 +49,20 @@ def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], at
     data, pad = suite_data("logits"), config_pad_id(plan.folder, plan.ckpt.args.vocab_size)
     shape_list = sorted({i.shape for i in plan.inputs if i.kind == "random"}, key=lambda s: s.batch * s.seq)
     records = []
+    subjects = {}
     try:
-        for dtype in dtypes:
-            reference = ReferenceSubject(plan.ckpt, dtype, plan.device)
-            subjects = {a: TransformersSubject(measure.hf_path(), dtype, plan.device, a, 1) for a in attns}
-            for seed in seed_list:
-                ins = seeded_inputs(data, kinds, shape_list, plan.ckpt.args.vocab_size, seed, pad)
-                truth = {i.key(): oracle_logits(measure.oracle(), i) for i in ins}
+        for dtype in dtypes:      # every subject loaded once; the seeds outermost, so a cut-short campaign counts
+            subjects[dtype] = (ReferenceSubject(plan.ckpt, dtype, plan.device),
+                               {a: TransformersSubject(measure.hf_path(), dtype, plan.device, a, 1) for a in attns})
+        for seed in seed_list:
+            ins = seeded_inputs(data, kinds, shape_list, plan.ckpt.args.vocab_size, seed, pad)
+            truth = {i.key(): oracle_logits(measure.oracle(), i) for i in ins}
+            mine = []
+            for dtype, (reference, tfs) in subjects.items():
                 ref = {i.key(): position_stats(reference_logits(reference, i), truth[i.key()], mask=i.mask)
                        for i in ins}
                 pools = reference_pools(ref, ins)
-                for attn, subject in subjects.items():
+                for attn, subject in tfs.items():
                     for inp in ins:
                         st = position_stats(transformers_logits(subject, inp), truth[inp.key()], mask=inp.mask)
                         case = measure.case(dtype, attn, 1, inp)
@@ -72,7 +75,7 @@ def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], at
                             if r.status not in ("pass", "fail"):
                                 continue
                             o = old.get(r.metric)
-                            records.append({
+                            mine.append({
                                 "model": name, "seed": seed, "dtype": dtype, "attn": attn, "input": inp.name,
                                 "shape": str(inp.shape), "metric": r.metric, "value": r.value, "tolerance": r.tolerance,
                                 "v_over_t": r.value / r.tolerance if r.tolerance else math.nan,
@@ -81,9 +84,13 @@ def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], at
                                 "fail_one_draw": r.metric not in PAIRED and o is not None and o.status == "fail",
                                 "v_over_t_one_draw": (o.value / o.tolerance if o is not None and o.tolerance
                                                       else math.nan)})
-                print(f"{name} {dtype} seed {seed}: "
-                      f"{sum(r['fail'] for r in records if r['seed'] == seed and r['dtype'] == dtype)} failing",
-                      flush=True)
+            records += mine
+            if csv is not None:
+                pd.DataFrame(mine).to_csv(csv, mode="a", header=not csv.exists(), index=False)
+            bad = [f"{r['dtype']} {r['attn']} {r['shape']} {r['metric']}" for r in mine if r["fail"]]
+            was = [f"{r['dtype']} {r['attn']} {r['shape']} {r['metric']}" for r in mine if r["fail_one_draw"]]
+            print(f"{name} seed {seed}: {len(bad)} failing {bad[:3]}; one-draw judging: {len(was)} {was[:3]}",
+                  flush=True)
     finally:
         if measure._hf is not None:
             measure._hf.close()
@@ -100,21 +107,29 @@ def main() -> None:
     p.add_argument("--shapes", help="random-id shapes (default: the suite's, 1x16,2x64)")
     p.add_argument("--policy")
     p.add_argument("--out", default="reports/latest/seed-campaign")
+    p.add_argument("--report", action="store_true", help="summarise --out's CSV as it stands, run nothing")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    csv = out / "seed_campaign.csv"         # appended seed by seed: --report reads a cut-short one
+    if a.report:
+        report(pd.read_csv(csv), f"{csv} (as written so far)")
+        return
+    csv.unlink(missing_ok=True)
     started, records = time.time(), []
     seed_list = seeds(a.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models(a.models.split(","), Path(tmp)).items():
             records += campaign(model, name, seed_list, a.dtypes.split(","), a.attn.split(","),
-                                a.inputs.split(","), a.shapes, a.policy, Path(tmp))
-    df = pd.DataFrame(records)
-    df.to_csv(out / "seed_campaign.csv", index=False)
+                                a.inputs.split(","), a.shapes, a.policy, Path(tmp), csv)
+    report(pd.DataFrame(records), f"{len(seed_list)} seeds x {a.models}: {time.time() - started:.0f} s")
+
+
+def report(df: pd.DataFrame, what: str) -> None:
     runs = df.groupby(["model", "seed"])
-    for col, what in (("fail", "today's judging"), ("fail_one_draw", "one-draw extremes, no paired ratio")):
+    for col, judging in (("fail", "today's judging"), ("fail_one_draw", "one-draw extremes, no paired ratio")):
         failed = runs[col].any()
-        print(f"\n{what}: {int(failed.sum())} of {len(failed)} clean (model, seed) runs fail; "
+        print(f"\n{judging}: {int(failed.sum())} of {len(failed)} clean (model, seed) runs fail; "
               f"{int(df.groupby(['model', 'seed', 'dtype', 'attn', 'input', 'shape'])[col].any().sum())} cells")
         for _, r in df[df[col]].head(12).iterrows():
             print(f"  {r['model']} seed {r['seed']} {r['dtype']} {r['attn']} {r['input']} {r['shape']} {r['metric']} "
@@ -124,7 +139,7 @@ def main() -> None:
     with pd.option_context("display.width", 200, "display.max_rows", 100, "display.float_format", "{:.3g}".format):
         print("\nvalue / limit of every gated transformers value (1 = the limit):")
         print(worst)
-    print(f"\n{len(seed_list)} seeds x {a.models}: {time.time() - started:.0f} s")
+    print(f"\n{what}")
     sys.exit(1 if df["fail"].any() else 0)
 
 

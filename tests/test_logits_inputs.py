@@ -23,20 +23,28 @@ def run(model, out, *extra) -> tuple[int, dict]:
     return code, json.loads((out / "summary.json").read_text())
 
 
-def plan(model, tmp_path, *argv) -> Plan:
+def plan(model, tmp_path, *argv, budget=None) -> Plan:
     p = argparse.ArgumentParser()
     Logits().add_arguments(p)
-    return Plan.from_args(p.parse_args(["--model", str(model), *argv]), Context(tmp_path / "o", progress=False))
+    return Plan.from_args(p.parse_args(["--model", str(model), *argv]),
+                          Context(tmp_path / "o", progress=False, memory_budget=budget))
 
 
-def test_default_inputs_hold_every_special_id_and_the_full_context(models, tmp_path):
+def hf_copy(models, tmp_path, **config_changes):
+    """tiny-gqa as an HF folder with its config.json changed."""
     hf = models["tiny-gqa/hf"]
-    config = json.loads((hf / "config.json").read_text())
-    folder = tmp_path / "padded-model"
+    folder = tmp_path / "model"
     folder.mkdir()
     for f in hf.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
-    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": 7}))
+    config = json.loads((hf / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+def test_default_inputs_hold_every_special_id_and_the_full_context(models, tmp_path):
+    folder = hf_copy(models, tmp_path, pad_token_id=7, max_position_embeddings=1024)
+    config = json.loads((folder / "config.json").read_text())
     p = plan(folder, tmp_path, "--dtypes", "float32,bfloat16")
     by_kind = {i.kind: i for i in p.inputs}
     assert {"random", "padded", "cached", "full"} <= set(by_kind)
@@ -54,17 +62,30 @@ def test_default_inputs_hold_every_special_id_and_the_full_context(models, tmp_p
 
 
 def test_full_context_row_is_only_where_asked(models, tmp_path):
-    p = plan(models["tiny-gqa/meta"], tmp_path, "--dtypes", "bfloat16,float16")
+    folder = hf_copy(models, tmp_path, max_position_embeddings=1024)
+    p = plan(folder, tmp_path, "--dtypes", "bfloat16,float16")
     assert "full" not in {i.kind for i in p.inputs}           # [full] dtypes = float32 only
-    p = plan(models["tiny-gqa/meta"], tmp_path, "--dtypes", "bfloat16", "--inputs", "full")
+    p = plan(folder, tmp_path, "--dtypes", "bfloat16", "--inputs", "full")
     assert [i.kind for i in p.inputs] == ["full"] and p.inputs[0].dtypes is None
+    # where the default row does not fit the memory budget it is dropped with a note, not refused
+    from harness.core.cases import Shape
+    from harness.core.checkpoints import open_model
+    from harness.core.resources import logits_run
+    m = open_model(folder)
+    short = [Shape(1, 16), Shape(2, 64), Shape(3, 64), Shape(2, 48)]
+    need = [sum(n.bytes for n in logits_run(m.args, ["float32"], s, m.stored_bytes)) for s in (short, [*short, Shape(1, 1024)])]
+    assert need[0] < need[1]
+    p = plan(folder, tmp_path, "--dtypes", "float32", budget=(need[0] + need[1]) // 2)
+    assert "full" not in {i.kind for i in p.inputs} and any("no full-context row" in n for n in p.notes)
 
 
 @pytest.mark.parametrize("fault", ["special-rows-zeroed", "rope-wraps-512"])
 def test_default_run_fails_on_a_bug_only_its_new_inputs_reach(models, tmp_path, fault):
     """Zeroed embedding rows of ids 0-2 and positions that wrap at 512 passed main's default run
     (its rows drew ids from [3, vocab) and stopped at 512); now the default run fails, as one finding."""
-    code, summary = run(models["tiny-gqa/meta"], tmp_path / "p", *DEFAULT32, "--plant", fault)
+    # a 1024-token context: past 512, and its float64 attention fits any machine
+    code, summary = run(hf_copy(models, tmp_path, max_position_embeddings=1024), tmp_path / "p", *DEFAULT32,
+                        "--plant", fault)
     assert code == 1
     failing = [c for c in summary["cells"] if c["status"] == "fail"]
     if fault == "rope-wraps-512":
@@ -73,6 +94,7 @@ def test_default_run_fails_on_a_bug_only_its_new_inputs_reach(models, tmp_path, 
     else:
         assert [f["id"] for f in summary["findings"]] == ["logits/forward-at-embed"]
     assert summary["first_divergence"]["subject"] == "transformers"
+    assert any(i["input"] == "full" and i["shape"] == "1x1024" for i in summary["inputs"]["cells"])
 
 
 def test_a_planted_bug_is_one_finding_not_one_per_metric(models, tmp_path):

@@ -331,14 +331,15 @@ class VocabTruncated(Fault):
 
 
 class SpecialRowsZeroed(Fault):
-    name, doc = "special-rows-zeroed", ("the embedding rows of <unk>, <s> and </s> (ids 0-2) zeroed, as a fine-tune "
+    name, doc = "special-rows-zeroed", ("the embedding rows of <unk> and </s> (ids 0 and 2) zeroed, as a fine-tune "
                                         "that zeroes its pad row (<unk>) or a resize that re-initialises them does")
-    # Only inputs holding ids 0-2 can see it: the logits suite's default rows carry them (cases.py)
+    # Only inputs holding ids 0 or 2 can see it: the logits suite's default rows carry them
+    # (cases.py); <s> (1) is left alone, since every row starts with it and would show any bug there
     first_point = (None, "embed")
 
     def edit_model(self, model):
         emb = model.get_input_embeddings()
-        emb.weight.data[:3] = 0
+        emb.weight.data[[0, 2]] = 0
 
 
 class RopeWraps512(Fault):
@@ -367,10 +368,14 @@ class RopeWraps512(Fault):
 class KvKeysBf16(Fault):
     name, doc = "kv-keys-bf16", ("keys kept in bfloat16 on their way into the KV cache, whatever the model's dtype "
                                  "(a cache allocated in a narrower dtype): only cached decoding sees it")
-    # logits: its cached cell. A no-op at bfloat16 itself.
+    # logits: its cached cell. A no-op at bfloat16 itself. NOT caught at float16 (so not listed
+    # there): on the embedded model it makes the cached cell's KL 1.35-1.46x the reference's on
+    # average and 3.8-4x at the maximum, inside what a correct subject's extremes scatter by
+    # (docs/design.md, "Statistics that hold ..."); a check of the cache alone (transformers'
+    # cached against its own full forward, calibrated by the reference's) would be needed.
     suites, inputs = ("logits",), ("cached",)
     first_point = (None, "kv_cache")
-    visible_at = ("float32", "float16")
+    visible_at = ("float32",)
 
     def edit_model(self, model):
         state = {"cached": False}

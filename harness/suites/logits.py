@@ -223,6 +223,15 @@ class Plan:
         plan_shapes = ([Shape(len(tokens), len(tokens[0]))] if tokens else list(shapes) if "random" in kinds else [])
         plan_shapes += [Shape(text.batch, text.shape.seq)] if text else []
         full = cls.full_window(a, data["full"], kinds, dtypes, args)
+        if full is not None and a.inputs is None:
+            # the default full-context row is dropped, with a note, where it does not fit (it may
+            # need GBs for the oracle's attention); asked for with --inputs, it is checked like any
+            try:
+                ctx.check_memory(resources.logits_run(args, dtypes, [*plan_shapes, full], folder.stored_bytes), device)
+            except InputError as e:
+                notes.append(f"note: no full-context row ({full}, the model's max_seq_len): {e}; "
+                             "--inputs ...,full insists")
+                full = None
         plan_shapes += [full] if full is not None else []
         ctx.check_memory(resources.logits_run(args, dtypes, plan_shapes or [Shape(1, 16)], folder.stored_bytes), device)
         ckpt = folder.load(vocab_size=vocab)
