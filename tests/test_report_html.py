@@ -258,3 +258,8 @@ def test_cells_that_measured_nothing_show_blank_but_a_failing_nan_shows(tmp_path
     fail_rows = re.findall(r'<tr class="fail">(.*?)</tr>', page)
     assert na_rows and not any(">nan<" in r for r in na_rows)
     assert fail_rows and all(">nan<" in r for r in fail_rows)
+    md = markdown.render(report.load_summary(out))
+    na_md = [line for line in md.splitlines() if "| n/a |" in line]
+    fail_md = [line for line in md.splitlines() if "| fail |" in line]
+    assert na_md and not any("nan" in line for line in na_md)
+    assert fail_md and all("| nan |" in line for line in fail_md)
