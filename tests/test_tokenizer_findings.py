@@ -235,6 +235,11 @@ def test_a_users_known_file_accepts_a_new_finding_and_says_so(truth, tmp_path):
     assert "your " + str(tmp_path / "known.toml") in console
     # the project's own known findings stay the project's
     assert all(not g["accepted_by"] for g in found if g["id"] != "tokenizer/merges-by-id")
+    assert j.used >= {"our-pipeline-ships-tokenizer-json"}
+    assert deviations.user_summary(cat.known, j.used)["user_known"]["unused"] == []
+    assert deviations.unused_note(deviations.user_summary(cat.known, set())) == [
+        f"note: --known {tmp_path / 'known.toml'}: 1 entry excused no cell of this run: "
+        "our-pipeline-ships-tokenizer-json"]
     # outside the user's release scope it is new again
     j = Judge(cat, release="5.26.0")
     for c in cat.encode:

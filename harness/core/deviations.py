@@ -183,12 +183,31 @@ def user_deviations(a: Any) -> list[Deviation]:
     return [] if value is None else read_user(value)
 
 
-def user_summary(devs: list[Deviation]) -> dict[str, Any]:
-    """For a summary's policy block: which known entries came from the user's --known file."""
+def user_summary(devs: list[Deviation], used: set[str] | None = None) -> dict[str, Any]:
+    """For a summary's policy block: which known entries came from the user's --known file, and
+    (given the names that excused a row) which of them excused nothing: a stale acceptance or a
+    ``where`` that matches no cell should be seen, not trusted."""
     users = [d for d in devs if d.origin]
     if not users:
         return {}
-    return {"user_known": {"file": users[0].origin, "entries": [d.name for d in users]}}
+    out: dict[str, Any] = {"file": users[0].origin, "entries": [d.name for d in users]}
+    if used is not None:
+        out["unused"] = [d.name for d in users if d.name not in used]
+    return {"user_known": out}
+
+
+def used_names(rows: list[Row]) -> set[str]:
+    """The deviations that excused a row of this run (``extra["known"]["name"]``)."""
+    return {str(r.extra["known"].get("name")) for r in rows if isinstance(r.extra.get("known"), dict)}
+
+
+def unused_note(summary: dict[str, Any]) -> list[str]:
+    """A note for stderr when entries of the user's --known file excused no cell of this run."""
+    uk = summary.get("user_known") or {}
+    if not uk.get("unused"):
+        return []
+    return [f"note: --known {uk['file']}: {len(uk['unused'])} entr{'y' if len(uk['unused']) == 1 else 'ies'} "
+            f"excused no cell of this run: {', '.join(uk['unused'])}"]
 
 
 def settle(rows: list[Row], deviations: list[Deviation], strict: bool = False,

@@ -157,7 +157,7 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
         # calibrate; the fuzz texts are hypothesis' derandomised draw, the same on every run
         "seed": {"fuzz": "derandomised (fixed)" if fuzz_seed is None else fuzz_seed, "codepoint_step": codepoint_step},
         "policy": {"kind": "exact", "tolerance": 0, "strict": strict, "known_deviations": len(cat.known),
-                   "release": judge.release, **deviations.user_summary(cat.known)},
+                   "release": judge.release, **deviations.user_summary(cat.known, judge.used)},
         "codepoint_step": codepoint_step,
         "subjects": [{"subject": s.name, "loader": s.loader, "flags": s.flags,
                       **({"n/a": s.na} if s.na else {}), **s.info} for s in found],
@@ -165,6 +165,8 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
         "divergent_subjects": sorted({"/".join(x for x in (r.subject, r.case.get("loader"), r.case.get("flags")) if x)
                                       for r in rows if r.status == FAIL}),
     }
+    for line in deviations.unused_note(extra["policy"]):
+        ctx.note(line)
     sections = [("Per subject", per_subject(rows)), ("Divergences (first evidence per failing or known cell)",
                                                      divergences(rows))]
     return Result([Part(SUITE, rows, extra, sections=sections, timing={"seconds": round(time.time() - started, 1)},

@@ -125,6 +125,7 @@ class Judge:
                 release = None
         self.release = release
         self.known_sources: dict[str, dict[str, Any]] = {}    # finding key -> the deviation's source, releases
+        self.used: set[str] = set()         # the deviations that excused a row (every component's)
 
     def add(self, subject: Subject, kind: str, case: str, metric: str, mismatches: int,
             total: int = 1, evidence: list[dict[str, Any]] | None = None, note: str = "",
@@ -168,6 +169,7 @@ class Judge:
         if all(found):
             d = found[0]
             row.extra["known"] = d.known()
+            self.used.update(x.name for x in found)
             users = sorted({x.origin for x in found if x.origin})
             if users:                       # the user's file accepted (part of) it: say so on the row
                 row.extra["known"]["origin"] = ", ".join(users)
