@@ -15,13 +15,15 @@ only when all of this holds, so that it can never hide a different or a worse bu
     reason    = "what it is, where it was measured, what to do"
     source    = "https://github.com/huggingface/transformers/pull/..."   # where it is documented
 
-``where`` and ``reason`` are required; the rest narrow. A user's own accepted findings come in the
-same schema from ``--known FILE`` (``read_user``): there ``releases`` and ``source`` are required
-too (a user's acceptance is of what they checked, where they checked it), the entries are merged
-with the project's, and every row they excuse says it was the user's file (``origin``). A row that a deviation's ``where`` and
+``where`` and ``reason`` are required; the rest narrow. A row that a deviation's ``where`` and
 ``releases`` match but whose evidence or size does not fit keeps failing, and its reason says why
 the deviation did not apply. ``--strict`` gates every row. Either way an explained row carries
 ``extra["known"]`` (name, mechanism, releases, source), which harness.core.findings groups by.
+
+A user's own accepted findings come in the same schema from ``--known FILE`` (``read_user``): there
+``releases`` and ``source`` are required too (an acceptance is of what the user checked, where they
+checked it); the entries are merged with the project's, and every row they excuse carries the file
+as ``extra["known"]["origin"]`` (findings' ``accepted_by``).
 """
 from __future__ import annotations
 
@@ -194,11 +196,6 @@ def user_summary(devs: list[Deviation], used: set[str] | None = None) -> dict[st
     if used is not None:
         out["unused"] = [d.name for d in users if d.name not in used]
     return {"user_known": out}
-
-
-def used_names(rows: list[Row]) -> set[str]:
-    """The deviations that excused a row of this run (``extra["known"]["name"]``)."""
-    return {str(r.extra["known"].get("name")) for r in rows if isinstance(r.extra.get("known"), dict)}
 
 
 def unused_note(summary: dict[str, Any]) -> list[str]:
