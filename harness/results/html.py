@@ -628,7 +628,8 @@ def headline_html(summaries: list[dict]) -> str:
         gated = sum(bool(f.get("gated")) for f in found)
         rows = [[f.get("status"), "yes" if f.get("gated") else "no", f.get("id"), f.get("title"), f.get("cells"),
                  f.get("releases") or "-", f.get("seen_on") or "-", f.get("differs") or "",
-                 f.get("reproduction") or "", f.get("source") or ""] for f in found]
+                 f.get("reproduction") or "", (f.get("source") or "")
+                 + (f" (accepted by your {f['accepted_by']})" if f.get("accepted_by") else "")] for f in found]
         heads = ["status", "fails the run", "finding", "what", "cells", "releases", "seen on", "differs",
                  "reproduction", "source"]
         more = (f"<details><summary>{len(rows) - FOLD_FINDINGS} more findings</summary>"

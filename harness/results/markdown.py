@@ -134,7 +134,8 @@ def findings_markdown(found: list[dict], heading: str = "##") -> list[str]:
         return []
     new = sum(f.get("status") == "new" for f in found)
     gated = sum(bool(f.get("gated")) for f in found)
-    rows = [[f.get("id"), f.get("status"), "yes" if f.get("gated") else "no", f.get("cells"), f.get("title"),
+    rows = [[f.get("id"), f"{f.get('status')} (your {f['accepted_by']})" if f.get("accepted_by") else f.get("status"),
+             "yes" if f.get("gated") else "no", f.get("cells"), f.get("title"),
              f.get("releases") or "-", f.get("seen_on") or "-", f.get("differs") or "", f.get("reproduction") or "",
              f.get("source") or ""] for f in found]
     return [f"{heading} Findings ({len(found)}: {new} new, {len(found) - new} known; {gated} fail the run)", "",
