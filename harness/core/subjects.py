@@ -39,6 +39,44 @@ class ReferenceSubject:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.device))
 
+    # -- the Subject protocol (harness.subjects), so that adapters (bench's) take either ---------
+    def settings(self) -> dict:
+        return {"dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+
+    def provenance(self) -> dict:
+        return {"implementation": "reference_model (independent, pure torch)", "torch": torch.__version__,
+                "rope_angles": "float64" if self.name == ORACLE else "float32"}
+
+    def cannot(self) -> dict[str, str]:
+        return {}
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(ids.to(self.device), key_mask=None if mask is None else mask.to(self.device),
+                          positions=None if positions is None else positions.to(self.device))
+
+    def decode(self, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+        return reference_decode(self.model, ids.to(self.device), prefill)
+
+    def open_cache(self, batch: int, length: int) -> "ReferenceSteps":
+        return ReferenceSteps(self.model, self.device)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class ReferenceSteps:
+    """The reference's own KV cache fed a few tokens at a time: each call returns those tokens'
+    logits (a prefill, then one token per step, as generation calls it)."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device, self.pos = model, device, 0
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(ids.to(self.device), start_pos=self.pos, use_cache=True)
+        self.pos += ids.shape[1]
+        return out
+
 
 def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eager", fault=None,
                       device_map=None, max_memory=None, offload_folder=None, **config_edits):
@@ -106,23 +144,35 @@ def reference_decode(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     return torch.cat(steps, dim=1)
 
 
+class TransformersSteps:
+    """transformers' KV cache as a user drives it outside generate(): each call feeds the next
+    tokens and returns their logits, feeding back the cache each step returns (4.31 has only
+    tuples, and 4.38 copies a DynamicCache it is given into a new one; later releases update it in
+    place). ``length``: the most positions a StaticCache must hold."""
+
+    def __init__(self, model, batch: int, length: int, kind: str = "dynamic"):
+        self.model, self.kind, self.pos = model, kind, 0
+        self.cache = None if kind == "dynamic" and compat.legacy_cache() else compat.make_cache(model, kind, batch, length)
+        self.name = compat.cache_kwarg(model)
+        # With a StaticCache the caller says where each step writes (cache_position), as generate() does.
+        self.where = kind == "static" and compat.forward_takes(model, "cache_position")
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        start, end = self.pos, self.pos + ids.shape[1]
+        kw = {"cache_position": torch.arange(start, end, device=ids.device)} if self.where else {}
+        out = self.model(input_ids=ids, use_cache=True, **{self.name: self.cache}, **kw)
+        if self.kind == "dynamic":
+            self.cache = out.past_key_values   # a StaticCache is the caller's, written in place
+        self.pos = end
+        return out.logits
+
+
 @torch.inference_mode()
 def transformers_decode(model, ids: torch.Tensor, prefill: int, kind: str = "dynamic") -> torch.Tensor:
-    """transformers' KV cache as a user drives it outside generate(): a prefill, then one token per
-    step, feeding back the cache each step returns (4.31 has only tuples, and 4.38 copies a
-    DynamicCache it is given into a new one; later releases update it in place)."""
-    cache = None if kind == "dynamic" and compat.legacy_cache() else compat.make_cache(model, kind, *ids.shape)
-    name = compat.cache_kwarg(model)
-    # With a StaticCache the caller says where each step writes (cache_position), as generate() does.
-    where = kind == "static" and compat.forward_takes(model, "cache_position")
-    steps = []
-    for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
-        kw = {"cache_position": torch.arange(start, end, device=ids.device)} if where else {}
-        out = model(input_ids=ids[:, start:end], use_cache=True, **{name: cache}, **kw)
-        if kind == "dynamic":
-            cache = out.past_key_values   # a StaticCache is the caller's, written in place
-        steps.append(out.logits)
-    return torch.cat(steps, dim=1)
+    """transformers' KV cache (TransformersSteps): a prefill, then one token per step."""
+    steps = TransformersSteps(model, *ids.shape, kind)
+    return torch.cat([steps(ids[:, :prefill])] + [steps(ids[:, t:t + 1]) for t in range(prefill, ids.shape[1])],
+                     dim=1)
 
 
 def padded_positions(mask: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,9 @@ class Subject(Protocol):
     def close(self) -> None:
         """Free what it holds (models, processes, temporary files)."""
 
+    # Optional: ``open_cache(batch, length)`` -> a callable feeding its own cache the next ids and
+    # returning their logits (generation, which picks each next token itself); see ``steps``.
+
 
 @dataclass
 class Source:
@@ -124,6 +127,23 @@ def factory(spec: Spec, arg: str = "--subject") -> Factory:
     if spec.kind not in KINDS:
         raise InputError(f"{arg} {spec.label()!r}: unknown kind {spec.kind!r} (known: {', '.join(known)})")
     return KINDS[spec.kind]
+
+
+def steps(subject: Subject, batch: int, length: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """How generation drives a subject one token at a time: its own cache where it has one
+    (``open_cache``), else the whole sequence run again for each new token (the same distribution,
+    without a cache's arithmetic); and, for the record, which of the two and why."""
+    why = subject.cannot().get("decode") or ("" if hasattr(subject, "open_cache") else
+                                             f"{subject.name} offers no incremental cache here")
+    if not why:
+        return subject.open_cache(batch, length), "own KV cache"
+    held: list[torch.Tensor] = []
+
+    def again(ids: torch.Tensor) -> torch.Tensor:
+        held.append(ids.cpu())
+        whole = torch.cat(held, dim=1)
+        return subject.forward(whole)[:, -ids.shape[1]:]
+    return again, f"whole sequence per token ({why})"
 
 
 def is_exact(subject: Subject) -> bool:

@@ -22,7 +22,7 @@ import torch
 from harness.core import compat
 from harness.core.errors import InputError
 from harness.core.inputs import KNOWN_ATTN
-from harness.core.subjects import DTYPES, load_transformers, padded_positions, transformers_decode
+from harness.core.subjects import DTYPES, TransformersSteps, load_transformers, padded_positions, transformers_decode
 from harness.subjects import Source, register
 from harness.subjects.common import Options, package_versions
 from harness.subjects.compiled import BACKENDS, CompiledForward
@@ -104,6 +104,18 @@ class TransformersLM:
         run = transformers_decode if self.inference else transformers_decode.__wrapped__   # no inference_mode
         with self.no_grad():
             return run(self.model, ids.to(self.device), prefill, self.cache)
+
+    def open_cache(self, batch: int, length: int):
+        """Its own cache fed a few tokens per call (generation): a callable, next ids -> their logits."""
+        why = self.cannot().get("decode")
+        if why:
+            raise NotImplementedError(why)
+        steps = TransformersSteps(self.model, batch, length, self.cache)
+
+        def call(ids: torch.Tensor) -> torch.Tensor:
+            with self.no_grad():
+                return steps(ids.to(self.device))
+        return call
 
     def dequantised(self) -> dict[str, torch.Tensor] | None:
         """Meta-layout float weights the subject actually computes with, when they differ from the
