@@ -82,6 +82,19 @@ CORPUS = ["--inputs", "corpus,cached", "--ctx", "64", "--max-tokens", "256"]
 
 
 @OPTIONAL_RUN
+def test_plant_reaches_the_model_transformers_read_from_a_gguf(tmp_path):
+    """--plant edits the model transformers builds from the converter's GGUF as it edits the HF
+    folder's (load_transformers): the GGUF-read subject fails the gate, saying it was planted."""
+    code = main(["logits", "--out", str(tmp_path), *FAST, "--inputs", "random",
+                 "--subject", "transformers:gguf=F32", "--plant", "no-permute"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 1
+    rows = [c for c in summary["cells"] if c["subject"] == "transformers:gguf=F32" and c["against"] == "oracle-fp64"]
+    assert any(c["status"] == "fail" and c["metric"] == "kl_mean" for c in rows)
+    assert summary["subjects"]["transformers:gguf=F32"]["provenance"]["plant"] == "no-permute"
+
+
+@OPTIONAL_RUN
 def test_compiled_transformers_is_an_exact_subject_of_the_suite(tmp_path):
     """transformers:compile=1 on the embedded model: judged like transformers, its provenance
     saying it was compiled, and no localisation (it cannot be hooked)."""

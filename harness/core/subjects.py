@@ -79,21 +79,24 @@ class ReferenceSteps:
 
 
 def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eager", fault=None,
-                      device_map=None, max_memory=None, offload_folder=None, **config_edits):
+                      device_map=None, max_memory=None, offload_folder=None, gguf_file: str | None = None,
+                      **config_edits):
     """transformers' ``kind`` (LlamaForCausalLM, LlamaModel, ...) loaded with from_pretrained as a
     user would. ``config_edits`` are set on the config first, then the fault edits the config and,
     once loaded, the model. ``device_map`` (with ``max_memory``, ``offload_folder``) is passed
-    through: accelerate places the model, and ``device`` is then not applied."""
+    through: accelerate places the model, and ``device`` is then not applied. ``gguf_file``: a GGUF
+    in ``hf_path`` read instead of the safetensors (config and weights, dequantised by transformers)."""
     import transformers
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # our own bars count cells; one bar per load is noise
     hf_logging.set_verbosity_error()    # e.g. "newly initialised score weights": expected, we set them
-    config = transformers.LlamaConfig.from_pretrained(hf_path)
+    gguf = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    config = transformers.LlamaConfig.from_pretrained(hf_path, **gguf)
     for k, v in config_edits.items():
         setattr(config, k, v)
     if fault is not None:
         fault.edit_config(config)
-    kwargs = {"config": config}
+    kwargs = {"config": config, **gguf}
     version = compat.transformers_version()
     if version >= (4, 36):
         kwargs["attn_implementation"] = attn

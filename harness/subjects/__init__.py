@@ -31,6 +31,7 @@ CAPABILITIES = (
     "hooks",        # per-layer / per-op captures (localisation, streaming)
     "logits",       # raw logits (else: log-probabilities over the full vocabulary)
     "planting",     # the harness's planted faults can be applied to it
+    "resize",       # a token added to its vocabulary (embeddings resized), as the docs advise for <pad>
     "subject",      # the subject itself: its package is not installed here (NOT_INSTALLED's reason)
 )
 NOT_INSTALLED = "subject"   # cannot()[NOT_INSTALLED]: how to install it; every cell of it is n/a
@@ -58,7 +59,9 @@ class Subject(Protocol):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, seq, vocab) logits (or full-vocabulary log-probabilities where ``cannot`` says
-        "logits"), float32 or wider, on the caller's device, for every position."""
+        "logits"), float32 or wider, on the caller's device, for every position. A mask without
+        positions: positions counted over real tokens. ``positions=IMPLICIT`` (only where the subject
+        has ``implicit_positions``): whatever the implementation does when handed a mask alone."""
 
     def decode(self, ids: torch.Tensor, prefill: int) -> torch.Tensor:
         """The same through its own cache: ``prefill`` tokens at once, then one token per step."""
@@ -91,10 +94,12 @@ class Spec:
 
 
 DEFAULT = "transformers"    # the subject a suite judges when no --subject is given (today's runs)
+IMPLICIT = "implicit"       # forward(positions=IMPLICIT): the implementation's own default positions
 Factory = Callable[[Source, str, str, dict], Subject]    # (source, dtype, device, options)
 KINDS: dict[str, Factory] = {}
-# The logits suite's matrix axes (attn, tp) a kind takes as options: a spec that does not fix one
-# runs at each of the suite's values; a kind without an axis has "-" there.
+# The matrix axes a kind takes as options (attn, tp: the logits suite's; cache: the behaviour cache
+# suite's): a spec that does not fix one runs at each of the suite's values; a kind without an axis
+# has "-" there.
 AXES: dict[str, tuple[str, ...]] = {}
 # Where each kind registers itself: imported only when the kind is asked for, so that naming one
 # subject never imports another's packages (torchao changes every `import transformers`).
