@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from harness.cli import main
 from harness.subjects import KINDS, register
 from harness.subjects.transformers import TransformersLM
@@ -52,3 +54,17 @@ def test_an_unknown_subject_is_exit_2_before_anything_runs(models, tmp_path, cap
     code = main(["behaviour", "--model", str(models["tiny-gqa/meta"]), "--suite", "cache", "--subject", "nope",
                  "--out", str(out)])
     assert code == 2 and "--subject" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["axes", "mp", "localise", "stream", "place"])
+@pytest.mark.parametrize("spec, says", [("onnxruntime", "onnxruntime cannot give"),
+                                        ("transformers:attn=sdpa", "with its own flags"),
+                                        ("nope", "unknown kind 'nope'")])
+def test_commands_of_one_implementation_refuse_another_naming_what_they_need(command, spec, says, tmp_path, capsys):
+    """Commands that drive the default implementation's own modules (hooks, placement, its config)
+    take --subject transformers only: another kind is exit 2 naming it and what it cannot give."""
+    out = tmp_path / "out"
+    assert main([command, "--subject", spec, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--subject" in err and spec in err and says in err, err
+    assert not out.exists()

@@ -37,6 +37,10 @@ from reference_model.checkpoint import Checkpoint
 from reference_model.errors import CheckpointError
 from reference_model.parallel import check_degree, distributed_logits, emulated_logits
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.subjects import add_default_only, default_only
+
+# what this command needs of a subject: only the default one takes part (--subject)
+MP_NEEDS = "the pretraining_tp setting of the model's config"
 
 SUITE = "mp"
 KEY_METRIC = "rel_l2"
@@ -49,6 +53,7 @@ class MP(Suite):
     help = "pretraining_tp vs the original model-parallel logits"
 
     def add_arguments(self, p) -> None:
+        add_default_only(p, self.name, MP_NEEDS)
         p.add_argument("--model", help="Meta or HF folder; default: embedded model")
         p.add_argument("--degrees", type=inputs.csv, help="model-parallel degrees (default 1,2,4,8)")
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
@@ -60,6 +65,7 @@ class MP(Suite):
         p.add_argument("--seed", default="0")
 
     def run(self, a, ctx: Context) -> Result:
+        default_only(a.subject, self.name, MP_NEEDS)
         d = suite_data(SUITE)["defaults"]
         device = inputs.device(a.device)
         attn = inputs.choice("--attn", a.attn, inputs.KNOWN_ATTN)
