@@ -129,8 +129,8 @@ def adapter_spec():
     """adapter-hf: transformers behind our adapter at the attention lm-eval's HFLM gets (from_pretrained's
     default), so that adapter-hf vs hf differs in the wrapper alone."""
     from harness.core.compat import default_attn
-    from harness.subjects import Spec
-    return Spec("transformers", {"attn": default_attn()})
+    from harness.subjects import DEFAULT, Spec
+    return Spec(DEFAULT, {"attn": default_attn()})
 
 
 @dataclass
