@@ -66,6 +66,48 @@ def test_adapter_generation_batched_equals_one_by_one(model, tokenizer):
     assert one == many and all(isinstance(t, str) for t in one)
 
 
+class _NoCache:
+    """The reference as a subject that has no incremental cache (as ONNX Runtime's export has none)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, "no-cache"
+
+    def cannot(self):
+        return {"decode": "planted: no KV cache"}
+
+    def forward(self, ids, mask=None, positions=None):
+        return self.inner.forward(ids)
+
+
+def test_generation_without_a_cache_is_generation_with_one(model, tokenizer):
+    """A subject without its own cache generates by running the whole sequence again per token
+    (harness.subjects.steps): the same greedy text as the reference through its cache (float64, so
+    no near-tie can flip between the two orders of arithmetic)."""
+    from harness.core.subjects import ReferenceSubject
+    from reference_model.checkpoint import load
+    kw = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    reqs = [_req("generate_until", (c, kw), i) for i, c in enumerate(["One two", "Three four", "Five six"])]
+    args = dict(model=str(model), tokenizer=str(tokenizer), batch_size=2, dtype="float64")
+    cached = ParityLM(**args)
+    bare = ParityLM(**args, subject=_NoCache(ReferenceSubject(load(model), "float64", "cpu")))
+    texts = cached.generate_until(reqs)
+    assert bare.generate_until(reqs) == texts and any(texts)
+    assert cached.generation == "own KV cache"
+    assert bare.generation == "whole sequence per token (planted: no KV cache)"
+
+
+def test_adapter_takes_a_registered_subject_by_spec(model, tokenizer):
+    """lm-eval's own CLI route: backend=KIND[:key=value] builds the subject through harness.subjects
+    from the same weights; transformers scores what the reference scores."""
+    reqs = [_req("loglikelihood", ("The if statement", " is used for conditional execution."), 0),
+            _req("loglikelihood", ("A", " b"), 1)]
+    ref = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=2).loglikelihood(reqs)
+    lm = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=2, backend="transformers:attn=eager")
+    got = lm.loglikelihood(reqs)
+    assert lm.net.name == "transformers" and lm.net.settings()["attn"] == "eager"
+    assert max(abs(a - b) for (a, _), (b, _) in zip(ref, got)) < 1e-4
+
+
 def test_adapter_rolling_scores_text_after_bos(model, tokenizer):
     """Rolling loglikelihood of a text == loglikelihood of that text after an empty context (BOS)."""
     lm = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=2)
@@ -104,7 +146,29 @@ def test_bench_passes_clean_and_catches_a_dropped_bos(model, tokenizer, tmp_path
     assert drift[0]["status"] == "fail" and "bos: False vs True" in drift[0]["reason"]
 
 
+def test_bench_subject_is_judged_against_the_reference_or_na(model, tokenizer, tmp_path):
+    """--subject puts a registered subject behind the adapter: exact ones gated against the
+    reference, described in the summary; one whose package is absent is one n/a row with the reason."""
+    from harness.subjects.common import has_module
+    out = tmp_path / "subject"
+    absent = not has_module("onnxruntime")
+    code = _bench(["--model", str(model), "--tokenizer", str(tokenizer), "--limit", "2", "--batch-size", "2",
+                   "--tasks", "parity_heldout_mc", "--subjects", "reference", "--subject", "transformers:attn=eager",
+                   *(["--subject", "onnxruntime"] if absent else []), "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0 and summary["verdict"] == "pass"
+    mine = [c for c in summary["cells"] if c["subject"] == "transformers:attn=eager" and c["against"] == "reference"]
+    assert {c["metric"] for c in mine if c["status"] == "pass"} >= {"ll_diff_max", "choice_flip_rate", "config_drift"}
+    who = summary["subjects"]["transformers:attn=eager"]["settings"]["subject"]
+    assert who["exact"] and who["settings"]["attn"] == "eager" and who["provenance"]["transformers"]
+    if absent:
+        (na,) = [c for c in summary["cells"] if c["subject"] == "onnxruntime"]
+        assert na["status"] == "n/a" and "onnx" in na["reason"]
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["--subject", "no-such-kind"], "--subject"),
+    (["--subject", "transformers", "--subject", "transformers"], "twice"),
     (["--limit", "0"], "--limit"),
     (["--tasks", "no_such_task_xyz", "--limit", "1"], "no_such_task_xyz"),
     (["--plant", "nonsense"], "--plant"),

@@ -820,6 +820,9 @@ BUDGET = Flag(values("64GiB", "1TiB"), st.one_of(values("1B", "0", "100", "1KiB"
 OUT = Flag(OUT_GOOD, OUT_BAD, 85, 15, 0)
 NO_PROGRESS = ["--no-progress"]
 PLANT_BAD = junk(["nope", "no_permute", "NO-PERMUTE", "no-permute,mask-shift"])
+# axes, mp, localise, stream, place drive the default implementation's own modules: transformers only
+ONLY_DEFAULT = Flag(values("transformers"), junk(["nope", "onnxruntime", "transformers:attn=eager", "llama.cpp:quant=Q8_0"]),
+                    10, 20, 70)
 
 
 def model_flag(omit: int = 5) -> Flag:
@@ -883,6 +886,8 @@ def flags_for(command: str) -> dict[str, Flag]:
                 "--policy": Flag(policy_good("behaviour_tolerance.toml"), policy_bad("behaviour_tolerance.toml"),
                                  20, 30, 50),
                 "--plant": Flag(values("pad-attend", "cache-off-by-one", "last-layer-gate-up"), PLANT_BAD, 10, 10, 80),
+                "--subject": Flag(values("transformers", "transformers:attn=eager"),
+                                  junk(["nope", "transformers:x", ":a=b"]), 10, 10, 80),
                 "--html": html, "--memory-budget": BUDGET, "--out": OUT}
     if command == "axes":
         return {"--suite": Flag(values("cast", "flags", "cast,flags"), csv_of(["cast"], ["bogus", "everything"]),
@@ -899,7 +904,7 @@ def flags_for(command: str) -> dict[str, Flag]:
                 "--spec": Flag(policy_good("axes.toml"), policy_bad("axes.toml"), 20, 30, 50),
                 "--policy": Flag(policy_good("tolerance.toml"), policy_bad("tolerance.toml"), 20, 20, 60),
                 "--plant": Flag(values("rope-base", "no-permute"), PLANT_BAD, 10, 10, 80),
-                "--strict": Flag(switch=True), "--device": DEVICE, "--seed": SEED,
+                "--strict": Flag(switch=True), "--device": DEVICE, "--seed": SEED, "--subject": ONLY_DEFAULT,
                 "--html": html, "--memory-budget": BUDGET, "--out": OUT}
     if command == "bench":      # argument errors only: see BENCH_SURE_BAD
         return {"--model": model_flag(10),
@@ -915,6 +920,8 @@ def flags_for(command: str) -> dict[str, Flag]:
                 "--plant": Flag(values("drop-bos"), PLANT_BAD, 10, 20, 70),
                 "--subjects": Flag(values("reference,hf"), csv_of(["reference"], ["hf", "adapter-hf", "bogus"]),
                                    20, 20, 60),
+                "--subject": Flag(values("transformers:attn=eager"), junk(["nope", "transformers:x", ":a=b"]),
+                                  10, 20, 70),
                 "--device": DEVICE, "--html": html, "--memory-budget": BUDGET, "--out": OUT}
     if command == "mp":
         return {"--model": model_flag(),
@@ -922,12 +929,13 @@ def flags_for(command: str) -> dict[str, Flag]:
                 "--dtypes": Flag(values("float32"), DTYPES_BAD, 75, 25, 0),
                 "--shapes": Flag(SHAPES_GOOD, SHAPES_BAD, 75, 25, 0),
                 "--attn": one_attn,
-                "--ranks": Flag(values("emulated"), junk(["real", "Real"]), 60, 20, 20),
+                "--ranks": Flag(values("emulated"), junk(["real", "Real"]), 60, 20, 20), "--subject": ONLY_DEFAULT,
                 "--device": DEVICE, "--seed": SEED, "--html": html, "--memory-budget": BUDGET, "--out": OUT}
     if command == "matrix":
         return {"--root": Flag(tree_spec(True), tree_spec(False), 40, 55, 5)}
     if command in ("localise", "stream", "place"):
-        flags = {"--model": model_flag(), "--dtype": one_dtype, "--attn": one_attn, "--shape": shape, "--seed": SEED}
+        flags = {"--model": model_flag(), "--dtype": one_dtype, "--attn": one_attn, "--shape": shape, "--seed": SEED,
+                 "--subject": ONLY_DEFAULT}
         if command != "place":
             flags.update({"--device": DEVICE, "--coarse": Flag(switch=True)})
         if command == "localise":

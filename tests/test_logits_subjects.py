@@ -63,6 +63,31 @@ def test_a_subject_that_cannot_pad_or_decode_is_na_with_its_reason(models, tmp_p
     assert cells["random"]["status"] == "pass"
 
 
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_log_probability_subject_is_compared_in_log_softmax_space(models, tmp_path, monkeypatch, declared):
+    """A subject that gives log-probabilities only (cannot "logits", as vLLM's default output) is
+    judged in log-softmax space, its truth and calibrating reference taken there: transformers'
+    own log_softmax passes the exact rule, its rows saying the space. Undeclared, the same numbers
+    are compared with raw logits and max_abs measures the log-partition: the gate fails."""
+    import torch
+
+    from harness.subjects import transformers as tf
+    for method in ("forward", "decode"):
+        real = getattr(tf.TransformersLM, method)
+        monkeypatch.setattr(tf.TransformersLM, method,
+                            lambda self, *a, _real=real, **k: torch.log_softmax(_real(self, *a, **k).float(), -1))
+    if declared:
+        monkeypatch.setattr(tf.TransformersLM, "cannot", lambda self: {"logits": "log-probabilities only"})
+    code, summary = run(models["tiny-gqa/meta"], tmp_path, "--inputs", "random,padded,cached")
+    mine = [c for c in summary["cells"] if c["subject"] == "transformers" and c["against"] == "oracle-fp64"]
+    max_abs = [c for c in mine if c["metric"] == "max_abs"]
+    assert len(max_abs) == 3
+    if declared:
+        assert code == 0 and all(c["status"] == "pass" and c["extra"]["space"] == "log-softmax" for c in max_abs)
+    else:
+        assert code == 1 and all(c["status"] == "fail" and "space" not in c["extra"] for c in max_abs)
+
+
 @pytest.mark.parametrize("spec, says", [("nope", "unknown kind 'nope'"),
                                         ("transformers:compile", "is not key=value")])
 def test_a_bad_subject_is_exit_2_naming_it(models, tmp_path, capsys, spec, says):
@@ -79,6 +104,19 @@ OPTIONAL_RUN = pytest.mark.skipif(
     reason="minutes of CPU (a compile, quantising, the split's oracle): runs in tox -e subjects "
            "(LLAMA_PARITY_SUBJECTS=1)")
 CORPUS = ["--inputs", "corpus,cached", "--ctx", "64", "--max-tokens", "256"]
+
+
+@OPTIONAL_RUN
+def test_plant_reaches_the_model_transformers_read_from_a_gguf(tmp_path):
+    """--plant edits the model transformers builds from the converter's GGUF as it edits the HF
+    folder's (load_transformers): the GGUF-read subject fails the gate, saying it was planted."""
+    code = main(["logits", "--out", str(tmp_path), *FAST, "--inputs", "random",
+                 "--subject", "transformers:gguf=F32", "--plant", "no-permute"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 1
+    rows = [c for c in summary["cells"] if c["subject"] == "transformers:gguf=F32" and c["against"] == "oracle-fp64"]
+    assert any(c["status"] == "fail" and c["metric"] == "kl_mean" for c in rows)
+    assert summary["subjects"]["transformers:gguf=F32"]["provenance"]["plant"] == "no-permute"
 
 
 @OPTIONAL_RUN

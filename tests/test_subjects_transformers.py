@@ -82,7 +82,7 @@ def test_a_fault_planted_through_the_subject_fails_the_rule(truth):
     ("transformers:plant=nope", "plant='nope'"),
     ("transformers:plant=onnx-rope-base", "not a fault of transformers"),
     ("transformers:gguf=Q9", "gguf='Q9'"),
-    ("transformers:gguf=F32,compile=1", "gguf= takes attn= and tp= only"),
+    ("transformers:gguf=F32,compile=1", "gguf= takes attn=, tp= and plant= only"),
     ("torchao:quant=int3", "quant='int3'"),
     ("quanto:weights=fp8", "weights='fp8'"),
     ("onnxruntime:attn=flash", "attn='flash'"),

@@ -66,6 +66,14 @@ def usable_attns(arg: str, attns: list[str], device: str) -> list[str]:
     return attns
 
 
+def default_attn() -> str:
+    """The attention implementation from_pretrained picks when none is asked for: SDPA from 4.36
+    (with the torch releases the harness supports), eager before. Asking for it by name loads the
+    same code; load_transformers refuses a model loaded under another name, so a wrong answer here
+    cannot pass unnoticed."""
+    return "sdpa" if transformers_version() >= (4, 36) else "eager"
+
+
 def dtype_kwarg() -> str:
     """from_pretrained's name for the dtype: ``dtype`` from 4.56, ``torch_dtype`` before."""
     return "dtype" if transformers_version() >= (4, 56) else "torch_dtype"

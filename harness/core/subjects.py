@@ -39,23 +39,64 @@ class ReferenceSubject:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.device))
 
+    # -- the Subject protocol (harness.subjects), so that adapters (bench's) take either ---------
+    def settings(self) -> dict:
+        return {"dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+
+    def provenance(self) -> dict:
+        return {"implementation": "reference_model (independent, pure torch)", "torch": torch.__version__,
+                "rope_angles": "float64" if self.name == ORACLE else "float32"}
+
+    def cannot(self) -> dict[str, str]:
+        return {}
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(ids.to(self.device), key_mask=None if mask is None else mask.to(self.device),
+                          positions=None if positions is None else positions.to(self.device))
+
+    def decode(self, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+        return reference_decode(self.model, ids.to(self.device), prefill)
+
+    def open_cache(self, batch: int, length: int) -> "ReferenceSteps":
+        return ReferenceSteps(self.model, self.device)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class ReferenceSteps:
+    """The reference's own KV cache fed a few tokens at a time: each call returns those tokens'
+    logits (a prefill, then one token per step, as generation calls it)."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device, self.pos = model, device, 0
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(ids.to(self.device), start_pos=self.pos, use_cache=True)
+        self.pos += ids.shape[1]
+        return out
+
 
 def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eager", fault=None,
-                      device_map=None, max_memory=None, offload_folder=None, **config_edits):
+                      device_map=None, max_memory=None, offload_folder=None, gguf_file: str | None = None,
+                      **config_edits):
     """transformers' ``kind`` (LlamaForCausalLM, LlamaModel, ...) loaded with from_pretrained as a
     user would. ``config_edits`` are set on the config first, then the fault edits the config and,
     once loaded, the model. ``device_map`` (with ``max_memory``, ``offload_folder``) is passed
-    through: accelerate places the model, and ``device`` is then not applied."""
+    through: accelerate places the model, and ``device`` is then not applied. ``gguf_file``: a GGUF
+    in ``hf_path`` read instead of the safetensors (config and weights, dequantised by transformers)."""
     import transformers
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # our own bars count cells; one bar per load is noise
     hf_logging.set_verbosity_error()    # e.g. "newly initialised score weights": expected, we set them
-    config = transformers.LlamaConfig.from_pretrained(hf_path)
+    gguf = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    config = transformers.LlamaConfig.from_pretrained(hf_path, **gguf)
     for k, v in config_edits.items():
         setattr(config, k, v)
     if fault is not None:
         fault.edit_config(config)
-    kwargs = {"config": config}
+    kwargs = {"config": config, **gguf}
     version = compat.transformers_version()
     if version >= (4, 36):
         kwargs["attn_implementation"] = attn
@@ -106,23 +147,35 @@ def reference_decode(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     return torch.cat(steps, dim=1)
 
 
+class TransformersSteps:
+    """transformers' KV cache as a user drives it outside generate(): each call feeds the next
+    tokens and returns their logits, feeding back the cache each step returns (4.31 has only
+    tuples, and 4.38 copies a DynamicCache it is given into a new one; later releases update it in
+    place). ``length``: the most positions a StaticCache must hold."""
+
+    def __init__(self, model, batch: int, length: int, kind: str = "dynamic"):
+        self.model, self.kind, self.pos = model, kind, 0
+        self.cache = None if kind == "dynamic" and compat.legacy_cache() else compat.make_cache(model, kind, batch, length)
+        self.name = compat.cache_kwarg(model)
+        # With a StaticCache the caller says where each step writes (cache_position), as generate() does.
+        self.where = kind == "static" and compat.forward_takes(model, "cache_position")
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        start, end = self.pos, self.pos + ids.shape[1]
+        kw = {"cache_position": torch.arange(start, end, device=ids.device)} if self.where else {}
+        out = self.model(input_ids=ids, use_cache=True, **{self.name: self.cache}, **kw)
+        if self.kind == "dynamic":
+            self.cache = out.past_key_values   # a StaticCache is the caller's, written in place
+        self.pos = end
+        return out.logits
+
+
 @torch.inference_mode()
 def transformers_decode(model, ids: torch.Tensor, prefill: int, kind: str = "dynamic") -> torch.Tensor:
-    """transformers' KV cache as a user drives it outside generate(): a prefill, then one token per
-    step, feeding back the cache each step returns (4.31 has only tuples, and 4.38 copies a
-    DynamicCache it is given into a new one; later releases update it in place)."""
-    cache = None if kind == "dynamic" and compat.legacy_cache() else compat.make_cache(model, kind, *ids.shape)
-    name = compat.cache_kwarg(model)
-    # With a StaticCache the caller says where each step writes (cache_position), as generate() does.
-    where = kind == "static" and compat.forward_takes(model, "cache_position")
-    steps = []
-    for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
-        kw = {"cache_position": torch.arange(start, end, device=ids.device)} if where else {}
-        out = model(input_ids=ids[:, start:end], use_cache=True, **{name: cache}, **kw)
-        if kind == "dynamic":
-            cache = out.past_key_values   # a StaticCache is the caller's, written in place
-        steps.append(out.logits)
-    return torch.cat(steps, dim=1)
+    """transformers' KV cache (TransformersSteps): a prefill, then one token per step."""
+    steps = TransformersSteps(model, *ids.shape, kind)
+    return torch.cat([steps(ids[:, :prefill])] + [steps(ids[:, t:t + 1]) for t in range(prefill, ids.shape[1])],
+                     dim=1)
 
 
 def padded_positions(mask: torch.Tensor) -> torch.Tensor:

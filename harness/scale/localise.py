@@ -47,6 +47,10 @@ from harness.core.subjects import ORACLE, ReferenceSubject, TransformersSubject
 from harness.core.suite import Context, Part, Result, Suite
 from harness.scale.capture import GROUP, Capture, Errors, Point, Store, point_name, point_order
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.subjects import add_default_only, default_only
+
+# what this command needs of a subject: only the default one takes part (--subject)
+LOCALISE_NEEDS = "per-layer and per-op hooks (harness.scale.capture) on the model's own modules"
 
 FLOOR = {"float32": torch.finfo(torch.float32).eps, "bfloat16": torch.finfo(torch.bfloat16).eps,
          "float16": torch.finfo(torch.float16).eps, "float64": torch.finfo(torch.float64).eps}
@@ -260,12 +264,14 @@ class Localise(Suite):
     help = "name the first layer and op where transformers diverges"
 
     def add_arguments(self, p) -> None:
+        add_default_only(p, self.name, LOCALISE_NEEDS)
         add_common_arguments(p)
         p.add_argument("--tp", default="1", help="pretraining_tp (default 1)")
         p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "
                                        f"{', '.join(faults_for('localise'))}")
 
     def run(self, a, ctx: Context) -> Result:
+        default_only(a.subject, self.name, LOCALISE_NEEDS)
         from harness.core.cases import make_inputs
         from harness.core.checkpoints import HFFolder, open_model
         dtype, attn, shape, device, seed = common_inputs(a)

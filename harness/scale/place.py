@@ -22,6 +22,10 @@ from harness.core import inputs
 from harness.core.errors import InputError
 from harness.core.suite import Part, Result, Suite
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.subjects import add_default_only, default_only
+
+# what this command needs of a subject: only the default one takes part (--subject)
+PLACE_NEEDS = "accelerate's device_map placement of the model's own modules"
 
 NO_SPLIT_REFERENCE = ["TransformerBlock"]
 STRATEGIES = ("auto", "balanced")
@@ -206,6 +210,7 @@ class Place(Suite):
     help = "compare the subjects with their blocks placed across devices (accelerate)"
 
     def add_arguments(self, p) -> None:
+        add_default_only(p, self.name, PLACE_NEEDS)
         from harness.core.faults import faults_for
         p.add_argument("--model", help="Meta or HF folder; default: the embedded model")
         p.add_argument("--device-map", default="auto",
@@ -224,6 +229,7 @@ class Place(Suite):
                                        f"{', '.join(faults_for('place'))}")
 
     def run(self, a, ctx):
+        default_only(a.subject, self.name, PLACE_NEEDS)
         import tempfile
 
         from harness.core import compat

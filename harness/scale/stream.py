@@ -37,6 +37,10 @@ from harness.scale.capture import Capture, Errors, Store, point_order
 from reference_model.convert import args_to_hf_config, unpermute
 from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_cis
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.subjects import add_default_only, default_only
+
+# what this command needs of a subject: only the default one takes part (--subject)
+STREAM_NEEDS = "the model's decoder layers built and run one at a time, each captured"
 
 
 # --- transformers pieces, built one block at a time ------------------------------------------
@@ -283,6 +287,7 @@ class Stream(Suite):
     help = "block-by-block comparison: peak memory about one block"
 
     def add_arguments(self, p) -> None:
+        add_default_only(p, self.name, STREAM_NEEDS)
         from harness.scale.localise import add_common_arguments
         add_common_arguments(p)
         p.add_argument("--feed", default="own",
@@ -291,6 +296,7 @@ class Stream(Suite):
                                        f"{', '.join(faults_for('stream'))}")
 
     def run(self, a, ctx: Context) -> Result:
+        default_only(a.subject, self.name, STREAM_NEEDS)
         from harness.core.cases import make_inputs
         from harness.scale.localise import common_inputs, curve_markdown, curve_part, curve_rows, locate
         dtype, attn, shape, device, seed = common_inputs(a)

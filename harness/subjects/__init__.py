@@ -31,6 +31,7 @@ CAPABILITIES = (
     "hooks",        # per-layer / per-op captures (localisation, streaming)
     "logits",       # raw logits (else: log-probabilities over the full vocabulary)
     "planting",     # the harness's planted faults can be applied to it
+    "resize",       # a token added to its vocabulary (embeddings resized), as the docs advise for <pad>
     "subject",      # the subject itself: its package is not installed here (NOT_INSTALLED's reason)
 )
 NOT_INSTALLED = "subject"   # cannot()[NOT_INSTALLED]: how to install it; every cell of it is n/a
@@ -58,13 +59,18 @@ class Subject(Protocol):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, seq, vocab) logits (or full-vocabulary log-probabilities where ``cannot`` says
-        "logits"), float32 or wider, on the caller's device, for every position."""
+        "logits"), float32 or wider, on the caller's device, for every position. A mask without
+        positions: positions counted over real tokens. ``positions=IMPLICIT`` (only where the subject
+        has ``implicit_positions``): whatever the implementation does when handed a mask alone."""
 
     def decode(self, ids: torch.Tensor, prefill: int) -> torch.Tensor:
         """The same through its own cache: ``prefill`` tokens at once, then one token per step."""
 
     def close(self) -> None:
         """Free what it holds (models, processes, temporary files)."""
+
+    # Optional: ``open_cache(batch, length)`` -> a callable feeding its own cache the next ids and
+    # returning their logits (generation, which picks each next token itself); see ``steps``.
 
 
 @dataclass
@@ -88,10 +94,12 @@ class Spec:
 
 
 DEFAULT = "transformers"    # the subject a suite judges when no --subject is given (today's runs)
+IMPLICIT = "implicit"       # forward(positions=IMPLICIT): the implementation's own default positions
 Factory = Callable[[Source, str, str, dict], Subject]    # (source, dtype, device, options)
 KINDS: dict[str, Factory] = {}
-# The logits suite's matrix axes (attn, tp) a kind takes as options: a spec that does not fix one
-# runs at each of the suite's values; a kind without an axis has "-" there.
+# The matrix axes a kind takes as options (attn, tp: the logits suite's; cache: the behaviour cache
+# suite's): a spec that does not fix one runs at each of the suite's values; a kind without an axis
+# has "-" there.
 AXES: dict[str, tuple[str, ...]] = {}
 # Where each kind registers itself: imported only when the kind is asked for, so that naming one
 # subject never imports another's packages (torchao changes every `import transformers`).
@@ -124,6 +132,47 @@ def factory(spec: Spec, arg: str = "--subject") -> Factory:
     if spec.kind not in KINDS:
         raise InputError(f"{arg} {spec.label()!r}: unknown kind {spec.kind!r} (known: {', '.join(known)})")
     return KINDS[spec.kind]
+
+
+def add_default_only(p, command: str, needs: str) -> None:
+    """--subject on a command that drives the default implementation's own modules (per-layer hooks,
+    a placement, its config's settings): it takes part in one kind only, and says why."""
+    p.add_argument("--subject", action="append",
+                   help=f"{DEFAULT} only (the default): {command} needs {needs}; its own flags set the options")
+
+
+def default_only(texts: list[str] | None, command: str, needs: str) -> Spec:
+    """The --subject such a command was given: the default kind without options, or exit 2 naming
+    the kind and what the command needs of it that it cannot give."""
+    specs = [parse_spec(t) for t in texts or [DEFAULT]]
+    for spec in specs:
+        factory(spec)                        # an unknown kind: exit 2 naming it
+        if spec.kind != DEFAULT:
+            raise InputError(f"--subject {spec.label()}: {command} needs {needs}, which {spec.kind} cannot give "
+                             f"(only {DEFAULT} takes part in {command})")
+        if spec.options:
+            raise InputError(f"--subject {spec.label()}: {command} sets {DEFAULT}'s options with its own flags "
+                             f"({command} --help), not key=value")
+    if len(specs) > 1:
+        raise InputError(f"--subject: {command} judges one subject, {DEFAULT}")
+    return specs[0]
+
+
+def steps(subject: Subject, batch: int, length: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """How generation drives a subject one token at a time: its own cache where it has one
+    (``open_cache``), else the whole sequence run again for each new token (the same distribution,
+    without a cache's arithmetic); and, for the record, which of the two and why."""
+    why = subject.cannot().get("decode") or ("" if hasattr(subject, "open_cache") else
+                                             f"{subject.name} offers no incremental cache here")
+    if not why:
+        return subject.open_cache(batch, length), "own KV cache"
+    held: list[torch.Tensor] = []
+
+    def again(ids: torch.Tensor) -> torch.Tensor:
+        held.append(ids.cpu())
+        whole = torch.cat(held, dim=1)
+        return subject.forward(whole)[:, -ids.shape[1]:]
+    return again, f"whole sequence per token ({why})"
 
 
 def is_exact(subject: Subject) -> bool:

@@ -34,7 +34,7 @@ class Options:
 
     def __init__(self, kind: str, options: dict[str, str]):
         self.kind, self.left = kind, dict(options)
-        self.label = Spec(kind, dict(options)).label()
+        self.label = Spec(kind, {k: getattr(v, "name", v) for k, v in options.items()}).label()
         self.known: list[str] = []
 
     def _take(self, key: str) -> str | None:

@@ -104,7 +104,7 @@ class TorchaoLM(QuantisedLM):
                                  **self.census}}
 
 
-@register(KIND, axes=("attn", "tp"))
+@register(KIND, axes=("attn", "tp", "cache"))
 def torchao_subject(source: Source, dtype: str, device: str, options: dict) -> TorchaoLM:
     o = Options(KIND, options)
     quant = o.choice("quant", tuple(QUANTS), "int8wo")

@@ -22,8 +22,8 @@ import torch
 from harness.core import compat
 from harness.core.errors import InputError
 from harness.core.inputs import KNOWN_ATTN
-from harness.core.subjects import DTYPES, load_transformers, padded_positions, transformers_decode
-from harness.subjects import Source, register
+from harness.core.subjects import DTYPES, TransformersSteps, load_transformers, padded_positions, transformers_decode
+from harness.subjects import IMPLICIT, Source, register
 from harness.subjects.common import Options, package_versions
 from harness.subjects.compiled import BACKENDS, CompiledForward
 
@@ -37,6 +37,7 @@ class TransformersLM:
 
     name = KIND
     exact = True        # float32 arithmetic on the checkpoint's weights: the logits rule judges it
+    implicit_positions = True   # a mask alone: position_ids left to the release (0..n-1 over the row)
 
     def __init__(self, source: Source, dtype: str, device: str, attn: str = "eager", tp: int = 1,
                  fault=None, cache: str = "dynamic", inference: bool = True):
@@ -89,9 +90,11 @@ class TransformersLM:
         if mask is not None:
             positions = padded_positions(mask) if positions is None else positions
             kwargs["attention_mask"] = mask.to(self.device)
-        if positions is not None:
+        if isinstance(positions, str) and positions == IMPLICIT:
+            positions = None
+        elif positions is not None:
             kwargs["position_ids"] = positions.to(self.device)
-        if mask is None and positions is None and self.fault is not None:
+        if mask is None and "position_ids" not in kwargs and self.fault is not None:
             kwargs.update(self.fault.forward_kwargs(ids))
         with self.no_grad():
             return self.model(input_ids=ids, **kwargs).logits
@@ -104,6 +107,30 @@ class TransformersLM:
         run = transformers_decode if self.inference else transformers_decode.__wrapped__   # no inference_mode
         with self.no_grad():
             return run(self.model, ids.to(self.device), prefill, self.cache)
+
+    def add_pad_token(self) -> tuple[int, torch.Tensor]:
+        """The documented recipe for a pad token: a new id, embeddings resized, ``padding_idx`` on
+        its zero row. The new id, and the row it embeds to (zeros when the recipe holds)."""
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        self.model.resize_token_embeddings(vocab + 1)
+        self.model.config.pad_token_id = vocab
+        emb = self.model.get_input_embeddings()
+        emb.padding_idx = vocab
+        with torch.no_grad():
+            emb.weight[vocab].zero_()
+        return vocab, emb(torch.tensor([vocab], device=emb.weight.device))
+
+    def open_cache(self, batch: int, length: int):
+        """Its own cache fed a few tokens per call (generation): a callable, next ids -> their logits."""
+        why = self.cannot().get("decode")
+        if why:
+            raise NotImplementedError(why)
+        steps = TransformersSteps(self.model, batch, length, self.cache)
+
+        def call(ids: torch.Tensor) -> torch.Tensor:
+            with self.no_grad():
+                return steps(ids.to(self.device))
+        return call
 
     def dequantised(self) -> dict[str, torch.Tensor] | None:
         """Meta-layout float weights the subject actually computes with, when they differ from the
@@ -124,16 +151,18 @@ class TransformersLM:
 
 def common_options(o: Options, kind: str) -> dict[str, Any]:
     """attn, tp, cache and plant: what every subject built on a transformers model takes."""
-    from harness.core.faults import get_subject_fault
+    from harness.core.faults import Fault, get_subject_fault
     attn = o.choice("attn", KNOWN_ATTN, "eager")
     tp = o.integer("tp", 1)
     cache = o.choice("cache", CACHES, "dynamic")
     plant = o.text("plant")
-    fault = get_subject_fault(plant, kind, o.label) if plant else None
+    # a suite's --plant arrives as the Fault it already checked for itself (behaviour's faults are
+    # not the logits suite's); a spec's plant=NAME is checked here
+    fault = plant if isinstance(plant, Fault) else get_subject_fault(plant, kind, o.label) if plant else None
     return {"attn": attn, "tp": tp, "cache": cache, "fault": fault}
 
 
-@register(KIND, axes=("attn", "tp"))
+@register(KIND, axes=("attn", "tp", "cache"))
 def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
     o = Options(KIND, options)
     common = common_options(o, KIND)
@@ -142,10 +171,10 @@ def transformers_subject(source: Source, dtype: str, device: str, options: dict)
     gguf = o.text("gguf")
     o.done()
     if gguf is not None:
-        if compiled or common["fault"] is not None or common["cache"] != "dynamic":
-            raise InputError(f"--subject {o.label}: gguf= takes attn= and tp= only (no compile, plant or cache)")
+        if compiled or common["cache"] != "dynamic":
+            raise InputError(f"--subject {o.label}: gguf= takes attn=, tp= and plant= only (no compile or cache)")
         from harness.subjects.transformers_gguf import load
-        return load(source, dtype, device, gguf, common["attn"], common["tp"])
+        return load(source, dtype, device, gguf, common["attn"], common["tp"], common["fault"])
     if "backend" in options and not compiled:
         raise InputError(f"--subject {o.label}: backend= needs compile=1")
     subject = TransformersLM(source, dtype, device, **common)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.core import compat
 from harness.core.errors import InputError
-from harness.core.subjects import DTYPES
+from harness.core.subjects import DTYPES, load_transformers
 from harness.subjects import NotInstalledError, Source
 from harness.subjects.common import package_versions
 from harness.subjects.transformers import TransformersLM
@@ -27,12 +26,13 @@ from harness.subjects.transformers import TransformersLM
 class GgufLM(TransformersLM):
     """LlamaForCausalLM.from_pretrained(folder, gguf_file=FILE): a GGUF read back by transformers."""
 
-    def __init__(self, source: Source, dtype: str, device: str, quant: str, attn: str = "eager", tp: int = 1):
+    def __init__(self, source: Source, dtype: str, device: str, quant: str, attn: str = "eager", tp: int = 1,
+                 fault=None):
         if dtype not in DTYPES:
             raise InputError(f"--subject transformers:gguf={quant}: dtype {dtype!r} (known: {', '.join(DTYPES)})")
         from harness.subjects import llamacpp
         self.dtype, self.device, self.attn, self.tp = dtype, device, attn, tp
-        self.fault, self.cache, self.inference, self.compiled = None, "dynamic", True, None
+        self.fault, self.cache, self.inference, self.compiled = fault, "dynamic", True, None
         self.source, self.quant = source, quant
         self.exact = quant == "F32"
         llama_cpp = None
@@ -48,14 +48,10 @@ class GgufLM(TransformersLM):
             self.path, self.file = f32, llamacpp._read_record(f32)
         else:
             self.path, self.file = llamacpp.ensure_quant(llama_cpp, f32, quant, 1)
-        import transformers
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        kwargs = {compat.dtype_kwarg(): DTYPES[dtype], "gguf_file": self.path.name, "pretraining_tp": tp}
-        if compat.transformers_version() >= (4, 36):
-            kwargs["attn_implementation"] = attn
-        self.model = transformers.LlamaForCausalLM.from_pretrained(self.path.parent, **kwargs).to(device).eval()
+        # loaded as every transformers model of the harness is (load_transformers), so that a planted
+        # model fault edits the config read from the GGUF and the model built from it the same way
+        self.model = load_transformers("LlamaForCausalLM", self.path.parent, dtype, device, attn, fault,
+                                       gguf_file=self.path.name, pretraining_tp=tp)
 
     def settings(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "gguf": self.quant, "attn": self.attn, "tp": self.tp}
@@ -63,12 +59,13 @@ class GgufLM(TransformersLM):
     def provenance(self) -> dict[str, Any]:
         return {**package_versions("torch", "transformers", "gguf"),
                 "weights": f"{self.path.name}, loaded with from_pretrained(gguf_file=...) (dequantised by transformers)",
-                "gguf": self.file, "attn_implementation": self.attn, "pretraining_tp": self.tp, "kv_cache": f"dynamic ({self.dtype})"}
+                "gguf": self.file, "attn_implementation": self.attn, "pretraining_tp": self.tp,
+                "kv_cache": f"dynamic ({self.dtype})", **({"plant": self.fault.name} if self.fault else {})}
 
     def cannot(self) -> dict[str, str]:
-        return {"hooks": "per-layer captures load the harness's HF folder, not the model read from the GGUF",
-                "planting": "the harness's faults edit the HF folder's model; a GGUF's own faults are "
-                            "llama.cpp's (plant= on the llama.cpp subject)"}
+        # planting: the harness's model faults edit the model read from the GGUF (load_transformers);
+        # the converter's own faults (gguf-no-permute, ...) are planted on the llama.cpp subject
+        return {"hooks": "per-layer captures load the harness's HF folder, not the model read from the GGUF"}
 
     def dequantised(self):
         """The GGUF's weights as transformers holds them (dequantised), in Meta's layout: the split."""
@@ -78,14 +75,14 @@ class GgufLM(TransformersLM):
         return meta_state(dict(self.model.state_dict()), self.source.ckpt.args)
 
 
-def load(source: Source, dtype: str, device: str, quant: str, attn: str, tp: int = 1) -> GgufLM:
+def load(source: Source, dtype: str, device: str, quant: str, attn: str, tp: int = 1, fault=None) -> GgufLM:
     known = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0")
     if quant not in known:
         raise InputError(f"--subject transformers:gguf={quant!r} (choose from {', '.join(known)})")
     if not _has_gguf():
         raise NotInstalledError("--subject transformers:gguf=: transformers reads GGUF files with the gguf package "
                                 "(pip install gguf)")
-    return GgufLM(source, dtype, device, quant, attn, tp)
+    return GgufLM(source, dtype, device, quant, attn, tp, fault)
 
 
 def _has_gguf() -> bool:

@@ -38,6 +38,10 @@ from harness.scale.capture import Capture
 from harness.suites.behaviour.hidden import _layer_names, _reference_hidden, _rel_l2
 from reference_model.checkpoint import Checkpoint
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.subjects import add_default_only, default_only
+
+# what this command needs of a subject: only the default one takes part (--subject)
+AXES_NEEDS = "transformers' model classes loaded by each cast path (load, .to, autocast) with per-layer captures"
 
 AXES_FILE = SUITES / "axes.toml"
 CASTS = {
@@ -355,6 +359,7 @@ class Axes(Suite):
     help = "cast paths (load/to/autocast) with long positions, and output flags"
 
     def add_arguments(self, p) -> None:
+        add_default_only(p, self.name, AXES_NEEDS)
         p.add_argument("--suite", type=inputs.csv, help="comma list of cast,flags (default: both)")
         p.add_argument("--model", help="Meta or HF checkpoint; default: the long-hd128 preset (head_dim 128, "
                                        "max_position_embeddings 2048), generated into the cache")
@@ -377,6 +382,7 @@ class Axes(Suite):
         p.add_argument("--seed", default="0")
 
     def run(self, a, ctx: Context) -> Result:
+        default_only(a.subject, self.name, AXES_NEEDS)
         from harness.suites.behaviour.common import DEFAULT_POLICY as BEHAVIOUR_POLICY
         spec = load_spec(a.spec)
         spec.known = deviations.merge(spec.known, deviations.user_deviations(a))

@@ -355,6 +355,21 @@ def reference_logits(subject: ReferenceSubject, inp: Input, ids: torch.Tensor | 
     return subject.logits(ids)
 
 
+def log_space(x: torch.Tensor) -> torch.Tensor:
+    """Logits as log-probabilities (float32 at least, float64 kept): the space a subject that gives
+    only log-probabilities (``cannot()["logits"]``) is compared in, its truth and the reference that
+    calibrates it taken there too. KL, top-1 and the token statistics are the same in either space;
+    max_abs, rel_l2 and nmse of raw logits against log-probabilities would measure the log-partition."""
+    return torch.log_softmax(x if x.dtype == torch.float64 else x.float(), dim=-1)
+
+
+def in_space(rows: list[Row], lp: bool) -> list[Row]:
+    """Rows of a log-probability subject say so (their max_abs, rel_l2, nmse are in log-softmax space)."""
+    for r in rows if lp else ():
+        r.extra["space"] = "log-softmax"
+    return rows
+
+
 # What an input needs of a subject beyond its plain forward (harness.subjects.CAPABILITIES).
 NEEDS = {"padded": "padding", "cached": "decode"}
 
@@ -609,6 +624,7 @@ class Measure:
                         reason=bad[1]) for i in short]
         try:
             cannot, exact = subject.cannot(), is_exact(subject)
+            lp = "logits" in cannot          # log-probabilities only: compared in log-softmax space
             rows = []
             for inp in short:
                 case = self.case(dtype, cell.attn, cell.tp, inp)
@@ -621,15 +637,17 @@ class Measure:
                 except Exception as e:
                     rows.append(_failed(case, f"{cell.kind} {inp.kind} forward failed: {_first_line(e)}", label))
                     continue
-                truth = self.truth(inp)
+                truth, ref_st, ref_l = self.truth(inp), ref_stats[inp.key()], ref_logits[inp.key()]
                 if logits.shape != truth.shape:
                     rows.append(_failed(case, shape_mismatch(cell.kind, logits, truth, cell.tp), label))
                     continue
+                if lp:
+                    truth, ref_l = log_space(truth), log_space(ref_l)
+                    ref_st = position_stats(ref_l, truth, mask=inp.mask)
                 st = position_stats(logits, truth, mask=inp.mask)
-                judged = self.judged(case, label, st, ref_stats[inp.key()], dtype, truth, inp,
-                                     pool=pools.get(inp.kind))
+                judged = in_space(self.judged(case, label, st, ref_st, dtype, truth, inp, pool=pools.get(inp.kind)), lp)
                 rows += judged if exact else shown(judged, LOSSY_SHORT)
-                pair, why = summarize(position_stats(logits, ref_logits[inp.key()], mask=inp.mask))
+                pair, why = summarize(position_stats(logits, ref_l, mask=inp.mask))
                 rows += [Row(SUITE, case, label, "reference", m, pair[m], status=INFO,
                              reason=why or "informational: same dtype, no truth") for m in METRICS]
                 if (isinstance(cell.tp, int) and cell.tp > 1 and inp.kind == "random" and hasattr(subject, "model")
@@ -669,14 +687,18 @@ class Measure:
                 weights = dequantised_checkpoint(plan.ckpt, subject.dequantised())
                 if weights is not None:
                     splits[cell] = ReferenceSubject(weights, "float64", plan.device, oracle=True)
-        parts: dict = {"reference": [], **{c: [] for c in subjects}}
+        parts: dict = {"reference": [], "reference-lp": [], **{c: [] for c in subjects}}
         split_parts: dict = {c: ([], []) for c in splits}
+        lp = {c for c, subject in subjects.items() if "logits" in subject.cannot()}   # log-softmax space
         broken: dict[Cell, str] = {}
         try:
             for n, (ids, targets) in enumerate(corpus.Windows(inp.label, inp.ids, inp.targets, 0, "").batches(inp.batch)):
                 truth = self.corpus_truth(inp, n, ids)
                 ref = reference.logits(ids)
                 parts["reference"].append(position_stats(ref, truth, targets=targets))
+                truth_lp = log_space(truth) if lp else None
+                if lp:
+                    parts["reference-lp"].append(position_stats(log_space(ref), truth_lp, targets=targets))
                 for cell, subject in subjects.items():
                     if cell in broken:
                         continue
@@ -688,11 +710,12 @@ class Measure:
                     if logits.shape != truth.shape:
                         broken[cell] = shape_mismatch(cell.kind, logits, truth, cell.tp)
                         continue
-                    parts[cell].append(position_stats(logits, truth, targets=targets))
+                    parts[cell].append(position_stats(logits, truth_lp if cell in lp else truth, targets=targets))
                     if cell in splits:       # weights: oracle vs oracle on them; runtime: them vs the subject
                         deq = splits[cell].logits(ids)
                         split_parts[cell][0].append(position_stats(deq, truth, targets=targets))
-                        split_parts[cell][1].append(position_stats(logits, deq, targets=targets))
+                        split_parts[cell][1].append(position_stats(logits, log_space(deq) if cell in lp else deq,
+                                                                   targets=targets))
                         del deq
                 del truth, ref
             ref_stats = cat_stats(parts["reference"])
@@ -703,7 +726,8 @@ class Measure:
                     rows.append(_failed(case, broken[cell], cell.label))
                     continue
                 st = cat_stats(parts[cell])
-                judged = self.judged(case, cell.label, st, ref_stats, dtype, None, inp)
+                calibrator = cat_stats(parts["reference-lp"]) if cell in lp else ref_stats
+                judged = in_space(self.judged(case, cell.label, st, calibrator, dtype, None, inp), cell in lp)
                 split = split_of(*(cat_stats(p) for p in split_parts[cell])) if cell in splits else None
                 if not is_exact(subject):
                     judged = self.budget_rows(judged, case, cell, subject, st, split)

