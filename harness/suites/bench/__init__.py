@@ -44,7 +44,7 @@ class Bench(Suite):
         p.add_argument("--plant", help=f"plant a known fault in the transformers subject: {', '.join(faults_for('bench'))}")
         p.add_argument("--subjects", type=inputs.csv, help="comma list from reference,hf,adapter-hf (default: all three)")
         p.add_argument("--subject", action="append",
-                       help="also score KIND[:key=value,...] (harness.subjects: transformers:compile=1, onnxruntime, "
+                       help="also score KIND[:key=value,...] (default: none beyond --subjects; harness.subjects: transformers:compile=1, onnxruntime, "
                             "llama.cpp:quant=Q8_0, ...) behind the same adapter as the reference; repeatable "
                             "(docs/bench.md)")
         p.add_argument("--device", default="cpu")
