@@ -71,8 +71,8 @@ OK_KINDS = ("fixed", "before-regression", "intended-change")
 STATUSES = ("pass", "fail", "info", "n/a")
 ROW_FIELDS = ("suite", "subject", "against", "metric", "status", "reason")   # the rest are case settings
 CASE_FIELDS = ("kind", "case", "loader", "flags", "dtype", "device", "attn", "padding", "cast", "length",
-               "positions", "region", "tp", "shape")                    # the settings the suites' rows carry
-COMMANDS = ("tokenizer", "behaviour", "axes", "logits")                    # harness suites entries may run
+               "positions", "region", "tp", "shape", "input", "checkpointing")                    # the settings the suites' rows carry
+COMMANDS = ("tokenizer", "behaviour", "axes", "logits", "train")                    # harness suites entries may run
 OK_VERDICTS = {"bug": ("caught",), "ok": ("passes",)}
 SHIM_MARK = "history: protobuf shim applied"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
