@@ -111,6 +111,7 @@ class Plan:
             raise InputError("--text and --corpus: give one")
         device = inputs.device(a.device)
         seed = inputs.seed(a.seed)
+        strict = strict_names(getattr(a, "strict", None))
         dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d["dtypes"], inputs.KNOWN_DTYPES)
         attns = inputs.choices("--attn", a.attn if a.attn is not None else d["attn"], inputs.KNOWN_ATTN)
         compat.usable_attns("--attn", attns, device)
@@ -148,7 +149,7 @@ class Plan:
         if not built:
             raise InputError("--inputs: nothing to measure on")
         return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds, device, seed, policy,
-                   fault, data, label, notes, strict_names(getattr(a, "strict", None)))
+                   fault, data, label, notes, strict)
 
     @staticmethod
     def token_windows(a, cfg: dict, folder: ModelFolder, ckpt: Checkpoint, long_ctx: int, seed: int,
