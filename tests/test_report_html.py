@@ -239,3 +239,27 @@ def test_a_long_cells_table_is_folded_below_the_failing_cells(corpus_run, tmp_pa
     page = report_html.render([summary], [corpus_run])
     failing = page[page.index("<h3>Failing cells"):page.index("<details><summary>Every cell")]
     assert re.findall(r'<tr class="([^"]+)">', failing) == ["fail"]
+
+
+def test_cells_that_measured_nothing_show_blank_but_a_failing_nan_shows(tmp_path):
+    """An n/a cell's NaN value is not a number anyone measured: blank, not 'nan'. A failing cell whose
+    subject produced NaN keeps 'nan' on the page: there it is the finding."""
+    out = tmp_path / "nan"
+    rows = [
+        Row("logits", {"dtype": "float16", "input": "cached"}, "onnxruntime", "reference", "kl_max", None, None, NA,
+            reason="the export has no KV cache"),
+        Row("logits", {"dtype": "float16", "input": "random"}, "transformers", "reference", "kl_max",
+            float("nan"), 1e-3, FAIL, reason="non-finite logits"),
+    ]
+    write_results(out, "logits", rows, {"torch": "x", "transformers": "5", "device": "cpu"},
+                  {"seed": 0, "policy": {"path": "p", "version": "v"}})
+    page = report_html.render([report.load_summary(out)], [out])
+    na_rows = re.findall(r'<tr class="n/a">(.*?)</tr>', page)
+    fail_rows = re.findall(r'<tr class="fail">(.*?)</tr>', page)
+    assert na_rows and not any(">nan<" in r for r in na_rows)
+    assert fail_rows and all(">nan<" in r for r in fail_rows)
+    md = markdown.render(report.load_summary(out))
+    na_md = [line for line in md.splitlines() if "| n/a |" in line]
+    fail_md = [line for line in md.splitlines() if "| fail |" in line]
+    assert na_md and not any("nan" in line for line in na_md)
+    assert fail_md and all("| nan |" in line for line in fail_md)

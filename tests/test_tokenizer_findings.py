@@ -192,3 +192,88 @@ def test_fuzz_seed_draws_another_fixed_list_and_is_validated(tmp_path, capsys):
     assert fuzz_texts(20, 7) == fuzz_texts(20, 7) and fuzz_texts(20, 7) != fuzz_texts(20)
     assert main(["tokenizer", "--fuzz-seed", "x", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "--fuzz-seed" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# --- the user's own accepted findings (--known FILE) ----------------------------------------------
+
+def _user_known(path: Path, body: str) -> Path:
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+MERGES_ACCEPTED = '''
+[known.our-pipeline-ships-tokenizer-json]
+where = { subject = "transformers.*" }
+releases = ">=5.24,<5.26"
+evidence = { mechanism = "merges-by-id" }
+reason = "our CI loads the published folder's tokenizer.json, never a tokenizer.model-only folder"
+source = "https://ci.example/tickets/42"
+'''
+
+
+def test_a_users_known_file_accepts_a_new_finding_and_says_so(truth, tmp_path):
+    """merges-by-id is new (no upstream source): the run fails; the same run with the user's file
+    accepting it passes, the finding listed as known and as the user's, with their source."""
+    from harness.core import deviations
+    j = _judge(truth, _emulated(truth, by_id=True), "5.25.0")
+    code, found = _gate(j, tmp_path / "without")
+    assert code == 1 and [f["id"] for f in found if f["status"] == "new"] == ["tokenizer/merges-by-id"]
+
+    mine = deviations.read_user(_user_known(tmp_path / "known.toml", MERGES_ACCEPTED))
+    cat = load_catalogue()
+    cat.known = deviations.merge(cat.known, mine)
+    j = Judge(cat, release="5.25.0")
+    subject = _emulated(truth, by_id=True)
+    for c in cat.encode:
+        if c["name"] in CASES:
+            checks.check_encode(j, truth, subject, c)
+    code, found = _gate(j, tmp_path / "with")
+    f = next(f for f in found if f["id"] == "tokenizer/merges-by-id")
+    assert code == 0 and f["status"] == "known" and not f["gated"]
+    assert f["accepted_by"] == str(tmp_path / "known.toml") and f["source"] == "https://ci.example/tickets/42"
+    console = (tmp_path / "with" / "report.md").read_text(encoding="utf-8")
+    assert "your " + str(tmp_path / "known.toml") in console
+    # the project's own known findings stay the project's
+    assert all(not g["accepted_by"] for g in found if g["id"] != "tokenizer/merges-by-id")
+    assert j.used >= {"our-pipeline-ships-tokenizer-json"}
+    assert deviations.user_summary(cat.known, j.used)["user_known"]["unused"] == []
+    assert deviations.unused_note(deviations.user_summary(cat.known, set())) == [
+        f"note: --known {tmp_path / 'known.toml'}: 1 entry excused no cell of this run: "
+        "our-pipeline-ships-tokenizer-json"]
+    # outside the user's release scope it is new again
+    j = Judge(cat, release="5.26.0")
+    for c in cat.encode:
+        if c["name"] in CASES:
+            checks.check_encode(j, truth, subject, c)
+    assert _gate(j, tmp_path / "later")[0] == 1
+
+
+@pytest.mark.parametrize("body, names", [
+    (MERGES_ACCEPTED.replace('source = "https://ci.example/tickets/42"\n', ""),
+     "[known.our-pipeline-ships-tokenizer-json]: needs a non-empty string 'source'"),
+    (MERGES_ACCEPTED.replace('releases = ">=5.24,<5.26"\n', ""),
+     "[known.our-pipeline-ships-tokenizer-json]: needs a non-empty string 'releases'"),
+    (MERGES_ACCEPTED.replace('reason = "our', 'reason = ""  # "our'),
+     "[known.our-pipeline-ships-tokenizer-json]: needs a non-empty string 'reason'"),
+    (MERGES_ACCEPTED.replace('">=5.24,<5.26"', '"five"'), "releases 'five' is not a version specifier"),
+    (MERGES_ACCEPTED.replace("[known.our-pipeline-ships-tokenizer-json]", "[known.prefix-space-fused]"),
+     "[known.prefix-space-fused]: the project's catalogue already has an entry"),
+    ("threshold = 3\n" + MERGES_ACCEPTED, "unknown top-level key(s) threshold"),
+    (MERGES_ACCEPTED + "threshold = 3\n", "[known.our-pipeline-ships-tokenizer-json]: unknown key(s) threshold"),
+    ("version = '1'\n", "no [known.NAME] table"),
+    ("[known.x\n", "not valid TOML"),
+])
+def test_a_malformed_known_file_is_exit_2_naming_file_and_key(tmp_path, capsys, body, names):
+    from harness.cli import main
+    path = _user_known(tmp_path / "mine.toml", body)
+    out = tmp_path / "o"
+    assert main(["tokenizer", "--known", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and names in err and "Traceback" not in err and not out.exists()
+
+
+def test_a_missing_known_file_is_exit_2(tmp_path, capsys):
+    from harness.cli import main
+    assert main(["tokenizer", "--known", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert "--known" in capsys.readouterr().err

@@ -19,6 +19,11 @@ only when all of this holds, so that it can never hide a different or a worse bu
 ``releases`` match but whose evidence or size does not fit keeps failing, and its reason says why
 the deviation did not apply. ``--strict`` gates every row. Either way an explained row carries
 ``extra["known"]`` (name, mechanism, releases, source), which harness.core.findings groups by.
+
+A user's own accepted findings come in the same schema from ``--known FILE`` (``read_user``): there
+``releases`` and ``source`` are required too (an acceptance is of what the user checked, where they
+checked it); the entries are merged with the project's, and every row they excuse carries the file
+as ``extra["known"]["origin"]`` (findings' ``accepted_by``).
 """
 from __future__ import annotations
 
@@ -46,6 +51,15 @@ class Deviation:
     evidence: dict[str, str] = field(default_factory=dict)
     max_ratio: float | None = None
     source: str = ""
+    origin: str = ""        # "": the project's catalogue; else the user's --known file it came from
+
+    def known(self) -> dict[str, str]:
+        """What an excused row carries as ``extra["known"]`` (harness.core.findings groups by it)."""
+        out = {"name": self.name, "mechanism": self.mechanism or self.reason, "releases": self.releases,
+               "source": self.source}
+        if self.origin:
+            out["origin"] = self.origin
+        return out
 
     def applies_to(self, row: Row, release: str | None) -> bool:
         fields = {**row.case, "subject": row.subject, "against": row.against, "metric": row.metric}
@@ -77,8 +91,9 @@ def _ratio(row: Row) -> float | None:
     return row.value / row.tolerance if row.tolerance > 0 else (0.0 if row.value == 0 else math.inf)
 
 
-def read(data: dict, where: str) -> list[Deviation]:
-    """[known.NAME] tables of a suite's data file."""
+def read(data: dict, where: str, origin: str = "", required: tuple[str, ...] = ()) -> list[Deviation]:
+    """[known.NAME] tables of a suite's data file (``required``: string keys that must be non-empty;
+    ``origin``: recorded on each deviation, the user's file for --known)."""
     out = []
     table = data.get("known") or {}
     if not isinstance(table, dict):
@@ -93,6 +108,12 @@ def read(data: dict, where: str) -> list[Deviation]:
             raise InputError(f"{at}: unknown key(s) {', '.join(extra)} (known: {', '.join(sorted(allowed))})")
         if not (isinstance(spec.get("where"), dict) and spec["where"] and isinstance(spec.get("reason"), str)):
             raise InputError(f"{at}: needs a non-empty table 'where' and a string 'reason'")
+        for k in required:
+            if not (isinstance(spec.get(k), str) and spec[k].strip()):
+                raise InputError(f"{at}: needs a non-empty string '{k}'")
+        for k in ("mechanism", "source"):
+            if k in spec and not isinstance(spec[k], str):
+                raise InputError(f"{at}: {k} must be a string")
         releases = spec.get("releases", "")
         if releases:
             from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -110,8 +131,80 @@ def read(data: dict, where: str) -> list[Deviation]:
         out.append(Deviation(name, {k: str(v) for k, v in spec["where"].items()}, spec["reason"],
                              str(spec.get("mechanism", "")), str(releases),
                              {k: str(v) for k, v in evidence.items()},
-                             None if max_ratio is None else float(max_ratio), str(spec.get("source", ""))))
+                             None if max_ratio is None else float(max_ratio), str(spec.get("source", "")),
+                             origin))
     return out
+
+
+USER_REQUIRED = ("reason", "source", "releases")
+
+
+def read_user(path: Any) -> list[Deviation]:
+    """--known FILE: the user's own accepted findings, [known.NAME] tables in the catalogue's schema
+    with reason, source and releases required. Anything malformed is exit 2 naming the file and key."""
+    import tomllib
+    from pathlib import Path
+
+    from harness.core.inputs import path_problem
+    path = Path(path)
+    if problem := path_problem(path):
+        raise InputError(f"--known: {path}: {problem}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"--known {path}: not valid TOML ({e})") from None
+    extra = sorted(set(data) - {"known", "version"})
+    if extra:
+        raise InputError(f"--known {path}: unknown top-level key(s) {', '.join(extra)} (only [known.NAME] tables)")
+    if not isinstance(data.get("known"), dict) or not data["known"]:
+        raise InputError(f"--known {path}: no [known.NAME] table")
+    return read(data, f"--known {path}", origin=str(path), required=USER_REQUIRED)
+
+
+def merge(project: list[Deviation], user: list[Deviation]) -> list[Deviation]:
+    """The project's deviations, then the user's; a user entry may not reuse a project name (which
+    one excused a row must stay unambiguous)."""
+    names = {d.name for d in project}
+    for d in user:
+        if d.name in names:
+            raise InputError(f"--known {d.origin}: [known.{d.name}]: the project's catalogue already has an entry "
+                             "of that name; rename yours")
+    return list(project) + list(user)
+
+
+def add_argument(p: Any) -> None:
+    """--known FILE, for every suite that settles rows against known deviations."""
+    p.add_argument("--known", metavar="FILE",
+                   help="your own accepted findings: a TOML of [known.NAME] tables (the catalogue's schema; "
+                        "where, releases, reason and source required), merged with the project's; rows they "
+                        "excuse are listed as known, from your file (default: none)")
+
+
+def user_deviations(a: Any) -> list[Deviation]:
+    value = getattr(a, "known", None)
+    return [] if value is None else read_user(value)
+
+
+def user_summary(devs: list[Deviation], used: set[str] | None = None) -> dict[str, Any]:
+    """For a summary's policy block: which known entries came from the user's --known file, and
+    (given the names that excused a row) which of them excused nothing: a stale acceptance or a
+    ``where`` that matches no cell should be seen, not trusted."""
+    users = [d for d in devs if d.origin]
+    if not users:
+        return {}
+    out: dict[str, Any] = {"file": users[0].origin, "entries": [d.name for d in users]}
+    if used is not None:
+        out["unused"] = [d.name for d in users if d.name not in used]
+    return {"user_known": out}
+
+
+def unused_note(summary: dict[str, Any]) -> list[str]:
+    """A note for stderr when entries of the user's --known file excused no cell of this run."""
+    uk = summary.get("user_known") or {}
+    if not uk.get("unused"):
+        return []
+    return [f"note: --known {uk['file']}: {len(uk['unused'])} entr{'y' if len(uk['unused']) == 1 else 'ies'} "
+            f"excused no cell of this run: {', '.join(uk['unused'])}"]
 
 
 def settle(rows: list[Row], deviations: list[Deviation], strict: bool = False,
@@ -136,8 +229,7 @@ def settle(rows: list[Row], deviations: list[Deviation], strict: bool = False,
                 continue
             why = d.misfit(r)
             if not why:
-                r.extra["known"] = {"name": d.name, "mechanism": d.mechanism or d.reason, "releases": d.releases,
-                                    "source": d.source}
+                r.extra["known"] = d.known()
                 if strict:
                     r.reason = f"{r.reason} (known deviation {d.name}, gated by --strict)"
                 else:

@@ -15,6 +15,7 @@ gate a CI user keeps switched on must say "3 findings, 1 new" rather than "1398 
      "reproduction": "LlamaTokenizer(vocab_file=p).encode('Hello world') -> []",
      "differs": "expected [15043, 3186], got []",  # the first cell's evidence, or its reason
      "source": "https://github.com/...",          # where a known deviation is documented
+     "accepted_by": "ci/known.toml",              # known from the user's --known file, not the project's
      "examples": ["<cell id>", ...]}              # up to three cells, to find them in results.csv
 
 How a row finds its finding, first match wins:
@@ -45,6 +46,7 @@ class Mechanism:
     source: str = ""
     releases: str = ""
     known: bool = False      # a deliberate, cited upstream difference (reported, not gated)
+    origin: str = ""         # known from the user's --known file (its path), not the project's catalogue
 
 
 def _subject(row: Row) -> str:
@@ -72,7 +74,7 @@ def key(row: Row, mechanisms: dict[str, Mechanism]) -> tuple[str, Mechanism]:
         key = "known-" + "-".join(re.findall(r"[a-z0-9_=]+", title.lower()))[:80]
         return key, Mechanism(key, title, reproduction=str(known.get("reproduction") or ""),
                               source=str(known.get("source") or ""), releases=str(known.get("releases") or ""),
-                              known=True)
+                              known=True, origin=str(known.get("origin") or ""))
     key = f"unexplained-{row.subject}-{row.metric}"
     return key, Mechanism(key, f"{row.subject} {row.metric}: cells beyond the tolerance, no mechanism "
                                "identified yet")
@@ -107,6 +109,7 @@ def collect(rows: list[Row], mechanisms: dict[str, Mechanism] | None = None, sui
             "reproduction": mech.reproduction,
             "differs": _differs(members[0]),
             "source": mech.source,
+            "accepted_by": mech.origin,
             "examples": [r.cell_id() for r in members[:MAX_EXAMPLES]],
         })
     out.sort(key=lambda f: (f["status"] != "new", not f["gated"], -f["cells"], f["id"]))

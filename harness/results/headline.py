@@ -125,7 +125,8 @@ def findings(summary: dict) -> list[dict]:
 
 def finding_line(f: dict) -> str:
     """One finding in one line: new or known, whether it fails the run, how many cells, the title."""
-    status = "NEW" if f.get("status") == "new" else "known"
+    status = "NEW" if f.get("status") == "new" else (
+        f"known, accepted by your {f['accepted_by']}" if f.get("accepted_by") else "known")
     gate = "fails the run" if f.get("gated") else "not gated"
     n = f.get("cells")
     where = f"; releases {f['releases']}" if f.get("releases") else ""

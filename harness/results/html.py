@@ -498,8 +498,12 @@ def _table(headers: list[str], rows: list[list], status_col: int | None = None) 
     body = []
     for r in rows:
         cls = f' class="{esc(r[status_col])}"' if status_col is not None else ""
+        failing = status_col is not None and r[status_col] == "fail"
+        # A cell that measured nothing (n/a, skipped) has NaN for its value: shown blank, not "nan".
+        # A failing cell's NaN or inf is the finding itself and stays visible.
+        shown = [None if isinstance(v, float) and not math.isfinite(v) and not failing else v for v in r]
         tds = "".join(f'<td class="num">{_num(v)}</td>' if isinstance(v, float) else f"<td>{_num(v)}</td>"
-                      for v in r)
+                      for v in shown)
         body.append(f"<tr{cls}>{tds}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -624,7 +628,8 @@ def headline_html(summaries: list[dict]) -> str:
         gated = sum(bool(f.get("gated")) for f in found)
         rows = [[f.get("status"), "yes" if f.get("gated") else "no", f.get("id"), f.get("title"), f.get("cells"),
                  f.get("releases") or "-", f.get("seen_on") or "-", f.get("differs") or "",
-                 f.get("reproduction") or "", f.get("source") or ""] for f in found]
+                 f.get("reproduction") or "", (f.get("source") or "")
+                 + (f" (accepted by your {f['accepted_by']})" if f.get("accepted_by") else "")] for f in found]
         heads = ["status", "fails the run", "finding", "what", "cells", "releases", "seen on", "differs",
                  "reproduction", "source"]
         more = (f"<details><summary>{len(rows) - FOLD_FINDINGS} more findings</summary>"

@@ -8,6 +8,7 @@ goes through ``md_escape`` first, so that text cannot become markup.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -99,7 +100,11 @@ def markdown_table(df: pd.DataFrame) -> str:
         return "_(no cells)_\n"
     head = "| " + " | ".join(md_escape(c) for c in df.columns) + " |"
     sep = "|" + "---|" * len(df.columns)
-    body = ["| " + " | ".join(md_escape(_fmt(v)) for v in row) + " |" for row in df.itertuples(index=False)]
+    # A cell that measured nothing (n/a) has NaN values: blank. A failing cell's NaN is the finding.
+    status = list(df.columns).index("status") if "status" in df.columns else None
+    body = ["| " + " | ".join(
+        md_escape("" if isinstance(v, float) and not math.isfinite(v) and status is not None and row[status] != "fail"
+                  else _fmt(v)) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, sep, *body]) + "\n"
 
 
@@ -129,7 +134,8 @@ def findings_markdown(found: list[dict], heading: str = "##") -> list[str]:
         return []
     new = sum(f.get("status") == "new" for f in found)
     gated = sum(bool(f.get("gated")) for f in found)
-    rows = [[f.get("id"), f.get("status"), "yes" if f.get("gated") else "no", f.get("cells"), f.get("title"),
+    rows = [[f.get("id"), f"{f.get('status')} (your {f['accepted_by']})" if f.get("accepted_by") else f.get("status"),
+             "yes" if f.get("gated") else "no", f.get("cells"), f.get("title"),
              f.get("releases") or "-", f.get("seen_on") or "-", f.get("differs") or "", f.get("reproduction") or "",
              f.get("source") or ""] for f in found]
     return [f"{heading} Findings ({len(found)}: {new} new, {len(found) - new} known; {gated} fail the run)", "",

@@ -75,7 +75,7 @@ def load_summary(path: Path) -> dict:
 
 
 FINDING_KEYS = {"id": str, "title": str, "status": str, "gated": bool, "cells": int}   # harness.core.findings
-FINDING_TEXT = ("releases", "seen_on", "reproduction", "differs", "source")
+FINDING_TEXT = ("releases", "seen_on", "reproduction", "differs", "source", "accepted_by")
 
 
 def _check_findings(file: Path, summary: dict) -> None:

@@ -372,12 +372,14 @@ class Axes(Suite):
         p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "
                                        f"{', '.join(faults_for('axes'))}")
         p.add_argument("--strict", action="store_true", help="gate known deviations like any other row")
+        deviations.add_argument(p)
         p.add_argument("--device", default="cpu")
         p.add_argument("--seed", default="0")
 
     def run(self, a, ctx: Context) -> Result:
         from harness.suites.behaviour.common import DEFAULT_POLICY as BEHAVIOUR_POLICY
         spec = load_spec(a.spec)
+        spec.known = deviations.merge(spec.known, deviations.user_deviations(a))
         d = spec.defaults
         suites = inputs.choices("--suite", a.suite if a.suite is not None else list(SUITES_HERE), SUITES_HERE)
         dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d.get("dtypes", list(inputs.KNOWN_DTYPES)),
@@ -410,7 +412,8 @@ class Axes(Suite):
                                    "max_position_embeddings": ckpt.args.max_seq_len},
                          "seed": run.seed, "plant": run.fault.name if run.fault else None, "strict": run.strict,
                          "spec": {"path": str(spec.path), "version": spec.version},
-                         "policy": {"path": str(run.policy.path), "version": run.policy.version},
+                         "policy": {"path": str(run.policy.path), "version": run.policy.version,
+                                    **deviations.user_summary(spec.known)},
                          "behaviour_policy": {"path": str(run.behaviour_policy.path),
                                               "version": run.behaviour_policy.version}}
                 if name == "cast":

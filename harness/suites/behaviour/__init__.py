@@ -51,8 +51,10 @@ class Behaviour(Suite):
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/behaviour_tolerance.toml)")
         p.add_argument("--plant", help=f"plant a bug in the transformers subject: {', '.join(faults_for('behaviour'))}")
         p.add_argument("--strict", action="store_true", help="gate known deviations like any other row")
+        deviations.add_argument(p)
 
     def run(self, a, ctx: Context) -> Result:
+        mine = deviations.user_deviations(a)       # a bad --known file is exit 2 before any model loads
         suites = list(SUITES) if a.suite == ["all"] else inputs.choices("--suite", a.suite, SUITES)
         dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else list(inputs.KNOWN_DTYPES),
                                 inputs.KNOWN_DTYPES)
@@ -73,12 +75,13 @@ class Behaviour(Suite):
         parts = []
         with HFFolder(ckpt) as hf:
             run = BehaviourRun(ckpt, hf.path, dtypes, attns, policy, cases, device, seed, fault)
-            known = deviations.read(cases, "suites/behaviour.toml")
+            known = deviations.merge(deviations.read(cases, "suites/behaviour.toml"), mine)
             for name in suites:
                 rows = deviations.settle(_runner(name)(run), known, a.strict)
                 extra = {"model": {"path": str(ckpt.path), "format": ckpt.source, "fingerprint": model_id},
                          "seed": seed,
-                         "plant": a.plant, "policy": {"path": str(policy.path), "version": policy.version}}
+                         "plant": a.plant, "policy": {"path": str(policy.path), "version": policy.version,
+                                                      **deviations.user_summary(known)}}
                 parts.append(Part(name, rows, extra, folder=name, device=device))
         return Result(parts, notes + run.notes)
 

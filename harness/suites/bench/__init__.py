@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.core import inputs, resources
+from harness.core import deviations, inputs, resources
 from harness.core.checkpoints import open_model
 from harness.core.compat import lmeval_unsupported
 from harness.core.datafiles import suite_data
@@ -43,11 +43,13 @@ class Bench(Suite):
         p.add_argument("--plant", help=f"plant a known fault in the transformers subject: {', '.join(faults_for('bench'))}")
         p.add_argument("--subjects", type=inputs.csv, help="comma list from reference,hf,adapter-hf (default: all three)")
         p.add_argument("--device", default="cpu")
+        deviations.add_argument(p)
 
     def run(self, a, ctx: Context) -> Result:
         why = lmeval_unsupported()
         if why:
             raise InputError(f"bench: {why}")
+        mine = deviations.user_deviations(a)       # a bad --known file is exit 2 before any model loads
         from harness.suites.bench.paired import load_bench_policy
         from harness.suites.bench.run import BenchRun, run_bench
         data = suite_data(self.name)
@@ -75,4 +77,5 @@ class Bench(Suite):
                        subjects=subjects, chance=dict(data.get("chance", {})), progress=ctx.progress)
         if not run.tasks:
             raise InputError("--tasks: no task given")
+        run.policy.deviations = deviations.merge(run.policy.deviations, mine)
         return run_bench(run)

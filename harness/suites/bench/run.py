@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from harness.core import ROOT, SUITES
+from harness.core import ROOT, SUITES, deviations
 from harness.core.errors import InputError
 from harness.core.faults import Fault
 from harness.core.suite import Part, Result
@@ -281,7 +281,8 @@ def run_bench(run: BenchRun) -> Result:
             "model": str(run.model), "model_fingerprint": _model_fingerprint(run.model),
             "tasks": run.tasks, "limit": run.limit,
             "plant": run.fault.name if run.fault else None,
-            "policy": {"path": str(run.policy.path), "version": run.policy.version},
+            "policy": {"path": str(run.policy.path), "version": run.policy.version,
+                       **deviations.user_summary(run.policy.deviations)},
             "subjects": {k: {"label": v["label"], "settings": v["settings"], "seconds": v["seconds"],
                              "scores": _scores(v)} for k, v in evals.items()},
         }

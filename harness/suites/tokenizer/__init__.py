@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.core import inputs
+from harness.core import deviations, inputs
 from harness.core.errors import InputError
 from harness.core.faults import faults_for, get_fault
 from harness.core.store import FAIL, INFO, NA, PASS, Row
@@ -62,6 +62,7 @@ class Tokenizer(Suite):
         p.add_argument("--cases", help="catalogue TOML (default: suites/tokenizer.toml)")
         p.add_argument("--strict", action="store_true",
                        help="gate known deviations too (default: they are listed as known findings, not failed)")
+        deviations.add_argument(p)
         p.add_argument("--plant", help=f"plant a tokenizer bug in the transformers subjects: "
                                        f"{', '.join(faults_for(SUITE))}")
 
@@ -71,6 +72,7 @@ class Tokenizer(Suite):
         fuzz_seed = None if a.fuzz_seed is None else inputs.integer("--fuzz-seed", a.fuzz_seed, 0, 2**32 - 1)
         step = inputs.integer("--codepoint-step", a.codepoint_step, 0, 0x110000)
         cat = load_catalogue(Path(a.cases) if a.cases else CASES_FILE)
+        cat.known = deviations.merge(cat.known, deviations.user_deviations(a))
         fault = get_fault(a.plant, SUITE)
         path, folder = tokenizer_file(a.tokenizer) if a.tokenizer else (ensure_tokenizer_model(), None)
         check_model_file(path)
@@ -155,7 +157,7 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
         # calibrate; the fuzz texts are hypothesis' derandomised draw, the same on every run
         "seed": {"fuzz": "derandomised (fixed)" if fuzz_seed is None else fuzz_seed, "codepoint_step": codepoint_step},
         "policy": {"kind": "exact", "tolerance": 0, "strict": strict, "known_deviations": len(cat.known),
-                   "release": judge.release},
+                   "release": judge.release, **deviations.user_summary(cat.known, judge.used)},
         "codepoint_step": codepoint_step,
         "subjects": [{"subject": s.name, "loader": s.loader, "flags": s.flags,
                       **({"n/a": s.na} if s.na else {}), **s.info} for s in found],
@@ -163,6 +165,8 @@ def run_suite(path: Path, cat, fuzz_examples: int, patterns: list[str] | None, c
         "divergent_subjects": sorted({"/".join(x for x in (r.subject, r.case.get("loader"), r.case.get("flags")) if x)
                                       for r in rows if r.status == FAIL}),
     }
+    for line in deviations.unused_note(extra["policy"]):
+        ctx.note(line)
     sections = [("Per subject", per_subject(rows)), ("Divergences (first evidence per failing or known cell)",
                                                      divergences(rows))]
     return Result([Part(SUITE, rows, extra, sections=sections, timing={"seconds": round(time.time() - started, 1)},

@@ -125,6 +125,7 @@ class Judge:
                 release = None
         self.release = release
         self.known_sources: dict[str, dict[str, Any]] = {}    # finding key -> the deviation's source, releases
+        self.used: set[str] = set()         # the deviations that excused a row (every component's)
 
     def add(self, subject: Subject, kind: str, case: str, metric: str, mismatches: int,
             total: int = 1, evidence: list[dict[str, Any]] | None = None, note: str = "",
@@ -167,11 +168,15 @@ class Judge:
             row.extra["also"] = comps[1:]
         if all(found):
             d = found[0]
-            row.extra["known"] = {"name": d.name, "mechanism": d.mechanism or d.reason, "releases": d.releases,
-                                  "source": d.source}
+            row.extra["known"] = d.known()
+            self.used.update(x.name for x in found)
+            users = sorted({x.origin for x in found if x.origin})
+            if users:                       # the user's file accepted (part of) it: say so on the row
+                row.extra["known"]["origin"] = ", ".join(users)
             if _evidence_names(d, comps[0]):    # a deviation of this very mechanism: the finding is named for it
                 row.extra["finding"] = comps[0]
-                self.known_sources.setdefault(comps[0], {"source": d.source, "releases": d.releases})
+                self.known_sources.setdefault(comps[0], {"source": d.source, "releases": d.releases,
+                                                         "origin": d.origin})
             # else a blanket deviation (a flag that drops the prefix on purpose) excuses the row: the
             # finding is the deviation's own (harness.core.findings.key groups by it)
             names = ", ".join(sorted({x.name for x in found}))

@@ -154,7 +154,8 @@ def mechanism_table(rows: list, known_sources: dict[str, dict[str, Any]]) -> dic
         known = known_sources.get(key) if all_known else None
         title = info.title + (f" [outside its known scope: {scope}]" if scope else "") + f" ({info.path})"
         table[key] = Mechanism(key, title, info.reproduction, (known or {}).get("source", ""),
-                               info.releases if known is None else known.get("releases", ""), known is not None)
+                               info.releases if known is None else known.get("releases", ""), known is not None,
+                               (known or {}).get("origin", ""))
     return table
 
 
