@@ -71,8 +71,8 @@ OK_KINDS = ("fixed", "before-regression", "intended-change")
 STATUSES = ("pass", "fail", "info", "n/a")
 ROW_FIELDS = ("suite", "subject", "against", "metric", "status", "reason")   # the rest are case settings
 CASE_FIELDS = ("kind", "case", "loader", "flags", "dtype", "device", "attn", "padding", "cast", "length",
-               "positions", "region", "tp", "shape")                    # the settings the suites' rows carry
-COMMANDS = ("tokenizer", "behaviour", "axes", "logits")                    # harness suites entries may run
+               "positions", "region", "tp", "shape", "input", "checkpointing")                    # the settings the suites' rows carry
+COMMANDS = ("tokenizer", "behaviour", "axes", "logits", "train")                    # harness suites entries may run
 OK_VERDICTS = {"bug": ("caught",), "ok": ("passes",)}
 SHIM_MARK = "history: protobuf shim applied"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
@@ -609,8 +609,15 @@ def render(data: dict[str, Any], found: dict[tuple[str, str], dict[str, Any]]) -
     by_release: dict[str, list[dict[str, Any]]] = {}
     for (_, rel), v in found.items():
         by_release.setdefault(rel, []).append(v)
+    runs: list[tuple[str, list[dict[str, Any]]]] = []
     for rel in sorted(by_release, key=lambda r: tuple(int(x) for x in r.split("."))):
-        vs = by_release[rel]
+        groups: dict[tuple, list[dict[str, Any]]] = {}   # checks of one release run apart: one line each
+        for v in by_release[rel]:
+            env, tree = v["environment"], v.get("harness") or {}
+            key = (env.get("prefix"), env.get("overlay"), tree.get("tree_sha256"), tree.get("commit"))
+            groups.setdefault(key, []).append(v)
+        runs += [(rel, vs) for vs in groups.values()]
+    for rel, vs in runs:
         env = vs[0]["environment"]
         src = f"overlay `{env['overlay']}`" if env.get("overlay") else "the venv"
         tree = vs[0].get("harness") or {}

@@ -25,3 +25,18 @@ def test_an_ignored_keep_argument_fails(models, tmp_path):
         return   # this release takes neither name: nothing to ignore
     assert code == 1
     assert any(c["status"] == "fail" and "was ignored" in c["reason"] for c in keep)
+
+
+def test_a_stale_checkpoint_recompute_fails(models, tmp_path):
+    """The gc_default_cache row: a checkpointed step whose recomputation differs from its first pass
+    (4.36.0's live cache under the default use_cache, #28056) fails the gate."""
+    code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "api", plant="gc-recompute-stale")
+    gc = [c for c in cells if c["metric"] == "gc_default_cache"]
+    assert gc and all(c["status"] == "fail" and "differ" in c["reason"] for c in gc), gc
+    assert code == 1
+
+
+def test_a_clean_checkpointed_step_is_bit_equal(models, tmp_path):
+    code, cells = run_suite(models["tiny-gqa/hf"], tmp_path, "api", dtypes=("float32",))
+    gc = [c for c in cells if c["metric"] == "gc_default_cache"]
+    assert gc and all(c["status"] == "pass" and c["value"] == 0.0 for c in gc), gc

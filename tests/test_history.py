@@ -42,7 +42,7 @@ ENTRY = {"id": "x", "caught": {"subject": "transformers.LlamaTokenizer*", "loade
 def test_catalogue_is_valid():
     assert history.validate(DATA) == []
     assert DATA["version"]
-    assert len(DATA["entry"]) == 15
+    assert len(DATA["entry"]) == 19
     assert len({e["id"] for e in DATA["entry"]}) == len(DATA["entry"])
 
 
@@ -105,6 +105,29 @@ def test_tokenizer_patterns_name_catalogue_cases_and_selected_subjects(e):
     # the subjects the run selects must be able to produce the pattern's rows
     assert any(fnmatch.fnmatchcase(s.replace("/", "|"), label.replace("/", "|")) or s == "*" for s in subjects), \
         (subjects, label)
+
+
+@pytest.mark.parametrize("e", [e for e in IN_SCOPE if e["argv"][0] == "train"], ids=lambda e: e["id"])
+def test_train_patterns_name_an_input_the_command_runs(e):
+    """A train entry's pattern can only match rows of an input its command selects, and its --strict
+    names only known deviations of the suite (a typo would gate nothing and exit 2)."""
+    from harness.suites.train import INPUTS, strict_names
+    argv = e["argv"]
+    selected = argv[argv.index("--inputs") + 1].split(",") if "--inputs" in argv else list(INPUTS)
+    assert e["caught"]["input"] in selected, (e["caught"]["input"], selected)
+    if "--strict" in argv and argv.index("--strict") + 1 < len(argv) and not argv[argv.index("--strict") + 1].startswith("--"):
+        assert strict_names(argv[argv.index("--strict") + 1])
+
+
+def test_train_strict_names_are_checked():
+    from harness.core.errors import InputError
+    from harness.suites.train import strict_names
+    from harness.suites.train.accumulate import KNOWN_NAMES
+    assert strict_names(None) == frozenset()
+    assert strict_names("all") == frozenset(KNOWN_NAMES)
+    assert strict_names("grad-accum-per-micro-batch-mean") == {"grad-accum-per-micro-batch-mean"}
+    with pytest.raises(InputError, match="--strict"):
+        strict_names("grad-accum-typo")
 
 
 def test_tox_has_one_env_per_release_with_that_pin():

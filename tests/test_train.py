@@ -99,6 +99,7 @@ def test_resume_reuses_finished_groups(models, tmp_path, capsys):
     (["--inputs", "nothing"], "--inputs"),
     (["--plant", "no-permute"], "--plant"),
     (["--policy", "/nonexistent.toml"], "/nonexistent.toml"),
+    (["--strict", "grad-accum-typo"], "--strict"),
 ])
 def test_bad_input_exits_2_naming_it(models, tmp_path, capsys, argv, names):
     code = main(["train", "--model", str(models["tiny-mha/meta"]), "--out", str(tmp_path / "o"), *BASE, *argv])

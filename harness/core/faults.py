@@ -470,6 +470,28 @@ class KeepArgIgnored(Fault):
         model.register_forward_pre_hook(drop, with_kwargs=True)
 
 
+class GcRecomputeStale(Fault):
+    name, doc = ("gc-recompute-stale", "a checkpointed block's recomputation in backward sees state its first pass "
+                 "left behind, as 4.36.0's live cache did under the default use_cache (#28056)")
+    suites, shows_in = ("behaviour",), ("api",)
+
+    def edit_model(self, model):
+        calls: dict[int, int] = {}
+        # a model forward starts a fresh count; an MLP called twice before the next one is being
+        # recomputed by checkpointing (hooked on the MLP: releases differ in how the block's own
+        # __call__ is wrapped): its input is then not the first pass's
+        model.register_forward_pre_hook(lambda module, args: calls.clear())
+
+        def stale(module, args):
+            n = calls.get(id(module), 0)
+            calls[id(module)] = n + 1
+            if n == 0 or not module.training:
+                return None
+            return (args[0] * (1 + 2 ** -7), *args[1:])
+        for layer in _layers(model):
+            layer.mlp.register_forward_pre_hook(stale)
+
+
 class LastLayerGateUp(Fault):
     name, doc = "last-layer-gate-up", "w1/w3 swapped in the last block only"
     suites, shows_in = ("behaviour",), ("hidden", "generate")
@@ -761,7 +783,7 @@ FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     NoFinalNorm, AttnScale, PermuteV, ActGelu, RopeLowPrecision, VocabTruncated,
     ResidualLowPrecision, AttnAddLowPrecision, FinalNormEps, AttnScaleBf16, SpecialRowsZeroed, RopeWraps512,
     KvKeysBf16,
-    PadAttend, KeepArgIgnored, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
+    PadAttend, KeepArgIgnored, GcRecomputeStale, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
     TokSpaceAfterSpecial, TokDecodeDropsSpace, TokSpaceBeforeSpecial, TokDropLastId, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
     OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, GenaiScaleRow0)}
 

@@ -98,7 +98,9 @@ def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: s
         fault.edit_config(config)
     kwargs = {"config": config, **gguf}
     version = compat.transformers_version()
-    if version >= (4, 36):
+    if version >= (4, 36) and compat.transformers_release() not in ("4.36.0", "4.36.1"):
+        # 4.36.0-4.36.1 hand attn_implementation on to the model's __init__ when a config is
+        # passed too (TypeError); the config below carries it there
         kwargs["attn_implementation"] = attn
     if (4, 36) <= version < (4, 46):
         # 4.36-4.38 (at least) drop attn_implementation="eager" when a config is passed too (the

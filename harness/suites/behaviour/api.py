@@ -6,6 +6,11 @@
   only that position, with the same numbers as the full forward's last position. A release that
   does not know the argument must refuse it (TypeError: the row is n/a); one that accepts it and
   returns every position has silently ignored it.
+- ``gc_default_cache``: a training step with gradient checkpointing on, called as Trainer calls the
+  model (``model(**batch)``: no ``use_cache``, so the config's ``use_cache=True``), runs and gives the
+  gradients of the same step without checkpointing, bit for bit (the recomputed forward is the same
+  arithmetic). 4.36.0 kept a cache object alive under checkpointing and the recomputation appended
+  to it (transformers #28056).
 
 Contracts a release changed on purpose are known deviations scoped to those releases
 (suites/behaviour.toml): still shown, not gated, unless --strict.
@@ -42,7 +47,42 @@ def run(r: BehaviourRun) -> list[Row]:
                 continue
             rows.append(_dtype_row(case, full))
             rows += [_keep_row(case, model, ids, full, name) for name in KEEP_ARGS]
+            rows.append(_gc_cache_row(case, model, ids))
     return rows
+
+
+def _gc_cache_row(case: dict, model, ids: torch.Tensor) -> Row:
+    if not getattr(model.config, "use_cache", False):
+        return Row(SUITE, case, SUBJECT, "contract", "gc_default_cache", None, status=NA,
+                   reason="the checkpoint's config has use_cache=false: the default-cache path is not taken")
+    grads = []
+    try:
+        for gc in (False, True):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            if gc:
+                model.gradient_checkpointing_enable()     # the release's default (reentrant before 5.x)
+            with torch.enable_grad():
+                model(input_ids=ids, labels=ids).loss.float().backward()
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    except Exception as e:   # noqa: BLE001 - the bug this row exists for is a crash in backward
+        return Row(SUITE, case, SUBJECT, "contract", "gc_default_cache", None, None, FAIL,
+                   f"a checkpointed training step with the default use_cache failed: {type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+    finally:
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    plain, ckpt = grads
+    if plain.keys() != ckpt.keys():
+        missing = sorted(plain.keys() - ckpt.keys())[:3]
+        return Row(SUITE, case, SUBJECT, "contract", "gc_default_cache", float(len(plain.keys() ^ ckpt.keys())), 0.0,
+                   FAIL, f"checkpointing changed which parameters get a gradient (e.g. {', '.join(missing)})")
+    diff = max((a.double() - ckpt[n].double()).abs().max().item() for n, a in plain.items())
+    return Row(SUITE, case, SUBJECT, "contract", "gc_default_cache", diff, 0.0, PASS if diff == 0 else FAIL,
+               "" if diff == 0 else f"checkpointed gradients differ from the plain step's by up to {diff:.3g}",
+               {"parameters": len(plain)})
 
 
 def _dtype_row(case: dict, logits: torch.Tensor) -> Row:

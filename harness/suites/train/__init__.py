@@ -60,12 +60,26 @@ class Train(Suite):
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/train_tolerance.toml)")
         p.add_argument("--plant", help=f"plant a known training bug: {', '.join(faults_for(SUITE))}")
         p.add_argument("--no-resume", action="store_true", help="forget finished groups journaled in --out")
+        p.add_argument("--strict", nargs="?", const="all", metavar="NAMES",
+                       help="gate known deviations like any other row: all of them, or a comma list of their names "
+                            "(grad-accum-per-micro-batch-mean, num-items-counts-position-0); default: reported, not gated")
 
     def run(self, a, ctx: Context) -> Result:
         plan = Plan.from_args(a, ctx)
         ctx.begin(resume=not a.no_resume)
         from harness.suites.train.measure import Measure
         return Measure(plan, ctx).run()
+
+
+def strict_names(value: str | None) -> frozenset[str]:
+    """--strict [NAMES]: which known deviations are gated (the museum gates one, not its neighbour)."""
+    from harness.suites.train.accumulate import KNOWN_NAMES
+    if value is None:
+        return frozenset()
+    if value == "all":
+        return frozenset(KNOWN_NAMES)
+    names = inputs.choices("--strict", inputs.csv(value), KNOWN_NAMES)
+    return frozenset(names)
 
 
 @dataclass
@@ -87,6 +101,7 @@ class Plan:
     data: dict
     text: str
     notes: list[str] = field(default_factory=list)
+    strict: frozenset[str] = frozenset()    # names of the known deviations gated (--strict)
 
     @classmethod
     def from_args(cls, a, ctx: Context) -> "Plan":
@@ -96,6 +111,7 @@ class Plan:
             raise InputError("--text and --corpus: give one")
         device = inputs.device(a.device)
         seed = inputs.seed(a.seed)
+        strict = strict_names(getattr(a, "strict", None))
         dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d["dtypes"], inputs.KNOWN_DTYPES)
         attns = inputs.choices("--attn", a.attn if a.attn is not None else d["attn"], inputs.KNOWN_ATTN)
         compat.usable_attns("--attn", attns, device)
@@ -133,7 +149,7 @@ class Plan:
         if not built:
             raise InputError("--inputs: nothing to measure on")
         return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds, device, seed, policy,
-                   fault, data, label, notes)
+                   fault, data, label, notes, strict)
 
     @staticmethod
     def token_windows(a, cfg: dict, folder: ModelFolder, ckpt: Checkpoint, long_ctx: int, seed: int,

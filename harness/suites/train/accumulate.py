@@ -36,6 +36,8 @@ KNOWN_COUNT = {"name": "num-items-counts-position-0",
                             "never predicts: every gradient is scaled by targets / labels",
                "source": "https://github.com/huggingface/transformers/pull/46204", "releases": ">=4.46,<5.24"}
 
+KNOWN_NAMES = (KNOWN_ACCUM["name"], KNOWN_COUNT["name"])
+
 
 class Capture(torch.optim.Optimizer):
     """An optimizer whose step records every gradient and changes nothing (lr 0): what Trainer has
@@ -127,6 +129,8 @@ def trainer_rows(measure, batch, truth, case) -> list[Row]:
             known = KNOWN_COUNT
             status, reason = INFO, (f"{reason}: the known over-count of num_items_in_batch ({known['source']}); the "
                                     f"oracle's gradients scaled by {scale:.4g} match to {explained:.2g}")
+    if known and known["name"] in plan.strict:
+        status, reason = FAIL, f"{reason} (known deviation {known['name']}, gated by --strict)"
     case = {**case, "micro_batches": steps}
     extra = {"micro_batch_tokens": [int((lab[1:] != -100).sum()) for _, lab in batch.rows()], "worst_tensor": c["worst"], "by_kind": c["by_kind"], "by_layer": c["by_layer"],
              "trainer_train_loss": float(out.training_loss), "oracle_loss": truth.loss}
