@@ -4,10 +4,11 @@ transformers ever fail the gate?
     python benchmarks/seed_campaign.py --seeds 1-300                       # embedded model, default cells
     python benchmarks/seed_campaign.py --models tiny-gqa,tiny-llama2 --seeds 1-50 --dtypes bfloat16
 
-What `llama-parity logits --seed N` measures on the random (1x16, 2x64), padded and cached inputs
-(tp 1, eager and sdpa, every dtype), made and judged by the suite's own code (seeded_inputs,
-position_stats, Measure.judged with the pooled reference extremes and the paired ratio), but with
-every subject loaded once, not once per seed: what a CLI run per seed (benchmarks/false_alarms.py)
+What `llama-parity logits --seed N` measures on the random (1x16, 2x64) and cached inputs (the
+short cells the extremes rule and cache_gap judge; --inputs random,padded,cached adds the padded
+one; tp 1, eager and sdpa, every dtype), made and judged by the suite's own code (seeded_inputs,
+position_stats, own_gap, Measure.judged with the pooled reference extremes, the paired ratio and
+the cache gap), subjects built as the suite builds them, but every one loaded once, not once per seed: what a CLI run per seed (benchmarks/false_alarms.py)
 would give, about 20x faster. Every run is clean, so every failing cell is a false alarm. Prints
 the failing (seed, cell, metric) under the judging of today and under the judging before the
 pooled extremes and the paired ratio ("one draw": each extreme against the reference's own cell
