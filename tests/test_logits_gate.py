@@ -76,7 +76,7 @@ def _plant_cases():
             continue
         why = fault().not_applicable()
         for dtype in fault.visible_at:
-            model = ("tiny-outliers/meta" if dtype == "float16" else "tiny-gqa/meta") \
+            model = (f"{fault.fixture_float16}/meta" if dtype == "float16" else "tiny-gqa/meta") \
                 if fault.fixture == "tiny-gqa" else fault.fixture
             yield pytest.param(name, dtype, model, id=f"{name}-{dtype}",
                                marks=pytest.mark.skipif(bool(why), reason=why))

@@ -122,3 +122,21 @@ def test_tp2_logits_dtype_is_checked_against_tp1(models, tmp_path):
         assert summary["findings"][0]["releases"] == "==4.45.*"
     else:
         assert code == 0 and rows[0]["status"] == "pass", rows[0]["reason"]
+
+
+def test_float16_cache_in_bfloat16_fails_the_default_gate(models, tmp_path):
+    """Keys kept in bfloat16 in a float16 KV cache are only 1.4x the reference's KL end to end, inside
+    the extremes' scatter; against transformers' own full forward (cache_gap) they are 1.4-2.4x the
+    dtype's rounding, where a correct cache stays below 1. The clean run passes, eager and sdpa."""
+    fp16 = ["--dtypes", "float16", "--tp", "1", "--no-progress"]
+    code, summary = run(models["tiny-gqa/meta"], tmp_path / "p", *fp16, "--plant", "kv-keys-bf16")
+    assert code == 1
+    failing = [c for c in summary["cells"] if c["status"] == "fail"]
+    assert {c["metric"] for c in failing} == {"cache_gap"}
+    assert {c["case"]["input"] for c in failing} == {"cached"}
+    assert {c["case"]["attn"] for c in failing} == {"eager", "sdpa"}
+    assert [f["id"] for f in summary["findings"]] == ["logits/kv-cache"]
+    code, summary = run(models["tiny-gqa/meta"], tmp_path / "c", *fp16)
+    assert code == 0
+    gaps = [c for c in summary["cells"] if c["metric"] == "cache_gap" and c["subject"] == "transformers"]
+    assert len(gaps) == 2 and all(c["status"] == "pass" and c["value"] < c["tolerance"] for c in gaps)

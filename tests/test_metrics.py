@@ -574,3 +574,24 @@ def test_all_zero_truth_gives_today_inf_nan():
     t = torch.zeros(1, 4, 50, dtype=F64)
     for s in (torch.zeros(1, 4, 50), torch.full((1, 4, 50), 0.5)):
         assert_compare_equal(fm.compare(s, t)[0], old_compare(s, t)[0])
+
+
+def test_cache_gap_is_the_gap_kl_mean_in_units_of_the_reference_error():
+    """cache_gap = mean KL(full || cached) / mean KL(truth || reference), each KL computed here
+    straight from log_softmax; identical paths give 0, a non-finite side NaN."""
+    g = torch.Generator().manual_seed(5)
+    truth = torch.randn(2, 6, 40, generator=g, dtype=torch.float64)
+    ref = truth + 1e-2 * torch.randn(truth.shape, generator=g, dtype=torch.float64)
+    full = truth + 1e-2 * torch.randn(truth.shape, generator=g, dtype=torch.float64)
+    cached = full + 3e-3 * torch.randn(truth.shape, generator=g, dtype=torch.float64)
+
+    def kl_mean(p_logits, q_logits):
+        lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+        return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    scale = fm.position_stats(ref, truth)
+    got = fm.cache_gap(fm.position_stats(cached, full), scale)
+    assert got == pytest.approx(kl_mean(full, cached) / kl_mean(truth, ref), rel=1e-6)
+    assert fm.cache_gap(fm.position_stats(full, full), scale) == 0.0
+    bad = full.clone()
+    bad[0, 0, 0] = float("nan")
+    assert math.isnan(fm.cache_gap(fm.position_stats(bad, full), scale))

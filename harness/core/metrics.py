@@ -723,8 +723,12 @@ CORPUS_GATED = {"rms_dp": "RMS over positions of p_subject(next token) - p_truth
 # draw; judged against a fixed ratio (suites/tolerance.toml), not against a multiple of the reference.
 PAIRED = {"kl_ratio_lo": "lower 3-sigma bound of the geometric mean over "
                          "positions of KL_subject / KL_reference"}
+# The cached cell against the same implementation's own full forward (same weights, same dtype):
+# the noise of the forward is common to both paths, so what the cache alone does stands out.
+CACHE_GAP = {"cache_gap": "KL mean of the cached logits against the same implementation's full forward "
+                          "at the same dtype, over the reference's KL mean against the truth on the cell"}
 # What a logits tolerance policy may hold (suites/tolerance.toml).
-POLICY_METRICS = [*METRICS, *BEYOND_ROUNDING, *CORPUS_GATED, *PAIRED]
+POLICY_METRICS = [*METRICS, *BEYOND_ROUNDING, *CORPUS_GATED, *PAIRED, *CACHE_GAP]
 PAIRED_Z = 3.0
 
 
@@ -742,6 +746,20 @@ def paired_ratio(stats: PositionStats, reference: PositionStats) -> dict[str, fl
     mu = float(x.mean())
     sd = float(x.std()) if n > 1 else math.inf
     return {"kl_ratio_lo": math.exp(mu - PAIRED_Z * sd / math.sqrt(n)), "gm": math.exp(mu), "n": n}
+
+
+def cache_gap(gap: PositionStats, scale: PositionStats) -> float:
+    """cache_gap: ``gap`` (cached logits against the same implementation's full forward) as KL mean,
+    in units of ``scale``'s KL mean (the reference's cached cell against the float64 truth: what
+    rounding at this dtype does on this model and input). A correct cache changes the logits only
+    by the rounding of a different order of operations (0 where the kernels match); a cache kept in
+    a narrower dtype adds its own rounding at every position, whatever the forward's."""
+    if gap.nonfinite or scale.nonfinite or len(gap) == 0:
+        return math.nan
+    g, s = float(gap.kl.mean()), float(scale.kl.mean())
+    if g <= 0:
+        return 0.0
+    return g / s if s > 0 else math.inf
 
 
 def beyond_rounding(stats: PositionStats, reference: PositionStats, factor: float) -> dict[str, float]:

@@ -34,6 +34,7 @@ with the cause named; they never pass and never stop the run.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,8 +50,8 @@ from harness.core.environment import environment
 from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
 from harness.core.findings import Mechanism
-from harness.core.metrics import (BEYOND_ROUNDING, CORPUS_GATED, METRICS, PAIRED, POLICY_METRICS, PositionStats,
-                                  beyond_rounding, cat_stats, corpus_evidence, corpus_stats, curves, paired_ratio,
+from harness.core.metrics import (BEYOND_ROUNDING, CACHE_GAP, CORPUS_GATED, METRICS, PAIRED, POLICY_METRICS,
+                                  PositionStats, beyond_rounding, cache_gap, cat_stats, corpus_evidence, corpus_stats, curves, paired_ratio,
                                   position_stats, summarize)
 from harness.core.store import FAIL, INFO, NA, PASS, Row, fingerprint
 from harness.core.subjects import DTYPES, ORACLE, TRUTH, ReferenceSubject, padded_positions, reference_decode
@@ -202,7 +203,8 @@ class Plan:
             raise InputError(f"--tp {','.join(map(str, tps))}: {compat.TP_NOOP}, so nothing would be measured")
         shapes = inputs.shapes("--shapes", a.shapes if a.shapes is not None else d["shapes"])
         kinds = cls.kinds(a)
-        policy = load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, GATED + list(PAIRED) + list(RATES))
+        policy = load_policy(a.policy, metrics=POLICY_METRICS).require(
+            dtypes, GATED + list(PAIRED) + list(RATES) + list(CACHE_GAP))
         fault = get_fault(a.plant, SUITE)
         specs = [parse_spec(t) for t in (a.subject or [DEFAULT_SUBJECT])]
         for spec in specs:
@@ -383,6 +385,11 @@ def subject_logits(subject, inp: Input, ids: torch.Tensor | None = None) -> torc
     if inp.kind == "cached":
         return subject.decode(ids, inp.prefill)
     return subject.forward(ids)
+
+
+def own_gap(cached: torch.Tensor, full: torch.Tensor, inp: Input) -> PositionStats:
+    """A cached input's logits against the same implementation's full forward at the same dtype."""
+    return position_stats(cached, full.to(cached.device, torch.float64), mask=inp.mask)
 
 
 def oracle_logits(oracle: ReferenceSubject, inp: Input, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -600,19 +607,23 @@ class Measure:
 
     # -- short inputs: each subject loaded once, every input through it ---------------------------
     def reference_pass(self, dtype: str, short: list[Input]):
-        """({input: PositionStats}, rows, {input: logits}) of the reference at dtype on the short inputs."""
+        """({input: PositionStats}, rows, {input: logits}, {input: gap}) of the reference at dtype on
+        the short inputs; gap: a cached input's logits against the reference's own full forward."""
         reference = ReferenceSubject(self.plan.ckpt, dtype, self.plan.device)
-        stats, rows, logits = {}, [], {}
+        stats, rows, logits, gaps = {}, [], {}, {}
         for inp in short:
             logits[inp.key()] = reference_logits(reference, inp)
             st = position_stats(logits[inp.key()], self.truth(inp), mask=inp.mask)
             stats[inp.key()] = st
-            rows += self.judged(self.case(dtype, "-", "-", inp), "reference", st, None, dtype, self.truth(inp), inp)
-        return stats, rows, logits
+            if inp.kind == "cached":
+                gaps[inp.key()] = own_gap(logits[inp.key()], reference.logits(inp.ids), inp)
+            rows += self.judged(self.case(dtype, "-", "-", inp), "reference", st, None, dtype, self.truth(inp), inp,
+                                gap=(gaps.get(inp.key()), None))
+        return stats, rows, logits, gaps
 
     def subject_rows(self, dtype: str, cell: Cell, short: list[Input], calibration) -> list[Row]:
         """One subject's group at a dtype; nothing loads for an n/a group."""
-        ref_stats, _, ref_logits = calibration
+        ref_stats, _, ref_logits, ref_gaps = calibration
         label = cell.label
         pools = reference_pools(ref_stats, short)
         why_na = self.not_applicable(dtype, cell.attn, cell.tp)
@@ -645,7 +656,15 @@ class Measure:
                     truth, ref_l = log_space(truth), log_space(ref_l)
                     ref_st = position_stats(ref_l, truth, mask=inp.mask)
                 st = position_stats(logits, truth, mask=inp.mask)
-                judged = in_space(self.judged(case, label, st, ref_st, dtype, truth, inp, pool=pools.get(inp.kind)), lp)
+                gap = None
+                if inp.kind == "cached" and inp.key() in ref_gaps:
+                    try:    # the same subject's full forward: what its cache alone changes
+                        gap = (own_gap(logits, subject.forward(inp.ids), inp), ref_gaps[inp.key()])
+                    except Exception as e:
+                        rows.append(_failed(case, f"{cell.kind} full forward of the cached input failed: "
+                                                  f"{_first_line(e)}", label))
+                judged = in_space(self.judged(case, label, st, ref_st, dtype, truth, inp,
+                                              pool=pools.get(inp.kind), gap=gap), lp)
                 rows += judged if exact else shown(judged, LOSSY_SHORT)
                 pair, why = summarize(position_stats(logits, ref_l, mask=inp.mask))
                 rows += [Row(SUITE, case, label, "reference", m, pair[m], status=INFO,
@@ -772,7 +791,8 @@ class Measure:
 
     # -- judging ----------------------------------------------------------------------------------
     def judged(self, case: dict, subject: str, st: PositionStats, ref: PositionStats | None, dtype: str,
-               truth: torch.Tensor | None, inp: Input, pool: PositionStats | None = None) -> list[Row]:
+               truth: torch.Tensor | None, inp: Input, pool: PositionStats | None = None,
+               gap: tuple[PositionStats | None, PositionStats | None] | None = None) -> list[Row]:
         """The cell's rows: every metric judged by the policy against the reference's same value (the
         reference itself against the hard ceilings), flips counted beyond rounding, corpus statistics.
 
@@ -781,7 +801,13 @@ class Measure:
         not the cell's own 16, whose maximum is one small draw. The paired ratio (kl_ratio_lo) is
         what a precision regression of one path fails on at every dtype: it compares every position
         with the reference's same position on the same path (the cached cell with the reference's
-        own cache)."""
+        own cache).
+
+        ``gap`` (cached input): (this implementation's cached logits against its own full forward,
+        the reference's the same). cache_gap judges the first, in units of the reference's error on
+        the cell, against the policy's floor or factor x the reference's own gap: the forward's
+        rounding is common to both paths of one implementation, so a cache that loses precision
+        shows at a dtype where the end-to-end error hides it (keys in bfloat16 in a float16 cache)."""
         policy = self.plan.policy
         values, why = summarize(st)
         if why:
@@ -798,6 +824,11 @@ class Measure:
         paired = paired_ratio(st, ref) if ref is not None and not why else None
         if paired is not None:
             values["kl_ratio_lo"], ref_values["kl_ratio_lo"] = paired["kl_ratio_lo"], 1.0
+        if gap is not None and gap[0] is not None and not why:
+            scale = ref if ref is not None else st
+            values["cache_gap"] = cache_gap(gap[0], scale)
+            if ref_values is not None and gap[1] is not None:
+                ref_values["cache_gap"] = cache_gap(gap[1], scale)
         max_factor = policy.limit(dtype, "max_abs").max_factor or policy.limit(dtype, "max_abs").factor
         values.update(beyond_rounding(st, ref if ref is not None else st, max_factor))
         if ref_values is not None:
@@ -811,10 +842,11 @@ class Measure:
                 ref_values.update({m: rc[m] for m in CORPUS_GATED})
             extra_rows = {"corpus": {k: v for k, v in c.items()}}
         rows = []
-        for m in [*GATED, *PAIRED, *RATES, *(CORPUS_GATED if inp.kind == "corpus" else ())]:
+        for m in [*GATED, *PAIRED, *CACHE_GAP, *RATES, *(CORPUS_GATED if inp.kind == "corpus" else ())]:
             if m not in values:
                 continue
-            tol, status, reason = policy.judge(dtype, m, values[m], None if ref_values is None else ref_values[m])
+            tol, status, reason = policy.judge(dtype, m, values[m],
+                                               None if ref_values is None else ref_values.get(m, math.nan))
             if m in RATES:
                 status = INFO if not why else FAIL
                 reason = why or (f"a rate over {len(st)} positions; top1_flips/topk_misses gate the flips "
@@ -824,6 +856,12 @@ class Measure:
             elif m in PAIRED:
                 reason = (f"{'' if status == PASS else reason + ': '}KL {paired['gm']:.3g}x the reference's at the "
                           f"same positions (geometric mean over {paired['n']}; lower 3-sigma bound {values[m]:.3g})")
+            elif m in CACHE_GAP:
+                mine = float(gap[0].kl.mean())
+                reason = (f"{'' if status == PASS else reason + ': '}cached against its own full forward: KL mean "
+                          f"{mine:.3g}, {values[m]:.3g}x the reference's error on the cell"
+                          + ("" if ref_values is None or gap[1] is None else
+                             f"; the reference's own cache {ref_values[m]:.3g}x"))
             rows.append(Row(SUITE, case, subject, ORACLE, m, values[m], tol, status, reason))
         if inp.kind == "corpus" and not why:
             c = extra_rows["corpus"]
