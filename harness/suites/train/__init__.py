@@ -9,7 +9,8 @@ cast; transformers at a dtype, cast, attention and tp) are journaled, so a rerun
 
 Modules: ``batches`` (the inputs and their labels), ``grads`` (loss and gradients of each subject),
 ``metrics`` (how far from the oracle), ``measure`` (the run), ``accumulate`` (gradient accumulation
-through transformers' Trainer), ``report`` (the report section).
+through transformers' Trainer), ``steps`` (a few AdamW steps), ``lora`` (LoRA through peft
+against an independent LoRA on the oracle), ``report`` (the report section).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ from reference_model.checkpoint import Checkpoint
 SUITE = "train"
 CASTS = ("load", "autocast")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant")
-INPUTS = (*batches.KINDS, "accum", "steps")
-POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err", "steps_loss_rel_err", "steps_drift")
+INPUTS = (*batches.KINDS, "accum", "steps", "lora")
+POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err", "steps_loss_rel_err", "steps_drift",
+                  "logits_rel_l2")
 DEFAULT_POLICY = "train_tolerance.toml"
 
 
@@ -80,6 +82,7 @@ class Plan:
     batches: list[batches.Batch]
     accum: bool
     steps: bool
+    lora: bool
     device: str
     seed: int
     policy: Policy
@@ -132,8 +135,8 @@ class Plan:
                               pad_id=0, label=label)
         if not built:
             raise InputError("--inputs: nothing to measure on")
-        return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds, device, seed, policy,
-                   fault, data, label, notes)
+        return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds,
+                   "lora" in kinds, device, seed, policy, fault, data, label, notes)
 
     @staticmethod
     def token_windows(a, cfg: dict, folder: ModelFolder, ckpt: Checkpoint, long_ctx: int, seed: int,

@@ -122,6 +122,11 @@ class Measure:
                 from harness.suites.train.steps import steps_rows
                 g = {"subject": "steps", "steps": plan.data["steps"], "dtypes": plan.dtypes}
                 rows += self.cached(g, lambda: steps_rows(self))
+            if plan.lora:
+                from harness.suites.train.lora import lora_rows, peft_missing
+                g = {"subject": "peft", "lora": plan.data["lora"], "dtypes": plan.dtypes,
+                     "checkpointing": plan.checkpointing, "peft": peft_missing() or _peft_release()}
+                rows += self.cached(g, lambda: lora_rows(self))
         finally:
             if self._hf is not None:
                 self._hf.close()
@@ -297,6 +302,11 @@ def enable_checkpointing(model, gc: str) -> str:
     else:
         model.gradient_checkpointing_enable()
     return ""
+
+
+def _peft_release() -> str:
+    from importlib.metadata import version
+    return version("peft")
 
 
 def _first(e: Exception) -> str:
