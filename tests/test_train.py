@@ -41,6 +41,21 @@ def test_every_training_fault_has_cells():
     assert set(faults_for("train")) == set(PLANT_CELLS)
 
 
+def test_default_matrix_holds_every_plants_cells():
+    """The default run (suites/train.toml) is trimmed for cost; each plant's cells must stay inside it,
+    so that every planted bug fails `llama-parity train` with no flags."""
+    from harness.core.datafiles import suite_data
+    d = suite_data("train")["defaults"]
+    flag = {"--dtypes": "dtypes", "--casts": "casts", "--checkpointing": "checkpointing", "--inputs": "inputs",
+            "--attn": "attn", "--tp": "tp"}
+    for fault, argv in PLANT_CELLS.items():
+        given = dict(zip(argv[::2], argv[1::2]))
+        given.update(dict(zip(BASE[::2], BASE[1::2])))
+        for opt, key in flag.items():
+            wanted = given[opt].split(",")
+            assert set(wanted) <= {str(v) for v in d[key]}, f"{fault}: {opt} {given[opt]} is outside the default run"
+
+
 def test_correct_transformers_passes(models, tmp_path):
     code, s = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float32,bfloat16",
                   "--checkpointing", "off,reentrant,non-reentrant", "--inputs", "corpus,long,right,left,sft,accum")

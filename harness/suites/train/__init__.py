@@ -35,7 +35,7 @@ CASTS = ("load", "autocast")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant")
 INPUTS = (*batches.KINDS, "accum", "steps", "lora")
 POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err", "steps_loss_rel_err", "steps_drift",
-                  "logits_rel_l2")
+                  "logits_rel_l2", "loss_of_logits_rel_err")
 DEFAULT_POLICY = "train_tolerance.toml"
 
 
