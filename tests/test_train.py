@@ -70,6 +70,12 @@ def test_correct_transformers_passes(models, tmp_path):
     naive = [c for c in s["cells"] if c["case"]["input"] == "left-naive-labels" and c["metric"] == "grad_rel_l2"]
     assert naive and all(c["status"] == "info" and c["value"] > 1e-3 for c in naive)
     assert any("left-pad" in f["id"] or "left-padded" in f["title"] for f in s["findings"])
+    # bfloat16 cells measure their forward's peak against the dtype's range (float16's overflow question)
+    peaks = [c for c in s["cells"] if c["metric"] == "peak_abs_activation"]
+    assert peaks and all(c["status"] == "info" and 0 < c["value"] < c["extra"]["dtype_max"] for c in peaks)
+    # the loss equals the cross entropy of its own logits (float32 accumulation) in every cell
+    own = [c for c in cells if c["metric"] == "loss_of_logits_rel_err"]
+    assert own and all(c["value"] < 1e-5 for c in own)
     # the report's train section names the worst tensor
     assert "worst tensor" in (tmp_path / "report.md").read_text()
 
