@@ -148,6 +148,7 @@ def test_resume_reuses_finished_groups(models, tmp_path, capsys):
     (["--casts", "amp"], "--casts"),
     (["--checkpointing", "reentrant"], "--checkpointing"),
     (["--inputs", "nothing"], "--inputs"),
+    (["--inputs", "lora"], "--inputs"),
     (["--plant", "no-permute"], "--plant"),
     (["--policy", "/nonexistent.toml"], "/nonexistent.toml"),
 ])

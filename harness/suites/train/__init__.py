@@ -134,7 +134,8 @@ class Plan:
         built = batches.build(kinds, text, long_text if "long" in kinds else None, shape,
                               pad_id=0, label=label)
         if not built:
-            raise InputError("--inputs: nothing to measure on")
+            raise InputError(f"--inputs: nothing to measure on: accum, steps and lora run on the batches beside them; "
+                             f"add one of {', '.join(batches.KINDS)}")
         return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds,
                    "lora" in kinds, device, seed, policy, fault, data, label, notes)
 
