@@ -39,6 +39,7 @@ PLANTS = {
     "rope-bf16-autocast": ["--dtypes", "bfloat16", "--casts", "autocast", "--inputs", "long"],
     "ce-no-upcast": ["--dtypes", "bfloat16", "--casts", "load", "--inputs", "corpus"],
     "grad-accum-mean": ["--dtypes", "float32", "--inputs", "right,accum"],
+    "lora-scaling": ["--dtypes", "float32", "--inputs", "corpus,lora"],
 }
 
 
@@ -84,12 +85,14 @@ def main() -> int:
     p.add_argument("--long-ctx", default="320")
     p.add_argument("--no-plants", action="store_true")
     p.add_argument("--write", action="store_true")
+    p.add_argument("--keep", help="keep every run's folder under this directory (default: a temporary one)")
     a = p.parse_args()
     shape = ["--ctx", a.ctx, "--long-ctx", a.long_ctx, "--attn", "eager,sdpa", "--tp", "1"]
     started = time.perf_counter()
     by: dict[tuple[str, str], list[float]] = {}
     runs = failed = 0
     with tempfile.TemporaryDirectory(prefix="calibrate-train-") as tmp:
+        tmp = a.keep or tmp
         for name in a.models.split(","):
             model = cached(name)
             for seed in seeds(a.seeds):
@@ -100,9 +103,12 @@ def main() -> int:
                     bad = [(c["case"], c["metric"], c["reason"]) for c in (s or {}).get("cells", [])
                            if c["status"] == "fail"][:3]
                     print(f"clean run FAILED: {name} seed {seed} exit {code}: {bad}", flush=True)
-                for dtype, metric, r in ratios(s or {"cells": []}):
+                mine = ratios(s or {"cells": []})
+                for dtype, metric, r in mine:
                     by.setdefault((dtype, metric), []).append(r)
-                print(f"  clean {name} seed {seed}: exit {code} ({time.perf_counter() - started:.0f}s)", flush=True)
+                worst = max(mine, key=lambda x: x[2], default=("-", "-", float("nan")))
+                print(f"  clean {name} seed {seed}: exit {code}, {len(mine)} gated values, largest v/t {worst[2]:.3g} "
+                      f"({worst[0]} {worst[1]}) ({time.perf_counter() - started:.0f}s)", flush=True)
         planted = {}
         if not a.no_plants:
             model = cached("tiny-gqa")

@@ -23,6 +23,7 @@ PLANT_CELLS = {
     "rope-bf16-autocast": ["--dtypes", "bfloat16", "--casts", "autocast", "--checkpointing", "off", "--inputs", "long"],
     "ce-no-upcast": ["--dtypes", "bfloat16", "--casts", "load", "--checkpointing", "off", "--inputs", "corpus"],
     "grad-accum-mean": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "right,accum"],
+    "lora-scaling": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "corpus,lora"],
 }
 
 
@@ -40,6 +41,21 @@ def test_every_training_fault_has_cells():
     assert set(faults_for("train")) == set(PLANT_CELLS)
 
 
+def test_default_matrix_holds_every_plants_cells():
+    """The default run (suites/train.toml) is trimmed for cost; each plant's cells must stay inside it,
+    so that every planted bug fails `llama-parity train` with no flags."""
+    from harness.core.datafiles import suite_data
+    d = suite_data("train")["defaults"]
+    flag = {"--dtypes": "dtypes", "--casts": "casts", "--checkpointing": "checkpointing", "--inputs": "inputs",
+            "--attn": "attn", "--tp": "tp"}
+    for fault, argv in PLANT_CELLS.items():
+        given = dict(zip(argv[::2], argv[1::2]))
+        given.update(dict(zip(BASE[::2], BASE[1::2])))
+        for opt, key in flag.items():
+            wanted = given[opt].split(",")
+            assert set(wanted) <= {str(v) for v in d[key]}, f"{fault}: {opt} {given[opt]} is outside the default run"
+
+
 def test_correct_transformers_passes(models, tmp_path):
     code, s = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float32,bfloat16",
                   "--checkpointing", "off,reentrant,non-reentrant", "--inputs", "corpus,long,right,left,sft,accum")
@@ -54,6 +70,12 @@ def test_correct_transformers_passes(models, tmp_path):
     naive = [c for c in s["cells"] if c["case"]["input"] == "left-naive-labels" and c["metric"] == "grad_rel_l2"]
     assert naive and all(c["status"] == "info" and c["value"] > 1e-3 for c in naive)
     assert any("left-pad" in f["id"] or "left-padded" in f["title"] for f in s["findings"])
+    # bfloat16 cells measure their forward's peak against the dtype's range (float16's overflow question)
+    peaks = [c for c in s["cells"] if c["metric"] == "peak_abs_activation"]
+    assert peaks and all(c["status"] == "info" and 0 < c["value"] < c["extra"]["dtype_max"] for c in peaks)
+    # the loss equals the cross entropy of its own logits (float32 accumulation) in every cell
+    own = [c for c in cells if c["metric"] == "loss_of_logits_rel_err"]
+    assert own and all(c["value"] < 1e-5 for c in own)
     # the report's train section names the worst tensor
     assert "worst tensor" in (tmp_path / "report.md").read_text()
 
@@ -66,9 +88,38 @@ def test_planted_training_bug_fails_the_gate(models, tmp_path, fault):
     model = models["tiny-gqa/meta"]
     code, s = run(model, tmp_path / "planted", *PLANT_CELLS[fault], "--plant", fault)
     assert code == 1, f"{fault} passed the gate"
-    bad = [c for c in failing(s) if c["subject"] in ("transformers", "trainer")]
+    bad = [c for c in failing(s) if c["subject"] in ("transformers", "trainer", "peft")]
     assert bad and all(c["subject"] != "reference" for c in failing(s))
     # the same cells without the plant pass: test_correct_transformers_passes runs every one of them
+
+@pytest.mark.slow
+def test_lora_through_peft_against_the_oracle(models, tmp_path):
+    pytest.importorskip("peft")
+    code, s = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float32,bfloat16", "--casts", "load",
+                  "--checkpointing", "off,reentrant", "--inputs", "corpus,lora")
+    assert code == 0, failing(s)
+    peft = [c for c in s["cells"] if c["subject"] == "peft"]
+    grads = [c for c in peft if c["metric"] == "grad_rel_l2"]
+    # plain, checkpointing enabled before and after wrapping, per dtype: each against the oracle's LoRA
+    assert {(c["case"]["dtype"], c["case"]["input"]) for c in grads} == {
+        (d, i) for d in ("float32", "bfloat16") for i in ("lora", "lora-gc-before-wrap", "lora-gc-after-wrap")}
+    assert all(c["status"] == "pass" for c in grads)
+    # B is non-zero, so every A (and B) has a gradient: no adapter tensor is left at 0
+    assert all(c["extra"]["zero_grad_count"] == 0 for c in grads if "gc" in c["case"]["input"])
+    assert all(c["value"] == 0 for c in peft if c["metric"] == "gc_bitwise_diff")
+    merged = [c for c in peft if c["case"]["input"] == "lora-merged" and c["status"] == "pass"]
+    assert {c["case"]["dtype"] for c in merged} == {"float32", "bfloat16"}
+
+
+def test_lora_rows_say_why_without_peft(models, tmp_path, monkeypatch):
+    import harness.suites.train.lora as lora
+    monkeypatch.setattr(lora, "peft_missing", lambda: "peft is not installed (test)")
+    code, s = run(models["tiny-mha/meta"], tmp_path, "--dtypes", "float32", "--casts", "load", "--checkpointing",
+                  "off", "--inputs", "corpus,lora")
+    assert code == 0
+    na = [c for c in s["cells"] if c["subject"] == "peft"]
+    assert na and all(c["status"] == "n/a" and "peft is not installed" in c["reason"] for c in na)
+
 
 def test_sdpa_and_tp_cells(models, tmp_path):
     if attn_implementations("cpu")["sdpa"]:
@@ -97,6 +148,7 @@ def test_resume_reuses_finished_groups(models, tmp_path, capsys):
     (["--casts", "amp"], "--casts"),
     (["--checkpointing", "reentrant"], "--checkpointing"),
     (["--inputs", "nothing"], "--inputs"),
+    (["--inputs", "lora"], "--inputs"),
     (["--plant", "no-permute"], "--plant"),
     (["--policy", "/nonexistent.toml"], "/nonexistent.toml"),
     (["--strict", "grad-accum-typo"], "--strict"),

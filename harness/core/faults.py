@@ -966,5 +966,24 @@ class CrossEntropyNoUpcast(TrainFault):
         return torch.nn.functional.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+class LoraScaling(TrainFault):
+    name = "lora-scaling"
+    doc = ("LoRA's update scaled by alpha / sqrt(r) (rank-stabilised LoRA's rule) where alpha / r was asked for: "
+           "every adapted layer's update, its gradients and the merged weights off by sqrt(r)")
+
+    def not_applicable(self):
+        from harness.suites.train.lora import peft_missing
+        return peft_missing()
+
+    def edit_peft(self, model):
+        import math
+
+        from peft.tuners.lora import LoraLayer
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for adapter, r in module.r.items():
+                    module.scaling[adapter] = module.lora_alpha[adapter] / math.sqrt(r)
+
+
 FAULTS.update({f.name: f for f in (GradAccumMean, LabelsShiftedTwice, PadsInLabels, CheckpointDropsGrad,
-                                   RopeBf16Autocast, CrossEntropyNoUpcast)})
+                                   RopeBf16Autocast, CrossEntropyNoUpcast, LoraScaling)})

@@ -9,7 +9,8 @@ cast; transformers at a dtype, cast, attention and tp) are journaled, so a rerun
 
 Modules: ``batches`` (the inputs and their labels), ``grads`` (loss and gradients of each subject),
 ``metrics`` (how far from the oracle), ``measure`` (the run), ``accumulate`` (gradient accumulation
-through transformers' Trainer), ``report`` (the report section).
+through transformers' Trainer), ``steps`` (a few AdamW steps), ``lora`` (LoRA through peft
+against an independent LoRA on the oracle), ``report`` (the report section).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ from reference_model.checkpoint import Checkpoint
 SUITE = "train"
 CASTS = ("load", "autocast")
 CHECKPOINTING = ("off", "reentrant", "non-reentrant")
-INPUTS = (*batches.KINDS, "accum", "steps")
-POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err", "steps_loss_rel_err", "steps_drift")
+INPUTS = (*batches.KINDS, "accum", "steps", "lora")
+POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err", "steps_loss_rel_err", "steps_drift",
+                  "logits_rel_l2", "loss_of_logits_rel_err")
 DEFAULT_POLICY = "train_tolerance.toml"
 
 
@@ -94,6 +96,7 @@ class Plan:
     batches: list[batches.Batch]
     accum: bool
     steps: bool
+    lora: bool
     device: str
     seed: int
     policy: Policy
@@ -147,9 +150,10 @@ class Plan:
         built = batches.build(kinds, text, long_text if "long" in kinds else None, shape,
                               pad_id=0, label=label)
         if not built:
-            raise InputError("--inputs: nothing to measure on")
-        return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds, device, seed, policy,
-                   fault, data, label, notes, strict)
+            raise InputError(f"--inputs: nothing to measure on: accum, steps and lora run on the batches beside them; "
+                             f"add one of {', '.join(batches.KINDS)}")
+        return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds,
+                   "lora" in kinds, device, seed, policy, fault, data, label, notes, strict)
 
     @staticmethod
     def token_windows(a, cfg: dict, folder: ModelFolder, ckpt: Checkpoint, long_ctx: int, seed: int,

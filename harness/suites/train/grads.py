@@ -105,17 +105,23 @@ def transformers_grads(model, batch: Batch, device: str, cast_dtype: str | None 
         labels = fault.train_labels(labels, batch)
     labels = labels.to(device)
     own_loss = fault is not None and hasattr(fault, "train_loss")
+    n = int((labels[:, 1:] != IGNORE).sum())
+    of_logits = []
 
     def step(scale: float):
         model.zero_grad(set_to_none=True)
         with autocast(cast_dtype, device):
             out = model(input_ids=ids, attention_mask=mask, labels=None if own_loss else labels, use_cache=False)
             loss = fault.train_loss(out.logits, labels, model) if own_loss else out.loss
+        # the per-token mean cross entropy of the logits it returned, in float64: what the loss must equal
+        of_logits.append(float(token_loss_sum(out.logits.detach().double(), labels) / max(n, 1)))
         (loss * scale).backward()
         return float(loss.detach())
 
     try:
-        return _scaled(step, lambda s: hf_grads(model, s), scaled)
+        got = _scaled(step, lambda s: hf_grads(model, s), scaled)
+        got.extra["loss_of_logits"] = of_logits[-1]
+        return got
     finally:
         model.zero_grad(set_to_none=True)
 

@@ -122,6 +122,11 @@ class Measure:
                 from harness.suites.train.steps import steps_rows
                 g = {"subject": "steps", "steps": plan.data["steps"], "dtypes": plan.dtypes}
                 rows += self.cached(g, lambda: steps_rows(self))
+            if plan.lora:
+                from harness.suites.train.lora import lora_rows, peft_missing
+                g = {"subject": "peft", "lora": plan.data["lora"], "dtypes": plan.dtypes,
+                     "checkpointing": plan.checkpointing, "peft": peft_missing() or _peft_release()}
+                rows += self.cached(g, lambda: lora_rows(self))
         finally:
             if self._hf is not None:
                 self._hf.close()
@@ -187,6 +192,8 @@ class Measure:
             if dtype == "float16" and cast == "load" and b is plan.batches[0]:
                 rows += self.unscaled_rows(case, "transformers", G.transformers_grads(model, b, plan.device,
                                                                                       fault=plan.fault), self.truth(b))
+            if dtype != "float32" and b is plan.batches[0]:
+                rows.append(self.peak_row(model, b, case, autocast, got))
         for gc in plan.checkpointing:
             if gc != "off":
                 rows += self.checkpointed(model, gc, dtype, cast, attn, tp, autocast, scaled, plain, calib)
@@ -230,6 +237,37 @@ class Measure:
                     {"known": known, "worst_tensor": c["worst"], "by_kind": c["by_kind"]} if m == "grad_rel_l2" else {})
                 for m in ("loss_rel_err", "grad_rel_l2")]
 
+    def peak_row(self, model, b: Batch, case: dict, autocast, got: G.Grads) -> Row:
+        """The largest |output| of any module in the forward, against the dtype's largest finite value:
+        whether the forward overflows (float16's 65504 against bfloat16's 3.4e38), as info."""
+        peak, bad = 0.0, 0
+
+        def hook(module, args, out):
+            nonlocal peak, bad
+            for t in (out if isinstance(out, tuple) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                    t = t.detach()
+                    fin = torch.isfinite(t)
+                    bad += int((~fin).sum())
+                    if bool(fin.any()):
+                        peak = max(peak, float(t[fin].abs().max()))
+        handles = [m.register_forward_hook(hook) for m in model.modules()]
+        try:
+            with torch.no_grad(), G.autocast(autocast, self.plan.device):
+                model(input_ids=b.ids.to(self.plan.device), attention_mask=b.mask.to(self.plan.device),
+                      use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        dtype = case["dtype"]
+        top = torch.finfo(G.DTYPES[dtype]).max
+        why = (f"largest |module output| in the forward, {peak:.4g}, is {peak / top:.2g} of {dtype}'s largest finite "
+               f"value ({top:.4g}); {bad} non-finite output entries")
+        if got.scale is not None:
+            why += f"; loss scale after GradScaler's backoff: {got.scale:g} (starts at {G.INIT_SCALE:g})"
+        return Row(SUITE, {**case, "input": f"{case['input']}-peak"}, "transformers", ORACLE, "peak_abs_activation",
+                   peak, None, INFO, why, {"nonfinite_outputs": bad, "dtype_max": top, "loss_scale": got.scale})
+
     def unscaled_rows(self, case: dict, subject: str, got: G.Grads, truth: G.Grads) -> list[Row]:
         """float16 without a loss scale, as info: how much of the gradient underflows to 0."""
         case = {**case, "input": f"{case['input']}-unscaled"}
@@ -259,12 +297,28 @@ class Measure:
         if got.scale is not None:
             ev["loss_scale"] = got.scale
         rows[1].extra.update(ev)
+        if "loss_of_logits" in got.extra:
+            rows.append(self.loss_of_logits_row(case, subject, got, dtype, why))
         rows[3].extra["worst_tensor"] = c["worst"]
         if rows[3].status == PASS or why:
             pass
         else:
             rows[3].reason += f" (worst tensor {c['worst']})"
         return rows
+
+    def loss_of_logits_row(self, case: dict, subject: str, got: G.Grads, dtype: str, why: str) -> Row:
+        """The loss transformers returns against the per-token mean cross entropy of the logits it returned,
+        recomputed in float64: the loss function alone, isolated from the forward's rounding (a loss taken
+        without a float32 upcast lands on the dtype's grid, ~1e-3 off in bfloat16; a correct one ~1e-7)."""
+        own = got.extra["loss_of_logits"]
+        v = abs(got.loss - own) / abs(own) if own else abs(got.loss)
+        if not math.isfinite(v):
+            v = math.nan
+        tol, status, reason = judge(self.plan.policy, dtype, "loss_of_logits_rel_err", v, None)
+        if why:
+            status, reason = FAIL, why
+        return Row(SUITE, case, subject, "its own logits (float64 cross entropy)", "loss_of_logits_rel_err", v, tol,
+                   status, reason or "outputs.loss equals the cross entropy of outputs.logits", {"loss_of_logits": own})
 
     def summary_extra(self) -> dict:
         plan = self.plan
@@ -297,6 +351,11 @@ def enable_checkpointing(model, gc: str) -> str:
     else:
         model.gradient_checkpointing_enable()
     return ""
+
+
+def _peft_release() -> str:
+    from importlib.metadata import version
+    return version("peft")
 
 
 def _first(e: Exception) -> str:

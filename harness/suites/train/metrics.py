@@ -17,7 +17,7 @@ import torch
 
 GATED = ("loss_rel_err", "grad_rel_l2", "grad_cos_dist", "grad_rel_l2_max")
 EXTREMES = ("grad_rel_l2_max", "loss_rel_err", "steps_loss_rel_err")   # one draw per cell: judged with max_factor
-INFO_METRICS = ("underflow_frac",)
+INFO_METRICS = ("underflow_frac", "peak_abs_activation")
 
 KIND = {"attention.wq.weight": "q", "attention.wk.weight": "k", "attention.wv.weight": "v",
         "attention.wo.weight": "o", "feed_forward.w1.weight": "gate", "feed_forward.w3.weight": "up",
