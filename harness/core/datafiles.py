@@ -9,16 +9,21 @@ from harness.core import SUITES
 from harness.core.errors import InputError
 
 
-def read_toml(path: Path, arg: str) -> dict[str, Any]:
-    """A TOML file with a string 'version'; arg names the option that chose it (for the message)."""
+def parse_toml(path: Path, arg: str) -> dict[str, Any]:
+    """A TOML file the user named with option arg: what is not a readable file, or not TOML, is exit 2."""
     from harness.core.inputs import path_problem
     path = Path(path)
     if problem := path_problem(path):
         raise InputError(f"{arg}: {path}: {problem}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: not valid TOML ({e})") from None
+        raise InputError(f"{arg} {path}: not valid TOML ({e})") from None
+
+
+def read_toml(path: Path, arg: str) -> dict[str, Any]:
+    """A TOML file with a string 'version'; arg names the option that chose it (for the message)."""
+    data = parse_toml(path, arg)
     if not isinstance(data.get("version"), str):
         raise InputError(f"{path}: missing string key 'version'")
     return data

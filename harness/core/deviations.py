@@ -142,17 +142,11 @@ USER_REQUIRED = ("reason", "source", "releases")
 def read_user(path: Any) -> list[Deviation]:
     """--known FILE: the user's own accepted findings, [known.NAME] tables in the catalogue's schema
     with reason, source and releases required. Anything malformed is exit 2 naming the file and key."""
-    import tomllib
     from pathlib import Path
 
-    from harness.core.inputs import path_problem
+    from harness.core.datafiles import parse_toml
     path = Path(path)
-    if problem := path_problem(path):
-        raise InputError(f"--known: {path}: {problem}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise InputError(f"--known {path}: not valid TOML ({e})") from None
+    data = parse_toml(path, "--known")
     extra = sorted(set(data) - {"known", "version"})
     if extra:
         raise InputError(f"--known {path}: unknown top-level key(s) {', '.join(extra)} (only [known.NAME] tables)")
