@@ -36,7 +36,11 @@ def test_cache_and_padding_judge_every_subject_or_say_why_not(models, tmp_path):
     tf = "transformers:attn=eager"
     cache = [c for c in cells["cache"] if c["subject"] == tf]
     assert {(c["case"]["attn"], c["case"]["cache"]) for c in cache} == {("eager", "dynamic"), ("eager", "static")}
-    assert all(c["status"] == "pass" and c["against"] == f"{tf}-full-forward" for c in cache)
+    # a release without a StaticCache outside generate() (4.31-4.40) says so; everything measured passes
+    measured = [c for c in cache if c["status"] != "n/a"]
+    assert ("eager", "dynamic") in {(c["case"]["attn"], c["case"]["cache"]) for c in measured}
+    assert all(c["status"] == "pass" and c["against"] == f"{tf}-full-forward" for c in measured)
+    assert all("StaticCache" in c["reason"] for c in cache if c["status"] == "n/a")
     padded = [c for c in cells["padding"] if c["subject"] == tf]
     assert padded and all(c["status"] == "pass" for c in padded)
     assert {c["case"].get("positions") for c in padded} >= {"explicit", "implicit"}

@@ -134,9 +134,12 @@ def test_float16_cache_in_bfloat16_fails_the_default_gate(models, tmp_path):
     failing = [c for c in summary["cells"] if c["status"] == "fail"]
     assert {c["metric"] for c in failing} == {"cache_gap"}
     assert {c["case"]["input"] for c in failing} == {"cached"}
-    assert {c["case"]["attn"] for c in failing} == {"eager", "sdpa"}
+    # every attention the release has (4.31 has no SDPA path for Llama: those cells are n/a)
+    attns = {c["case"]["attn"] for c in summary["cells"] if c["case"].get("input") == "cached"
+             and c["subject"] == "transformers" and c["status"] != "n/a"}
+    assert attns and {c["case"]["attn"] for c in failing} == attns
     assert [f["id"] for f in summary["findings"]] == ["logits/kv-cache"]
     code, summary = run(models["tiny-gqa/meta"], tmp_path / "c", *fp16)
     assert code == 0
     gaps = [c for c in summary["cells"] if c["metric"] == "cache_gap" and c["subject"] == "transformers"]
-    assert len(gaps) == 2 and all(c["status"] == "pass" and c["value"] < c["tolerance"] for c in gaps)
+    assert len(gaps) == len(attns) and all(c["status"] == "pass" and c["value"] < c["tolerance"] for c in gaps)
