@@ -33,7 +33,8 @@ from false_alarms import models, seeds  # noqa: E402
 
 
 def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], attns: list[str], kinds: list[str],
-             shapes: str | None, policy: str | None, tmp: Path, csv: Path | None = None) -> list[dict]:
+             shapes: str | None, policy: str | None, tmp: Path, csv: Path | None = None,
+             positions: Path | None = None) -> list[dict]:
     from harness.core.metrics import CACHE_GAP, PAIRED, position_stats
     from harness.core.subjects import ReferenceSubject
     from harness.core.suite import Context
@@ -63,7 +64,7 @@ def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], at
         for seed in seed_list:
             ins = seeded_inputs(data, kinds, shape_list, plan.ckpt.args.vocab_size, seed, pad)
             truth = {i.key(): oracle_logits(measure.oracle(), i) for i in ins}
-            mine = []
+            mine, arrays = [], {}
             for dtype, (reference, tfs) in subjects.items():
                 ref, ref_gap = {}, {}
                 for i in ins:
@@ -77,6 +78,11 @@ def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], at
                         logits = subject_logits(subject, inp)
                         st = position_stats(logits, truth[inp.key()], mask=inp.mask)
                         case = measure.case(dtype, attn, 1, inp)
+                        if positions is not None:     # per-position KL and |dlogit|: rules tried offline
+                            key, r = f"{dtype}|{attn}|{inp.name}|{inp.shape}", ref[inp.key()]
+                            arrays.update({f"{key}|s_kl": st.kl.numpy(), f"{key}|r_kl": r.kl.numpy(),
+                                           f"{key}|s_max_abs": st.max_abs.numpy(),
+                                           f"{key}|r_max_abs": r.max_abs.numpy()})
                         gap = ((own_gap(logits, subject.forward(inp.ids), inp), ref_gap[inp.key()])
                                if inp.kind == "cached" else None)
                         now = measure.judged(case, "transformers", st, ref[inp.key()], dtype, truth[inp.key()], inp,
@@ -99,6 +105,10 @@ def campaign(model: Path, name: str, seed_list: list[int], dtypes: list[str], at
                                 "v_over_t_one_draw": (o.value / o.tolerance if o is not None and o.tolerance
                                                       else math.nan)})
             records += mine
+            if positions is not None:
+                import numpy as np
+                positions.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(positions / f"{name}-{seed}.npz", **arrays)
             if csv is not None:
                 pd.DataFrame(mine).to_csv(csv, mode="a", header=not csv.exists(), index=False)
             bad = [f"{r['dtype']} {r['attn']} {r['shape']} {r['metric']}" for r in mine if r["fail"]]
@@ -125,21 +135,27 @@ def main() -> None:
     p.add_argument("--shapes", help="random-id shapes (default: the suite's, 1x16,2x64)")
     p.add_argument("--policy")
     p.add_argument("--out", default="reports/latest/seed-campaign")
-    p.add_argument("--report", action="store_true", help="summarise --out's CSV as it stands, run nothing")
+    p.add_argument("--positions", type=Path,
+                   help="also write each (model, seed)'s per-position KL and |dlogit| of every cell, subject and "
+                        "reference, as DIR/MODEL-SEED.npz (to try a judging rule offline)")
+    p.add_argument("--report", action="store_true",
+                   help="summarise --out's CSV as it stands, run nothing (--out D1,D2,...: campaigns run side by "
+                        "side over other seed ranges, taken together)")
     a = p.parse_args()
+    if a.report:
+        csvs = [Path(d) / "seed_campaign.csv" for d in a.out.split(",")]
+        report(pd.concat([pd.read_csv(c) for c in csvs]), f"{', '.join(map(str, csvs))} (as written so far)")
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "seed_campaign.csv"         # appended seed by seed: --report reads a cut-short one
-    if a.report:
-        report(pd.read_csv(csv), f"{csv} (as written so far)")
-        return
     csv.unlink(missing_ok=True)
     started, records = time.time(), []
     seed_list = seeds(a.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models(a.models.split(","), Path(tmp)).items():
             records += campaign(model, name, seed_list, a.dtypes.split(","), a.attn.split(","),
-                                a.inputs.split(","), a.shapes, a.policy, Path(tmp), csv)
+                                a.inputs.split(","), a.shapes, a.policy, Path(tmp), csv, a.positions)
     report(pd.DataFrame(records), f"{len(seed_list)} seeds x {a.models}: {time.time() - started:.0f} s")
 
 
@@ -154,11 +170,33 @@ def report(df: pd.DataFrame, what: str) -> None:
                   f"{r['value']:.3g} (v/t {r['v_over_t' if col == 'fail' else 'v_over_t_one_draw']:.3g})")
     worst = df.groupby(["dtype", "metric"]).agg(n=("v_over_t", "size"), median=("v_over_t", "median"),
                                                 worst=("v_over_t", "max"), worst_one_draw=("v_over_t_one_draw", "max"))
+    worst["p_cross_tail"] = df.groupby(["dtype", "metric"])["v_over_t"].apply(tail_chance)
+    n_runs = len(runs)
+    per_run = float((worst["p_cross_tail"].fillna(0) * worst["n"]).sum() / max(n_runs, 1))
     with pd.option_context("display.width", 200, "display.max_rows", 100, "display.float_format", "{:.3g}".format):
         print("\nvalue / limit of every gated transformers value (1 = the limit):")
         print(worst)
+    print(f"\nimplied false alarms per run (Pareto tail fitted to each metric's upper v/t, Hill estimator, "
+          f"summed over one run's values): {per_run:.2g}")
     print(f"\n{what}")
     sys.exit(1 if df["fail"].any() else 0)
+
+
+def tail_chance(v: pd.Series) -> float:
+    """The chance that one value crosses 1, from a Pareto tail fitted to the upper tenth of the
+    values (Hill's estimator): extremes of KL scatter like ratios of chi-square draws, whose tails
+    are polynomial, so a normal fit of log v/t would understate them. NaN below 50 values."""
+    x = v.dropna().to_numpy()
+    x = x[x > 0]
+    if len(x) < 50:
+        return math.nan
+    x.sort()
+    k = max(10, len(x) // 10)
+    top, edge = x[-k:], x[-k - 1]
+    if edge >= 1:
+        return float((x > 1).mean())
+    alpha = 1.0 / float(sum(math.log(t / edge) for t in top) / k)
+    return k / len(x) * edge ** alpha
 
 
 if __name__ == "__main__":
