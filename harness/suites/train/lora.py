@@ -39,6 +39,9 @@ from harness.suites.train.metrics import GATED, bitwise_diff, compare
 from reference_model.checkpoint import build_model
 from reference_model.convert import unpermute
 
+# the rows' `input` settings the `lora` input writes (the module docstring says what each is)
+ROW_INPUTS = ("lora", "lora-gc-before-wrap", "lora-gc-after-wrap", "lora-unmerged", "lora-merged")
+
 # transformers' module -> the reference's (attribute path inside a layer)
 TARGETS = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv", "o_proj": "attention.wo",
            "gate_proj": "feed_forward.w1", "up_proj": "feed_forward.w3", "down_proj": "feed_forward.w2"}
