@@ -68,6 +68,9 @@ PLACEHOLDERS = {
 REQUIRED = ("id", "title", "mechanism", "source", "affected")
 REQUIRED_IN_SCOPE = ("bug_release", "ok_release", "ok_kind", "argv", "caught")
 OK_KINDS = ("fixed", "before-regression", "intended-change")
+# An entry about transformers with peft names the peft release installed beside each release (both or none);
+# it runs only where that peft is installed (the history-tfNNNN env pins it).
+PEFT_FIELDS = ("bug_peft", "ok_peft")
 STATUSES = ("pass", "fail", "info", "n/a")
 ROW_FIELDS = ("suite", "subject", "against", "metric", "status", "reason")   # the rest are case settings
 CASE_FIELDS = ("kind", "case", "loader", "flags", "dtype", "device", "attn", "padding", "cast", "length",
@@ -132,6 +135,12 @@ def validate(data: dict[str, Any]) -> list[str]:
                 out.append(f"{where}: '{k}' = {e[k]!r} is not a release X.Y.Z")
         if e.get("bug_release") is not None and e.get("bug_release") == e.get("ok_release"):
             out.append(f"{where}: bug_release and ok_release are the same release")
+        peft = [k for k in PEFT_FIELDS if k in e]
+        if peft and len(peft) != len(PEFT_FIELDS):
+            out.append(f"{where}: {' and '.join(PEFT_FIELDS)} go together (the peft release beside each release)")
+        for k in peft:
+            if not _release_ok(e[k]):
+                out.append(f"{where}: '{k}' = {e[k]!r} is not a release X.Y.Z")
         if "ok_kind" in e and e["ok_kind"] not in OK_KINDS:
             out.append(f"{where}: 'ok_kind' = {e['ok_kind']!r} is not one of {', '.join(OK_KINDS)}")
         if "ok_accepts_na" in e and not (isinstance(e["ok_accepts_na"], str) and e["ok_accepts_na"]):
@@ -195,9 +204,23 @@ def releases(data: dict[str, Any]) -> list[str]:
     return sorted(rs, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
-def checks_for(data: dict[str, Any], version: str) -> list[tuple[dict[str, Any], str]]:
-    """(entry, role) pairs to run on this release; role "bug" or "ok"."""
-    return [(e, role) for e in in_scope(data) for role in ("bug", "ok") if e[f"{role}_release"] == version]
+def checks_for(data: dict[str, Any], version: str, peft: str | None = None) -> list[tuple[dict[str, Any], str]]:
+    """(entry, role) pairs to run on this release; role "bug" or "ok". An entry that pins peft for
+    the role runs only beside that peft release (see waiting_for)."""
+    return [(e, role) for e in in_scope(data) for role in ("bug", "ok")
+            if e[f"{role}_release"] == version and e.get(f"{role}_peft", peft) == peft]
+
+
+def waiting_for(data: dict[str, Any], version: str, peft: str | None) -> list[tuple[dict[str, Any], str]]:
+    """Checks of this release that need another peft than the installed one (named, never skipped silently)."""
+    return [(e, role) for e in in_scope(data) for role in ("bug", "ok")
+            if e[f"{role}_release"] == version and f"{role}_peft" in e and e[f"{role}_peft"] != peft]
+
+
+def pairing(entry: dict[str, Any], role: str) -> str:
+    """The release a check runs on, with its peft where the entry pins one: '4.33.3' or '4.33.3 + peft 0.5.0'."""
+    rel = entry[f"{role}_release"]
+    return f"{rel} + peft {entry[f'{role}_peft']}" if f"{role}_peft" in entry else rel
 
 
 # --- the verdict ----------------------------------------------------------------------------------
@@ -408,7 +431,12 @@ def environment(python: str = sys.executable) -> dict[str, Any]:
             "print(json.dumps({'transformers': transformers.__version__, 'transformers_path': transformers.__file__,"
             " 'prefix': sys.prefix, 'python': sys.version.split()[0], 'torch': torch.__version__,"
             " 'tokenizers': v('tokenizers'), 'sentencepiece': v('sentencepiece'),"
-            " 'protobuf': __import__('google.protobuf', fromlist=['x']).__version__, 'numpy': v('numpy')}))")
+            " 'protobuf': __import__('google.protobuf', fromlist=['x']).__version__, 'numpy': v('numpy'),"
+            " 'peft': peft_version()}))\n")
+    code = ("def peft_version():\n"
+            "    from importlib.metadata import PackageNotFoundError, version\n"
+            "    try: return version('peft')\n"
+            "    except PackageNotFoundError: return None\n") + code
     r = subprocess.run([python, "-c", code], cwd=ROOT, env=harness_env(), capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"cannot import transformers/torch with {python}:\n{r.stderr}")
@@ -479,6 +507,7 @@ def run_check(entry: dict[str, Any], role: str, version: str, out_root: Path, fi
     d = decide(entry, role, cells, r.returncode)
     verdict = {
         "id": entry["id"], "title": entry["title"], "role": role, "release": version,
+        "peft": entry.get(f"{role}_peft"),
         "verdict": d["verdict"], "ok": d["ok"], "why": d["why"],
         "expected": "caught" if role == "bug" else "passes",
         "ok_kind": entry.get("ok_kind"), "pattern": entry["caught"], "scope": scope(entry["caught"]),
@@ -512,12 +541,16 @@ def cmd_run(a) -> int:
     data = load(Path(a.suite))
     python = interpreter()
     env_info = environment(python)
-    version = env_info["transformers"]
-    todo = checks_for(data, version)
+    version, peft = env_info["transformers"], env_info.get("peft")
+    todo = checks_for(data, version, peft)
+    waiting = waiting_for(data, version, peft)
     if a.only:
         todo = [(e, r) for e, r in todo if e["id"] in a.only]
+        waiting = [(e, r) for e, r in waiting if e["id"] in a.only]
     where = f" (overlay {env_info['overlay']} on {env_info['prefix']})" if env_info["overlay"] else f" ({env_info['prefix']})"
-    print(f"transformers {version}{where}, torch {env_info['torch']}")
+    print(f"transformers {version}{where}, torch {env_info['torch']}, peft {peft or 'not installed'}")
+    for e, role in waiting:
+        print(f"- {e['id']} ({role}): not run here, it needs {pairing(e, role)} (peft {peft or 'not installed'} is)")
     if not todo:
         print(f"no museum entry runs on {version}; releases in the museum: {', '.join(releases(data))}")
         return 0
@@ -527,7 +560,8 @@ def cmd_run(a) -> int:
     print(f"harness {ROOT}: commit {tree['commit'] or '(no git)'}{changed}, tree sha256 {tree['tree_sha256'][:16]}")
     out_root = Path(a.out)
     for e, role in todo:
-        print(f"- {e['id']}: {'must catch' if role == 'bug' else 'must pass'} ... ", end="", flush=True)
+        on = f" (peft {e[f'{role}_peft']})" if f"{role}_peft" in e else ""
+        print(f"- {e['id']}{on}: {'must catch' if role == 'bug' else 'must pass'} ... ", end="", flush=True)
         v = run_check(e, role, version, out_root, fixtures, env_info, shim=not a.no_protobuf_shim, python=python,
                       tree=tree)
         bad += not v["ok"]
@@ -584,7 +618,7 @@ def render(data: dict[str, Any], found: dict[tuple[str, str], dict[str, Any]]) -
             v = found.get((e["id"], rel))
             if v is None:
                 bad += 1
-                cells.append(f"{rel}: **not run**")
+                cells.append(f"{pairing(e, role)}: **not run**")
                 continue
             bad += not v["ok"]
             mark = "yes" if v["ok"] else "**NO**"
@@ -594,7 +628,7 @@ def render(data: dict[str, Any], found: dict[tuple[str, str], dict[str, Any]]) -
             row = f"<br>`{_md(first)}`" if first else ""
             if role == "ok":
                 row = f"<br>{_md(v['why'])}{row}"
-            cells.append(f"{rel}{kind}: {mark}, {link}{row}")
+            cells.append(f"{pairing(e, role)}{kind}: {mark}, {link}{row}")
         lines.append(f"| **{e['id']}**<br>{_md(e['title'])} | {_md(e['mechanism'])} | {_source_links(e['source'])} | "
                      f"{cells[0]} | {cells[1]} | `{_md(shown_command(e['argv']))}` |")
     out_of = [e for e in data["entry"] if not e.get("in_scope", True)]
@@ -623,7 +657,8 @@ def render(data: dict[str, Any], found: dict[tuple[str, str], dict[str, Any]]) -
         tree = vs[0].get("harness") or {}
         tree_text = (f"`{tree.get('tree_sha256', '?')[:12]}`" + (f" (commit {tree['commit'][:7]})" if tree.get("commit") else "")
                      + (f", {len(tree['changed_files'])} changed" if tree.get("changed_files") else ""))
-        lines.append(f"| {rel} | `{env['prefix']}` | {src} | {'yes' if any(v['protobuf_shim'] for v in vs) else 'no'} | "
+        with_peft = f" + peft {env['peft']}" if env.get("peft") else ""
+        lines.append(f"| {rel}{with_peft} | `{env['prefix']}` | {src} | {'yes' if any(v['protobuf_shim'] for v in vs) else 'no'} | "
                      f"{tree_text} | "
                      f"{', '.join(sorted(v['id'] + ' (' + v['role'] + ')' for v in vs))} | "
                      f"{sum(v['seconds'] for v in vs):.0f} |")
@@ -647,7 +682,7 @@ def cmd_list(a) -> int:
     data = load(Path(a.suite))
     for e in data["entry"]:
         if e.get("in_scope", True):
-            print(f"{e['id']}: catch on {e['bug_release']}, pass on {e['ok_release']} ({e['ok_kind']}): "
+            print(f"{e['id']}: catch on {pairing(e, 'bug')}, pass on {pairing(e, 'ok')} ({e['ok_kind']}): "
                   f"{shown_command(e['argv'])}")
         else:
             print(f"{e['id']}: not run ({e['out_of_scope_reason']})")

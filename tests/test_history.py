@@ -42,7 +42,7 @@ ENTRY = {"id": "x", "caught": {"subject": "transformers.LlamaTokenizer*", "loade
 def test_catalogue_is_valid():
     assert history.validate(DATA) == []
     assert DATA["version"]
-    assert len(DATA["entry"]) == 19
+    assert len(DATA["entry"]) == 20
     assert len({e["id"] for e in DATA["entry"]}) == len(DATA["entry"])
 
 
@@ -112,8 +112,11 @@ def test_train_patterns_name_an_input_the_command_runs(e):
     """A train entry's pattern can only match rows of an input its command selects, and its --strict
     names only known deviations of the suite (a typo would gate nothing and exit 2)."""
     from harness.suites.train import INPUTS, strict_names
+    from harness.suites.train.lora import ROW_INPUTS
     argv = e["argv"]
     selected = argv[argv.index("--inputs") + 1].split(",") if "--inputs" in argv else list(INPUTS)
+    if "lora" in selected:     # the lora input writes rows of several settings
+        selected += ROW_INPUTS
     assert e["caught"]["input"] in selected, (e["caught"]["input"], selected)
     if "--strict" in argv and argv.index("--strict") + 1 < len(argv) and not argv[argv.index("--strict") + 1].startswith("--"):
         assert strict_names(argv[argv.index("--strict") + 1])
@@ -143,6 +146,11 @@ def test_tox_has_one_env_per_release_with_that_pin():
         assert f == "tf" + v.replace(".", ""), (f, v)
     assert "history" in ini["testenv:history"]["commands"] or "merge" in ini["testenv:history"]["commands"]
     assert {f"history-{f}" for f in factors} == set(ini["testenv:history"]["depends"].split())
+    # an entry that pins peft beside a release: that release's env installs exactly that peft
+    peft_pins = dict(re.findall(r"(tf\d+): peft==(\S+)", ini[section]["deps"]))
+    wanted = {"tf" + e[f"{role}_release"].replace(".", ""): e[f"{role}_peft"]
+              for e in IN_SCOPE for role in ("bug", "ok") if f"{role}_peft" in e}
+    assert wanted and peft_pins == wanted
 
 
 # --- validation catches a broken catalogue ------------------------------------------------------------
@@ -278,6 +286,28 @@ def test_checks_for_a_release_pick_both_roles():
     assert ("pretraining-tp-vocab-truncation", "bug") in picked and ("logits-dtype-contract", "bug") in picked
     assert history.checks_for(DATA, "9.9.9") == []
     assert all(e.get("in_scope", True) for e, _ in history.checks_for(DATA, "4.31.0"))
+
+
+def test_peft_pins_pick_the_pairing():
+    """An entry that pins peft runs only beside that peft; elsewhere it is named as waiting, not dropped."""
+    e = next(x for x in IN_SCOPE if "bug_peft" in x)
+    rel, peft = e["bug_release"], e["bug_peft"]
+    assert (e["id"], "bug") in {(x["id"], r) for x, r in history.checks_for(DATA, rel, peft)}
+    for other in (None, "9.9.9"):
+        assert e["id"] not in {x["id"] for x, _ in history.checks_for(DATA, rel, other)}
+        assert (e["id"], "bug") in {(x["id"], r) for x, r in history.waiting_for(DATA, rel, other)}
+    # entries without a peft pin run whatever peft is installed
+    assert history.checks_for(DATA, "4.46.3", "0.5.0") == history.checks_for(DATA, "4.46.3")
+    assert history.pairing(e, "bug") == f"{rel} + peft {peft}"
+    assert history.pairing(DATA["entry"][0], "bug") == DATA["entry"][0]["bug_release"]
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"bug_peft": "0.5.0"}, "go together"),
+    ({"bug_peft": "0.5", "ok_peft": "0.5.0"}, "'bug_peft' = '0.5' is not a release"),
+])
+def test_peft_pins_are_validated(change, needle):
+    assert any(needle in p for p in _broken(**change))
 
 
 def test_read_cells_gathers_every_part(tmp_path):

@@ -24,7 +24,11 @@ PLANT_CELLS = {
     "ce-no-upcast": ["--dtypes", "bfloat16", "--casts", "load", "--checkpointing", "off", "--inputs", "corpus"],
     "grad-accum-mean": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "right,accum"],
     "lora-scaling": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off", "--inputs", "corpus,lora"],
+    "lora-gc-no-input-grad": ["--dtypes", "float32", "--casts", "load", "--checkpointing", "off,reentrant",
+                              "--inputs", "corpus,lora"],
 }
+# The finding a plant's failing cells must be filed under, where the suite names the mechanism.
+PLANT_FINDING = {"lora-gc-no-input-grad": "train/lora-gc-no-input-grad"}
 
 
 def run(model, out, *extra) -> tuple[int, dict | None]:
@@ -90,6 +94,9 @@ def test_planted_training_bug_fails_the_gate(models, tmp_path, fault):
     assert code == 1, f"{fault} passed the gate"
     bad = [c for c in failing(s) if c["subject"] in ("transformers", "trainer", "peft")]
     assert bad and all(c["subject"] != "reference" for c in failing(s))
+    if fault in PLANT_FINDING:
+        assert PLANT_FINDING[fault] in {f["id"] for f in s["findings"]}, s["findings"]
+        assert all(c["extra"].get("finding") == PLANT_FINDING[fault].split("/")[1] for c in bad), bad
     # the same cells without the plant pass: test_correct_transformers_passes runs every one of them
 
 @pytest.mark.slow

@@ -985,5 +985,21 @@ class LoraScaling(TrainFault):
                     module.scaling[adapter] = module.lora_alpha[adapter] / math.sqrt(r)
 
 
+class LoraGcNoInputGrad(TrainFault):
+    name = "lora-gc-no-input-grad"
+    doc = ("no hook makes the embeddings' output require grad (peft registers one when it wraps a checkpointed "
+           "model, transformers 5 when checkpointing is enabled; 4.x with checkpointing enabled after "
+           "get_peft_model has none, #26334): under reentrant checkpointing no LoRA weight gets a gradient")
+
+    def not_applicable(self):
+        from harness.suites.train.lora import peft_missing
+        return peft_missing()
+
+    def edit_peft(self, model):
+        base = model.get_base_model()
+        base.get_input_embeddings()._forward_hooks.clear()    # the hook peft registered at wrapping
+        base.enable_input_require_grads = lambda: None         # the one transformers 5 registers later
+
+
 FAULTS.update({f.name: f for f in (GradAccumMean, LabelsShiftedTwice, PadsInLabels, CheckpointDropsGrad,
-                                   RopeBf16Autocast, CrossEntropyNoUpcast, LoraScaling)})
+                                   RopeBf16Autocast, CrossEntropyNoUpcast, LoraScaling, LoraGcNoInputGrad)})

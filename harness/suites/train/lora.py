@@ -12,7 +12,10 @@ Rows (per dtype, weights loaded in the dtype, the first input batch):
                             calibrated by the reference at the dtype carrying the same LoRA
   lora-gc-before-wrap       gradient checkpointing enabled on the model, then wrapped by peft
   lora-gc-after-wrap        wrapped, then checkpointing enabled through the peft model (what Trainer
-                            does): both judged against the oracle, and bit-equal to `lora`
+                            does): both judged against the oracle, and bit-equal to `lora`. A
+                            loss outside the graph is measured as every adapter gradient absent;
+                            where reentrant checkpointing met an input that does not require grad,
+                            the failing rows name that mechanism (lora-gc-no-input-grad, #26334)
   lora-unmerged             logits of the peft model against the oracle's (eval, no grad)
   lora-merged               logits after peft merges the adapter into the dtype's weights, judged
                             against the truth (not against the unmerged model), same calibrator
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.core.findings import Mechanism
 from harness.core.store import FAIL, INFO, NA, Row
 from harness.core.subjects import DTYPES, ORACLE, load_transformers
 from harness.suites.train import SUITE
@@ -34,6 +38,9 @@ from harness.suites.train.batches import Batch
 from harness.suites.train.metrics import GATED, bitwise_diff, compare
 from reference_model.checkpoint import build_model
 from reference_model.convert import unpermute
+
+# the rows' `input` settings the `lora` input writes (the module docstring says what each is)
+ROW_INPUTS = ("lora", "lora-gc-before-wrap", "lora-gc-after-wrap", "lora-unmerged", "lora-merged")
 
 # transformers' module -> the reference's (attribute path inside a layer)
 TARGETS = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv", "o_proj": "attention.wo",
@@ -146,10 +153,31 @@ def peft_grads(wrapped) -> dict[str, torch.Tensor]:
 def _loss_and_grads(model, forward, collect) -> G.Grads:
     model.zero_grad(set_to_none=True)
     loss = forward()
-    loss.backward()
+    # A loss outside the autograd graph (reentrant checkpointing whose blocks' input does not require
+    # grad, transformers #26334) is measured, not raised: backward cannot run, so every adapter
+    # gradient is absent (counted as 0) and the row says why.
+    graph = loss.requires_grad
+    if graph:
+        loss.backward()
     grads = collect(model)
     model.zero_grad(set_to_none=True)
-    return G.Grads(float(loss.detach()), grads, None, G._finite(float(loss.detach()), grads))
+    return G.Grads(float(loss.detach()), grads, None, G._finite(float(loss.detach()), grads),
+                   {"loss_requires_grad": graph})
+
+
+class InputGradProbe:
+    """Records whether the input embeddings' output requires grad in the forward: with reentrant
+    checkpointing a block records a graph only when its input does (torch.utils.checkpoint)."""
+
+    def __init__(self, model):
+        self.seen: bool | None = None
+        self.handle = model.get_input_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self.seen = bool(out.requires_grad) if self.seen is None else self.seen
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 def _ref_forward(model, batch: Batch, device: str):
@@ -184,6 +212,36 @@ def _logits_hf(model, batch: Batch, device: str) -> torch.Tensor:
 def _rel_l2(x: torch.Tensor, y: torch.Tensor) -> float:
     v = float((x - y).norm() / y.norm())
     return v if math.isfinite(v) else math.nan
+
+
+def _first(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def explain_lost_grads(cell: list[Row], gc: str, ev: dict) -> None:
+    """Name the mechanism on a checkpointed cell's failing rows when the evidence shows it: reentrant
+    checkpointing, the embeddings' output not requiring grad, adapter tensors left without gradient.
+    The whole account goes on the grad_rel_l2 row (which carries the evidence), a short one elsewhere."""
+    if not (gc == "reentrant" and ev["zero_grad_count"] and ev["embeddings_output_requires_grad"] is False):
+        return
+    short = f"{ev['zero_grad_count']} of {ev['adapter_tensors']} adapter tensors get no gradient"
+    full = f"{short}: reentrant checkpointing, and the blocks' input (the embeddings' output) does not require grad"
+    if not ev["loss_requires_grad"]:
+        full += "; the loss has no grad_fn, so loss.backward() raises 'element 0 of tensors does not require grad'"
+    for r in cell:
+        if r.status == FAIL:
+            r.extra["finding"] = LORA_GC.key
+            text = full if r.metric == "grad_rel_l2" else short
+            r.reason = f"{r.reason}; {text}" if r.reason else text
+
+
+LORA_GC = Mechanism(
+    "lora-gc-no-input-grad",
+    "LoRA with reentrant gradient checkpointing: the checkpointed blocks' input does not require grad (frozen "
+    "embeddings, no enable_input_require_grads hook), so they record no graph and their adapters get no gradient",
+    reproduction="model = get_peft_model(model, LoraConfig(...)); model.gradient_checkpointing_enable()  "
+                 "# reentrant, after wrapping; loss.requires_grad -> False",
+    source="https://github.com/huggingface/transformers/issues/26334")
 
 
 def lora_rows(measure) -> list[Row]:
@@ -227,7 +285,7 @@ def lora_rows(measure) -> list[Row]:
                                 enable_checkpointing, judge)
         except Exception as e:   # noqa: BLE001 - a release pair that cannot run LoRA fails, naming why
             rows.append(Row(SUITE, case(dtype, "lora"), "peft", ORACLE, "all", None, None, FAIL,
-                            f"peft LoRA failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+                            f"peft LoRA failed: {_first(e)}"))
     return rows
 
 
@@ -270,13 +328,27 @@ def _peft_cells(measure, dtype, attn, ads, r, alpha, batch, truth, true_logits, 
             if why:
                 rows.append(Row(SUITE, case(dtype, name, gc), "peft", ORACLE, "all", None, None, NA, why))
                 continue
-            got = _loss_and_grads(model, _hf_forward(model, batch, plan.device), peft_grads)
+            try:
+                probe = InputGradProbe(model)
+                try:
+                    got = _loss_and_grads(model, _hf_forward(model, batch, plan.device), peft_grads)
+                finally:
+                    probe.close()
+            except Exception as e:   # noqa: BLE001 - this cell fails, naming why; the others still run
+                rows.append(Row(SUITE, case(dtype, name, gc), "peft", ORACLE, "all", None, None, FAIL,
+                                f"peft LoRA with checkpointing enabled {order} wrapping failed: {_first(e)}"))
+                continue
             missing = [k for k, g in got.grads.items() if not bool(g.any())]
-            rows += judged(name, got, gc, {"zero_grad_tensors": missing[:8], "zero_grad_count": len(missing)})
+            evidence = {"zero_grad_tensors": missing[:8], "zero_grad_count": len(missing),
+                        "adapter_tensors": len(got.grads), "loss_requires_grad": got.extra["loss_requires_grad"],
+                        "embeddings_output_requires_grad": probe.seen}
+            cell = judged(name, got, gc, evidence)
             d = bitwise_diff(got, plain)
             tol, status, reason = judge(plan.policy, dtype, "gc_bitwise_diff", d, None)
-            rows.append(Row(SUITE, case(dtype, name, gc), "peft", "peft checkpointing=off", "gc_bitwise_diff", d, tol,
+            cell.append(Row(SUITE, case(dtype, name, gc), "peft", "peft checkpointing=off", "gc_bitwise_diff", d, tol,
                             status, reason or "loss and every adapter gradient equal the cell without checkpointing"))
+            explain_lost_grads(cell, gc, evidence)
+            rows += cell
     unmerged = _logits_hf(wrapped, batch, plan.device)
     merged_model = copy.deepcopy(wrapped).merge_and_unload()
     merged = _logits_hf(merged_model, batch, plan.device)

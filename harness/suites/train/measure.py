@@ -19,6 +19,7 @@ from harness.core.suite import Context, Part, Result
 from harness.suites.train import SUITE, Plan
 from harness.suites.train import grads as G
 from harness.suites.train.batches import Batch, naive_left_labels
+from harness.suites.train.lora import LORA_GC
 from harness.suites.train.metrics import EXTREMES, GATED, bitwise_diff, compare, underflow
 from reference_model.checkpoint import build_model
 
@@ -138,7 +139,7 @@ class Measure:
         timing = {"wall_seconds": round(time.perf_counter() - started, 3), "groups_resumed": len(journal.reused),
                   "oracle_seconds": round(self.oracle_seconds, 3), "groups": self.seconds}
         return Result([Part(SUITE, rows, extra, sections=sections(rows), timing=timing, device=plan.device,
-                            mechanisms={LEFT_HAZARD.key: LEFT_HAZARD})], plan.notes + self.ctx.notes)
+                            mechanisms={LEFT_HAZARD.key: LEFT_HAZARD, LORA_GC.key: LORA_GC})], plan.notes + self.ctx.notes)
 
     # -- the reference at the working dtype: the calibrator ------------------------------------------
     def reference_rows(self, dtype: str, cast: str) -> list[Row]:
