@@ -3,6 +3,7 @@
     python benchmarks/calibrate_behaviour.py                                    # the default campaign
     python benchmarks/calibrate_behaviour.py --models tiny-llama2 --seeds 1-3 --suite padding,cache
     python benchmarks/calibrate_behaviour.py --policy /tmp/candidate.toml       # judge a candidate policy
+    python benchmarks/calibrate_behaviour.py --keep --out /tmp/camp ...         # resumable: reruns skip done runs
 
 Every run is clean (no planted bug, a correct transformers), so every failing cell is a false
 alarm. For every gated cell (transformers and the reference alike: both are judged) it keeps
@@ -38,10 +39,17 @@ SUITES = "generate,cache,padding,seqcls,hidden"
 
 
 def run(model: Path, seed: int, out: Path, extra: list[str]) -> tuple[int, list[dict]]:
+    """One clean run; a folder that holds a finished run (its exit code in exit.txt) is read, not rerun."""
     from harness.cli import main
-    argv = ["behaviour", "--model", str(model), "--seed", str(seed), "--out", str(out), *extra]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        code = main(argv)
+    done = out / "exit.txt"
+    if done.exists():
+        code = int(done.read_text())
+    else:
+        argv = ["behaviour", "--model", str(model), "--seed", str(seed), "--out", str(out), *extra]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = main(argv)
+        if out.is_dir():
+            done.write_text(f"{code}\n")
     cells = []
     for summary in sorted(out.glob("*/summary.json")):
         cells += json.loads(summary.read_text())["cells"]
@@ -102,15 +110,20 @@ def main() -> None:
     p.add_argument("--also", action="append", default=[],
                    help="NAME=FILE: judge the same values under another policy too (e.g. before=old.toml)")
     p.add_argument("--out", default="reports/latest/behaviour_campaign")
+    p.add_argument("--keep", action="store_true",
+                   help="keep every run's folder under --out/runs (a finished run found there is read, not rerun: "
+                        "a cut-short campaign resumes and still counts)")
     a = p.parse_args()
     from harness.core.tolerance import load_policy
     policies = {n: load_policy(f) for n, f in (x.split("=", 1) for x in a.also)}
     extra = ["--suite", a.suite, "--dtypes", a.dtypes, "--attn", a.attn] + (["--policy", a.policy] if a.policy else [])
     records, failed, n_runs, started = [], [], 0, time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, model in models(a.models.split(","), Path(tmp)).items():
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(a.out) / "runs" if a.keep else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, model in models(a.models.split(","), Path(scratch)).items():
             for seed in seeds(a.seeds):
-                code, cells = run(model, seed, Path(tmp) / f"run-{name}-{seed}", extra)
+                code, cells = run(model, seed, tmp / f"run-{name}-{seed}", extra)
                 n_runs += 1
                 bad = [c for c in cells if c["status"] == "fail"]
                 if code != 0:
@@ -119,8 +132,8 @@ def main() -> None:
                 records += [{"model": name, "seed": seed, **r} for r in rs]
                 worst = max((r["v_over_t"] for r in rs), default=0.0)
                 also = "".join(f"; under {n}: {sum(r[f'v_over_t@{n}'] > 1 for r in rs)} failing cells" for n in policies)
-                print(f"{name} seed {seed}: exit {code}, {len(bad)} failing cells, worst v/t {worst:.3g}{also}",
-                      flush=True)
+                print(f"{name} seed {seed}: exit {code}, {len(bad)} failing cells, worst v/t {worst:.3g}{also} "
+                      f"({time.time() - started:.0f} s so far)", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "behaviour_campaign.csv", "w", encoding="utf-8") as f:
