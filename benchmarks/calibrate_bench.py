@@ -59,7 +59,8 @@ def ratios(summary: dict) -> list[dict]:
             r = t / v if v > 0 else float("inf")
         else:
             r = v / t if t > 0 else (0.0 if v == 0 else float("inf"))     # config_drift: 0 allowed, 0 seen
-        out.append({"dtype": c["case"].get("dtype"), "metric": c["metric"], "v_over_t": r, "status": c["status"]})
+        out.append({"dtype": c["case"].get("dtype"), "metric": c["metric"], "v_over_t": r, "status": c["status"],
+                    "subject": f"{c.get('subject')}~{c.get('against')}"})
     return out
 
 
