@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true",
                    help="keep every run's folder under --out/runs (a finished run found there is read, not rerun: "
                         "a cut-short campaign resumes and still counts)")
+    p.add_argument("--only-kept", action="store_true",
+                   help="with --keep: judge the finished runs found there, run none (the table of a cut-short campaign)")
     a = p.parse_args()
     from harness.core.tolerance import load_policy
     policies = {n: load_policy(f) for n, f in (x.split("=", 1) for x in a.also)}
@@ -127,6 +129,8 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for name, model in models(a.models.split(","), Path(scratch)).items():
             for seed in seeds(a.seeds):
+                if a.only_kept and not (tmp / f"run-{name}-{seed}" / "exit.txt").exists():
+                    continue
                 code, cells = run(model, seed, tmp / f"run-{name}-{seed}", extra)
                 n_runs += 1
                 bad = [c for c in cells if c["status"] == "fail"]
