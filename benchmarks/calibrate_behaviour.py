@@ -118,7 +118,8 @@ def main() -> None:
                    help="keep every run's folder under --out/runs (a finished run found there is read, not rerun: "
                         "a cut-short campaign resumes and still counts)")
     p.add_argument("--only-kept", action="store_true",
-                   help="with --keep: judge the finished runs found there, run none (the table of a cut-short campaign)")
+                   help="with --keep: judge the finished runs found there, run none "
+                        "(the table of a cut-short campaign)")
     a = p.parse_args()
     from harness.core.tolerance import load_policy
     policies = {n: load_policy(f) for n, f in (x.split("=", 1) for x in a.also)}

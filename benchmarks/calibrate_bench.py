@@ -66,7 +66,8 @@ def ratios(summary: dict) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="tiny-llama2:8", help="MODEL:BATCH list (MODEL: tiny-llama2, or PRESET@SEED: default@1, tiny-gqa@2, ...)")
+    p.add_argument("--runs", default="tiny-llama2:8",
+                   help="MODEL:BATCH list (MODEL: tiny-llama2, or PRESET@SEED: default@1, tiny-gqa@2, ...)")
     p.add_argument("--limit", default="40")
     p.add_argument("--max-length", default="2048", help="bench --max-length (a smaller one fits a busy machine)")
     p.add_argument("--subjects", default="reference,hf,adapter-hf")
@@ -88,7 +89,8 @@ def main() -> None:
                 summaries.append((spec, json.loads((out / "summary.json").read_text())))
                 print(f"{spec}: kept from {out}", flush=True)
                 continue
-            argv = ["bench", "--model", str(preset(name, Path(tmp) / "models")), "--limit", a.limit, "--batch-size", batch or "8",
+            argv = ["bench", "--model", str(preset(name, Path(tmp) / "models")), "--limit", a.limit,
+                    "--batch-size", batch or "8",
                     "--max-length", a.max_length,
                     "--subjects", a.subjects, "--no-progress", "--out", str(out)]
             console = io.StringIO()
