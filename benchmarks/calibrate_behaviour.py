@@ -3,6 +3,7 @@
     python benchmarks/calibrate_behaviour.py                                    # the default campaign
     python benchmarks/calibrate_behaviour.py --models tiny-llama2 --seeds 1-3 --suite padding,cache
     python benchmarks/calibrate_behaviour.py --policy /tmp/candidate.toml       # judge a candidate policy
+    python benchmarks/calibrate_behaviour.py --keep --out /tmp/camp ...         # resumable: reruns skip done runs
 
 Every run is clean (no planted bug, a correct transformers), so every failing cell is a false
 alarm. For every gated cell (transformers and the reference alike: both are judged) it keeps
@@ -38,10 +39,17 @@ SUITES = "generate,cache,padding,seqcls,hidden"
 
 
 def run(model: Path, seed: int, out: Path, extra: list[str]) -> tuple[int, list[dict]]:
+    """One clean run; a folder that holds a finished run (its exit code in exit.txt) is read, not rerun."""
     from harness.cli import main
-    argv = ["behaviour", "--model", str(model), "--seed", str(seed), "--out", str(out), *extra]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        code = main(argv)
+    done = out / "exit.txt"
+    if done.exists():
+        code = int(done.read_text())
+    else:
+        argv = ["behaviour", "--model", str(model), "--seed", str(seed), "--out", str(out), *extra]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = main(argv)
+        if out.is_dir():
+            done.write_text(f"{code}\n")
     cells = []
     for summary in sorted(out.glob("*/summary.json")):
         cells += json.loads(summary.read_text())["cells"]
@@ -73,11 +81,15 @@ def ratios(cells: list[dict], policies: dict) -> list[dict]:
 
 
 def fit(records: list[dict], n_runs: int, key: str = "v_over_t") -> list[dict]:
+    """Per (dtype, metric, subject): one subject's values share a scale. Pooled, the reference's
+    cells (for seqcls, hidden and gen_step its value *is* the calibrator: v / t = 1 / factor every
+    time) and transformers' spread log v/t over two modes, and the normal fit's tail crossed 1 for
+    metrics that never came near it (5.7 implied false alarms per run on a 0-failure campaign)."""
     groups: dict[tuple, list[float]] = {}
     for r in records:
-        groups.setdefault((r["dtype"], r["metric"]), []).append(r[key])
+        groups.setdefault((r["dtype"], r["metric"], r.get("subject") or "-"), []).append(r[key])
     rows = []
-    for (dtype, metric), vals in sorted(groups.items()):
+    for (dtype, metric, subject), vals in sorted(groups.items()):
         x = [math.log(v) for v in vals if v > 0]
         p = float("nan")
         if len(x) >= 5:
@@ -85,7 +97,7 @@ def fit(records: list[dict], n_runs: int, key: str = "v_over_t") -> list[dict]:
             sd = max((sum((a - mu) ** 2 for a in x) / (len(x) - 1)) ** 0.5, 1e-9)
             p = 0.5 * math.erfc(-mu / sd / math.sqrt(2))     # P(log v/t > 0) under the fit
         s = sorted(vals)
-        rows.append({"dtype": dtype, "metric": metric, "n": len(vals), "zeros": len(vals) - len(x),
+        rows.append({"dtype": dtype, "metric": metric, "subject": subject, "n": len(vals), "zeros": len(vals) - len(x),
                      "worst": s[-1], "median": s[len(s) // 2], "p_cross": p,
                      "per_run": (p if p == p else 0.0) * len(x) / max(n_runs, 1)})
     return rows
@@ -102,15 +114,25 @@ def main() -> None:
     p.add_argument("--also", action="append", default=[],
                    help="NAME=FILE: judge the same values under another policy too (e.g. before=old.toml)")
     p.add_argument("--out", default="reports/latest/behaviour_campaign")
+    p.add_argument("--keep", action="store_true",
+                   help="keep every run's folder under --out/runs (a finished run found there is read, not rerun: "
+                        "a cut-short campaign resumes and still counts)")
+    p.add_argument("--only-kept", action="store_true",
+                   help="with --keep: judge the finished runs found there, run none "
+                        "(the table of a cut-short campaign)")
     a = p.parse_args()
     from harness.core.tolerance import load_policy
     policies = {n: load_policy(f) for n, f in (x.split("=", 1) for x in a.also)}
     extra = ["--suite", a.suite, "--dtypes", a.dtypes, "--attn", a.attn] + (["--policy", a.policy] if a.policy else [])
     records, failed, n_runs, started = [], [], 0, time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, model in models(a.models.split(","), Path(tmp)).items():
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(a.out) / "runs" if a.keep else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, model in models(a.models.split(","), Path(scratch)).items():
             for seed in seeds(a.seeds):
-                code, cells = run(model, seed, Path(tmp) / f"run-{name}-{seed}", extra)
+                if a.only_kept and not (tmp / f"run-{name}-{seed}" / "exit.txt").exists():
+                    continue
+                code, cells = run(model, seed, tmp / f"run-{name}-{seed}", extra)
                 n_runs += 1
                 bad = [c for c in cells if c["status"] == "fail"]
                 if code != 0:
@@ -119,8 +141,8 @@ def main() -> None:
                 records += [{"model": name, "seed": seed, **r} for r in rs]
                 worst = max((r["v_over_t"] for r in rs), default=0.0)
                 also = "".join(f"; under {n}: {sum(r[f'v_over_t@{n}'] > 1 for r in rs)} failing cells" for n in policies)
-                print(f"{name} seed {seed}: exit {code}, {len(bad)} failing cells, worst v/t {worst:.3g}{also}",
-                      flush=True)
+                print(f"{name} seed {seed}: exit {code}, {len(bad)} failing cells, worst v/t {worst:.3g}{also} "
+                      f"({time.time() - started:.0f} s so far)", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "behaviour_campaign.csv", "w", encoding="utf-8") as f:
@@ -143,10 +165,11 @@ def main() -> None:
 
 def _table(table: list[dict], name: str) -> None:
     print(f"\nv/t under {name}:")
-    print(f"{'dtype':9} {'metric':22} {'n':>5} {'zeros':>5} {'worst v/t':>10} {'median':>8} {'p(cross)':>9} {'per run':>8}")
+    print(f"{'dtype':9} {'metric':22} {'subject':13} {'n':>5} {'zeros':>5} {'worst v/t':>10} {'median':>8} "
+          f"{'p(cross)':>9} {'per run':>8}")
     for r in table:
-        print(f"{r['dtype']:9} {r['metric']:22} {r['n']:5d} {r['zeros']:5d} {r['worst']:10.3g} {r['median']:8.3g} "
-              f"{r['p_cross']:9.2g} {r['per_run']:8.2g}")
+        print(f"{r['dtype']:9} {r['metric']:22} {r['subject'][:13]:13} {r['n']:5d} {r['zeros']:5d} {r['worst']:10.3g} "
+              f"{r['median']:8.3g} {r['p_cross']:9.2g} {r['per_run']:8.2g}")
     print(f"implied false alarms per clean run under {name} (fitted chances summed over one run's values): "
           f"{sum(r['per_run'] for r in table):.2g}")
 

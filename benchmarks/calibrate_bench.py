@@ -3,6 +3,7 @@
     python benchmarks/calibrate_bench.py                                   # embedded model, --limit 40
     python benchmarks/calibrate_bench.py --runs tiny-llama2:8,tiny-llama2:3,default:8 --limit 40
     python benchmarks/calibrate_bench.py --results /tmp/bench0              # judge runs already made
+    python benchmarks/calibrate_bench.py --runs tiny-mha@1:4,tiny-gqa@2:1 --keep /tmp/camp  # resumable
 
 A bench run has no seed: lm-eval scores the same documents the same way every time (the numbers of
 two identical runs are identical), so a campaign varies what a user varies: the model (the embedded
@@ -33,12 +34,19 @@ from calibrate_behaviour import _table, fit  # noqa: E402
 
 
 def preset(name: str, root: Path) -> Path:
-    """tiny-llama2 (the embedded model) or default@SEED (the random 32000-vocabulary preset)."""
-    from harness.core.presets import default_model, write_preset
+    """tiny-llama2 (the embedded model) or PRESET@SEED (a random preset: default, tiny-mha, tiny-gqa,
+    tiny-ffnmult, ...). Presets with a smaller vocabulary get the real tokenizer's 32000 (the
+    documents are tokenized by it; make-model --vocab-size does the same), so the shapes (MHA, GQA,
+    an FFN multiplier) vary while the tokens stay those of the default run."""
+    from harness.core.presets import PRESETS, default_model, write_preset
     if name == "tiny-llama2":
         return default_model()
     base, _, seed = name.partition("@")
-    return write_preset(base, root / name, fmt="meta", seed=int(seed or 1))
+    vocab = 32000 if PRESETS.get(base, {}).get("vocab_size", 32000) < 32000 else None
+    out = root / name
+    if (out / "params.json").exists():
+        return out
+    return write_preset(base, out, fmt="meta", seed=int(seed or 1), vocab_size=vocab)
 
 
 def ratios(summary: dict) -> list[dict]:
@@ -51,36 +59,48 @@ def ratios(summary: dict) -> list[dict]:
             r = t / v if v > 0 else float("inf")
         else:
             r = v / t if t > 0 else (0.0 if v == 0 else float("inf"))     # config_drift: 0 allowed, 0 seen
-        out.append({"dtype": c["case"].get("dtype"), "metric": c["metric"], "v_over_t": r, "status": c["status"]})
+        out.append({"dtype": c["case"].get("dtype"), "metric": c["metric"], "v_over_t": r, "status": c["status"],
+                    "subject": f"{c.get('subject')}~{c.get('against')}"})
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="tiny-llama2:8", help="MODEL:BATCH list (MODEL: tiny-llama2 or default@SEED)")
+    p.add_argument("--runs", default="tiny-llama2:8",
+                   help="MODEL:BATCH list (MODEL: tiny-llama2, or PRESET@SEED: default@1, tiny-gqa@2, ...)")
     p.add_argument("--limit", default="40")
     p.add_argument("--max-length", default="2048", help="bench --max-length (a smaller one fits a busy machine)")
     p.add_argument("--subjects", default="reference,hf,adapter-hf")
     p.add_argument("--results", nargs="*", default=[], help="bench results folders already made, judged too")
+    p.add_argument("--keep", help="keep every run's folder here (a run whose summary.json is there is not run "
+                                  "again: a cut-short campaign resumes and still counts)")
     a = p.parse_args()
     from harness.cli import main as cli
     summaries, failed, started = [], [], time.time()
     for folder in a.results:
         summaries.append((folder, json.loads((Path(folder) / "summary.json").read_text())))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(a.keep) if a.keep else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         for spec in [r for r in a.runs.split(",") if r]:
             name, _, batch = spec.partition(":")
             out = Path(tmp) / f"run-{name}-{batch}"
-            argv = ["bench", "--model", str(preset(name, Path(tmp))), "--limit", a.limit, "--batch-size", batch or "8",
+            if (out / "summary.json").exists():
+                summaries.append((spec, json.loads((out / "summary.json").read_text())))
+                print(f"{spec}: kept from {out}", flush=True)
+                continue
+            argv = ["bench", "--model", str(preset(name, Path(tmp) / "models")), "--limit", a.limit,
+                    "--batch-size", batch or "8",
                     "--max-length", a.max_length,
                     "--subjects", a.subjects, "--no-progress", "--out", str(out)]
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            console = io.StringIO()
+            with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
                 code = cli(argv)
             if code not in (0, 1):
-                print(f"{spec}: exit {code} (not a verdict)", flush=True)
+                print(f"{spec}: exit {code} (not a verdict): {console.getvalue()[-600:]}", flush=True)
                 continue
             summaries.append((spec, json.loads((out / "summary.json").read_text())))
-            print(f"{spec}: exit {code}", flush=True)
+            print(f"{spec}: exit {code} ({time.time() - started:.0f} s so far)", flush=True)
     records = []
     for name, s in summaries:
         rs = ratios(s)

@@ -117,6 +117,27 @@ def test_adapter_rolling_scores_text_after_bos(model, tokenizer):
     assert rolling == pytest.approx(ll, abs=1e-4)
 
 
+def test_adapter_decodes_generations_as_hflm(model, tokenizer, tmp_path):
+    """A generated <unk> (a random-weight model can emit id 0) leaves no text in lm-eval's HFLM
+    (tokenizer.decode(..., skip_special_tokens=True)); sentencepiece alone writes " ⁇ ". The
+    adapter decodes as HFLM does, so the same ids are the same text (a clean tiny-ffnmult run at
+    seed 3 failed gen_mismatch_rate on exactly this)."""
+    import shutil
+    from transformers import AutoTokenizer
+    from harness.suites.bench.run import HF_TOKENIZER_CONFIG
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copyfile(tokenizer, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(HF_TOKENIZER_CONFIG))
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    lm = ParityLM(model=str(model), tokenizer=str(tokenizer), batch_size=1)
+    words = lm.sp.encode("cpp wenn")
+    ids = words + [0] + lm.sp.encode("uint") + [1] + words
+    assert "⁇" in lm.sp.decode(ids)                 # the rendering the adapter must not keep
+    assert lm.tok_decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert lm.tok_decode(words) == lm.sp.decode(words)
+
+
 def test_bench_passes_clean_and_catches_a_dropped_bos(model, tokenizer, tmp_path, capsys):
     common = ["--model", str(model), "--tokenizer", str(tokenizer), "--limit", "3", "--batch-size", "2"]
     clean = tmp_path / "clean"

@@ -19,7 +19,11 @@ Conventions, each one a setting that the bench compares between subjects:
 - batching: requests sorted by length (longest first), right-padded; right padding cannot change a
   causal model's earlier positions, so no attention mask is needed.
 - generation: greedy, the subject's own kv cache (harness.subjects.steps: the whole sequence again
-  per token where it has none), batched by equal context length (so no padding at all).
+  per token where it has none), batched by equal context length (so no padding at all). The text
+  is decoded as lm-eval's HFLM decodes it (``tokenizer.decode(ids, skip_special_tokens=True)``,
+  lm_eval/models/huggingface.py ``HFLM.tok_decode``): special ids are dropped, where sentencepiece
+  alone writes " ⁇ " for a generated <unk> (measured: a random-weight preset generating id 0 gave
+  'cpp wennuint' in hf, 'cpp wenn ⁇ uint' here, the same ids: a false generation mismatch).
 - log-softmax in ``softmax_dtype`` (float32 by default) over the model's float32 logits (or the
   full-vocabulary log-probabilities of a subject without logits: log-softmax leaves them as they are).
 """
@@ -166,7 +170,8 @@ class ParityLM(TemplateLM):
         return ([BOS_ID] if add_bos else []) + self.sp.encode(string)
 
     def tok_decode(self, tokens: list[int]) -> str:
-        return self.sp.decode(list(tokens))
+        # HFLM's skip_special_tokens=True: <unk>, <s>, </s> leave no text (see the module docstring).
+        return self.sp.decode([t for t in tokens if not (self.sp.is_unknown(t) or self.sp.is_control(t))])
 
     def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(context, continuation) token lists -> (sum log p(continuation), all greedy), one forward."""
