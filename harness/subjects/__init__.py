@@ -29,6 +29,8 @@ CAPABILITIES = (
     "padding",      # forward with an attention mask and explicit positions (left-padded rows)
     "decode",       # its own KV cache: a prefill, then one token per step
     "hooks",        # per-layer / per-op captures (localisation, streaming)
+    "module",       # its own torch module (``module()``), called as transformers' LlamaForCausalLM (axes)
+    "train",        # autograd through that module in train mode: loss, gradients, steps (train)
     "logits",       # raw logits (else: log-probabilities over the full vocabulary)
     "planting",     # the harness's planted faults can be applied to it
     "resize",       # a token added to its vocabulary (embeddings resized), as the docs advise for <pad>
@@ -71,6 +73,7 @@ class Subject(Protocol):
 
     # Optional: ``open_cache(batch, length)`` -> a callable feeding its own cache the next ids and
     # returning their logits (generation, which picks each next token itself); see ``steps``.
+    # Optional: ``module()`` -> its loaded torch module, for the kinds that offer "module" (below).
 
 
 @dataclass
@@ -101,6 +104,10 @@ KINDS: dict[str, Factory] = {}
 # suite's): a spec that does not fix one runs at each of the suite's values; a kind without an axis
 # has "-" there.
 AXES: dict[str, tuple[str, ...]] = {}
+# What a kind can offer at all, known before one is built (building may mean converting or
+# compiling): a command that needs one of these refuses the other kinds with exit 2. An instance
+# may still lack it for its options (a compiled forward, quantised weights): its ``cannot()`` says why.
+OFFERS: dict[str, frozenset[str]] = {}
 # Where each kind registers itself: imported only when the kind is asked for, so that naming one
 # subject never imports another's packages (torchao changes every `import transformers`).
 MODULES = {"transformers": "transformers", "torchao": "torchao", "quanto": "quanto",
@@ -109,10 +116,11 @@ MODULES = {"transformers": "transformers", "torchao": "torchao", "quanto": "quan
 _SPEC = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)(?::(.*))?$")
 
 
-def register(kind: str, axes: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
+def register(kind: str, axes: tuple[str, ...] = (), offers: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
     def put(factory: Factory) -> Factory:
         KINDS[kind] = factory
         AXES[kind] = tuple(axes)
+        OFFERS[kind] = frozenset(offers)
         return factory
     return put
 
@@ -156,6 +164,58 @@ def default_only(texts: list[str] | None, command: str, needs: str) -> Spec:
     if len(specs) > 1:
         raise InputError(f"--subject: {command} judges one subject, {DEFAULT}")
     return specs[0]
+
+
+def add_offering(p, command: str, needs: str, own: str = "") -> None:
+    """--subject on a command that judges one subject through something only some kinds offer."""
+    p.add_argument("--subject", action="append", metavar="KIND[:key=value,...]",
+                   help=f"the subject judged (default {DEFAULT}): a kind that offers {needs}; "
+                        f"another kind is exit 2 naming the kinds that do"
+                        + (f"; {own} come from this command's own flags" if own else ""))
+
+
+def offering(texts: list[str] | None, command: str, capability: str, needs: str,
+             own: tuple[str, ...] = ()) -> Spec:
+    """The one --subject of a command that needs ``capability`` of its subject (the default kind when
+    none is given): exit 2 for an unknown kind, a kind that does not offer it (naming the kinds that
+    do), or an option the command sets with its own flags (``own``)."""
+    specs = [parse_spec(t) for t in texts or [DEFAULT]]
+    if len(specs) > 1:
+        raise InputError(f"--subject: {command} judges one subject at a time")
+    spec = specs[0]
+    factory(spec)                            # an unknown kind: exit 2 naming it
+    if capability not in OFFERS.get(spec.kind, ()):
+        load_kinds()
+        able = sorted(k for k, offers in OFFERS.items() if capability in offers)
+        raise InputError(f"--subject {spec.label()}: {command} needs {needs}, which {spec.kind} cannot give "
+                         f"(kinds that can: {', '.join(able) or 'none'})")
+    taken = sorted(set(spec.options) & set(own))
+    if taken:
+        raise InputError(f"--subject {spec.label()}: {command} sets {', '.join(taken)} with its own flags "
+                         f"({command} --help), not key=value")
+    return spec
+
+
+def unable(subject: Subject, capability: str) -> str:
+    """Why a built subject cannot do ``capability`` ('' when it can): what it says of itself, else a
+    kind that registered without offering it."""
+    return subject.cannot().get(capability) or (
+        "" if capability in OFFERS.get(subject.name, ()) else f"{subject.name} does not offer {capability!r}")
+
+
+class Cannot(Exception):
+    """A built subject cannot do what a cell needs, at its options: the cell is n/a with this reason."""
+
+
+def module_of(spec: Spec, source: Source, dtype: str, device: str, cell: dict, capability: str = "module"):
+    """The torch module of ``spec`` built for one cell (``cell``: the command's own options, e.g. attn,
+    tp and the planted Fault, on top of the spec's), or Cannot(why) where it lacks ``capability``."""
+    subject = factory(spec)(source, dtype, device, {**spec.options, **cell})
+    why = unable(subject, capability)
+    if why:
+        subject.close()
+        raise Cannot(why)
+    return subject.module()
 
 
 def steps(subject: Subject, batch: int, length: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:

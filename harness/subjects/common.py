@@ -127,12 +127,13 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def source_of(folder, ckpt=None, cache: Path | None = None, hf_path=None, tokenizer: Path | None = None) -> Source:
+def source_of(folder, ckpt=None, cache: Path | None = None, hf_path=None, tokenizer: Path | None = None,
+              find_tokenizer: bool = True) -> Source:
     """The Source of a model folder (harness.core.checkpoints.ModelFolder), the one way every caller
     (the logits suite, the benchmarks, the tests) makes it, so that builds cached by the weights'
     fingerprint are shared. ``hf_path``: a caller's own HF folder maker (made on first call);
     ``tokenizer``: the folder's tokenizer.model by default, else the Llama 2 fixture for a
-    32000-piece vocabulary."""
+    32000-piece vocabulary (``find_tokenizer=False``: none, for callers whose subjects read no text)."""
     from harness.core import cache_dir
     from harness.core.checkpoints import HFFolder
     from harness.core.store import fingerprint
@@ -144,9 +145,9 @@ def source_of(folder, ckpt=None, cache: Path | None = None, hf_path=None, tokeni
             holder.append(HFFolder(ckpt))
         return holder[0].path
 
-    if tokenizer is None and (folder.path / "tokenizer.model").is_file():
+    if tokenizer is None and find_tokenizer and (folder.path / "tokenizer.model").is_file():
         tokenizer = folder.path / "tokenizer.model"
-    if tokenizer is None and ckpt.args.vocab_size == 32000:
+    if tokenizer is None and find_tokenizer and ckpt.args.vocab_size == 32000:
         from harness.core.real_tokenizer import ensure_tokenizer_model
         tokenizer = ensure_tokenizer_model()
     return Source(ckpt=ckpt, fingerprint=fingerprint(folder.fingerprint()), hf_path=hf_path or own_hf_path,

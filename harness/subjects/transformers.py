@@ -79,6 +79,8 @@ class TransformersLM:
         if self.compiled is not None:
             out["hooks"] = (f"compiled with torch.compile ({self.compiled.backend}): per-layer captures "
                             "(localisation, streaming) would run the eager model, not the compiled graph")
+            out["module"] = out["train"] = (f"compiled with torch.compile ({self.compiled.backend}) for inference: "
+                                            "a cast or a backward through its module would not judge the compiled graph")
         return out
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
@@ -132,6 +134,14 @@ class TransformersLM:
                 return steps(ids.to(self.device))
         return call
 
+    def module(self) -> torch.nn.Module:
+        """The loaded LlamaForCausalLM itself: what axes casts and calls with transformers' own flags,
+        and what the train suite backpropagates through ("module", "train")."""
+        why = self.cannot().get("module")
+        if why:
+            raise NotImplementedError(why)
+        return self.model
+
     def dequantised(self) -> dict[str, torch.Tensor] | None:
         """Meta-layout float weights the subject actually computes with, when they differ from the
         checkpoint's (quantised subjects); None here: transformers holds the checkpoint's weights."""
@@ -162,7 +172,7 @@ def common_options(o: Options, kind: str) -> dict[str, Any]:
     return {"attn": attn, "tp": tp, "cache": cache, "fault": fault}
 
 
-@register(KIND, axes=("attn", "tp", "cache"))
+@register(KIND, axes=("attn", "tp", "cache"), offers=("module", "train"))
 def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
     o = Options(KIND, options)
     common = common_options(o, KIND)

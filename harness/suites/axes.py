@@ -9,7 +9,8 @@
   take (SDPA falls back to eager, or returns no weights); the logits under each flag, the attention
   probabilities and the hidden states they return are compared with the float64 oracle.
 
-Every transformers figure is judged by the usual rule (harness/tolerance.py), calibrated on the
+The subject (``--subject``, transformers by default) is any kind that offers its own torch module
+("module" in harness/subjects), built through the registry at each cell. Every subject figure is judged by the usual rule (harness/tolerance.py), calibrated on the
 reference at the same dtype, same input and same position bucket. Divergences that are understood
 and cited live in suites/axes.toml as known deviations: still measured and shown, status info,
 unless ``--strict``.
@@ -31,17 +32,17 @@ from harness.core.faults import Fault, faults_for, get_fault
 from harness.core.metrics import METRICS, POLICY_METRICS, compare
 from harness.core.presets import long_positions_model
 from harness.core.store import FAIL, INFO, NA, Row, fingerprint
-from harness.core.subjects import DTYPES, ORACLE, load_transformers, reference
+from harness.core.subjects import DTYPES, ORACLE, reference
 from harness.core.suite import Context, Part, Result, Suite
 from harness.core.tolerance import Policy, load_policy
 from harness.scale.capture import Capture
+from harness.subjects import DEFAULT, Cannot, Source, Spec, add_offering, module_of, offering
+from harness.subjects.common import source_of
 from harness.suites.behaviour.hidden import _layer_names, _reference_hidden, _rel_l2
 from reference_model.checkpoint import Checkpoint
-from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
-from harness.subjects import add_default_only, default_only
 
-# what this command needs of a subject: only the default one takes part (--subject)
-AXES_NEEDS = "transformers' model classes loaded by each cast path (load, .to, autocast) with per-layer captures"
+# what this command needs of a subject (--subject): its own torch module, cast and called with the flags
+AXES_NEEDS = "its own torch module, cast by each path (load, .to, autocast) and called with output flags"
 
 AXES_FILE = SUITES / "axes.toml"
 CASTS = {
@@ -90,6 +91,13 @@ class AxesRun:
     fault: Fault | None = None
     strict: bool = False
     notes: list[str] = field(default_factory=list)
+    subject: Spec = field(default_factory=lambda: Spec(DEFAULT))   # --subject: its kind offers "module"
+    source: Source | None = None                                    # the weights it is built from
+
+    @property
+    def label(self) -> str:
+        """The rows' subject: the spec as given."""
+        return self.subject.label()
 
 
 def parse_lengths(values: list[str]) -> list[int]:
@@ -104,24 +112,27 @@ def buckets(length: int, edges: list[int], max_pos: int) -> list[tuple[int, int,
             for a, b in zip(cuts, cuts[1:])]
 
 
-def settle(rows: list[Row], spec: AxesSpec, strict: bool) -> list[Row]:
-    """Failing transformers rows that a known deviation explains become info rows (unless strict)."""
-    return deviations.settle(rows, spec.known, strict, subjects=(SUBJECT,))
+def settle(rows: list[Row], run: AxesRun) -> list[Row]:
+    """Failing subject rows that a known deviation explains become info rows (unless strict)."""
+    return deviations.settle(rows, run.spec.known, run.strict, subjects=(run.label,))
 
 
-def _na(suite: str, case: dict, why: str) -> Row:
-    return Row(suite, dict(case), SUBJECT, ORACLE, "all", None, status=NA, reason=why)
+def _na(run: AxesRun, suite: str, case: dict, why: str) -> Row:
+    return Row(suite, dict(case), run.label, ORACLE, "all", None, status=NA, reason=why)
 
 
-def _failed(suite: str, case: dict, e: Exception, what: str) -> Row:
+def _failed(run: AxesRun, suite: str, case: dict, e: Exception, what: str) -> Row:
     msg = str(e).splitlines()[0][:200] if str(e) else ""
-    return Row(suite, dict(case), SUBJECT, ORACLE, "all", None, status=FAIL,
+    return Row(suite, dict(case), run.label, ORACLE, "all", None, status=FAIL,
                reason=f"{what} failed: {type(e).__name__}: {msg}")
 
 
-def _load(run: AxesRun, hf_path: Path, dtype: str, attn: str, cast: str = "load", kind: str = "LlamaForCausalLM"):
-    # The fault is planted on the loaded model, before .to(dtype): as a user's port would have it.
-    model = load_transformers(kind, hf_path, dtype if cast == "load" else "float32", run.device, attn, run.fault)
+def _load(run: AxesRun, dtype: str, attn: str, cast: str = "load"):
+    """The subject's module at a cell, built through the registry in the dtype (cast "load") or in
+    float32, then cast with .to(dtype) for "to". The fault is planted on the loaded model, before
+    .to(dtype): as a user's port would have it."""
+    cell = {"attn": attn, **({"plant": run.fault} if run.fault else {})}
+    model = module_of(run.subject, run.source, dtype if cast == "load" else "float32", run.device, cell)
     if cast == "to":
         model = model.to(DTYPES[dtype])
     return model
@@ -164,7 +175,7 @@ def _bucket_rows(suite, case, subject, logits, truth, spans, policy, dtype, ref_
     return rows, values
 
 
-def run_cast(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
+def run_cast(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
     suite, vocab, max_pos = "cast", ckpt.args.vocab_size, ckpt.args.max_seq_len
     inputs = {n: make_inputs(Shape(1, n), vocab, run.seed) for n in run.lengths}
     spans = {n: buckets(n, run.spec.edges, max_pos) for n in run.lengths}
@@ -190,14 +201,17 @@ def run_cast(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
                 if not why and dtype == "float32" and cast != "load":
                     why = "float32 is the dtype the weights load in: no cast to make"
                 if why:
-                    rows.append(_na(suite, case, why))
+                    rows.append(_na(run, suite, case, why))
                     continue
                 try:
-                    model = _load(run, hf_path, dtype, attn, cast)
+                    model = _load(run, dtype, attn, cast)
                 except InputError:
                     raise
+                except Cannot as e:
+                    rows.append(_na(run, suite, case, str(e)))
+                    continue
                 except Exception as e:   # a release that cannot build this cell fails it, naming the error
-                    rows.append(_failed(suite, case, e, "transformers load"))
+                    rows.append(_failed(run, suite, case, e, f"{run.subject.kind} load"))
                     continue
                 buffers = rope_buffer_dtypes(model)
                 for n, ids in inputs.items():
@@ -205,12 +219,12 @@ def run_cast(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
                         with _context(run, cast, dtype):
                             logits = _forward(run, model, ids).logits.cpu()
                     except Exception as e:
-                        rows.append(_failed(suite, {**case, "length": n}, e, "transformers forward"))
+                        rows.append(_failed(run, suite, {**case, "length": n}, e, f"{run.subject.kind} forward"))
                         continue
-                    rows += _bucket_rows(suite, {**case, "length": n}, SUBJECT, logits, truth[n], spans[n],
+                    rows += _bucket_rows(suite, {**case, "length": n}, run.label, logits, truth[n], spans[n],
                                          run.policy, dtype, ref_values[n], {"rope_buffers": buffers})[0]
                 del model
-    return settle(rows, run.spec, run.strict)
+    return settle(rows, run)
 
 
 # --- flags ----------------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def _flag_kwargs(flag: str) -> dict:
             "hidden_states": {"output_hidden_states": True}}.get(flag, {})
 
 
-def run_flags(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
+def run_flags(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
     suite = "flags"
     ids = make_inputs(Shape(2, 32), ckpt.args.vocab_size, run.seed).to(run.device)
     names = _layer_names(ckpt.args.n_layers)
@@ -260,31 +274,34 @@ def run_flags(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
             base = {"dtype": dtype, "attn": attn, "device": run.device}
             why = compat.attn_reason(attn, run.device)
             if why:
-                rows += [_na(suite, {**base, "flags": f}, why) for f in run.flags]
+                rows += [_na(run, suite, {**base, "flags": f}, why) for f in run.flags]
                 continue
             try:
-                model = _load(run, hf_path, dtype, attn)
+                model = _load(run, dtype, attn)
                 plain = _forward(run, model, ids).logits.cpu()
             except InputError:
                 raise
+            except Cannot as e:
+                rows += [_na(run, suite, {**base, "flags": f}, str(e)) for f in run.flags]
+                continue
             except Exception as e:
-                rows += [_failed(suite, {**base, "flags": f}, e, "transformers load") for f in run.flags]
+                rows += [_failed(run, suite, {**base, "flags": f}, e, f"{run.subject.kind} load") for f in run.flags]
                 continue
             for flag in run.flags:
                 case = {**base, "flags": flag}
                 try:
                     out = _forward(run, model, ids, **_flag_kwargs(flag))
                 except Exception as e:
-                    rows.append(_failed(suite, case, e, "transformers forward"))
+                    rows.append(_failed(run, suite, case, e, f"{run.subject.kind} forward"))
                     continue
                 logits = out.logits.cpu()
                 values, bad = compare(logits, truth)
                 for m in METRICS:
                     tol, status, reason = run.policy.judge(dtype, m, values[m], ref_logits[m])
-                    rows.append(Row(suite, {**case, "layer": "logits"}, SUBJECT, ORACLE, m, values[m], tol,
+                    rows.append(Row(suite, {**case, "layer": "logits"}, run.label, ORACLE, m, values[m], tol,
                                     FAIL if bad else status, bad or reason))
                 changed = _max_abs(logits, plain)
-                rows.append(Row(suite, {**case, "layer": "logits"}, SUBJECT, "transformers flags=none",
+                rows.append(Row(suite, {**case, "layer": "logits"}, run.label, f"{run.label} flags=none",
                                 "max_abs", changed, None, INFO,
                                 "the flag changed the code path (logits differ from the same model without it)"
                                 if changed else "same logits as without the flag"))
@@ -295,7 +312,7 @@ def run_flags(run: AxesRun, ckpt: Checkpoint, hf_path: Path) -> list[Row]:
                     rows += _hidden_rows(run, suite, case, getattr(out, "hidden_states", None), truth_hidden,
                                          ref_hidden, names, dtype)
             del model
-    return settle(rows, run.spec, run.strict)
+    return settle(rows, run)
 
 
 def _reference_rows(run, suite, dtype, logits: dict, attn: list, hidden: list, names) -> list[Row]:
@@ -312,42 +329,42 @@ def _reference_rows(run, suite, dtype, logits: dict, attn: list, hidden: list, n
     return rows
 
 
-def _returned(suite, case, got, want: int, what: str) -> Row | None:
-    """A FAIL row when transformers did not return one tensor per layer for an output flag."""
+def _returned(run, suite, case, got, want: int, what: str) -> Row | None:
+    """A FAIL row when the subject did not return one tensor per layer for an output flag."""
     n = 0 if got is None else len(got)
     if n == want and all(torch.is_tensor(t) for t in got):
         return None
     shown = "None" if got is None else f"a tuple of {n} ({', '.join(type(t).__name__ for t in got[:3])})"
-    return Row(suite, {**case, "layer": "-"}, SUBJECT, ORACLE, f"{what}_returned", float(n), float(want),
+    return Row(suite, {**case, "layer": "-"}, run.label, ORACLE, f"{what}_returned", float(n), float(want),
                FAIL, f"asked for output_{what}=True: got {shown}, expected {want} tensors")
 
 
 def _attention_rows(run, suite, case, got, truth, ref, names, dtype) -> list[Row]:
-    missing = _returned(suite, case, got, len(truth), "attentions")
+    missing = _returned(run, suite, case, got, len(truth), "attentions")
     if missing:
         return [missing]
     rows = []
     for i, (a, t, rv) in enumerate(zip(got, truth, ref)):
         if a.shape != t.shape:
-            rows.append(Row(suite, {**case, "layer": f"block{i}"}, SUBJECT, ORACLE, "attn_probs_max_abs",
+            rows.append(Row(suite, {**case, "layer": f"block{i}"}, run.label, ORACLE, "attn_probs_max_abs",
                             None, None, FAIL, f"attention weights of shape {tuple(a.shape)}, expected {tuple(t.shape)}"))
             continue
         v = _max_abs(a, t)
         tol, status, why = run.behaviour_policy.judge(dtype, "attn_probs_max_abs", v, rv)
-        rows.append(Row(suite, {**case, "layer": f"block{i}"}, SUBJECT, ORACLE, "attn_probs_max_abs",
+        rows.append(Row(suite, {**case, "layer": f"block{i}"}, run.label, ORACLE, "attn_probs_max_abs",
                         v, tol, status, why))
     return rows
 
 
 def _hidden_rows(run, suite, case, got, truth, ref, names, dtype) -> list[Row]:
-    missing = _returned(suite, case, got, len(truth), "hidden_states")
+    missing = _returned(run, suite, case, got, len(truth), "hidden_states")
     if missing:
         return [missing]
     rows = []
     for name, h, t, rv in zip(names, got, truth, ref):
         v = _rel_l2(h, t)
         tol, status, why = run.behaviour_policy.judge(dtype, "hidden_rel_l2", v, rv)
-        rows.append(Row(suite, {**case, "layer": name}, SUBJECT, ORACLE, "hidden_rel_l2", v, tol, status, why))
+        rows.append(Row(suite, {**case, "layer": name}, run.label, ORACLE, "hidden_rel_l2", v, tol, status, why))
     return rows
 
 
@@ -359,7 +376,7 @@ class Axes(Suite):
     help = "cast paths (load/to/autocast) with long positions, and output flags"
 
     def add_arguments(self, p) -> None:
-        add_default_only(p, self.name, AXES_NEEDS)
+        add_offering(p, self.name, AXES_NEEDS, own="attn, plant")
         p.add_argument("--suite", type=inputs.csv, help="comma list of cast,flags (default: both)")
         p.add_argument("--model", help="Meta or HF checkpoint; default: the long-hd128 preset (head_dim 128, "
                                        "max_position_embeddings 2048), generated into the cache")
@@ -374,7 +391,7 @@ class Axes(Suite):
                        help="comma list of sequence lengths for the cast suite (default: 16,3072)")
         p.add_argument("--spec", help="axes data file (default: suites/axes.toml)")
         p.add_argument("--policy", help="logits tolerance policy (default: suites/tolerance.toml)")
-        p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "
+        p.add_argument("--plant", help=f"plant a known porting bug in the subject: "
                                        f"{', '.join(faults_for('axes'))}")
         p.add_argument("--strict", action="store_true", help="gate known deviations like any other row")
         deviations.add_argument(p)
@@ -382,7 +399,7 @@ class Axes(Suite):
         p.add_argument("--seed", default="0")
 
     def run(self, a, ctx: Context) -> Result:
-        default_only(a.subject, self.name, AXES_NEEDS)
+        subject = offering(a.subject, self.name, "module", AXES_NEEDS, own=("attn", "plant"))
         from harness.suites.behaviour.common import DEFAULT_POLICY as BEHAVIOUR_POLICY
         spec = load_spec(a.spec)
         spec.known = deviations.merge(spec.known, deviations.user_deviations(a))
@@ -400,7 +417,7 @@ class Axes(Suite):
             spec=spec, policy=load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, METRICS),
             behaviour_policy=load_policy(BEHAVIOUR_POLICY).require(dtypes, ["attn_probs_max_abs", "hidden_rel_l2"]),
             device=inputs.device(a.device), seed=inputs.seed(a.seed), fault=get_fault(a.plant, self.name),
-            strict=a.strict)
+            strict=a.strict, subject=subject)
         compat.usable_attns("--attn", run.attns, run.device)
         folder = open_model(a.model) if a.model else open_model(long_positions_model())
         ctx.check_memory(resources.logits_run(folder.args, dtypes, [Shape(1, n) for n in run.lengths] + [Shape(2, 32)],
@@ -411,8 +428,9 @@ class Axes(Suite):
                              f"the longest length here is {max(run.lengths)}")
         parts = []
         with HFFolder(ckpt) as hf:
+            run.source = source_of(folder, ckpt, hf_path=lambda: hf.path, find_tokenizer=False)
             for name in suites:
-                rows = {"cast": run_cast, "flags": run_flags}[name](run, ckpt, hf.path)
+                rows = {"cast": run_cast, "flags": run_flags}[name](run, ckpt)
                 extra = {"model": {"path": str(folder.path), "format": ckpt.source,
                                    "fingerprint": fingerprint(folder.fingerprint()),
                                    "max_position_embeddings": ckpt.args.max_seq_len},

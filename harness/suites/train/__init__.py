@@ -1,11 +1,13 @@
-"""The train suite: transformers' loss and every parameter's gradient in train mode, against the
+"""The train suite: a subject's loss and every parameter's gradient in train mode, against the
 float64 oracle's (autograd through the independent reference), judged by the tolerance policy.
+The subject (``--subject``, transformers by default) is any kind that offers "train" (autograd
+through its own torch module, harness/subjects), built through the registry at each cell.
 
 A cell is dtype x cast (loaded in the dtype, or float32 weights under autocast) x attention x
 pretraining_tp x gradient checkpointing x input batch. The reference at the cell's dtype and cast
 runs too and calibrates the policy, as in ``logits``: value <= min(abs, max(floor, factor x the
 reference's own error)), ``max_factor`` for the worst tensor. Groups (the reference at a dtype and
-cast; transformers at a dtype, cast, attention and tp) are journaled, so a rerun resumes.
+cast; the subject at a dtype, cast, attention and tp) are journaled, so a rerun resumes.
 
 Modules: ``batches`` (the inputs and their labels), ``grads`` (loss and gradients of each subject),
 ``metrics`` (how far from the oracle), ``measure`` (the run), ``accumulate`` (gradient accumulation
@@ -26,6 +28,7 @@ from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
 from harness.core.suite import Context, Result, Suite
 from harness.core.tolerance import Policy, load_policy
+from harness.subjects import DEFAULT, Spec, add_offering, offering
 from harness.suites.train import batches
 from harness.suites.train.metrics import GATED
 from reference_model.checkpoint import Checkpoint
@@ -37,13 +40,16 @@ INPUTS = (*batches.KINDS, "accum", "steps", "lora")
 POLICY_METRICS = (*GATED, "gc_bitwise_diff", "accum_rel_l2", "accum_loss_rel_err", "steps_loss_rel_err", "steps_drift",
                   "logits_rel_l2", "loss_of_logits_rel_err")
 DEFAULT_POLICY = "train_tolerance.toml"
+# what this suite needs of a subject (--subject)
+TRAIN_NEEDS = "autograd through its own torch module (loss and gradients, optimizer steps, Trainer, LoRA)"
 
 
 class Train(Suite):
     name = SUITE
-    help = "transformers' training loss and gradients against the float64 oracle's"
+    help = "a subject's training loss and gradients against the float64 oracle's"
 
     def add_arguments(self, p) -> None:
+        add_offering(p, self.name, TRAIN_NEEDS, own="attn, tp, plant")
         p.add_argument("--model", help="Meta or HF folder; default: the embedded model")
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
         p.add_argument("--attn", type=inputs.csv, help="comma list of eager,sdpa,... (default: eager,sdpa)")
@@ -105,6 +111,7 @@ class Plan:
     text: str
     notes: list[str] = field(default_factory=list)
     strict: frozenset[str] = frozenset()    # names of the known deviations gated (--strict)
+    subject: Spec = field(default_factory=lambda: Spec(DEFAULT))   # --subject: its kind offers "train"
 
     @classmethod
     def from_args(cls, a, ctx: Context) -> "Plan":
@@ -115,6 +122,7 @@ class Plan:
         device = inputs.device(a.device)
         seed = inputs.seed(a.seed)
         strict = strict_names(getattr(a, "strict", None))
+        subject = offering(getattr(a, "subject", None), SUITE, "train", TRAIN_NEEDS, own=("attn", "tp", "plant"))
         dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d["dtypes"], inputs.KNOWN_DTYPES)
         attns = inputs.choices("--attn", a.attn if a.attn is not None else d["attn"], inputs.KNOWN_ATTN)
         compat.usable_attns("--attn", attns, device)
@@ -153,7 +161,7 @@ class Plan:
             raise InputError(f"--inputs: nothing to measure on: accum, steps and lora run on the batches beside them; "
                              f"add one of {', '.join(batches.KINDS)}")
         return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds,
-                   "lora" in kinds, device, seed, policy, fault, data, label, notes, strict)
+                   "lora" in kinds, device, seed, policy, fault, data, label, notes, strict, subject)
 
     @staticmethod
     def token_windows(a, cfg: dict, folder: ModelFolder, ckpt: Checkpoint, long_ctx: int, seed: int,

@@ -18,7 +18,8 @@ import torch
 
 from harness.core import compat
 from harness.core.store import FAIL, INFO, NA, Row
-from harness.core.subjects import ORACLE, load_transformers
+from harness.core.subjects import ORACLE
+from harness.subjects import Cannot
 from harness.suites.train import SUITE
 from harness.suites.train import grads as G
 from harness.suites.train.metrics import compare
@@ -90,7 +91,10 @@ def trainer_rows(measure, batch, truth, case) -> list[Row]:
     samples = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
                for ids, labels in batch.rows()]
     steps = len(samples) // micro
-    model = load_transformers("LlamaForCausalLM", measure.hf_path(), "float32", plan.device, "eager", plan.fault)
+    try:
+        model = measure.module("float32")
+    except Cannot as e:
+        return [_row(case, "trainer", "all", None, NA, str(e))]
     model.train()
     opt = Capture(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
@@ -148,13 +152,16 @@ def contract_rows(measure, batch, truth, case) -> list[Row]:
     """model(**micro, num_items_in_batch=N) summed over micro-batches equals the full batch's mean."""
     plan = measure.plan
     case = {**case, "input": "num_items_in_batch"}
-    model = load_transformers("LlamaForCausalLM", measure.hf_path(), "float32", plan.device, "eager", plan.fault)
+    try:
+        model = measure.module("float32")
+    except Cannot as e:
+        return [_row(case, measure.label, "all", None, NA, str(e))]
     params = inspect.signature(model.forward).parameters
     if "num_items_in_batch" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return [_row(case, "transformers", "all", None, NA,
+        return [_row(case, measure.label, "all", None, NA,
                      f"transformers {compat.transformers_release()}: the model's forward takes no num_items_in_batch")]
     if compat.transformers_version() < (4, 46):
-        return [_row(case, "transformers", "all", None, NA,
+        return [_row(case, measure.label, "all", None, NA,
                      f"transformers {compat.transformers_release()}: num_items_in_batch arrives in 4.46")]
     model.train()
     model.zero_grad(set_to_none=True)
@@ -168,7 +175,7 @@ def contract_rows(measure, batch, truth, case) -> list[Row]:
     rows = []
     for metric, value in (("accum_rel_l2", c["values"]["grad_rel_l2"]), ("accum_loss_rel_err", c["values"]["loss_rel_err"])):
         tol, status, reason = measure_judge(measure, metric, value)
-        rows.append(_row(case, "transformers", metric, value, status, reason or
+        rows.append(_row(case, measure.label, metric, value, status, reason or
                          "micro-batch losses with num_items_in_batch = the whole batch's labelled tokens, summed",
                          tol, {"worst_tensor": c["worst"]} if metric == "accum_rel_l2" else {}))
     return rows

@@ -31,7 +31,8 @@ from torch import nn
 
 from harness.core.findings import Mechanism
 from harness.core.store import FAIL, INFO, NA, Row
-from harness.core.subjects import DTYPES, ORACLE, load_transformers
+from harness.core.subjects import DTYPES, ORACLE
+from harness.subjects import Cannot
 from harness.suites.train import SUITE
 from harness.suites.train import grads as G
 from harness.suites.train.batches import Batch
@@ -283,6 +284,8 @@ def lora_rows(measure) -> list[Row]:
         try:
             rows += _peft_cells(measure, dtype, attn, ads, r, alpha, batch, truth, true_logits, rc, ref_logits, case,
                                 enable_checkpointing, judge)
+        except Cannot as e:
+            rows.append(Row(SUITE, case(dtype, "lora"), "peft", ORACLE, "all", None, None, NA, str(e)))
         except Exception as e:   # noqa: BLE001 - a release pair that cannot run LoRA fails, naming why
             rows.append(Row(SUITE, case(dtype, "lora"), "peft", ORACLE, "all", None, None, FAIL,
                             f"peft LoRA failed: {_first(e)}"))
@@ -292,8 +295,7 @@ def lora_rows(measure) -> list[Row]:
 def _peft_cells(measure, dtype, attn, ads, r, alpha, batch, truth, true_logits, rc, ref_logits, case,
                 enable_checkpointing, judge) -> list[Row]:
     plan = measure.plan
-    load = lambda: load_transformers("LlamaForCausalLM", measure.hf_path(), dtype, plan.device, attn,  # noqa: E731
-                                     plan.fault)
+    load = lambda: measure.module(dtype, attn)  # noqa: E731
     rows: list[Row] = []
 
     def judged(name, got: G.Grads, gc="off", extra=None) -> list[Row]:

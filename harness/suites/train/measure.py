@@ -1,5 +1,5 @@
 """One run of the train suite: the oracle's gradients once per batch, then per dtype and cast the
-reference (the calibrator) and every transformers group, judged cell by cell."""
+reference (the calibrator) and every group of the subject, judged cell by cell."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,10 @@ from harness.core.environment import environment
 from harness.core.errors import InputError
 from harness.core.findings import Mechanism
 from harness.core.store import FAIL, INFO, NA, PASS, Row, fingerprint
-from harness.core.subjects import DTYPES, ORACLE, TRUTH, load_transformers
+from harness.core.subjects import DTYPES, ORACLE, TRUTH
 from harness.core.suite import Context, Part, Result
+from harness.subjects import Cannot, module_of
+from harness.subjects.common import source_of
 from harness.suites.train import SUITE, Plan
 from harness.suites.train import grads as G
 from harness.suites.train.batches import Batch, naive_left_labels
@@ -49,7 +51,9 @@ class Measure:
         self._truth: dict[str, G.Grads] = {}
         self.oracle_seconds = 0.0
         self._hf: HFFolder | None = None
+        self._source = None                      # harness.subjects.Source, made on first use
         self.seconds: dict[str, float] = {}     # group -> wall seconds (timing.json; the cost benchmark)
+        self.label = plan.subject.label()        # the rows' subject: the spec as given
         self.settings = {
             "suite": SUITE, "model": plan.folder.fingerprint(), "seed": plan.seed,
             "inputs": fingerprint([[b.key(), b.ids.tolist(), b.mask.tolist(), b.labels.tolist()]
@@ -75,6 +79,15 @@ class Measure:
         if self._hf is None:
             self._hf = HFFolder(self.plan.ckpt)
         return self._hf.path
+
+    def module(self, dtype: str, attn: str = "eager", tp: int = 1):
+        """The subject's torch module at a cell, built through the registry (harness.subjects) with the
+        cell's attention, pretraining_tp and --plant; Cannot(why) where it cannot train at its options."""
+        plan = self.plan
+        if self._source is None:    # hashes the weights once
+            self._source = source_of(plan.folder, plan.ckpt, hf_path=self.hf_path, find_tokenizer=False)
+        cell = {"attn": attn, "tp": str(tp), **({"plant": plan.fault} if plan.fault else {})}
+        return module_of(plan.subject, self._source, dtype, plan.device, cell, "train")
 
     def key(self, group: dict) -> str:
         return fingerprint({"run": self.settings, "group": group})
@@ -112,9 +125,9 @@ class Measure:
                 rows += ref_rows
                 calib = {(r.case["input"], r.metric): r.value for r in ref_rows if r.status != INFO}
                 for attn, tp in groups:
-                    g = {"subject": "transformers", "dtype": dtype, "cast": cast, "attn": attn, "tp": tp,
+                    g = {"subject": self.label, "dtype": dtype, "cast": cast, "attn": attn, "tp": tp,
                          "checkpointing": plan.checkpointing}
-                    rows += self.cached(g, lambda: self.transformers_rows(dtype, cast, attn, tp, calib))
+                    rows += self.cached(g, lambda: self.subject_rows(dtype, cast, attn, tp, calib))
             if plan.accum:
                 from harness.suites.train.accumulate import accumulation_rows
                 g = {"subject": "trainer", "accum": plan.data["accum"]}
@@ -156,26 +169,27 @@ class Measure:
                                            G.reference_grads(model, b, plan.device), truth)
         return rows
 
-    # -- transformers -------------------------------------------------------------------------------
+    # -- the subject --------------------------------------------------------------------------------
     def not_applicable(self, attn: str, tp: int) -> str:
         why = compat.attn_reason(attn, self.plan.device)
         if not why and tp > 1 and not compat.tp_honoured():
             why = compat.TP_NOOP
         return why
 
-    def transformers_rows(self, dtype: str, cast: str, attn: str, tp: int, calib: dict) -> list[Row]:
+    def subject_rows(self, dtype: str, cast: str, attn: str, tp: int, calib: dict) -> list[Row]:
         plan = self.plan
         why = self.not_applicable(attn, tp)
         if why:
             return [self.na(self.case(dtype, cast, attn, tp, "off", b), why) for b in plan.batches]
         try:
-            model = load_transformers("LlamaForCausalLM", self.hf_path(), "float32" if cast == "autocast" else dtype,
-                                      plan.device, attn, plan.fault, pretraining_tp=tp)
+            model = self.module("float32" if cast == "autocast" else dtype, attn, tp)
         except InputError:
             raise
+        except Cannot as e:
+            return [self.na(self.case(dtype, cast, attn, tp, "off", b), str(e)) for b in plan.batches]
         except Exception as e:   # a release that cannot build this cell fails it, naming the error
-            return [self.failed(self.case(dtype, cast, attn, tp, "off", b), f"transformers failed to load: {_first(e)}")
-                    for b in plan.batches]
+            return [self.failed(self.case(dtype, cast, attn, tp, "off", b),
+                                f"{plan.subject.kind} failed to load: {_first(e)}") for b in plan.batches]
         autocast = dtype if cast == "autocast" else None
         scaled = dtype == "float16"
         rows, plain = [], {}
@@ -184,15 +198,15 @@ class Measure:
             try:
                 got = G.transformers_grads(model, b, plan.device, autocast, scaled, plan.fault)
             except Exception as e:
-                rows.append(self.failed(case, f"transformers backward failed: {_first(e)}"))
+                rows.append(self.failed(case, f"{plan.subject.kind} backward failed: {_first(e)}"))
                 continue
             plain[b.key()] = got
-            rows += self.judged(case, "transformers", got, self.truth(b), dtype, calib, b)
+            rows += self.judged(case, self.label, got, self.truth(b), dtype, calib, b)
             if b.kind == "left":
                 rows += self.left_hazard(model, b, case, autocast, scaled)
             if dtype == "float16" and cast == "load" and b is plan.batches[0]:
-                rows += self.unscaled_rows(case, "transformers", G.transformers_grads(model, b, plan.device,
-                                                                                      fault=plan.fault), self.truth(b))
+                rows += self.unscaled_rows(case, self.label, G.transformers_grads(model, b, plan.device,
+                                                                                  fault=plan.fault), self.truth(b))
             if dtype != "float32" and b is plan.batches[0]:
                 rows.append(self.peak_row(model, b, case, autocast, got))
         for gc in plan.checkpointing:
@@ -212,14 +226,14 @@ class Measure:
         try:
             got = G.transformers_grads(model, b, plan.device, autocast, scaled, plan.fault)
         except Exception as e:
-            return [self.failed(case, f"transformers backward with {gc} checkpointing failed: {_first(e)}")]
+            return [self.failed(case, f"{plan.subject.kind} backward with {gc} checkpointing failed: {_first(e)}")]
         finally:
             model.gradient_checkpointing_disable()
-        rows = self.judged(case, "transformers", got, self.truth(b), dtype, calib, b)
+        rows = self.judged(case, self.label, got, self.truth(b), dtype, calib, b)
         if b.key() in plain:
             d = bitwise_diff(got, plain[b.key()])
             tol, status, reason = judge(plan.policy, dtype, "gc_bitwise_diff", d, None)
-            rows.append(Row(SUITE, case, "transformers", "transformers checkpointing=off", "gc_bitwise_diff", d, tol,
+            rows.append(Row(SUITE, case, self.label, f"{self.label} checkpointing=off", "gc_bitwise_diff", d, tol,
                             status, reason or "loss and every gradient equal the cell without checkpointing"))
         return rows
 
@@ -234,7 +248,7 @@ class Measure:
         reason = (f"labels mask only the pads: the last pad predicts the first real token; loss off by "
                   f"{c['values']['loss_rel_err']:.3g}, gradients by {c['values']['grad_rel_l2']:.3g} (relative L2); "
                   "labels -100 on the first real token too fix it (the gated 'left' cell)")
-        return [Row(SUITE, case, "transformers", ORACLE, m, c["values"][m], None, INFO, reason,
+        return [Row(SUITE, case, self.label, ORACLE, m, c["values"][m], None, INFO, reason,
                     {"known": known, "worst_tensor": c["worst"], "by_kind": c["by_kind"]} if m == "grad_rel_l2" else {})
                 for m in ("loss_rel_err", "grad_rel_l2")]
 
@@ -266,7 +280,7 @@ class Measure:
                f"value ({top:.4g}); {bad} non-finite output entries")
         if got.scale is not None:
             why += f"; loss scale after GradScaler's backoff: {got.scale:g} (starts at {G.INIT_SCALE:g})"
-        return Row(SUITE, {**case, "input": f"{case['input']}-peak"}, "transformers", ORACLE, "peak_abs_activation",
+        return Row(SUITE, {**case, "input": f"{case['input']}-peak"}, self.label, ORACLE, "peak_abs_activation",
                    peak, None, INFO, why, {"nonfinite_outputs": bad, "dtype_max": top, "loss_scale": got.scale})
 
     def unscaled_rows(self, case: dict, subject: str, got: G.Grads, truth: G.Grads) -> list[Row]:
@@ -331,13 +345,11 @@ class Measure:
                 "policy": {"path": str(plan.policy.path), "version": plan.policy.version},
                 "plant": plan.fault.name if plan.fault else None}
 
-    @staticmethod
-    def na(case: dict, why: str) -> Row:
-        return Row(SUITE, case, "transformers", ORACLE, "all", None, status=NA, reason=why)
+    def na(self, case: dict, why: str) -> Row:
+        return Row(SUITE, case, self.label, ORACLE, "all", None, status=NA, reason=why)
 
-    @staticmethod
-    def failed(case: dict, why: str) -> Row:
-        return Row(SUITE, case, "transformers", ORACLE, "all", None, status=FAIL, reason=why)
+    def failed(self, case: dict, why: str) -> Row:
+        return Row(SUITE, case, self.label, ORACLE, "all", None, status=FAIL, reason=why)
 
 
 def enable_checkpointing(model, gc: str) -> str:

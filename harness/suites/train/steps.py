@@ -1,5 +1,5 @@
 """A few optimizer steps: the same AdamW on the oracle, the reference at the cell's dtype and
-transformers, on the corpus batch, so that an error that compounds over steps shows.
+the subject, on the corpus batch, so that an error that compounds over steps shows.
 
   steps_loss_rel_err   the largest |loss - loss*| / loss* along the loss curve
   steps_drift          ||theta - theta*|| / ||theta* - theta_0|| after the last step: how far the
@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from harness.core.subjects import DTYPES, ORACLE, load_transformers
+from harness.core.subjects import DTYPES, ORACLE
+from harness.subjects import Cannot
 from harness.core.store import FAIL, NA, Row
 from harness.suites.train import SUITE
 from harness.suites.train import grads as G
@@ -86,7 +87,7 @@ def steps_rows(measure) -> list[Row]:
                 "input": f"steps:{batch.kind if batch else '-'}", "shape": batch.shape if batch else "-",
                 "device": plan.device}
     if batch is None:
-        return [Row(SUITE, case("float32", "eager"), "transformers", ORACLE, "all", None, None, NA,
+        return [Row(SUITE, case("float32", "eager"), measure.label, ORACLE, "all", None, None, NA,
                     "needs an input batch")]
     start = {k: v.detach().to(torch.float64).clone() for k, v in plan.ckpt.state.items()}
     oracle = build_model(plan.ckpt, torch.float64, plan.device, rope_dtype=torch.float64)
@@ -94,7 +95,7 @@ def steps_rows(measure) -> list[Row]:
     del oracle
     for dtype in plan.dtypes:
         if dtype == "float16":
-            rows.append(Row(SUITE, case(dtype, "eager"), "transformers", ORACLE, "all", None, None, NA,
+            rows.append(Row(SUITE, case(dtype, "eager"), measure.label, ORACLE, "all", None, None, NA,
                             "float16 steps need GradScaler's step skipping, which this cell does not model"))
             continue
         ref = build_model(plan.ckpt, DTYPES[dtype], plan.device)
@@ -106,16 +107,19 @@ def steps_rows(measure) -> list[Row]:
                             {"losses": rl, "oracle_losses": truth_losses} if m == "steps_loss_rel_err" else {}))
         attn = "eager" if "eager" in plan.attns else plan.attns[0]
         try:
-            model = load_transformers("LlamaForCausalLM", measure.hf_path(), dtype, plan.device, attn, plan.fault)
+            model = measure.module(dtype, attn)
             tl, tp_ = transformers_curve(model, batch, n, lr, plan.device)
+        except Cannot as e:
+            rows.append(Row(SUITE, case(dtype, attn), measure.label, ORACLE, "all", None, None, NA, str(e)))
+            continue
         except Exception as e:   # noqa: BLE001 - a cell that cannot train fails, naming why
-            rows.append(Row(SUITE, case(dtype, attn), "transformers", ORACLE, "all", None, None, FAIL,
-                            f"transformers training steps failed: {type(e).__name__}: {str(e)[:200]}"))
+            rows.append(Row(SUITE, case(dtype, attn), measure.label, ORACLE, "all", None, None, FAIL,
+                            f"{plan.subject.kind} training steps failed: {type(e).__name__}: {str(e)[:200]}"))
             continue
         tv = compare(tl, tp_, truth_losses, truth_params, start)
         for m in METRICS:
             tol, status, reason = judge(plan.policy, dtype, m, tv[m], rv[m])
-            rows.append(Row(SUITE, case(dtype, attn), "transformers", ORACLE, m, tv[m], tol, status,
+            rows.append(Row(SUITE, case(dtype, attn), measure.label, ORACLE, m, tv[m], tol, status,
                             reason or f"{n} AdamW steps (lr {lr:g}) on the {batch.kind} batch",
                             {"losses": tl, "oracle_losses": truth_losses} if m == "steps_loss_rel_err" else {}))
     return rows
