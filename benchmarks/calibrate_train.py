@@ -6,17 +6,31 @@ planted training bug lands beyond them.
     python benchmarks/calibrate_train.py --models tiny-mha,tiny-gqa,tiny-ffnmult,tiny-outliers \
         --seeds 1-6 --dtypes float32,bfloat16,float16 --write               # the campaign behind the policy
 
+    python benchmarks/calibrate_train.py --from DIR                       # analyse kept runs again
+
 Clean runs (no plant; seeds pick other random ids or text windows) give v / t for every gated
 transformers value (above 1 the cell fails). Per (dtype, metric) a normal fit of log(v / t) gives the
 chance that one value crosses 1; summed over the values of one run, the false-alarm rate a run
 implies. Planted runs give each fault's largest v / t (how far beyond its limit it lands). --write
-puts the printed block between the calibration markers of suites/train_tolerance.toml.
+puts the printed block between the calibration markers of suites/train_tolerance.toml and the derived
+noise_factor of each dtype's loss_rel_err into its table.
+
+The loss is one scalar per cell: where it lands against the oracle's is a draw, so factor x the
+reference's own draw is no scale (the reference may land close by luck). Its limit also allows
+noise_factor x the reference's noise scale s (metrics.loss_noise: the spread of its per-token errors
+over sqrt(count)). Write d = (e_subject - e_reference) / s with e the signed relative loss errors:
+if |e_subject| > max(m |e_reference|, k s) (m = max_factor) then |d| > k (m - 1) / m, whatever the
+reference drew. So from the campaign's d (fitted as a normal, its sd taken at the upper 95% bound)
+    k = m / (m - 1) x sd95 x z,   z: P(|N(0, 1)| > z) = TARGET / loss values per run
+keeps the loss's false alarms below TARGET per run. Loss rows are judged again under the policy
+as it stands (so a changed noise_factor is seen without rerunning); the other rows keep their limit.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -27,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from harness.cli import main as cli  # noqa: E402
 from harness.core.faults import faults_for  # noqa: E402
-from harness.core.presets import cached  # noqa: E402
+from harness.core.presets import EMBEDDED, cached  # noqa: E402
+from harness.core.tolerance import load_policy  # noqa: E402
+from harness.suites.train.measure import judge  # noqa: E402
 
 POLICY = ROOT / "suites" / "train_tolerance.toml"
 MARK_BEGIN, MARK_END = "# --- calibration", "# --- end of calibration"
@@ -43,6 +59,10 @@ PLANTS = {
 }
 
 
+TARGET = 0.001      # the loss's share of false alarms per run that noise_factor is derived for
+LOSS = "loss_rel_err"
+
+
 def seeds(spec: str) -> list[int]:
     lo, _, hi = spec.partition("-")
     return list(range(int(lo), int(hi or lo) + 1))
@@ -54,16 +74,82 @@ def run(model: Path, out: Path, args: list[str]) -> tuple[int, dict | None]:
     return code, (json.loads(path.read_text()) if path.exists() else None)
 
 
-def ratios(summary: dict) -> list[tuple[str, str, float]]:
-    """(dtype, metric, v/t) of every gated transformers or Trainer value with a non-zero limit."""
-    out = []
-    for c in summary["cells"]:
+def _ref_input(case: dict) -> str:
+    return "lora" if case["input"].startswith("lora") else case["input"]
+
+
+def _signed(cells: list[dict], cell: dict) -> float | None:
+    """The signed relative loss error of a loss cell, from its own or its grad_rel_l2 row's evidence."""
+    for c in cells:
+        if c["subject"] == cell["subject"] and c["case"] == cell["case"] and c["metric"] in (LOSS, "grad_rel_l2"):
+            ex = c.get("extra") or {}
+            if "loss" in ex and ex.get("oracle_loss"):
+                return (ex["loss"] - ex["oracle_loss"]) / abs(ex["oracle_loss"])
+    return None
+
+
+def _reference(cells: list[dict], cell: dict) -> dict | None:
+    want = {k: cell["case"][k] for k in ("dtype", "cast")}
+    for c in cells:
+        if (c["subject"] == "reference" and c["metric"] == LOSS and _ref_input(c["case"]) == _ref_input(cell["case"])
+                and all(c["case"].get(k) == v for k, v in want.items())):
+            return c
+    return None
+
+
+def ratios(summary: dict, policy=None, losses: list | None = None) -> list[tuple[str, str, float]]:
+    """(dtype, metric, v/t) of every gated transformers or Trainer value with a non-zero limit. With a
+    policy, loss cells are judged again under it (the reference's value and noise scale from its row);
+    ``losses`` collects (dtype, d, max_factor) of each loss cell whose signed errors are known."""
+    out, cells = [], summary["cells"]
+    for c in cells:
         if c["subject"] == "reference" or c["status"] not in ("pass", "fail"):
             continue
         v, t = c["value"], c["tolerance"]
+        dtype = c["case"]["dtype"]
+        if c["metric"] == LOSS and policy is not None and isinstance(v, (int, float)):
+            ref = _reference(cells, c)
+            noise = ((ref.get("extra") or {}).get("loss_noise")) if ref else None
+            if ref is not None:
+                t = judge(policy, dtype, LOSS, v, ref["value"], noise)[0]
+            es, er = _signed(cells, c), _signed(cells, ref) if ref else None
+            if losses is not None and noise and es is not None and er is not None:
+                losses.append((dtype, (es - er) / noise, policy.limit(dtype, LOSS).max_factor or 1.0))
         if isinstance(v, (int, float)) and isinstance(t, (int, float)) and t > 0:
-            out.append((c["case"]["dtype"], c["metric"], v / t if math.isfinite(v) else math.inf))
+            out.append((dtype, c["metric"], v / t if math.isfinite(v) else math.inf))
     return out
+
+
+def z_two_sided(p: float) -> float:
+    """z with P(|N(0, 1)| > z) = p (bisection on erfc)."""
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.erfc(mid / math.sqrt(2)) > p else (lo, mid)
+    return hi
+
+
+def noise_factors(losses: list, runs: int) -> tuple[dict[str, float], list[str]]:
+    """Per dtype the noise_factor the campaign's d implies (module docstring), and the lines saying so."""
+    out, lines = {}, []
+    for dtype in sorted({d for d, _, _ in losses}):
+        ds = [x for d, x, _ in losses if d == dtype and math.isfinite(x)]
+        m = max(mf for d, _, mf in losses if d == dtype)
+        n = len(ds)
+        if n < 5:
+            continue
+        mean = sum(ds) / n
+        sd = math.sqrt(sum(x * x for x in ds) / n)       # about 0: a shared bias would be the reference's too
+        chi = n * (1 - 2 / (9 * n) - 1.645 * math.sqrt(2 / (9 * n))) ** 3    # chi2 5% quantile (Wilson-Hilferty)
+        sd95 = sd * math.sqrt(n / chi)
+        per_run = n / max(runs, 1)
+        z = z_two_sided(TARGET / per_run)
+        out[dtype] = k = m / (m - 1) * sd95 * z
+        p_now = math.erfc(k * (m - 1) / m / sd / math.sqrt(2)) if sd > 0 else 0.0
+        lines.append(f"#     {dtype:9} d = (e_subject - e_reference) / s: n {n}, mean {mean:+.2f}, rms {sd:.2f} "
+                     f"(95% bound {sd95:.2f}), largest |d| {max(abs(x) for x in ds):.2f}; noise_factor "
+                     f"{k:.1f} (z {z:.2f}); loss false alarms per run <= {p_now * per_run:.1g}")
+    return out, lines
 
 
 def fit(values: list[float]) -> tuple[float, float]:
@@ -78,68 +164,93 @@ def fit(values: list[float]) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="tiny-mha,tiny-gqa")
+    p.add_argument("--models", default="tiny-mha,tiny-gqa", help="presets, or tiny-llama2 (the embedded model)")
     p.add_argument("--seeds", default="1-2")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--ctx", default="32")
     p.add_argument("--long-ctx", default="320")
     p.add_argument("--no-plants", action="store_true")
+    p.add_argument("--no-clean", action="store_true", help="only the planted runs (into --keep, beside clean ones)")
     p.add_argument("--write", action="store_true")
     p.add_argument("--keep", help="keep every run's folder under this directory (default: a temporary one)")
+    p.add_argument("--from", dest="source", help="no runs: analyse the runs kept in this directory (--keep)")
     a = p.parse_args()
+    if a.source:
+        return analyse(Path(a.source), a.write)
     shape = ["--ctx", a.ctx, "--long-ctx", a.long_ctx, "--attn", "eager,sdpa", "--tp", "1"]
     started = time.perf_counter()
-    by: dict[tuple[str, str], list[float]] = {}
-    runs = failed = 0
     with tempfile.TemporaryDirectory(prefix="calibrate-train-") as tmp:
-        tmp = a.keep or tmp
-        for name in a.models.split(","):
-            model = cached(name)
-            for seed in seeds(a.seeds):
-                runs += 1
-                code, s = run(model, Path(tmp) / f"{name}-{seed}", [*shape, "--dtypes", a.dtypes, "--seed", str(seed)])
-                if code != 0:
-                    failed += 1
-                    bad = [(c["case"], c["metric"], c["reason"]) for c in (s or {}).get("cells", [])
-                           if c["status"] == "fail"][:3]
-                    print(f"clean run FAILED: {name} seed {seed} exit {code}: {bad}", flush=True)
+        tmp = Path(a.keep or tmp)
+        for seed in [] if a.no_clean else seeds(a.seeds):          # seed-major: a campaign cut short still covers every model
+            for name in a.models.split(","):
+                if a.keep and (tmp / f"{name}-{seed}" / "summary.json").exists():
+                    continue                  # kept from an earlier, cut-short campaign
+                model = EMBEDDED if name == "tiny-llama2" else cached(name)
+                code, s = run(model, tmp / f"{name}-{seed}", [*shape, "--dtypes", a.dtypes, "--seed", str(seed)])
                 mine = ratios(s or {"cells": []})
-                for dtype, metric, r in mine:
-                    by.setdefault((dtype, metric), []).append(r)
                 worst = max(mine, key=lambda x: x[2], default=("-", "-", float("nan")))
                 print(f"  clean {name} seed {seed}: exit {code}, {len(mine)} gated values, largest v/t {worst[2]:.3g} "
                       f"({worst[0]} {worst[1]}) ({time.perf_counter() - started:.0f}s)", flush=True)
-        planted = {}
         if not a.no_plants:
             model = cached("tiny-gqa")
             for fault in faults_for("train"):
-                code, s = run(model, Path(tmp) / f"plant-{fault}", [*shape, "--attn", "eager", "--plant", fault,
-                                                                    *PLANTS.get(fault, [])])
-                best = max((r for _, _, r in ratios(s or {"cells": []})), default=float("nan"))
-                planted[fault] = (code, best)
-                print(f"  planted {fault}: exit {code}, largest v/t {best:.3g}", flush=True)
-    lines = [f"#   {runs} clean runs: models {a.models}; seeds {a.seeds}; dtypes {a.dtypes}; eager and sdpa, tp 1, both "
-             f"casts, every checkpointing mode; --ctx {a.ctx} --long-ctx {a.long_ctx}.",
-             f"#   failed clean runs: {failed}."]
+                code, s = run(model, tmp / f"plant-{fault}", [*shape, "--attn", "eager", "--plant", fault,
+                                                              *PLANTS.get(fault, [])])
+                print(f"  planted {fault}: exit {code}", flush=True)
+        return analyse(tmp, a.write, f"models {a.models}; seeds {a.seeds}; dtypes {a.dtypes}; eager and sdpa, tp 1, "
+                                     f"both casts, every checkpointing mode; --ctx {a.ctx} --long-ctx {a.long_ctx}")
+
+
+def analyse(folder: Path, write: bool, what: str = "") -> int:
+    """The campaign's figures from the run folders in ``folder``: clean runs (any name but plant-*) and
+    planted ones (plant-FAULT), every loss cell judged again under the policy as it stands."""
+    policy = load_policy(POLICY)
+    by: dict[tuple[str, str], list[float]] = {}
+    losses: list = []
+    runs = failed = 0
+    planted = {}
+    for path in sorted(folder.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        name = path.parent.name
+        if name.startswith("plant-"):
+            mine = ratios(s, policy)
+            best = max(mine, key=lambda x: x[2], default=("-", "-", float("nan")))
+            planted[name[len("plant-"):]] = (sum(r > 1 for _, _, r in mine), best)
+            continue
+        runs += 1
+        mine = ratios(s, policy, losses)
+        bad = [(d, m, r) for d, m, r in mine if r > 1]
+        if bad:
+            failed += 1
+            print(f"clean run FAILED under the policy: {name}: {bad[:3]}", flush=True)
+        for dtype, metric, r in mine:
+            by.setdefault((dtype, metric), []).append(r)
+    factors, loss_lines = noise_factors(losses, runs)
+    lines = [f"#   {runs} clean runs{': ' + what if what else ''} (folder {folder.name}).",
+             f"#   failed clean runs (judged under this policy): {failed}."]
     total = 0.0
     rows = []
     for (dtype, metric), vs in sorted(by.items()):
         worst, pc = fit(vs)
         per_run = (pc if pc == pc else 0.0) * len(vs) / max(runs, 1)
         total += per_run
-        rows.append(f"#     {dtype:9} {metric:20} worst v/t {worst:.3g}  p(cross) {pc:.2g}  (n {len(vs)})")
+        rows.append(f"#     {dtype:9} {metric:22} worst v/t {worst:.3g}  p(cross) {pc:.2g}  (n {len(vs)})")
     lines.append(f"#   implied false alarms per run (normal fit of log v/t, summed): {total:.2g}")
     lines += rows
+    lines.append(f"#   the loss's noise scale (target {TARGET} loss false alarms per run):")
+    lines += loss_lines
     if planted:
-        lines.append("#   planted training bugs (exit code, largest v/t):")
-        lines += [f"#     {f:22} exit {c}  v/t {b:.3g}" for f, (c, b) in planted.items()]
-    lines.append(f"#   {time.perf_counter() - started:.0f} s wall.")
+        lines.append("#   planted training bugs (cells failing, largest v/t and where):")
+        lines += [f"#     {f:22} {n} failing  v/t {b[2]:.3g} ({b[0]} {b[1]})" for f, (n, b) in planted.items()]
     print("\n".join(lines))
-    if a.write:
+    if write:
         text = POLICY.read_text(encoding="utf-8")
         head, _, rest = text.partition(MARK_BEGIN + "\n")
         _, _, tail = rest.partition(MARK_END)
-        POLICY.write_text(head + MARK_BEGIN + "\n" + "\n".join(lines) + "\n" + MARK_END + tail, encoding="utf-8")
+        text = head + MARK_BEGIN + "\n" + "\n".join(lines) + "\n" + MARK_END + tail
+        for dtype, k in factors.items():
+            text = re.sub(rf"(\[{dtype}\.{LOSS}\][^\[]*?noise_factor = )[0-9.e+-]+", rf"\g<1>{k:.1f}", text)
+        POLICY.write_text(text, encoding="utf-8")
     return 1 if failed else 0
 
 

@@ -64,6 +64,18 @@ def _group(per: dict[str, float], which: int) -> dict[str, float]:
     return out
 
 
+def loss_noise(terms: torch.Tensor | None, truth_terms: torch.Tensor | None, true_loss: float) -> float | None:
+    """The scale of a loss error that is rounding noise: the spread of the per-token errors over the
+    square root of their count (the standard error of their mean), relative to the true loss. One loss
+    is one draw: where it lands against the oracle's is luck, so a limit of factor x the reference's
+    one draw vanishes whenever the reference happens to land close; this scale does not."""
+    if terms is None or truth_terms is None or terms.shape != truth_terms.shape or terms.numel() < 2 or not true_loss:
+        return None
+    d = terms - truth_terms
+    v = float(d.std() / math.sqrt(d.numel()) / abs(true_loss))
+    return v if math.isfinite(v) else None
+
+
 def underflow(grads: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> float:
     """Share of the oracle's non-zero gradient entries that the subject flushed to exactly 0."""
     lost = total = 0
