@@ -116,7 +116,10 @@ def ratios(summary: dict, policy=None, losses: list | None = None) -> list[tuple
             if losses is not None and noise and es is not None and er is not None:
                 losses.append((dtype, (es - er) / noise, policy.limit(dtype, LOSS).max_factor or 1.0))
         if isinstance(v, (int, float)) and isinstance(t, (int, float)) and t > 0:
-            out.append((dtype, c["metric"], v / t if math.isfinite(v) else math.inf))
+            r = v / t if math.isfinite(v) else math.inf
+            if c["metric"] == LOSS and policy is not None and (_signed(cells, c) or 0.0) < 0:
+                r = -r                        # the loss's v/t keeps its sign (see fit)
+            out.append((dtype, c["metric"], r))
     return out
 
 
@@ -149,11 +152,25 @@ def noise_factors(losses: list, runs: int) -> tuple[dict[str, float], list[str]]
         lines.append(f"#     {dtype:9} d = (e_subject - e_reference) / s: n {n}, mean {mean:+.2f}, rms {sd:.2f} "
                      f"(95% bound {sd95:.2f}), largest |d| {max(abs(x) for x in ds):.2f}; noise_factor "
                      f"{k:.1f} (z {z:.2f}); loss false alarms per run <= {p_now * per_run:.1g}")
+        if mean ** 2 > sd ** 2 / 4:
+            lines.append(f"#     {dtype:9} (d is not centred: a systematic gap, not rounding noise; its noise_factor "
+                         "is not written, the floor and factor x the reference hold that loss)")
+            del out[dtype]
     return out, lines
 
 
-def fit(values: list[float]) -> tuple[float, float]:
-    """(worst, P(v/t > 1)) under a normal fit of log v/t; values of exactly 0 are below any limit."""
+def fit(values: list[float], signed: bool = False) -> tuple[float, float]:
+    """(worst, P(v/t > 1)) under a normal fit of log v/t; values of exactly 0 are below any limit.
+    ``signed`` (the loss): v/t carries the sign of the error and the fit is a normal of v/t itself,
+    P(|v/t| > 1). A loss error is a sum of many tokens' rounding, centred near 0: the log of its absolute
+    value has a long tail towards 0 that a normal fit of log v/t turns into a fat tail above 1."""
+    if signed:
+        if len(values) < 5:
+            return max(map(abs, values), default=0.0), float("nan")
+        mu = sum(values) / len(values)
+        sd = max((sum((a - mu) ** 2 for a in values) / (len(values) - 1)) ** 0.5, 1e-12)
+        p = 0.5 * math.erfc((1 - mu) / sd / math.sqrt(2)) + 0.5 * math.erfc((1 + mu) / sd / math.sqrt(2))
+        return max(map(abs, values)), p
     x = [math.log(v) for v in values if v > 0]
     if len(x) < 5:
         return max(values, default=0.0), float("nan")
@@ -174,9 +191,10 @@ def main() -> int:
     p.add_argument("--write", action="store_true")
     p.add_argument("--keep", help="keep every run's folder under this directory (default: a temporary one)")
     p.add_argument("--from", dest="source", help="no runs: analyse the runs kept in this directory (--keep)")
+    p.add_argument("--policy", type=Path, default=POLICY, help="judge the loss cells under this policy (--from)")
     a = p.parse_args()
     if a.source:
-        return analyse(Path(a.source), a.write)
+        return analyse(Path(a.source), a.write, policy_path=a.policy)
     shape = ["--ctx", a.ctx, "--long-ctx", a.long_ctx, "--attn", "eager,sdpa", "--tp", "1"]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="calibrate-train-") as tmp:
@@ -201,10 +219,10 @@ def main() -> int:
                                      f"both casts, every checkpointing mode; --ctx {a.ctx} --long-ctx {a.long_ctx}")
 
 
-def analyse(folder: Path, write: bool, what: str = "") -> int:
+def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLICY) -> int:
     """The campaign's figures from the run folders in ``folder``: clean runs (any name but plant-*) and
     planted ones (plant-FAULT), every loss cell judged again under the policy as it stands."""
-    policy = load_policy(POLICY)
+    policy = load_policy(policy_path)
     by: dict[tuple[str, str], list[float]] = {}
     losses: list = []
     runs = failed = 0
@@ -214,12 +232,12 @@ def analyse(folder: Path, write: bool, what: str = "") -> int:
         name = path.parent.name
         if name.startswith("plant-"):
             mine = ratios(s, policy)
-            best = max(mine, key=lambda x: x[2], default=("-", "-", float("nan")))
-            planted[name[len("plant-"):]] = (sum(r > 1 for _, _, r in mine), best)
+            best = max(mine, key=lambda x: abs(x[2]), default=("-", "-", float("nan")))
+            planted[name[len("plant-"):]] = (sum(abs(r) > 1 for _, _, r in mine), best)
             continue
         runs += 1
         mine = ratios(s, policy, losses)
-        bad = [(d, m, r) for d, m, r in mine if r > 1]
+        bad = [(d, m, r) for d, m, r in mine if abs(r) > 1]
         if bad:
             failed += 1
             print(f"clean run FAILED under the policy: {name}: {bad[:3]}", flush=True)
@@ -231,7 +249,7 @@ def analyse(folder: Path, write: bool, what: str = "") -> int:
     total = 0.0
     rows = []
     for (dtype, metric), vs in sorted(by.items()):
-        worst, pc = fit(vs)
+        worst, pc = fit(vs, signed=metric == LOSS)
         per_run = (pc if pc == pc else 0.0) * len(vs) / max(runs, 1)
         total += per_run
         rows.append(f"#     {dtype:9} {metric:22} worst v/t {worst:.3g}  p(cross) {pc:.2g}  (n {len(vs)})")
@@ -241,7 +259,7 @@ def analyse(folder: Path, write: bool, what: str = "") -> int:
     lines += loss_lines
     if planted:
         lines.append("#   planted training bugs (cells failing, largest v/t and where):")
-        lines += [f"#     {f:22} {n} failing  v/t {b[2]:.3g} ({b[0]} {b[1]})" for f, (n, b) in planted.items()]
+        lines += [f"#     {f:22} {n} failing  v/t {abs(b[2]):.3g} ({b[0]} {b[1]})" for f, (n, b) in planted.items()]
     print("\n".join(lines))
     if write:
         text = POLICY.read_text(encoding="utf-8")

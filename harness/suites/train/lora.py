@@ -284,7 +284,8 @@ def lora_rows(measure) -> list[Row]:
         for m in GATED:
             tol, status, reason = judge(plan.policy, dtype, m, rc[m], None)
             rows.append(Row(SUITE, case(dtype, "lora"), "reference", ORACLE, m, rc[m], tol, status, reason,
-                            {"loss_noise": rc["loss_noise"]} if m == "loss_rel_err" and rc["loss_noise"] else {}))
+                            {"loss_noise": rc["loss_noise"], "loss": rg.loss, "oracle_loss": truth.loss}
+                            if m == "loss_rel_err" else {}))
         tol, status, reason = judge(plan.policy, dtype, "logits_rel_l2", ref_logits, None)
         rows.append(Row(SUITE, case(dtype, "lora-unmerged"), "reference", ORACLE, "logits_rel_l2", ref_logits, tol,
                         status, reason))
