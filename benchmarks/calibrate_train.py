@@ -88,39 +88,79 @@ def _signed(cells: list[dict], cell: dict) -> float | None:
     return None
 
 
-def _reference(cells: list[dict], cell: dict) -> dict | None:
-    want = {k: cell["case"][k] for k in ("dtype", "cast")}
+def _reference(cells: list[dict], cell: dict, metric: str = LOSS) -> dict | None:
+    """The reference row that calibrated ``cell`` (same dtype, cast and input; LoRA rows: the lora one)."""
+    want = {k: cell["case"][k] for k in ("dtype", "cast") if k in cell["case"]}
     for c in cells:
-        if (c["subject"] == "reference" and c["metric"] == LOSS and _ref_input(c["case"]) == _ref_input(cell["case"])
+        if (c["subject"] == "reference" and c["metric"] == metric and _ref_input(c["case"]) == _ref_input(cell["case"])
                 and all(c["case"].get(k) == v for k, v in want.items())):
             return c
     return None
 
 
-def ratios(summary: dict, policy=None, losses: list | None = None) -> list[tuple[str, str, float]]:
-    """(dtype, metric, v/t) of every gated transformers or Trainer value with a non-zero limit. With a
-    policy, loss cells are judged again under it (the reference's value and noise scale from its row);
-    ``losses`` collects (dtype, d, max_factor) of each loss cell whose signed errors are known."""
+SIGNED = (LOSS, "loss_of_logits_rel_err")     # one scalar's error: fitted signed (see fit)
+
+
+def ratios(summary: dict, policy, losses: list | None = None) -> list[tuple[str, str, float]]:
+    """(dtype, metric, v/t) of every gated value with a non-zero limit, each judged again under
+    ``policy`` (the calibrating reference's value, and for the loss its noise scale, from its row).
+    Reference rows count too, as 'reference METRIC': they are held to abs and can fail a run.
+    The loss's v/t keeps the sign of its error. ``losses`` collects (dtype, d, max_factor) of each
+    loss cell whose signed errors are known (noise_factors)."""
     out, cells = [], summary["cells"]
     for c in cells:
-        if c["subject"] == "reference" or c["status"] not in ("pass", "fail"):
+        v = c["value"]
+        if c["status"] not in ("pass", "fail") or not isinstance(v, (int, float)):
             continue
-        v, t = c["value"], c["tolerance"]
-        dtype = c["case"]["dtype"]
-        if c["metric"] == LOSS and policy is not None and isinstance(v, (int, float)):
-            ref = _reference(cells, c)
-            noise = ((ref.get("extra") or {}).get("loss_noise")) if ref else None
-            if ref is not None:
-                t = judge(policy, dtype, LOSS, v, ref["value"], noise)[0]
-            es, er = _signed(cells, c), _signed(cells, ref) if ref else None
+        dtype, metric, mine = c["case"]["dtype"], c["metric"], c["subject"] == "reference"
+        ref = None if mine else _reference(cells, c, metric)
+        noise = ((ref.get("extra") or {}).get("loss_noise")) if ref and metric == LOSS else None
+        t = judge(policy, dtype, metric, v, ref["value"] if ref else None, noise)[0]
+        if metric == LOSS and not mine and ref is not None:
+            es, er = _signed(cells, c), _signed(cells, ref)
             if losses is not None and noise and es is not None and er is not None:
                 losses.append((dtype, (es - er) / noise, policy.limit(dtype, LOSS).max_factor or 1.0))
-        if isinstance(v, (int, float)) and isinstance(t, (int, float)) and t > 0:
+        if t > 0:
             r = v / t if math.isfinite(v) else math.inf
-            if c["metric"] == LOSS and policy is not None and (_signed(cells, c) or 0.0) < 0:
-                r = -r                        # the loss's v/t keeps its sign (see fit)
-            out.append((dtype, c["metric"], r))
+            if metric in SIGNED and (_sign(cells, c) or 0.0) < 0:
+                r = -r
+            out.append((dtype, ("reference " if mine else "") + metric, r))
     return out
+
+
+def _sign(cells: list[dict], cell: dict) -> float | None:
+    if cell["metric"] == LOSS:
+        return _signed(cells, cell)
+    own = (cell.get("extra") or {}).get("loss_of_logits")
+    for c in cells:
+        if c["subject"] == cell["subject"] and c["case"] == cell["case"] and c["metric"] == "grad_rel_l2":
+            loss = (c.get("extra") or {}).get("loss")
+            return None if loss is None or own is None else loss - own
+    return None
+
+
+def within_sd(groups: list[list[float]], signed: bool) -> float:
+    """The spread within a model, pooled over models (each group centred on its own mean): the fit of
+    a model with few values (the steps rows: one a run) takes its own mean and this spread."""
+    dev = dof = 0.0
+    for vs in groups:
+        x = list(vs) if signed else [math.log(v) for v in vs if v > 0]
+        if len(x) >= 2:
+            mu = sum(x) / len(x)
+            dev += sum((a - mu) ** 2 for a in x)
+            dof += len(x) - 1
+    return math.sqrt(dev / dof) if dof >= 4 else float("nan")
+
+
+def p_cross(vs: list[float], signed: bool, sd: float) -> float:
+    """P(|v/t| > 1) for a model with its own mean and the spread ``sd`` (see within_sd)."""
+    x = list(vs) if signed else [math.log(v) for v in vs if v > 0]
+    if not x or sd != sd:
+        return float("nan")
+    mu, sd = sum(x) / len(x), max(sd, 1e-12)
+    if signed:
+        return 0.5 * math.erfc((1 - mu) / sd / math.sqrt(2)) + 0.5 * math.erfc((1 + mu) / sd / math.sqrt(2))
+    return 0.5 * math.erfc(-mu / sd / math.sqrt(2))
 
 
 def z_two_sided(p: float) -> float:
@@ -205,8 +245,8 @@ def main() -> int:
                     continue                  # kept from an earlier, cut-short campaign
                 model = EMBEDDED if name == "tiny-llama2" else cached(name)
                 code, s = run(model, tmp / f"{name}-{seed}", [*shape, "--dtypes", a.dtypes, "--seed", str(seed)])
-                mine = ratios(s or {"cells": []})
-                worst = max(mine, key=lambda x: x[2], default=("-", "-", float("nan")))
+                mine = ratios(s or {"cells": []}, load_policy(POLICY))
+                worst = max(mine, key=lambda x: abs(x[2]), default=("-", "-", float("nan")))
                 print(f"  clean {name} seed {seed}: exit {code}, {len(mine)} gated values, largest v/t {worst[2]:.3g} "
                       f"({worst[0]} {worst[1]}) ({time.perf_counter() - started:.0f}s)", flush=True)
         if not a.no_plants:
@@ -220,41 +260,66 @@ def main() -> int:
 
 
 def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLICY) -> int:
-    """The campaign's figures from the run folders in ``folder``: clean runs (any name but plant-*) and
-    planted ones (plant-FAULT), every loss cell judged again under the policy as it stands."""
+    """The campaign's figures from the run folders in ``folder``: clean runs (MODEL-SEED) and planted
+    ones (plant-FAULT), every cell judged again under the policy as it stands.
+
+    The fits are per model: a run is one model, and across models different terms of the rule bind
+    (the floor on a random preset, factor x the reference on the trained one), so a pooled sample is
+    bimodal and its fit a fat tail that no model has. A (model, dtype, metric) with fewer than 5
+    values (the steps rows: one a run) borrows the fit pooled over models. The implied false alarms
+    per run: per model, the sum over its metrics of P(cross) x values per run; the headline is the
+    worst model."""
     policy = load_policy(policy_path)
-    by: dict[tuple[str, str], list[float]] = {}
+    by: dict[tuple[str, str, str], list[float]] = {}
     losses: list = []
-    runs = failed = 0
+    runs: dict[str, int] = {}
+    failed = 0
     planted = {}
     for path in sorted(folder.glob("*/summary.json")):
         s = json.loads(path.read_text())
         name = path.parent.name
         if name.startswith("plant-"):
             mine = ratios(s, policy)
-            best = max(mine, key=lambda x: abs(x[2]), default=("-", "-", float("nan")))
-            planted[name[len("plant-"):]] = (sum(abs(r) > 1 for _, _, r in mine), best)
+            caught = [x for x in mine if abs(x[2]) > 1 and not x[1].startswith("reference")]
+            best = max(caught or mine, key=lambda x: abs(x[2]), default=("-", "-", float("nan")))
+            planted[name[len("plant-"):]] = (len(caught), best)
             continue
-        runs += 1
+        model = name.rsplit("-", 1)[0]
+        runs[model] = runs.get(model, 0) + 1
         mine = ratios(s, policy, losses)
         bad = [(d, m, r) for d, m, r in mine if abs(r) > 1]
         if bad:
             failed += 1
             print(f"clean run FAILED under the policy: {name}: {bad[:3]}", flush=True)
         for dtype, metric, r in mine:
-            by.setdefault((dtype, metric), []).append(r)
-    factors, loss_lines = noise_factors(losses, runs)
-    lines = [f"#   {runs} clean runs{': ' + what if what else ''} (folder {folder.name}).",
-             f"#   failed clean runs (judged under this policy): {failed}."]
-    total = 0.0
-    rows = []
-    for (dtype, metric), vs in sorted(by.items()):
-        worst, pc = fit(vs, signed=metric == LOSS)
-        per_run = (pc if pc == pc else 0.0) * len(vs) / max(runs, 1)
-        total += per_run
-        rows.append(f"#     {dtype:9} {metric:22} worst v/t {worst:.3g}  p(cross) {pc:.2g}  (n {len(vs)})")
-    lines.append(f"#   implied false alarms per run (normal fit of log v/t, summed): {total:.2g}")
-    lines += rows
+            by.setdefault((model, dtype, metric), []).append(r)
+    total_runs = sum(runs.values())
+    factors, loss_lines = noise_factors(losses, total_runs)
+    groups: dict[tuple[str, str], list[list[float]]] = {}
+    for (model, dtype, metric), vs in by.items():
+        groups.setdefault((dtype, metric), []).append(vs)
+    unfitted = set()
+    rate = {m: 0.0 for m in runs}
+    worst_of: dict[tuple[str, str], tuple[float, float, str]] = {}
+    for (model, dtype, metric), vs in sorted(by.items()):
+        signed = metric.split()[-1] in SIGNED
+        worst, pc = fit(vs, signed)
+        if pc != pc:
+            pc = p_cross(vs, signed, within_sd(groups[(dtype, metric)], signed))
+        if pc != pc:
+            unfitted.add(f"{dtype} {metric}")
+            pc = 0.0
+        rate[model] += pc * len(vs) / runs[model]
+        w = worst_of.get((dtype, metric), (0.0, 0.0, ""))
+        worst_of[(dtype, metric)] = (max(w[0], worst), max(w[1], pc), model if worst >= w[0] else w[2])
+    lines = [f"#   {total_runs} clean runs ({', '.join(f'{m} {n}' for m, n in runs.items())})"
+             f"{': ' + what if what else ''}.",
+             f"#   failed clean runs (judged under this policy): {failed}.",
+             f"#   implied false alarms per run (per model: normal fit of log v/t, of v/t for the loss, summed): "
+             + ", ".join(f"{m} {r:.2g}" for m, r in rate.items()) + f"; worst {max(rate.values(), default=0):.2g}",
+             *([f"#   not fitted (too few values): {', '.join(sorted(unfitted))}"] if unfitted else []),
+             "#   per dtype and metric: worst v/t (model), largest p(cross) per value over models:"]
+    lines += [f"#     {d:9} {m:33} {w:.3g} ({mod})  p {p:.2g}" for (d, m), (w, p, mod) in sorted(worst_of.items())]
     lines.append(f"#   the loss's noise scale (target {TARGET} loss false alarms per run):")
     lines += loss_lines
     if planted:
