@@ -308,10 +308,11 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
             pc = p_cross(vs, signed, within_sd(groups[(dtype, metric)], signed))
         if pc != pc:
             unfitted.add(f"{dtype} {metric}")
-            pc = 0.0
-        rate[model] += pc * len(vs) / runs[model]
+        else:
+            rate[model] += pc * len(vs) / runs[model]
         w = worst_of.get((dtype, metric), (0.0, 0.0, ""))
-        worst_of[(dtype, metric)] = (max(w[0], worst), max(w[1], pc), model if worst >= w[0] else w[2])
+        worst_of[(dtype, metric)] = (max(w[0], worst), w[1] if pc != pc else max(w[1], pc),
+                                     model if worst >= w[0] else w[2])
     lines = [f"#   {total_runs} clean runs ({', '.join(f'{m} {n}' for m, n in runs.items())})"
              f"{': ' + what if what else ''}.",
              f"#   failed clean runs (judged under this policy): {failed}.",
@@ -319,7 +320,8 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
              + ", ".join(f"{m} {r:.2g}" for m, r in rate.items()) + f"; worst {max(rate.values(), default=0):.2g}",
              *([f"#   not fitted (too few values): {', '.join(sorted(unfitted))}"] if unfitted else []),
              "#   per dtype and metric: worst v/t (model), largest p(cross) per value over models:"]
-    lines += [f"#     {d:9} {m:33} {w:.3g} ({mod})  p {p:.2g}" for (d, m), (w, p, mod) in sorted(worst_of.items())]
+    lines += [f"#     {d:9} {m:33} {w:.3g} ({mod})  " + (f"p {p:.2g}" if f"{d} {m}" not in unfitted else "not fitted")
+              for (d, m), (w, p, mod) in sorted(worst_of.items())]
     lines.append(f"#   the loss's noise scale (target {TARGET} loss false alarms per run):")
     lines += loss_lines
     if planted:
