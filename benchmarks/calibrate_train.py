@@ -6,17 +6,31 @@ planted training bug lands beyond them.
     python benchmarks/calibrate_train.py --models tiny-mha,tiny-gqa,tiny-ffnmult,tiny-outliers \
         --seeds 1-6 --dtypes float32,bfloat16,float16 --write               # the campaign behind the policy
 
+    python benchmarks/calibrate_train.py --from DIR                       # analyse kept runs again
+
 Clean runs (no plant; seeds pick other random ids or text windows) give v / t for every gated
 transformers value (above 1 the cell fails). Per (dtype, metric) a normal fit of log(v / t) gives the
 chance that one value crosses 1; summed over the values of one run, the false-alarm rate a run
 implies. Planted runs give each fault's largest v / t (how far beyond its limit it lands). --write
-puts the printed block between the calibration markers of suites/train_tolerance.toml.
+puts the printed block between the calibration markers of suites/train_tolerance.toml and the derived
+noise_factor of each dtype's loss_rel_err into its table.
+
+The loss is one scalar per cell: where it lands against the oracle's is a draw, so factor x the
+reference's own draw is no scale (the reference may land close by luck). Its limit also allows
+noise_factor x the reference's noise scale s (metrics.loss_noise: the spread of its per-token errors
+over sqrt(count)). Write d = (e_subject - e_reference) / s with e the signed relative loss errors:
+if |e_subject| > max(m |e_reference|, k s) (m = max_factor) then |d| > k (m - 1) / m, whatever the
+reference drew. So from the campaign's d (fitted as a normal, its sd taken at the upper 95% bound)
+    k = m / (m - 1) x sd95 x z,   z: P(|N(0, 1)| > z) = TARGET / loss values per run
+keeps the loss's false alarms below TARGET per run. Loss rows are judged again under the policy
+as it stands (so a changed noise_factor is seen without rerunning); the other rows keep their limit.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -27,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from harness.cli import main as cli  # noqa: E402
 from harness.core.faults import faults_for  # noqa: E402
-from harness.core.presets import cached  # noqa: E402
+from harness.core.presets import EMBEDDED, cached  # noqa: E402
+from harness.core.tolerance import load_policy  # noqa: E402
+from harness.suites.train.measure import judge  # noqa: E402
 
 POLICY = ROOT / "suites" / "train_tolerance.toml"
 MARK_BEGIN, MARK_END = "# --- calibration", "# --- end of calibration"
@@ -43,6 +59,10 @@ PLANTS = {
 }
 
 
+TARGET = 0.001      # the loss's share of false alarms per run that noise_factor is derived for
+LOSS = "loss_rel_err"
+
+
 def seeds(spec: str) -> list[int]:
     lo, _, hi = spec.partition("-")
     return list(range(int(lo), int(hi or lo) + 1))
@@ -54,20 +74,143 @@ def run(model: Path, out: Path, args: list[str]) -> tuple[int, dict | None]:
     return code, (json.loads(path.read_text()) if path.exists() else None)
 
 
-def ratios(summary: dict) -> list[tuple[str, str, float]]:
-    """(dtype, metric, v/t) of every gated transformers or Trainer value with a non-zero limit."""
-    out = []
-    for c in summary["cells"]:
-        if c["subject"] == "reference" or c["status"] not in ("pass", "fail"):
+def _ref_input(case: dict) -> str:
+    return "lora" if case["input"].startswith("lora") else case["input"]
+
+
+def _signed(cells: list[dict], cell: dict) -> float | None:
+    """The signed relative loss error of a loss cell, from its own or its grad_rel_l2 row's evidence."""
+    for c in cells:
+        if c["subject"] == cell["subject"] and c["case"] == cell["case"] and c["metric"] in (LOSS, "grad_rel_l2"):
+            ex = c.get("extra") or {}
+            if "loss" in ex and ex.get("oracle_loss"):
+                return (ex["loss"] - ex["oracle_loss"]) / abs(ex["oracle_loss"])
+    return None
+
+
+def _reference(cells: list[dict], cell: dict, metric: str = LOSS) -> dict | None:
+    """The reference row that calibrated ``cell`` (same dtype, cast and input; LoRA rows: the lora one)."""
+    want = {k: cell["case"][k] for k in ("dtype", "cast") if k in cell["case"]}
+    for c in cells:
+        if (c["subject"] == "reference" and c["metric"] == metric and _ref_input(c["case"]) == _ref_input(cell["case"])
+                and all(c["case"].get(k) == v for k, v in want.items())):
+            return c
+    return None
+
+
+SIGNED = (LOSS, "loss_of_logits_rel_err")     # one scalar's error: fitted signed (see fit)
+
+
+def ratios(summary: dict, policy, losses: list | None = None) -> list[tuple[str, str, float]]:
+    """(dtype, metric, v/t) of every gated value with a non-zero limit, each judged again under
+    ``policy`` (the calibrating reference's value, and for the loss its noise scale, from its row).
+    Reference rows count too, as 'reference METRIC': they are held to abs and can fail a run.
+    The loss's v/t keeps the sign of its error. ``losses`` collects (dtype, d, max_factor) of each
+    loss cell whose signed errors are known (noise_factors)."""
+    out, cells = [], summary["cells"]
+    for c in cells:
+        v = c["value"]
+        if c["status"] not in ("pass", "fail") or not isinstance(v, (int, float)):
             continue
-        v, t = c["value"], c["tolerance"]
-        if isinstance(v, (int, float)) and isinstance(t, (int, float)) and t > 0:
-            out.append((c["case"]["dtype"], c["metric"], v / t if math.isfinite(v) else math.inf))
+        dtype, metric, mine = c["case"]["dtype"], c["metric"], c["subject"] == "reference"
+        ref = None if mine else _reference(cells, c, metric)
+        noise = ((ref.get("extra") or {}).get("loss_noise")) if ref and metric == LOSS else None
+        t = judge(policy, dtype, metric, v, ref["value"] if ref else None, noise)[0]
+        if metric == LOSS and not mine and ref is not None:
+            es, er = _signed(cells, c), _signed(cells, ref)
+            if losses is not None and noise and es is not None and er is not None:
+                losses.append((dtype, (es - er) / noise, policy.limit(dtype, LOSS).max_factor or 1.0))
+        if t > 0:
+            r = v / t if math.isfinite(v) else math.inf
+            if metric in SIGNED and (_sign(cells, c) or 0.0) < 0:
+                r = -r
+            out.append((dtype, ("reference " if mine else "") + metric, r))
     return out
 
 
-def fit(values: list[float]) -> tuple[float, float]:
-    """(worst, P(v/t > 1)) under a normal fit of log v/t; values of exactly 0 are below any limit."""
+def _sign(cells: list[dict], cell: dict) -> float | None:
+    if cell["metric"] == LOSS:
+        return _signed(cells, cell)
+    own = (cell.get("extra") or {}).get("loss_of_logits")
+    for c in cells:
+        if c["subject"] == cell["subject"] and c["case"] == cell["case"] and c["metric"] == "grad_rel_l2":
+            loss = (c.get("extra") or {}).get("loss")
+            return None if loss is None or own is None else loss - own
+    return None
+
+
+def within_sd(groups: list[list[float]], signed: bool) -> float:
+    """The spread within a model, pooled over models (each group centred on its own mean): the fit of
+    a model with few values (the steps rows: one a run) takes its own mean and this spread."""
+    dev = dof = 0.0
+    for vs in groups:
+        x = list(vs) if signed else [math.log(v) for v in vs if v > 0]
+        if len(x) >= 2:
+            mu = sum(x) / len(x)
+            dev += sum((a - mu) ** 2 for a in x)
+            dof += len(x) - 1
+    return math.sqrt(dev / dof) if dof >= 4 else float("nan")
+
+
+def p_cross(vs: list[float], signed: bool, sd: float) -> float:
+    """P(|v/t| > 1) for a model with its own mean and the spread ``sd`` (see within_sd)."""
+    x = list(vs) if signed else [math.log(v) for v in vs if v > 0]
+    if not x or sd != sd:
+        return float("nan")
+    mu, sd = sum(x) / len(x), max(sd, 1e-12)
+    if signed:
+        return 0.5 * math.erfc((1 - mu) / sd / math.sqrt(2)) + 0.5 * math.erfc((1 + mu) / sd / math.sqrt(2))
+    return 0.5 * math.erfc(-mu / sd / math.sqrt(2))
+
+
+def z_two_sided(p: float) -> float:
+    """z with P(|N(0, 1)| > z) = p (bisection on erfc)."""
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.erfc(mid / math.sqrt(2)) > p else (lo, mid)
+    return hi
+
+
+def noise_factors(losses: list, runs: int) -> tuple[dict[str, float], list[str]]:
+    """Per dtype the noise_factor the campaign's d implies (module docstring), and the lines saying so."""
+    out, lines = {}, []
+    for dtype in sorted({d for d, _, _ in losses}):
+        ds = [x for d, x, _ in losses if d == dtype and math.isfinite(x)]
+        m = max(mf for d, _, mf in losses if d == dtype)
+        n = len(ds)
+        if n < 5:
+            continue
+        mean = sum(ds) / n
+        sd = math.sqrt(sum(x * x for x in ds) / n)       # about 0: a shared bias would be the reference's too
+        chi = n * (1 - 2 / (9 * n) - 1.645 * math.sqrt(2 / (9 * n))) ** 3    # chi2 5% quantile (Wilson-Hilferty)
+        sd95 = sd * math.sqrt(n / chi)
+        per_run = n / max(runs, 1)
+        z = z_two_sided(TARGET / per_run)
+        out[dtype] = k = m / (m - 1) * sd95 * z
+        p_now = math.erfc(k * (m - 1) / m / sd / math.sqrt(2)) if sd > 0 else 0.0
+        lines.append(f"#     {dtype:9} d = (e_subject - e_reference) / s: n {n}, mean {mean:+.2f}, rms {sd:.2f} "
+                     f"(95% bound {sd95:.2f}), largest |d| {max(abs(x) for x in ds):.2f}; noise_factor "
+                     f"{k:.1f} (z {z:.2f}); loss false alarms per run <= {p_now * per_run:.1g}")
+        if mean ** 2 > sd ** 2 / 4:
+            lines.append(f"#     {dtype:9} (d is not centred: a systematic gap, not rounding noise; its noise_factor "
+                         "is not written, the floor and factor x the reference hold that loss)")
+            del out[dtype]
+    return out, lines
+
+
+def fit(values: list[float], signed: bool = False) -> tuple[float, float]:
+    """(worst, P(v/t > 1)) under a normal fit of log v/t; values of exactly 0 are below any limit.
+    ``signed`` (the loss): v/t carries the sign of the error and the fit is a normal of v/t itself,
+    P(|v/t| > 1). A loss error is a sum of many tokens' rounding, centred near 0: the log of its absolute
+    value has a long tail towards 0 that a normal fit of log v/t turns into a fat tail above 1."""
+    if signed:
+        if len(values) < 5:
+            return max(map(abs, values), default=0.0), float("nan")
+        mu = sum(values) / len(values)
+        sd = max((sum((a - mu) ** 2 for a in values) / (len(values) - 1)) ** 0.5, 1e-12)
+        p = 0.5 * math.erfc((1 - mu) / sd / math.sqrt(2)) + 0.5 * math.erfc((1 + mu) / sd / math.sqrt(2))
+        return max(map(abs, values)), p
     x = [math.log(v) for v in values if v > 0]
     if len(x) < 5:
         return max(values, default=0.0), float("nan")
@@ -78,68 +221,121 @@ def fit(values: list[float]) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="tiny-mha,tiny-gqa")
+    p.add_argument("--models", default="tiny-mha,tiny-gqa", help="presets, or tiny-llama2 (the embedded model)")
     p.add_argument("--seeds", default="1-2")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--ctx", default="32")
     p.add_argument("--long-ctx", default="320")
     p.add_argument("--no-plants", action="store_true")
+    p.add_argument("--no-clean", action="store_true", help="only the planted runs (into --keep, beside clean ones)")
     p.add_argument("--write", action="store_true")
     p.add_argument("--keep", help="keep every run's folder under this directory (default: a temporary one)")
+    p.add_argument("--from", dest="source", help="no runs: analyse the runs kept in this directory (--keep)")
+    p.add_argument("--policy", type=Path, default=POLICY, help="judge the loss cells under this policy (--from)")
     a = p.parse_args()
+    if a.source:
+        return analyse(Path(a.source), a.write, policy_path=a.policy)
     shape = ["--ctx", a.ctx, "--long-ctx", a.long_ctx, "--attn", "eager,sdpa", "--tp", "1"]
     started = time.perf_counter()
-    by: dict[tuple[str, str], list[float]] = {}
-    runs = failed = 0
     with tempfile.TemporaryDirectory(prefix="calibrate-train-") as tmp:
-        tmp = a.keep or tmp
-        for name in a.models.split(","):
-            model = cached(name)
-            for seed in seeds(a.seeds):
-                runs += 1
-                code, s = run(model, Path(tmp) / f"{name}-{seed}", [*shape, "--dtypes", a.dtypes, "--seed", str(seed)])
-                if code != 0:
-                    failed += 1
-                    bad = [(c["case"], c["metric"], c["reason"]) for c in (s or {}).get("cells", [])
-                           if c["status"] == "fail"][:3]
-                    print(f"clean run FAILED: {name} seed {seed} exit {code}: {bad}", flush=True)
-                mine = ratios(s or {"cells": []})
-                for dtype, metric, r in mine:
-                    by.setdefault((dtype, metric), []).append(r)
-                worst = max(mine, key=lambda x: x[2], default=("-", "-", float("nan")))
+        tmp = Path(a.keep or tmp)
+        for seed in [] if a.no_clean else seeds(a.seeds):          # seed-major: a campaign cut short still covers every model
+            for name in a.models.split(","):
+                if a.keep and (tmp / f"{name}-{seed}" / "summary.json").exists():
+                    continue                  # kept from an earlier, cut-short campaign
+                model = EMBEDDED if name == "tiny-llama2" else cached(name)
+                code, s = run(model, tmp / f"{name}-{seed}", [*shape, "--dtypes", a.dtypes, "--seed", str(seed)])
+                mine = ratios(s or {"cells": []}, load_policy(POLICY))
+                worst = max(mine, key=lambda x: abs(x[2]), default=("-", "-", float("nan")))
                 print(f"  clean {name} seed {seed}: exit {code}, {len(mine)} gated values, largest v/t {worst[2]:.3g} "
                       f"({worst[0]} {worst[1]}) ({time.perf_counter() - started:.0f}s)", flush=True)
-        planted = {}
         if not a.no_plants:
             model = cached("tiny-gqa")
             for fault in faults_for("train"):
-                code, s = run(model, Path(tmp) / f"plant-{fault}", [*shape, "--attn", "eager", "--plant", fault,
-                                                                    *PLANTS.get(fault, [])])
-                best = max((r for _, _, r in ratios(s or {"cells": []})), default=float("nan"))
-                planted[fault] = (code, best)
-                print(f"  planted {fault}: exit {code}, largest v/t {best:.3g}", flush=True)
-    lines = [f"#   {runs} clean runs: models {a.models}; seeds {a.seeds}; dtypes {a.dtypes}; eager and sdpa, tp 1, both "
-             f"casts, every checkpointing mode; --ctx {a.ctx} --long-ctx {a.long_ctx}.",
-             f"#   failed clean runs: {failed}."]
-    total = 0.0
-    rows = []
-    for (dtype, metric), vs in sorted(by.items()):
-        worst, pc = fit(vs)
-        per_run = (pc if pc == pc else 0.0) * len(vs) / max(runs, 1)
-        total += per_run
-        rows.append(f"#     {dtype:9} {metric:20} worst v/t {worst:.3g}  p(cross) {pc:.2g}  (n {len(vs)})")
-    lines.append(f"#   implied false alarms per run (normal fit of log v/t, summed): {total:.2g}")
-    lines += rows
+                code, s = run(model, tmp / f"plant-{fault}", [*shape, "--attn", "eager", "--plant", fault,
+                                                              *PLANTS.get(fault, [])])
+                print(f"  planted {fault}: exit {code}", flush=True)
+        return analyse(tmp, a.write, f"models {a.models}; seeds {a.seeds}; dtypes {a.dtypes}; eager and sdpa, tp 1, "
+                                     f"both casts, every checkpointing mode; --ctx {a.ctx} --long-ctx {a.long_ctx}")
+
+
+def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLICY) -> int:
+    """The campaign's figures from the run folders in ``folder``: clean runs (MODEL-SEED) and planted
+    ones (plant-FAULT), every cell judged again under the policy as it stands.
+
+    The fits are per model: a run is one model, and across models different terms of the rule bind
+    (the floor on a random preset, factor x the reference on the trained one), so a pooled sample is
+    bimodal and its fit a fat tail that no model has. A (model, dtype, metric) with fewer than 5
+    values (the steps rows: one a run) borrows the fit pooled over models. The implied false alarms
+    per run: per model, the sum over its metrics of P(cross) x values per run; the headline is the
+    worst model."""
+    policy = load_policy(policy_path)
+    by: dict[tuple[str, str, str], list[float]] = {}
+    losses: list = []
+    runs: dict[str, int] = {}
+    failed = 0
+    planted = {}
+    for path in sorted(folder.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        name = path.parent.name
+        if name.startswith("plant-"):
+            mine = ratios(s, policy)
+            caught = [x for x in mine if abs(x[2]) > 1 and not x[1].startswith("reference")]
+            best = max(caught or mine, key=lambda x: abs(x[2]), default=("-", "-", float("nan")))
+            planted[name[len("plant-"):]] = (len(caught), best)
+            continue
+        model = name.rsplit("-", 1)[0]
+        runs[model] = runs.get(model, 0) + 1
+        mine = ratios(s, policy, losses)
+        bad = [(d, m, r) for d, m, r in mine if abs(r) > 1]
+        if bad:
+            failed += 1
+            print(f"clean run FAILED under the policy: {name}: {bad[:3]}", flush=True)
+        for dtype, metric, r in mine:
+            by.setdefault((model, dtype, metric), []).append(r)
+    total_runs = sum(runs.values())
+    factors, loss_lines = noise_factors(losses, total_runs)
+    groups: dict[tuple[str, str], list[list[float]]] = {}
+    for (model, dtype, metric), vs in by.items():
+        groups.setdefault((dtype, metric), []).append(vs)
+    unfitted = set()
+    rate = {m: 0.0 for m in runs}
+    worst_of: dict[tuple[str, str], tuple[float, float, str]] = {}
+    for (model, dtype, metric), vs in sorted(by.items()):
+        signed = metric.split()[-1] in SIGNED
+        worst, pc = fit(vs, signed)
+        if pc != pc:
+            pc = p_cross(vs, signed, within_sd(groups[(dtype, metric)], signed))
+        if pc != pc:
+            unfitted.add(f"{dtype} {metric}")
+        else:
+            rate[model] += pc * len(vs) / runs[model]
+        w = worst_of.get((dtype, metric), (0.0, 0.0, ""))
+        worst_of[(dtype, metric)] = (max(w[0], worst), w[1] if pc != pc else max(w[1], pc),
+                                     model if worst >= w[0] else w[2])
+    lines = [f"#   {total_runs} clean runs ({', '.join(f'{m} {n}' for m, n in runs.items())})"
+             f"{': ' + what if what else ''}.",
+             f"#   failed clean runs (judged under this policy): {failed}.",
+             f"#   implied false alarms per run (per model: normal fit of log v/t, of v/t for the loss, summed): "
+             + ", ".join(f"{m} {r:.2g}" for m, r in rate.items()) + f"; worst {max(rate.values(), default=0):.2g}",
+             *([f"#   not fitted (too few values): {', '.join(sorted(unfitted))}"] if unfitted else []),
+             "#   per dtype and metric: worst v/t (model), largest p(cross) per value over models:"]
+    lines += [f"#     {d:9} {m:33} {w:.3g} ({mod})  " + (f"p {p:.2g}" if f"{d} {m}" not in unfitted else "not fitted")
+              for (d, m), (w, p, mod) in sorted(worst_of.items())]
+    lines.append(f"#   the loss's noise scale (target {TARGET} loss false alarms per run):")
+    lines += loss_lines
     if planted:
-        lines.append("#   planted training bugs (exit code, largest v/t):")
-        lines += [f"#     {f:22} exit {c}  v/t {b:.3g}" for f, (c, b) in planted.items()]
-    lines.append(f"#   {time.perf_counter() - started:.0f} s wall.")
+        lines.append("#   planted training bugs (cells failing, largest v/t and where):")
+        lines += [f"#     {f:22} {n} failing  v/t {abs(b[2]):.3g} ({b[0]} {b[1]})" for f, (n, b) in planted.items()]
     print("\n".join(lines))
-    if a.write:
+    if write:
         text = POLICY.read_text(encoding="utf-8")
         head, _, rest = text.partition(MARK_BEGIN + "\n")
         _, _, tail = rest.partition(MARK_END)
-        POLICY.write_text(head + MARK_BEGIN + "\n" + "\n".join(lines) + "\n" + MARK_END + tail, encoding="utf-8")
+        text = head + MARK_BEGIN + "\n" + "\n".join(lines) + "\n" + MARK_END + tail
+        for dtype, k in factors.items():
+            text = re.sub(rf"(\[{dtype}\.{LOSS}\][^\[]*?noise_factor = )[0-9.e+-]+", rf"\g<1>{k:.1f}", text)
+        POLICY.write_text(text, encoding="utf-8")
     return 1 if failed else 0
 
 

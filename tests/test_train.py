@@ -187,3 +187,36 @@ def test_optimizer_steps_follow_the_oracle(models, tmp_path):
     assert drift and all(c["status"] == "pass" for c in drift)
     curve = [c for c in s["cells"] if c["metric"] == "steps_loss_rel_err" and c["subject"] == "transformers"]
     assert len(curve[0]["extra"]["losses"]) == len(curve[0]["extra"]["oracle_losses"]) >= 2
+
+
+def test_loss_limit_is_the_references_noise_not_its_one_draw(tmp_path):
+    """A loss is one draw: a reference that lands on the oracle's loss by luck must not shrink the
+    limit to the floor. The noise term (noise_factor x the reference's per-token standard error) holds
+    the limit at the noise; factor x the reference's draw still counts when it is larger."""
+    import torch
+
+    from harness.core.tolerance import load_policy
+    from harness.suites.train.measure import judge
+    from harness.suites.train.metrics import loss_noise
+
+    torch.manual_seed(0)
+    truth = torch.rand(400, dtype=torch.float64) + 5.0
+    err = torch.randn(400, dtype=torch.float64) * 0.01
+    true_loss = float(truth.mean())
+    s = loss_noise(truth + err, truth, true_loss)
+    assert s == pytest.approx(float(err.std()) / 20 / true_loss)          # std / sqrt(400), relative
+    assert loss_noise(truth[:10], truth, true_loss) is None                # token counts differ: no scale
+    policy = tmp_path / "p.toml"
+    policy.write_text('version = "t"\n[bfloat16]\nfactor = 4.0\nmax_factor = 8.0\n'
+                      '[bfloat16.loss_rel_err]\nabs = 0.05\nfloor = 1e-6\nnoise_factor = 5.0\nreason = "t"\n')
+    p = load_policy(policy)
+    lucky = 1e-9                                                            # the reference landed on the truth
+    assert judge(p, "bfloat16", "loss_rel_err", 4 * s, lucky)[0] == pytest.approx(1e-6)    # the old rule: fails
+    tol, status, _ = judge(p, "bfloat16", "loss_rel_err", 4 * s, lucky, s)
+    assert tol == pytest.approx(5 * s) and status == "pass"
+    assert judge(p, "bfloat16", "loss_rel_err", 6 * s, lucky, s)[1] == "fail"
+    assert judge(p, "bfloat16", "loss_rel_err", 6 * s, s, s)[0] == pytest.approx(8 * s)  # max_factor x ref wins
+    assert judge(p, "bfloat16", "loss_rel_err", 0.0, 1.0, s)[0] == 0.05                     # abs caps it
+    policy.write_text(policy.read_text().replace("noise_factor = 5.0", "noise_factor = -1"))
+    with pytest.raises(Exception, match="noise_factor"):
+        load_policy(policy)

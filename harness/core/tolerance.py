@@ -42,6 +42,7 @@ class Limit:
     floor: float
     reason: str
     max_factor: float | None = None    # for EXTREMES; None: factor
+    noise_factor: float | None = None  # train's loss: times the reference's own noise scale (None: no such term)
 
     def allowed(self, metric: str, reference_value: float | None) -> float:
         """min(abs, max(floor, f x reference)); the reference itself is held to abs."""
@@ -108,7 +109,7 @@ def load_policy(path: str | Path | None = None, arg: str = "--policy", metrics=N
                 raise InputError(f"{where}: must be a table with abs, floor and a reason")
             if metrics is not None and metric not in metrics:
                 raise InputError(f"{where}: unknown metric (known: {', '.join(metrics)})")
-            unknown = sorted(set(spec) - {"abs", "floor", "factor", "max_factor", "reason"})
+            unknown = sorted(set(spec) - {"abs", "floor", "factor", "max_factor", "noise_factor", "reason"})
             if unknown:
                 raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}")
             if not isinstance(spec.get("reason"), str) or not spec["reason"].strip():
@@ -119,7 +120,8 @@ def load_policy(path: str | Path | None = None, arg: str = "--policy", metrics=N
                         factor=_number({"factor": f}, "factor", f"{where} (or [{dtype}] factor)", 1.0),
                         floor=_number(spec, "floor", where, 0.0), reason=spec["reason"],
                         max_factor=None if mf is None else _number({"max_factor": mf}, "max_factor",
-                                                                    f"{where} (or [{dtype}] max_factor)", 1.0))
+                                                                    f"{where} (or [{dtype}] max_factor)", 1.0),
+                        noise_factor=None if "noise_factor" not in spec else _number(spec, "noise_factor", where, 0.0))
             if lim.floor > lim.abs:
                 raise InputError(f"{where}: floor {lim.floor:g} is above abs {lim.abs:g}")
             limits[(dtype, metric)] = lim

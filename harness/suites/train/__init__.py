@@ -6,7 +6,8 @@ through its own torch module, harness/subjects), built through the registry at e
 A cell is dtype x cast (loaded in the dtype, or float32 weights under autocast) x attention x
 pretraining_tp x gradient checkpointing x input batch. The reference at the cell's dtype and cast
 runs too and calibrates the policy, as in ``logits``: value <= min(abs, max(floor, factor x the
-reference's own error)), ``max_factor`` for the worst tensor. Groups (the reference at a dtype and
+reference's own error)), ``max_factor`` for the worst tensor; the loss, one draw, may also reach
+``noise_factor`` x the reference's own noise scale (``metrics.loss_noise``). Groups (the reference at a dtype and
 cast; the subject at a dtype, cast, attention and tp) are journaled, so a rerun resumes.
 
 Modules: ``batches`` (the inputs and their labels), ``grads`` (loss and gradients of each subject),

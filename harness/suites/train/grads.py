@@ -46,6 +46,16 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift, target, ignore_index=IGNORE, reduction="sum")
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each labelled token's cross entropy (the terms ``token_loss_sum`` adds), float64 on the CPU, in
+    row-major order of the labelled positions: the same order for a padded batch and its rows alone."""
+    up = torch.promote_types(logits.dtype, torch.float32)
+    shift = logits.detach()[:, :-1].to(up).reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].reshape(-1).to(logits.device)
+    keep = target != IGNORE
+    return F.cross_entropy(shift[keep], target[keep], reduction="none").to("cpu", torch.float64)
+
+
 def autocast(dtype: str | None, device: str):
     if dtype is None:
         return contextlib.nullcontext()
@@ -59,13 +69,14 @@ def oracle_grads(model: Transformer, batch: Batch, device: str) -> Grads:
     mean over the whole batch, backpropagated through the unmodified reference."""
     model.zero_grad(set_to_none=True)
     n = batch.tokens()
-    total = 0.0
+    total, terms = 0.0, []
     for ids, labels in batch.rows():
         logits = _train_forward(model, ids[None].to(device))
         loss = token_loss_sum(logits, labels[None]) / n
         loss.backward()
         total += float(loss.detach())
-    return Grads(total, _reference_grads(model, 1.0))
+        terms.append(token_losses(logits, labels[None]))
+    return Grads(total, _reference_grads(model, 1.0), extra={"token_losses": torch.cat(terms)})
 
 
 def reference_grads(model: Transformer, batch: Batch, device: str, cast_dtype: str | None = None,
@@ -75,16 +86,20 @@ def reference_grads(model: Transformer, batch: Batch, device: str, cast_dtype: s
     ids, mask = batch.ids.to(device), batch.mask.to(device)
     kwargs = {"key_mask": mask, "positions": padded_positions(mask)} if batch.padded else {}
     n = batch.tokens()
+    terms = []
 
     def step(scale: float):
         model.zero_grad(set_to_none=True)
         with autocast(cast_dtype, device):
             logits = _train_forward(model, ids, **kwargs)
             loss = token_loss_sum(logits, batch.labels) / n
+        terms.append(token_losses(logits, batch.labels))
         (loss * scale).backward()
         return float(loss.detach())
 
-    return _scaled(step, lambda s: _reference_grads(model, s), scaled)
+    got = _scaled(step, lambda s: _reference_grads(model, s), scaled)
+    got.extra["token_losses"] = terms[-1]
+    return got
 
 
 def _reference_grads(model: Transformer, scale: float) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from harness.subjects import Cannot
 from harness.suites.train import SUITE
 from harness.suites.train import grads as G
 from harness.suites.train.batches import Batch
-from harness.suites.train.metrics import GATED, bitwise_diff, compare
+from harness.suites.train.metrics import GATED, bitwise_diff, compare, loss_noise
 from reference_model.checkpoint import build_model
 from reference_model.convert import unpermute
 
@@ -181,13 +181,17 @@ class InputGradProbe:
         self.handle.remove()
 
 
-def _ref_forward(model, batch: Batch, device: str):
+def _ref_forward(model, batch: Batch, device: str, terms: list | None = None):
+    """The loss closure; ``terms`` collects each labelled token's cross entropy (the loss's noise scale)."""
     from harness.core.subjects import padded_positions
     ids, mask = batch.ids.to(device), batch.mask.to(device)
     kwargs = {"key_mask": mask, "positions": padded_positions(mask)} if batch.padded else {}
 
     def forward():
-        return G.token_loss_sum(G._train_forward(model, ids, **kwargs), batch.labels) / batch.tokens()
+        logits = G._train_forward(model, ids, **kwargs)
+        if terms is not None:
+            terms.append(G.token_losses(logits, batch.labels))
+        return G.token_loss_sum(logits, batch.labels) / batch.tokens()
     return forward
 
 
@@ -264,20 +268,25 @@ def lora_rows(measure) -> list[Row]:
     scaling = alpha / r
     oracle = build_model(plan.ckpt, torch.float64, plan.device, rope_dtype=torch.float64)
     wrap_reference(oracle, ads, scaling, torch.float64)
-    truth = _loss_and_grads(oracle, _ref_forward(oracle, batch, plan.device), reference_adapter_grads)
+    true_terms: list = []
+    truth = _loss_and_grads(oracle, _ref_forward(oracle, batch, plan.device, true_terms), reference_adapter_grads)
     true_logits = _logits_ref(oracle, batch, plan.device)
     del oracle
     rows: list[Row] = []
     for dtype in plan.dtypes:
         ref = build_model(plan.ckpt, DTYPES[dtype], plan.device)
         wrap_reference(ref, ads, scaling, DTYPES[dtype])
-        rg = _loss_and_grads(ref, _ref_forward(ref, batch, plan.device), reference_adapter_grads)
+        ref_terms: list = []
+        rg = _loss_and_grads(ref, _ref_forward(ref, batch, plan.device, ref_terms), reference_adapter_grads)
         rc = compare(rg.grads, truth.grads, rg.loss, truth.loss)["values"]
+        rc["loss_noise"] = loss_noise(ref_terms[-1], true_terms[-1], truth.loss)
         ref_logits = _rel_l2(_logits_ref(ref, batch, plan.device), true_logits)
         del ref
         for m in GATED:
             tol, status, reason = judge(plan.policy, dtype, m, rc[m], None)
-            rows.append(Row(SUITE, case(dtype, "lora"), "reference", ORACLE, m, rc[m], tol, status, reason))
+            rows.append(Row(SUITE, case(dtype, "lora"), "reference", ORACLE, m, rc[m], tol, status, reason,
+                            {"loss_noise": rc["loss_noise"], "loss": rg.loss, "oracle_loss": truth.loss}
+                            if m == "loss_rel_err" else {}))
         tol, status, reason = judge(plan.policy, dtype, "logits_rel_l2", ref_logits, None)
         rows.append(Row(SUITE, case(dtype, "lora-unmerged"), "reference", ORACLE, "logits_rel_l2", ref_logits, tol,
                         status, reason))
@@ -302,7 +311,8 @@ def _peft_cells(measure, dtype, attn, ads, r, alpha, batch, truth, true_logits, 
         c = compare(got.grads, truth.grads, got.loss, truth.loss)
         out = []
         for m in GATED:
-            tol, status, reason = judge(plan.policy, dtype, m, c["values"][m], rc[m])
+            tol, status, reason = judge(plan.policy, dtype, m, c["values"][m], rc[m],
+                                        rc["loss_noise"] if m == "loss_rel_err" else None)
             if got.nonfinite:
                 status, reason = FAIL, got.nonfinite
             out.append(Row(SUITE, case(dtype, name, gc), "peft", ORACLE, m, c["values"][m], tol, status, reason))

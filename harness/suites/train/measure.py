@@ -22,7 +22,7 @@ from harness.suites.train import SUITE, Plan
 from harness.suites.train import grads as G
 from harness.suites.train.batches import Batch, naive_left_labels
 from harness.suites.train.lora import LORA_GC
-from harness.suites.train.metrics import EXTREMES, GATED, bitwise_diff, compare, underflow
+from harness.suites.train.metrics import EXTREMES, GATED, bitwise_diff, compare, loss_noise, underflow
 from reference_model.checkpoint import build_model
 
 LEFT_HAZARD = Mechanism(
@@ -33,11 +33,15 @@ LEFT_HAZARD = Mechanism(
     known=True)
 
 
-def judge(policy, dtype: str, metric: str, value: float, ref: float | None) -> tuple[float, str, str]:
-    """value <= min(abs, max(floor, f x ref)); f is max_factor for the worst tensor, factor for means."""
+def judge(policy, dtype: str, metric: str, value: float, ref: float | None,
+          noise: float | None = None) -> tuple[float, str, str]:
+    """value <= min(abs, max(floor, f x ref, noise_factor x noise)); f is max_factor for one-draw values,
+    factor for means; noise (the loss only) is the reference's own noise scale, see metrics.loss_noise."""
     lim = policy.limit(dtype, metric)
     f = lim.max_factor if metric in EXTREMES and lim.max_factor is not None else lim.factor
     tol = lim.abs if ref is None or not math.isfinite(ref) else min(lim.abs, max(lim.floor, f * ref))
+    if ref is not None and noise is not None and lim.noise_factor is not None and math.isfinite(noise):
+        tol = min(lim.abs, max(tol, lim.noise_factor * noise))
     if value is None or not math.isfinite(value):
         return tol, FAIL, "non-finite value"
     return (tol, PASS, "") if value <= tol else (tol, FAIL, f"{value:.3g} > {tol:.3g}")
@@ -124,6 +128,8 @@ class Measure:
                 ref_rows = self.cached(ref_group, lambda: self.reference_rows(dtype, cast))
                 rows += ref_rows
                 calib = {(r.case["input"], r.metric): r.value for r in ref_rows if r.status != INFO}
+                calib.update({(r.case["input"], "loss_noise"): r.extra["loss_noise"] for r in ref_rows
+                              if r.metric == "loss_rel_err" and r.extra.get("loss_noise") is not None})
                 for attn, tp in groups:
                     g = {"subject": self.label, "dtype": dtype, "cast": cast, "attn": attn, "tp": tp,
                          "checkpointing": plan.checkpointing}
@@ -303,7 +309,8 @@ class Measure:
         rows = []
         for m in GATED:
             ref = None if calib is None else calib.get((case["input"], m))
-            tol, status, reason = judge(self.plan.policy, dtype, m, c["values"][m], ref)
+            noise = calib.get((case["input"], "loss_noise")) if calib and m == "loss_rel_err" else None
+            tol, status, reason = judge(self.plan.policy, dtype, m, c["values"][m], ref, noise)
             if why:
                 status, reason = FAIL, why
             rows.append(Row(SUITE, case, subject, ORACLE, m, c["values"][m], tol, status, reason))
@@ -312,6 +319,9 @@ class Measure:
         if got.scale is not None:
             ev["loss_scale"] = got.scale
         rows[1].extra.update(ev)
+        noise = loss_noise(got.extra.get("token_losses"), truth.extra.get("token_losses"), truth.loss)
+        if noise is not None:
+            rows[0].extra["loss_noise"] = noise
         if "loss_of_logits" in got.extra:
             rows.append(self.loss_of_logits_row(case, subject, got, dtype, why))
         rows[3].extra["worst_tensor"] = c["worst"]

@@ -16,7 +16,10 @@ import re
 import torch
 
 GATED = ("loss_rel_err", "grad_rel_l2", "grad_cos_dist", "grad_rel_l2_max")
-EXTREMES = ("grad_rel_l2_max", "loss_rel_err", "steps_loss_rel_err")   # one draw per cell: judged with max_factor
+# one draw per cell: judged with max_factor. steps_drift too: in float32 it is set by the few parameters
+# whose Adam update flips with rounding (gradient near 0), and the calibration campaign saw a correct
+# transformers drift 0.7x to 3.6x the reference's over five runs (calibrate_train.py)
+EXTREMES = ("grad_rel_l2_max", "loss_rel_err", "steps_loss_rel_err", "steps_drift")
 INFO_METRICS = ("underflow_frac", "peak_abs_activation")
 
 KIND = {"attention.wq.weight": "q", "attention.wk.weight": "k", "attention.wv.weight": "v",
@@ -62,6 +65,18 @@ def _group(per: dict[str, float], which: int) -> dict[str, float]:
         key = kind_of(k)[which]
         out[key] = max(out.get(key, 0.0), v)
     return out
+
+
+def loss_noise(terms: torch.Tensor | None, truth_terms: torch.Tensor | None, true_loss: float) -> float | None:
+    """The scale of a loss error that is rounding noise: the spread of the per-token errors over the
+    square root of their count (the standard error of their mean), relative to the true loss. One loss
+    is one draw: where it lands against the oracle's is luck, so a limit of factor x the reference's
+    one draw vanishes whenever the reference happens to land close; this scale does not."""
+    if terms is None or truth_terms is None or terms.shape != truth_terms.shape or terms.numel() < 2 or not true_loss:
+        return None
+    d = terms - truth_terms
+    v = float(d.std() / math.sqrt(d.numel()) / abs(true_loss))
+    return v if math.isfinite(v) else None
 
 
 def underflow(grads: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> float:
