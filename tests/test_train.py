@@ -220,3 +220,14 @@ def test_loss_limit_is_the_references_noise_not_its_one_draw(tmp_path):
     policy.write_text(policy.read_text().replace("noise_factor = 5.0", "noise_factor = -1"))
     with pytest.raises(Exception, match="noise_factor"):
         load_policy(policy)
+
+
+def test_trainer_prints_nothing_into_the_console(models, tmp_path, capsys):
+    """Trainer's printer callback writes its metrics dict ({'train_runtime': ...}) to stdout in the
+    middle of the suite's output; the accumulation cell removes it and keeps the values in its rows."""
+    code, s = run(models["tiny-gqa/meta"], tmp_path, "--dtypes", "float32", "--casts", "load",
+                  "--checkpointing", "off", "--inputs", "right,accum")
+    out = capsys.readouterr().out
+    assert code == 0, failing(s)
+    assert any(c["case"]["input"] == "accum" and c["status"] == "pass" for c in s["cells"])
+    assert "train_runtime" not in out and "train_loss" not in out
