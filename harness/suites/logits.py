@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from harness.core import compat, corpus, inputs, resources
+from harness.core import compat, corpus, deviations, inputs, resources
 from harness.core.cases import Shape, make_inputs, with_special_ids
 from harness.core.checkpoints import HFFolder, ModelFolder, open_model
 from harness.core.datafiles import suite_data
@@ -102,6 +102,7 @@ class Logits(Suite):
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
         p.add_argument("--seed", default="0", help="input seed (default 0)")
         p.add_argument("--policy", help="tolerance policy TOML (default: suites/tolerance.toml)")
+        deviations.add_argument(p)
         p.add_argument("--subject", action="append",
                        help="KIND[:key=value,...], repeatable: the implementations judged (default: transformers), "
                             "e.g. transformers:compile=1, torchao:quant=int8wo, onnxruntime, llama.cpp:quant=Q8_0 "
@@ -182,11 +183,13 @@ class Plan:
     subjects: list[Spec] = field(default_factory=list)
     tokenizer: Path | None = None
     notes: list[str] = field(default_factory=list)
+    known: list = field(default_factory=list)      # --known FILE: the user's own accepted findings
 
     @classmethod
     def from_args(cls, a, ctx: Context) -> "Plan":
         data = suite_data(SUITE)
         d = data["defaults"]
+        known = deviations.user_deviations(a)      # a bad --known file is exit 2 before any model loads
         if a.tokens and a.shapes:
             raise InputError("--tokens and --shapes: give one (the token file fixes the shape)")
         if a.text and a.corpus:
@@ -254,7 +257,8 @@ class Plan:
         tok = Path(a.tokenizer) if a.tokenizer else folder.path / "tokenizer.model"
         tok = tok / "tokenizer.model" if tok.is_dir() else tok
         return cls(folder, ckpt, dtypes, attns, tps, ins, device, seed, policy, fault, not a.no_localise,
-                   Path(a.tokens) if a.tokens else None, vocab, specs, tok if tok.is_file() else None, notes)
+                   Path(a.tokens) if a.tokens else None, vocab, specs, tok if tok.is_file() else None, notes,
+                   known)
 
     @staticmethod
     def kinds(a) -> list[str]:
@@ -566,7 +570,11 @@ class Measure:
         journal = self.ctx.journal()
         if journal.reused:
             self.ctx.note(f"resumed: {len(journal.reused)} finished cell group(s) read from {journal.path}, not rerun")
+        # logits has no catalogue of known deviations: only the user's --known entries settle rows
+        rows = deviations.settle(rows, plan.known)
         extra = self.summary_extra(rows)
+        used = {r.extra["known"]["name"] for r in rows if "known" in r.extra}
+        extra["policy"].update(deviations.user_summary(plan.known, used))
         if plan.localise:
             extra.update(localise_failures(plan, rows, self.ctx.notes))
         mechanisms = assign_findings(rows, plan.inputs, extra.get("divergences") or [])

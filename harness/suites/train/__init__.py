@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.core import compat, corpus, inputs, resources
+from harness.core import compat, corpus, deviations, inputs, resources
 from harness.core.cases import Shape, make_inputs
 from harness.core.checkpoints import ModelFolder, open_model
 from harness.core.datafiles import suite_data
@@ -72,6 +72,7 @@ class Train(Suite):
         p.add_argument("--strict", nargs="?", const="all", metavar="NAMES",
                        help="gate known deviations like any other row: all of them, or a comma list of their names "
                             "(grad-accum-per-micro-batch-mean, num-items-counts-position-0); default: reported, not gated")
+        deviations.add_argument(p)
 
     def run(self, a, ctx: Context) -> Result:
         plan = Plan.from_args(a, ctx)
@@ -112,6 +113,7 @@ class Plan:
     text: str
     notes: list[str] = field(default_factory=list)
     strict: frozenset[str] = frozenset()    # names of the known deviations gated (--strict)
+    known: list = field(default_factory=list)   # --known FILE: the user's own accepted findings
     subject: Spec = field(default_factory=lambda: Spec(DEFAULT))   # --subject: its kind offers "train"
 
     @classmethod
@@ -123,6 +125,7 @@ class Plan:
         device = inputs.device(a.device)
         seed = inputs.seed(a.seed)
         strict = strict_names(getattr(a, "strict", None))
+        known = deviations.user_deviations(a)      # a bad --known file is exit 2 before any model loads
         subject = offering(getattr(a, "subject", None), SUITE, "train", TRAIN_NEEDS, own=("attn", "tp", "plant"))
         dtypes = inputs.choices("--dtypes", a.dtypes if a.dtypes is not None else d["dtypes"], inputs.KNOWN_DTYPES)
         attns = inputs.choices("--attn", a.attn if a.attn is not None else d["attn"], inputs.KNOWN_ATTN)
@@ -162,7 +165,7 @@ class Plan:
             raise InputError(f"--inputs: nothing to measure on: accum, steps and lora run on the batches beside them; "
                              f"add one of {', '.join(batches.KINDS)}")
         return cls(folder, ckpt, dtypes, casts, attns, tps, gcs, built, "accum" in kinds, "steps" in kinds,
-                   "lora" in kinds, device, seed, policy, fault, data, label, notes, strict, subject)
+                   "lora" in kinds, device, seed, policy, fault, data, label, notes, strict, known, subject)
 
     @staticmethod
     def token_windows(a, cfg: dict, folder: ModelFolder, ckpt: Checkpoint, long_ctx: int, seed: int,

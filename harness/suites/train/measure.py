@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from harness.core import compat
+from harness.core import compat, deviations
 from harness.core.checkpoints import HFFolder
 from harness.core.environment import environment
 from harness.core.errors import InputError
@@ -154,7 +154,12 @@ class Measure:
         if journal.reused:
             self.ctx.note(f"resumed: {len(journal.reused)} finished group(s) read from {journal.path}, not rerun")
         from harness.suites.train.report import sections
+        # the user's --known entries settle what they accept; a bare --strict (every known name) gates them too
+        from harness.suites.train.accumulate import KNOWN_NAMES
+        rows = deviations.settle(rows, plan.known, strict=plan.strict >= frozenset(KNOWN_NAMES))
+        used = {r.extra["known"]["name"] for r in rows if isinstance(r.extra, dict) and "known" in r.extra}
         extra = self.summary_extra()
+        extra["policy"].update(deviations.user_summary(plan.known, used))
         timing = {"wall_seconds": round(time.perf_counter() - started, 3), "groups_resumed": len(journal.reused),
                   "oracle_seconds": round(self.oracle_seconds, 3), "groups": self.seconds}
         return Result([Part(SUITE, rows, extra, sections=sections(rows), timing=timing, device=plan.device,
