@@ -35,10 +35,12 @@ def models(names: list[str], root: Path) -> dict[str, Path]:
 
 
 def seeds(spec: str) -> list[int]:
-    if "-" in spec:
-        a, b = spec.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(s) for s in spec.split(",")]
+    """'1-300', '3,7,9' or both: '870,1201-1300'."""
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
 
 
 def run(model: Path, seed: int, out: Path, extra: list[str]) -> tuple[int, dict]:
