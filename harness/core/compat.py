@@ -116,6 +116,34 @@ def forward_takes(model, name: str) -> bool:
 
 
 @lru_cache(maxsize=None)
+def checkpointing_enable(model, reentrant: bool | None = None) -> bool:
+    """Turn gradient checkpointing on as a user of this release does (5.x: activation_checkpointing_enable;
+    the old name is a warning alias). ``reentrant`` None: the release's default. False when the release
+    cannot choose (no kwargs before 4.35), and nothing is enabled."""
+    new = getattr(model, "activation_checkpointing_enable", None)
+    enable, key = (new, "activation_checkpointing_kwargs") if new is not None else \
+        (model.gradient_checkpointing_enable, "gradient_checkpointing_kwargs")
+    if reentrant is None:
+        enable()
+    elif key in inspect.signature(enable).parameters:
+        enable(**{key: {"use_reentrant": reentrant}})
+    else:
+        return False
+    return True
+
+
+def checkpointing_on(model) -> bool:
+    """Whether gradient checkpointing is on, under the release's own name (5.x warns on the old one)."""
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+
+
+def checkpointing_off(model) -> None:
+    """Switch gradient checkpointing off under the release's own name: 5.x renamed it
+    activation_checkpointing_disable and warns (a FutureWarning in the suite's console) on the old one."""
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
 def has_output_logits() -> bool:
     """generate(output_logits=True) exists (4.38; not in 4.31)."""
     from transformers import GenerationConfig

@@ -913,7 +913,7 @@ class CheckpointDropsGrad(TrainFault):
         layer = _layers(model)[0]
 
         def cut(module, args, kwargs):
-            if not (module.training and getattr(model, "is_gradient_checkpointing", False)):
+            if not (module.training and compat.checkpointing_on(model)):
                 return None
             if args:
                 return (args[0].detach(), *args[1:]), kwargs

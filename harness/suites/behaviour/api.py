@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from harness.core import compat
 from harness.core.cases import Shape, make_inputs
 from harness.core.store import FAIL, NA, PASS, Row
 from harness.suites.behaviour.common import BehaviourRun, attn_reason, failed
@@ -61,7 +62,7 @@ def _gc_cache_row(case: dict, model, ids: torch.Tensor) -> Row:
             model.train()
             model.zero_grad(set_to_none=True)
             if gc:
-                model.gradient_checkpointing_enable()     # the release's default (reentrant before 5.x)
+                compat.checkpointing_enable(model)        # the release's default (reentrant before 5.x)
             with torch.enable_grad():
                 model(input_ids=ids, labels=ids).loss.float().backward()
             grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -70,8 +71,8 @@ def _gc_cache_row(case: dict, model, ids: torch.Tensor) -> Row:
                    f"a checkpointed training step with the default use_cache failed: {type(e).__name__}: "
                    f"{str(e).splitlines()[0][:200] if str(e) else ''}")
     finally:
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
+        if compat.checkpointing_on(model):
+            compat.checkpointing_off(model)
         model.zero_grad(set_to_none=True)
         model.eval()
     plain, ckpt = grads

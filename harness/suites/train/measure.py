@@ -239,7 +239,7 @@ class Measure:
         except Exception as e:
             return [self.failed(case, f"{plan.subject.kind} backward with {gc} checkpointing failed: {_first(e)}")]
         finally:
-            model.gradient_checkpointing_disable()
+            compat.checkpointing_off(model)
         rows = self.judged(case, self.label, got, self.truth(b), dtype, calib, b)
         if b.key() in plain:
             d = bitwise_diff(got, plain[b.key()])
@@ -369,15 +369,12 @@ class Measure:
 
 def enable_checkpointing(model, gc: str) -> str:
     """Turn gradient checkpointing on as a user does; '' or why this release cannot."""
-    import inspect
-    takes = "gradient_checkpointing_kwargs" in inspect.signature(model.gradient_checkpointing_enable).parameters
-    if gc == "non-reentrant" and not takes:
+    if compat.checkpointing_enable(model, reentrant=gc == "reentrant"):
+        return ""
+    if gc == "non-reentrant":
         return (f"transformers {compat.transformers_release()} has no gradient_checkpointing_kwargs: "
                 "only reentrant checkpointing")
-    if takes:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": gc == "reentrant"})
-    else:
-        model.gradient_checkpointing_enable()
+    compat.checkpointing_enable(model)      # reentrant: the only kind this release has
     return ""
 
 
