@@ -29,7 +29,8 @@ from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import read_toml
 from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
-from harness.core.metrics import METRICS, POLICY_METRICS, compare
+from harness.core.metrics import (BEYOND_ROUNDING, METRICS, PAIRED, POLICY_METRICS, PositionStats, beyond_rounding,
+                                  paired_ratio, position_stats, summarize)
 from harness.core.presets import long_positions_model
 from harness.core.store import FAIL, INFO, NA, Row, fingerprint
 from harness.core.subjects import DTYPES, ORACLE, reference
@@ -159,20 +160,56 @@ def _forward(run: AxesRun, model, ids: torch.Tensor, **flags):
     return model(input_ids=ids.to(run.device), **kwargs)
 
 
-def _bucket_rows(suite, case, subject, logits, truth, spans, policy, dtype, ref_values=None, extra=None):
-    """All logits metrics per position bucket; ref_values[(start, end)] calibrates each bucket."""
-    rows, values = [], {}
+# Judged as `logits` judges a cell: the near-tie rates are shown, the flips rounding cannot explain
+# are gated, and kl_ratio_lo compares every position with the reference's same position. What axes
+# hunts (a RoPE table or a cast that loses precision) worsens every position of a late bucket, which
+# the paired ratio resolves however the bucket's single extreme falls.
+GATED = [m for m in METRICS if m not in ("top1_disagree", "topk_miss")] + list(BEYOND_ROUNDING)
+RATES = ("top1_disagree", "topk_miss")
+
+
+def judge_logits(policy: Policy, dtype: str, st: PositionStats, ref: PositionStats | None) -> list[tuple]:
+    """(metric, value, tolerance, status, reason) for one stretch of positions; ``ref`` None judges
+    the reference itself against the policy's hard ceilings."""
+    values, why = summarize(st)
+    ref_values = summarize(ref)[0] if ref is not None else None
+    lim = policy.limit(dtype, "max_abs")
+    values.update(beyond_rounding(st, ref if ref is not None else st, lim.max_factor or lim.factor))
+    paired = None
+    if ref is not None:
+        ref_values.update(beyond_rounding(ref, ref, lim.max_factor or lim.factor))
+        if not why:
+            paired = paired_ratio(st, ref)
+            values["kl_ratio_lo"], ref_values["kl_ratio_lo"] = paired["kl_ratio_lo"], 1.0
+    out = []
+    for m in [*GATED, *PAIRED, *RATES]:
+        if m not in values:
+            continue
+        tol, status, reason = policy.judge(dtype, m, values[m], None if ref_values is None else ref_values[m])
+        if why:
+            status, reason = FAIL, why
+        elif m in RATES:
+            status, reason = INFO, (f"a rate over {len(st)} positions; top1_flips/topk_misses gate the flips "
+                                    "rounding cannot explain")
+        elif m in PAIRED:
+            reason = (f"{'' if status != FAIL else reason + ': '}KL {paired['gm']:.3g}x the reference's at the "
+                      f"same positions (geometric mean over {paired['n']}; lower 3-sigma bound {values[m]:.3g})")
+        out.append((m, values[m], tol, status, reason))
+    return out
+
+
+def _bucket_rows(suite, case, subject, logits, truth, spans, policy, dtype, ref_stats=None, extra=None):
+    """All logits metrics per position bucket, each judged against the reference's same bucket
+    (``ref_stats[(start, end)]``; None judges the reference itself). Returns the rows and the
+    bucket's per-position statistics."""
+    rows, stats = [], {}
     for a, b, region in spans:
-        v, why = compare(logits[:, a:b], truth[:, a:b])
-        values[(a, b)] = v
+        st = stats[(a, b)] = position_stats(logits[:, a:b], truth[:, a:b])
         c = {**case, "positions": f"{a}-{b - 1}", "region": region}
-        for m in METRICS:
-            ref = None if ref_values is None else ref_values[(a, b)][m]
-            tol, status, reason = policy.judge(dtype, m, v[m], ref)
-            if why:
-                status, reason = FAIL, why
-            rows.append(Row(suite, c, subject, ORACLE, m, v[m], tol, status, reason, dict(extra or {})))
-    return rows, values
+        ref = None if ref_stats is None else ref_stats[(a, b)]
+        for m, v, tol, status, reason in judge_logits(policy, dtype, st, ref):
+            rows.append(Row(suite, c, subject, ORACLE, m, v, tol, status, reason, dict(extra or {})))
+    return rows, stats
 
 
 def run_cast(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
@@ -186,12 +223,12 @@ def run_cast(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
     rows: list[Row] = []
     for dtype in run.dtypes:
         model = reference(ckpt, dtype, run.device)
-        ref_values = {}
+        ref_stats = {}
         for n, ids in inputs.items():
             with torch.inference_mode():
                 logits = model(ids.to(run.device)).cpu()
             case = {"dtype": dtype, "cast": "-", "attn": "-", "length": n, "device": run.device}
-            got, ref_values[n] = _bucket_rows(suite, case, "reference", logits, truth[n], spans[n], run.policy, dtype)
+            got, ref_stats[n] = _bucket_rows(suite, case, "reference", logits, truth[n], spans[n], run.policy, dtype)
             rows += got
         del model
         for cast in run.casts:
@@ -222,7 +259,7 @@ def run_cast(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
                         rows.append(_failed(run, suite, {**case, "length": n}, e, f"{run.subject.kind} forward"))
                         continue
                     rows += _bucket_rows(suite, {**case, "length": n}, run.label, logits, truth[n], spans[n],
-                                         run.policy, dtype, ref_values[n], {"rope_buffers": buffers})[0]
+                                         run.policy, dtype, ref_stats[n], {"rope_buffers": buffers})[0]
                 del model
     return settle(rows, run)
 
@@ -265,11 +302,11 @@ def run_flags(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
     for dtype in run.dtypes:
         model = reference(ckpt, dtype, run.device)
         with torch.inference_mode():
-            ref_logits, _ = compare(model(ids).cpu(), truth)
+            ref_st = position_stats(model(ids).cpu(), truth)
         ref_attn = [_max_abs(a, t) for a, t in zip(_reference_attention(model, ids), truth_attn)]
         ref_hidden = [_rel_l2(h, t) for h, t in zip(_reference_hidden(model, ids), truth_hidden)]
         del model
-        rows += _reference_rows(run, suite, dtype, ref_logits, ref_attn, ref_hidden, names)
+        rows += _reference_rows(run, suite, dtype, ref_st, ref_attn, ref_hidden, names)
         for attn in run.attns:
             base = {"dtype": dtype, "attn": attn, "device": run.device}
             why = compat.attn_reason(attn, run.device)
@@ -295,11 +332,8 @@ def run_flags(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
                     rows.append(_failed(run, suite, case, e, f"{run.subject.kind} forward"))
                     continue
                 logits = out.logits.cpu()
-                values, bad = compare(logits, truth)
-                for m in METRICS:
-                    tol, status, reason = run.policy.judge(dtype, m, values[m], ref_logits[m])
-                    rows.append(Row(suite, {**case, "layer": "logits"}, run.label, ORACLE, m, values[m], tol,
-                                    FAIL if bad else status, bad or reason))
+                for m, v, tol, status, reason in judge_logits(run.policy, dtype, position_stats(logits, truth), ref_st):
+                    rows.append(Row(suite, {**case, "layer": "logits"}, run.label, ORACLE, m, v, tol, status, reason))
                 changed = _max_abs(logits, plain)
                 rows.append(Row(suite, {**case, "layer": "logits"}, run.label, f"{run.label} flags=none",
                                 "max_abs", changed, None, INFO,
@@ -315,14 +349,14 @@ def run_flags(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
     return settle(rows, run)
 
 
-def _reference_rows(run, suite, dtype, logits: dict, attn: list, hidden: list, names) -> list[Row]:
+def _reference_rows(run, suite, dtype, logits: PositionStats, attn: list, hidden: list, names) -> list[Row]:
     """The calibrators, shown and held to the policy's hard ceilings like any subject."""
     base = {"dtype": dtype, "attn": "-", "device": run.device, "flags": "-"}
-    judged = [({**base, "layer": "logits"}, m, logits[m], run.policy) for m in METRICS]
-    judged += [({**base, "layer": f"block{i}"}, "attn_probs_max_abs", v, run.behaviour_policy)
+    rows = [Row(suite, {**base, "layer": "logits"}, "reference", ORACLE, m, v, tol, status, why)
+            for m, v, tol, status, why in judge_logits(run.policy, dtype, logits, None)]
+    judged = [({**base, "layer": f"block{i}"}, "attn_probs_max_abs", v, run.behaviour_policy)
                for i, v in enumerate(attn)]
     judged += [({**base, "layer": n}, "hidden_rel_l2", v, run.behaviour_policy) for n, v in zip(names, hidden)]
-    rows = []
     for case, metric, value, policy in judged:
         tol, status, why = policy.judge(dtype, metric, value, None)
         rows.append(Row(suite, case, "reference", ORACLE, metric, value, tol, status, why))
@@ -414,7 +448,7 @@ class Axes(Suite):
             casts=inputs.choices("--casts", a.casts if a.casts is not None else d.get("casts", list(CASTS)), tuple(CASTS)),
             flags=inputs.choices("--flags", a.flags if a.flags is not None else d.get("flags", list(FLAGS)), FLAGS),
             lengths=parse_lengths(a.lengths if a.lengths is not None else [str(n) for n in d.get("lengths", [16])]),
-            spec=spec, policy=load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, METRICS),
+            spec=spec, policy=load_policy(a.policy, metrics=POLICY_METRICS).require(dtypes, [*GATED, *PAIRED, *RATES]),
             behaviour_policy=load_policy(BEHAVIOUR_POLICY).require(dtypes, ["attn_probs_max_abs", "hidden_rel_l2"]),
             device=inputs.device(a.device), seed=inputs.seed(a.seed), fault=get_fault(a.plant, self.name),
             strict=a.strict, subject=subject)
