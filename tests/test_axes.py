@@ -63,6 +63,28 @@ def test_cast_to_diverges_with_position_and_is_a_known_deviation(long_model, tmp
     assert rates and {c["metric"] for c in rates} <= {"top1_disagree", "topk_miss"}
 
 
+def test_known_cast_deviation_does_not_hide_a_second_cause(long_model, tmp_path):
+    """The inv_freq deviation explains a `.to` bucket only when the same model with its rotary buffers
+    put back at float32 passes (rope_restored): a RoPE bug of the port's own under the cast (planted
+    rope-base: a wrong theta, which the float32 buffers carry too) fails the default run, with the
+    counterfactual named in the reason. (rope-low-precision is the deviation itself on this path:
+    it lowers inv_freq to the weights' dtype, float32 before the cast.)"""
+    why = FAULTS["rope-low-precision"]().not_applicable() or FAULTS["rope-base"]().not_applicable()
+    if why:   # the cast deviation itself is out of range there
+        pytest.skip(why)
+    args = ("--suite", "cast", "--dtypes", "float16", "--casts", "to", "--attn", "eager", "--lengths", "1280")
+    code, out = axes(tmp_path / "clean", long_model, *args)
+    assert code == 0
+    restored = {c["extra"].get("rope_restored") for c in out["cast"]["cells"]
+                if c["subject"] == "transformers" and c.get("extra")}
+    assert restored == {"passes"}
+    code, out = axes(tmp_path / "planted", long_model, *args, "--plant", "rope-base")
+    assert code == 1
+    bad = failing(out["cast"])
+    assert bad and all(c["extra"]["rope_restored"] == "fails" for c in bad)
+    assert all("evidence rope_restored='fails'" in c["reason"] for c in bad)
+
+
 def test_autocast_path_passes(long_model, tmp_path):
     code, out = axes(tmp_path, long_model, "--suite", "cast", "--dtypes", "bfloat16", "--casts", "autocast",
                      "--attn", "eager", "--lengths", "600", "--strict")

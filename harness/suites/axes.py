@@ -132,11 +132,37 @@ def _load(run: AxesRun, dtype: str, attn: str, cast: str = "load"):
     """The subject's module at a cell, built through the registry in the dtype (cast "load") or in
     float32, then cast with .to(dtype) for "to". The fault is planted on the loaded model, before
     .to(dtype): as a user's port would have it."""
+    return _load_cast(run, dtype, attn, cast)[0]
+
+
+def _load_cast(run: AxesRun, dtype: str, attn: str, cast: str) -> tuple:
+    """(module, its rotary buffers as loaded in float32 where ``.to(dtype)`` lowered them: {} for
+    the other casts or when nothing was lowered)."""
     cell = {"attn": attn, **({"plant": run.fault} if run.fault else {})}
     model = module_of(run.subject, run.source, dtype if cast == "load" else "float32", run.device, cell)
-    if cast == "to":
-        model = model.to(DTYPES[dtype])
-    return model
+    if cast != "to":
+        return model, {}
+    kept = {n: b.detach().clone() for n, b in model.named_buffers() if "rotary" in n and b.is_floating_point()}
+    model = model.to(DTYPES[dtype])
+    lowered = {n for n, b in model.named_buffers() if n in kept and b.dtype != kept[n].dtype}
+    return model, {n: b for n, b in kept.items() if n in lowered}
+
+
+@contextlib.contextmanager
+def rotary_restored(model, kept: dict):
+    """The rotary buffers back at their float32 values for the duration: the counterfactual that
+    says whether a ``.to(dtype)`` cell's error is the lowered RoPE frequencies and nothing else."""
+    lowered = {}
+    for name, value in kept.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        lowered[name] = (module, leaf, module._buffers[leaf])
+        module._buffers[leaf] = value
+    try:
+        yield
+    finally:
+        for module, leaf, value in lowered.values():
+            module._buffers[leaf] = value
 
 
 def _context(run: AxesRun, cast: str, dtype: str):
@@ -241,7 +267,7 @@ def run_cast(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
                     rows.append(_na(run, suite, case, why))
                     continue
                 try:
-                    model = _load(run, dtype, attn, cast)
+                    model, kept = _load_cast(run, dtype, attn, cast)
                 except InputError:
                     raise
                 except Cannot as e:
@@ -258,10 +284,34 @@ def run_cast(run: AxesRun, ckpt: Checkpoint) -> list[Row]:
                     except Exception as e:
                         rows.append(_failed(run, suite, {**case, "length": n}, e, f"{run.subject.kind} forward"))
                         continue
-                    rows += _bucket_rows(suite, {**case, "length": n}, run.label, logits, truth[n], spans[n],
-                                         run.policy, dtype, ref_stats[n], {"rope_buffers": buffers})[0]
+                    got = _bucket_rows(suite, {**case, "length": n}, run.label, logits, truth[n], spans[n],
+                                       run.policy, dtype, ref_stats[n], {"rope_buffers": buffers})[0]
+                    if kept:
+                        _restored_evidence(run, model, kept, ids, got, (suite, case, n, truth[n], spans[n],
+                                                                         dtype, ref_stats[n]))
+                    rows += got
                 del model
     return settle(rows, run)
+
+
+def _restored_evidence(run: AxesRun, model, kept: dict, ids, rows: list[Row], where: tuple) -> None:
+    """The same cell once more with the rotary buffers at float32: each bucket's rows record
+    whether it then passes (``rope_restored``), the evidence the inv_freq known deviation asks for.
+    A bucket that still fails has a second cause the deviation does not explain."""
+    suite, case, n, truth, spans, dtype, ref = where
+    try:
+        with rotary_restored(model, kept), _context(run, "to", dtype):
+            logits = _forward(run, model, ids).logits.cpu()
+    except Exception as e:
+        verdict = {r.case["positions"]: f"could not run: {type(e).__name__}" for r in rows}
+    else:
+        again = _bucket_rows(suite, {**case, "length": n}, run.label, logits, truth, spans, run.policy, dtype, ref)[0]
+        verdict = {}
+        for r in again:
+            if r.status == FAIL or verdict.get(r.case["positions"]) is None:
+                verdict[r.case["positions"]] = "fails" if r.status == FAIL else "passes"
+    for r in rows:
+        r.extra["rope_restored"] = verdict.get(r.case["positions"], "not run")
 
 
 # --- flags ----------------------------------------------------------------------------------------
