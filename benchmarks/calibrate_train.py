@@ -11,9 +11,16 @@ planted training bug lands beyond them.
 Clean runs (no plant; seeds pick other random ids or text windows) give v / t for every gated
 transformers value (above 1 the cell fails). Per (dtype, metric) a normal fit of log(v / t) gives the
 chance that one value crosses 1; summed over the values of one run, the false-alarm rate a run
-implies. Planted runs give each fault's largest v / t (how far beyond its limit it lands). --write
-puts the printed block between the calibration markers of suites/train_tolerance.toml and the derived
-noise_factor of each dtype's loss_rel_err into its table.
+implies. Planted runs give each fault's largest v / t (how far beyond its limit it lands);
+--plant-dtype runs every plant's cells at one dtype instead of its own (does each bug still show there).
+
+--write touches only the dtypes the runs calibrate (those with a loss_rel_err cell): the printed block
+goes between the calibration markers that name exactly those dtypes (`# --- calibration: float16`),
+a new block if there is none, and the derived noise_factor into those dtypes' loss_rel_err tables.
+Blocks of other dtypes and their numbers stay as they are: a campaign over float16 alone does not
+replace the evidence of a bfloat16 one. A block naming some of the dtypes but not all (its campaign
+and this one would both claim a dtype) is exit 2; a block whose dtypes all lie among the runs' is
+replaced.
 
 The loss is one scalar per cell: where it lands against the oracle's is a draw, so factor x the
 reference's own draw is no scale (the reference may land close by luck). Its limit also allows
@@ -56,11 +63,22 @@ PLANTS = {
     "ce-no-upcast": ["--dtypes", "bfloat16", "--casts", "load", "--inputs", "corpus"],
     "grad-accum-mean": ["--dtypes", "float32", "--inputs", "right,accum"],
     "lora-scaling": ["--dtypes", "float32", "--inputs", "corpus,lora"],
+    "lora-gc-no-input-grad": ["--dtypes", "float32", "--checkpointing", "off,reentrant", "--inputs", "corpus,lora"],
 }
 
 
+DTYPES = ("float32", "bfloat16", "float16")
 TARGET = 0.001      # the loss's share of false alarms per run that noise_factor is derived for
 LOSS = "loss_rel_err"
+
+
+def plant_cells(fault: str, dtype: str | None = None) -> list[str]:
+    """The flags of a plant's cells; ``dtype``: the same cells at that dtype instead of the plant's own."""
+    cells = list(PLANTS.get(fault, []))
+    if dtype:
+        cells = [dtype if prev == "--dtypes" else x for prev, x in zip(["", *cells], cells)]
+        cells += [] if "--dtypes" in cells else ["--dtypes", dtype]
+    return cells
 
 
 def seeds(spec: str) -> list[int]:
@@ -228,6 +246,8 @@ def main() -> int:
     p.add_argument("--long-ctx", default="320")
     p.add_argument("--no-plants", action="store_true")
     p.add_argument("--no-clean", action="store_true", help="only the planted runs (into --keep, beside clean ones)")
+    p.add_argument("--plant-dtype", choices=DTYPES,
+                   help="run every plant's cells at this dtype instead of its own (folders plant-FAULT@DTYPE)")
     p.add_argument("--write", action="store_true")
     p.add_argument("--keep", help="keep every run's folder under this directory (default: a temporary one)")
     p.add_argument("--from", dest="source", help="no runs: analyse the runs kept in this directory (--keep)")
@@ -252,9 +272,10 @@ def main() -> int:
         if not a.no_plants:
             model = cached("tiny-gqa")
             for fault in faults_for("train"):
-                code, s = run(model, tmp / f"plant-{fault}", [*shape, "--attn", "eager", "--plant", fault,
-                                                              *PLANTS.get(fault, [])])
-                print(f"  planted {fault}: exit {code}", flush=True)
+                cells, name = plant_cells(fault, a.plant_dtype), f"plant-{fault}"
+                name += f"@{a.plant_dtype}" if a.plant_dtype else ""
+                code, s = run(model, tmp / name, [*shape, "--attn", "eager", "--plant", fault, *cells])
+                print(f"  planted {fault}{'@' + a.plant_dtype if a.plant_dtype else ''}: exit {code}", flush=True)
         return analyse(tmp, a.write, f"models {a.models}; seeds {a.seeds}; dtypes {a.dtypes}; eager and sdpa, tp 1, "
                                      f"both casts, every checkpointing mode; --ctx {a.ctx} --long-ctx {a.long_ctx}")
 
@@ -275,6 +296,7 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
     runs: dict[str, int] = {}
     failed = 0
     planted = {}
+    calibrated: set[str] = set()
     for path in sorted(folder.glob("*/summary.json")):
         s = json.loads(path.read_text())
         name = path.parent.name
@@ -286,6 +308,7 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
             continue
         model = name.rsplit("-", 1)[0]
         runs[model] = runs.get(model, 0) + 1
+        calibrated |= {c["case"]["dtype"] for c in s["cells"] if c["metric"] == LOSS and c["subject"] != "reference"}
         mine = ratios(s, policy, losses)
         bad = [(d, m, r) for d, m, r in mine if abs(r) > 1]
         if bad:
@@ -329,14 +352,52 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
         lines += [f"#     {f:22} {n} failing  v/t {abs(b[2]):.3g} ({b[0]} {b[1]})" for f, (n, b) in planted.items()]
     print("\n".join(lines))
     if write:
-        text = POLICY.read_text(encoding="utf-8")
-        head, _, rest = text.partition(MARK_BEGIN + "\n")
-        _, _, tail = rest.partition(MARK_END)
-        text = head + MARK_BEGIN + "\n" + "\n".join(lines) + "\n" + MARK_END + tail
-        for dtype, k in factors.items():
-            text = re.sub(rf"(\[{dtype}\.{LOSS}\][^\[]*?noise_factor = )[0-9.e+-]+", rf"\g<1>{k:.1f}", text)
+        if not calibrated:
+            print(f"calibrate_train.py: --write: no clean run in {folder} to calibrate a dtype with", file=sys.stderr)
+            return 2
+        try:
+            text = rewrite(POLICY.read_text(encoding="utf-8"), calibrated, lines, factors)
+        except ValueError as e:
+            print(f"calibrate_train.py: --write: {POLICY}: {e}", file=sys.stderr)
+            return 2
         POLICY.write_text(text, encoding="utf-8")
     return 1 if failed else 0
+
+
+BLOCK = re.compile(rf"^{re.escape(MARK_BEGIN)}(?::[ ]*(?P<dtypes>[^\n]*))?\n(?P<body>.*?)^{re.escape(MARK_END)}[^\n]*$",
+                   re.M | re.S)
+
+
+def rewrite(text: str, dtypes: set[str], lines: list[str], factors: dict[str, float]) -> str:
+    """``text`` (the policy) with the calibration block of exactly ``dtypes`` set to ``lines`` and
+    those dtypes' loss noise_factor to ``factors``; every other dtype's block and numbers untouched.
+    A block with no dtypes in its marker covers the two the policy's first campaign ran. ValueError:
+    a block that shares some dtypes with ``dtypes`` but holds others (both would claim a dtype)."""
+    key = ", ".join(sorted(dtypes))
+    block = f"{MARK_BEGIN}: {key}\n" + "\n".join(lines) + f"\n{MARK_END}: {key}"
+    spans = []
+    for m in BLOCK.finditer(text):
+        theirs = {d.strip() for d in (m.group("dtypes") or "bfloat16, float32").split(",") if d.strip()}
+        if theirs <= dtypes:
+            spans.append(m.span())
+        elif theirs & dtypes:
+            raise ValueError(f"the calibration block of {', '.join(sorted(theirs))} also covers "
+                             f"{', '.join(sorted(theirs & dtypes))}: calibrate {', '.join(sorted(theirs | dtypes))} "
+                             "together, or move that block's figures by hand")
+    if spans:
+        # the first replaced block's place takes the new one; the others (superseded) go
+        for lo, hi in reversed(spans[1:]):
+            text = text[:lo].rstrip("\n") + "\n" + text[hi:].lstrip("\n")
+        lo, hi = spans[0]
+        text = text[:lo] + block + text[hi:]
+    else:
+        last = list(BLOCK.finditer(text))
+        at = last[-1].end() if last else text.index("\nversion =")
+        text = text[:at] + "\n" + block + text[at:]
+    for dtype, k in factors.items():
+        if dtype in dtypes:
+            text = re.sub(rf"(\[{dtype}\.{LOSS}\][^\[]*?noise_factor = )[0-9.e+-]+", rf"\g<1>{k:.1f}", text)
+    return text
 
 
 if __name__ == "__main__":

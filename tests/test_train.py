@@ -235,3 +235,57 @@ def test_trainer_prints_nothing_into_the_console(models, tmp_path, capsys):
     # measured: passing, or a known deviation of the release (info) before 5.24
     assert any(c["status"] in ("pass", "info") for c in accum)
     assert "train_runtime" not in out and "train_loss" not in out
+
+
+def _calibrate_train():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibrate_train.py"
+    spec = importlib.util.spec_from_file_location("calibrate_train", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_calibration_write_touches_only_the_campaigns_dtypes(tmp_path):
+    """A float16 campaign's --write must not replace the bfloat16/float32 campaign's block nor their
+    noise_factor (their runs are not in it): it adds or replaces the float16 block and number only."""
+    import difflib
+
+    from harness.core.tolerance import load_policy
+    ct = _calibrate_train()
+    text = ct.POLICY.read_text(encoding="utf-8")
+    lines = ["#   a float16 campaign's figures", "#     float16   loss_rel_err  0.5"]
+    once = ct.rewrite(text, {"float16"}, lines, {"float16": 7.3, "float32": 99.0})
+    diff = [d for d in difflib.ndiff(text.splitlines(), once.splitlines()) if d[:1] in "+-"]
+    assert [d for d in diff if d[0] == "-"] == ["- noise_factor = "
+                                               f"{load_policy(ct.POLICY).limit('float16', 'loss_rel_err').noise_factor}"]
+    assert [d[2:] for d in diff if d[0] == "+"] == ["# --- calibration: float16", *lines,
+                                                    "# --- end of calibration: float16", "noise_factor = 7.3"]
+    (tmp_path / "p.toml").write_text(once, encoding="utf-8")
+    before, after = load_policy(ct.POLICY), load_policy(tmp_path / "p.toml")
+    assert after.limit("float16", "loss_rel_err").noise_factor == 7.3
+    for dtype in ("bfloat16", "float32"):
+        assert after.limit(dtype, "loss_rel_err").noise_factor == before.limit(dtype, "loss_rel_err").noise_factor
+    # a second float16 campaign replaces its own block, not appends another
+    twice = ct.rewrite(once, {"float16"}, ["#   the next one"], {"float16": 5.0})
+    assert "#   a float16 campaign's figures" not in twice and twice.count("#   the next one") == 1
+    assert twice.replace("#   the next one", "").count("calibration: float16") == 2          # begin and end
+    # a campaign over some of another block's dtypes (bfloat16 without float32) would leave two blocks
+    # claiming bfloat16: refused; a campaign over all three supersedes both blocks
+    with pytest.raises(ValueError, match="float32"):
+        ct.rewrite(twice, {"bfloat16", "float16"}, lines, {})
+    every = ct.rewrite(twice, {"bfloat16", "float16", "float32"}, ["#   all three"], {})
+    assert "#   the next one" not in every and every.count("#   all three") == 1
+    assert "# --- calibration" in every and every.count("# --- calibration") == 1
+
+
+def test_calibration_plants_run_at_the_dtype_asked():
+    """--plant-dtype float16: each plant's own cells, every dtype flag naming float16 alone."""
+    ct = _calibrate_train()
+    for fault in faults_for("train"):
+        own, moved = ct.plant_cells(fault), ct.plant_cells(fault, "float16")
+        flags = dict(zip(moved[::2], moved[1::2]))
+        assert flags["--dtypes"] == "float16", fault
+        assert {k: v for k, v in flags.items() if k != "--dtypes"} == \
+            {k: v for k, v in zip(own[::2], own[1::2]) if k != "--dtypes"}, fault
