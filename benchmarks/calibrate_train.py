@@ -27,9 +27,10 @@ reference's own draw is no scale (the reference may land close by luck). Its lim
 noise_factor x the reference's noise scale s (metrics.loss_noise: the spread of its per-token errors
 over sqrt(count)). Write d = (e_subject - e_reference) / s with e the signed relative loss errors:
 if |e_subject| > max(m |e_reference|, k s) (m = max_factor) then |d| > k (m - 1) / m, whatever the
-reference drew. So from the campaign's d (fitted as a normal, its sd taken at the upper 95% bound)
+reference drew. So from the campaign's d (fitted as a normal per model, its sd taken at the upper
+95% bound)
     k = m / (m - 1) x sd95 x z,   z: P(|N(0, 1)| > z) = TARGET / loss values per run
-keeps the loss's false alarms below TARGET per run. Loss rows are judged again under the policy
+keeps the loss's false alarms below TARGET per run; the dtype takes its widest model's k. Loss rows are judged again under the policy
 as it stands (so a changed noise_factor is seen without rerunning); the other rows keep their limit.
 """
 from __future__ import annotations
@@ -190,30 +191,42 @@ def z_two_sided(p: float) -> float:
     return hi
 
 
-def noise_factors(losses: list, runs: int) -> tuple[dict[str, float], list[str]]:
-    """Per dtype the noise_factor the campaign's d implies (module docstring), and the lines saying so."""
-    out, lines = {}, []
-    for dtype in sorted({d for d, _, _ in losses}):
-        ds = [x for d, x, _ in losses if d == dtype and math.isfinite(x)]
-        m = max(mf for d, _, mf in losses if d == dtype)
-        n = len(ds)
-        if n < 5:
-            continue
-        mean = sum(ds) / n
-        sd = math.sqrt(sum(x * x for x in ds) / n)       # about 0: a shared bias would be the reference's too
-        chi = n * (1 - 2 / (9 * n) - 1.645 * math.sqrt(2 / (9 * n))) ** 3    # chi2 5% quantile (Wilson-Hilferty)
-        sd95 = sd * math.sqrt(n / chi)
-        per_run = n / max(runs, 1)
-        z = z_two_sided(TARGET / per_run)
-        out[dtype] = k = m / (m - 1) * sd95 * z
-        p_now = math.erfc(k * (m - 1) / m / sd / math.sqrt(2)) if sd > 0 else 0.0
-        lines.append(f"#     {dtype:9} d = (e_subject - e_reference) / s: n {n}, mean {mean:+.2f}, rms {sd:.2f} "
-                     f"(95% bound {sd95:.2f}), largest |d| {max(abs(x) for x in ds):.2f}; noise_factor "
-                     f"{k:.1f} (z {z:.2f}); loss false alarms per run <= {p_now * per_run:.1g}")
-        if mean ** 2 > sd ** 2 / 4:
+def noise_factors(losses: dict[str, list], runs: dict[str, int]) -> tuple[dict[str, float], list[str]]:
+    """Per dtype the noise_factor the campaign's d implies (module docstring), and the lines saying so.
+    Per model, as the other fits: a run is one model, and d's spread differs by model (the embedded
+    model's is wider than the random presets'), so a pool dominated by cheap presets' seeds would size
+    the factor below the embedded model's noise. The dtype's factor is its widest model's; a model with
+    fewer than 5 values of a dtype is not fitted."""
+    out: dict[str, float] = {}
+    lines: list[str] = []
+    skew: set[str] = set()
+    for dtype in sorted({d for vs in losses.values() for d, _, _ in vs}):
+        for model in sorted(losses):
+            ds = [x for d, x, _ in losses[model] if d == dtype and math.isfinite(x)]
+            n = len(ds)
+            if n < 5:
+                continue
+            m = max(mf for d, _, mf in losses[model] if d == dtype)
+            mean = sum(ds) / n
+            sd = math.sqrt(sum(x * x for x in ds) / n)       # about 0: a shared bias would be the reference's too
+            chi = n * (1 - 2 / (9 * n) - 1.645 * math.sqrt(2 / (9 * n))) ** 3    # chi2 5% quantile (Wilson-Hilferty)
+            sd95 = sd * math.sqrt(n / chi)
+            per_run = n / max(runs.get(model, 1), 1)
+            z = z_two_sided(TARGET / per_run)
+            k = m / (m - 1) * sd95 * z
+            out[dtype] = max(out.get(dtype, 0.0), k)
+            p_now = math.erfc(k * (m - 1) / m / sd / math.sqrt(2)) if sd > 0 else 0.0
+            lines.append(f"#     {dtype:9} {model:12} d = (e_subject - e_reference) / s: n {n}, mean {mean:+.2f}, rms "
+                         f"{sd:.2f} (95% bound {sd95:.2f}), largest |d| {max(abs(x) for x in ds):.2f}; noise_factor "
+                         f"{k:.1f} (z {z:.2f}); loss false alarms per run <= {p_now * per_run:.1g}")
+            if mean ** 2 > sd ** 2 / 4:
+                skew.add(dtype)
+        if dtype in skew:
             lines.append(f"#     {dtype:9} (d is not centred: a systematic gap, not rounding noise; its noise_factor "
                          "is not written, the floor and factor x the reference hold that loss)")
-            del out[dtype]
+            out.pop(dtype, None)
+        elif dtype in out:
+            lines.append(f"#     {dtype:9} noise_factor {out[dtype]:.1f} (the widest model's)")
     return out, lines
 
 
@@ -292,7 +305,7 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
     worst model."""
     policy = load_policy(policy_path)
     by: dict[tuple[str, str, str], list[float]] = {}
-    losses: list = []
+    losses: dict[str, list] = {}
     runs: dict[str, int] = {}
     failed = 0
     planted = {}
@@ -309,7 +322,7 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
         model = name.rsplit("-", 1)[0]
         runs[model] = runs.get(model, 0) + 1
         calibrated |= {c["case"]["dtype"] for c in s["cells"] if c["metric"] == LOSS and c["subject"] != "reference"}
-        mine = ratios(s, policy, losses)
+        mine = ratios(s, policy, losses.setdefault(model, []))
         bad = [(d, m, r) for d, m, r in mine if abs(r) > 1]
         if bad:
             failed += 1
@@ -317,7 +330,7 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
         for dtype, metric, r in mine:
             by.setdefault((model, dtype, metric), []).append(r)
     total_runs = sum(runs.values())
-    factors, loss_lines = noise_factors(losses, total_runs)
+    factors, loss_lines = noise_factors(losses, runs)
     groups: dict[tuple[str, str], list[list[float]]] = {}
     for (model, dtype, metric), vs in by.items():
         groups.setdefault((dtype, metric), []).append(vs)

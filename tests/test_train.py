@@ -289,3 +289,18 @@ def test_calibration_plants_run_at_the_dtype_asked():
         assert flags["--dtypes"] == "float16", fault
         assert {k: v for k, v in flags.items() if k != "--dtypes"} == \
             {k: v for k, v in zip(own[::2], own[1::2]) if k != "--dtypes"}, fault
+
+
+def test_calibration_noise_factor_is_the_widest_models():
+    """The loss's d is fitted per model: many seeds of a narrow preset must not pull the factor below
+    what the embedded model's wider d needs (the pooled fit would)."""
+    ct = _calibrate_train()
+    narrow = [("float16", x, 8.0) for x in (-0.8, 0.8) * 200]
+    wide = [("float16", x, 8.0) for x in (-1.2, 1.2) * 20]
+    alone, _ = ct.noise_factors({"wide": wide}, {"wide": 2})
+    both, lines = ct.noise_factors({"narrow": narrow, "wide": wide}, {"narrow": 20, "wide": 2})
+    pooled, _ = ct.noise_factors({"all": narrow + wide}, {"all": 22})
+    assert both["float16"] == alone["float16"] > pooled["float16"]
+    assert any("wide" in ln for ln in lines) and any("narrow" in ln for ln in lines)
+    gap = [("float32", 3.0 + x, 8.0) for x in (-1.0, 1.0) * 10]                 # not centred: no factor
+    assert "float32" not in ct.noise_factors({"m": gap}, {"m": 2})[0]
