@@ -254,7 +254,12 @@ def test_calibration_write_touches_only_the_campaigns_dtypes(tmp_path):
 
     from harness.core.tolerance import load_policy
     ct = _calibrate_train()
-    text = ct.POLICY.read_text(encoding="utf-8")
+    real = ct.POLICY.read_text(encoding="utf-8")
+    # the policy as it was before float16 had a block of its own: the first write adds one
+    text = real
+    for m in ct.BLOCK.finditer(real):
+        if m.group("dtypes") == "float16":
+            text = real[:m.start()] + real[m.end() + 1:]
     lines = ["#   a float16 campaign's figures", "#     float16   loss_rel_err  0.5"]
     once = ct.rewrite(text, {"float16"}, lines, {"float16": 7.3, "float32": 99.0})
     diff = [d for d in difflib.ndiff(text.splitlines(), once.splitlines()) if d[:1] in "+-"]
@@ -278,6 +283,10 @@ def test_calibration_write_touches_only_the_campaigns_dtypes(tmp_path):
     every = ct.rewrite(twice, {"bfloat16", "float16", "float32"}, ["#   all three"], {})
     assert "#   the next one" not in every and every.count("#   all three") == 1
     assert "# --- calibration" in every and every.count("# --- calibration") == 1
+    # the policy as it stands: a float16 rewrite leaves the bfloat16/float32 block as it is
+    kept = [m.group(0) for m in ct.BLOCK.finditer(real) if m.group("dtypes") != "float16"]
+    again = ct.rewrite(real, {"float16"}, lines, {})
+    assert kept and all(again.count(b) == 1 for b in kept)
 
 
 def test_calibration_plants_run_at_the_dtype_asked():
