@@ -11,18 +11,26 @@ planted training bug lands beyond them.
 Clean runs (no plant; seeds pick other random ids or text windows) give v / t for every gated
 transformers value (above 1 the cell fails). Per (dtype, metric) a normal fit of log(v / t) gives the
 chance that one value crosses 1; summed over the values of one run, the false-alarm rate a run
-implies. Planted runs give each fault's largest v / t (how far beyond its limit it lands). --write
-puts the printed block between the calibration markers of suites/train_tolerance.toml and the derived
-noise_factor of each dtype's loss_rel_err into its table.
+implies. Planted runs give each fault's largest v / t (how far beyond its limit it lands);
+--plant-dtype runs every plant's cells at one dtype instead of its own (does each bug still show there).
+
+--write touches only the dtypes the runs calibrate (those with a loss_rel_err cell): the printed block
+goes between the calibration markers that name exactly those dtypes (`# --- calibration: float16`),
+a new block if there is none, and the derived noise_factor into those dtypes' loss_rel_err tables.
+Blocks of other dtypes and their numbers stay as they are: a campaign over float16 alone does not
+replace the evidence of a bfloat16 one. A block naming some of the dtypes but not all (its campaign
+and this one would both claim a dtype) is exit 2; a block whose dtypes all lie among the runs' is
+replaced.
 
 The loss is one scalar per cell: where it lands against the oracle's is a draw, so factor x the
 reference's own draw is no scale (the reference may land close by luck). Its limit also allows
 noise_factor x the reference's noise scale s (metrics.loss_noise: the spread of its per-token errors
 over sqrt(count)). Write d = (e_subject - e_reference) / s with e the signed relative loss errors:
 if |e_subject| > max(m |e_reference|, k s) (m = max_factor) then |d| > k (m - 1) / m, whatever the
-reference drew. So from the campaign's d (fitted as a normal, its sd taken at the upper 95% bound)
+reference drew. So from the campaign's d (fitted as a normal per model, its sd taken at the upper
+95% bound)
     k = m / (m - 1) x sd95 x z,   z: P(|N(0, 1)| > z) = TARGET / loss values per run
-keeps the loss's false alarms below TARGET per run. Loss rows are judged again under the policy
+keeps the loss's false alarms below TARGET per run; the dtype takes its widest model's k. Loss rows are judged again under the policy
 as it stands (so a changed noise_factor is seen without rerunning); the other rows keep their limit.
 """
 from __future__ import annotations
@@ -56,11 +64,22 @@ PLANTS = {
     "ce-no-upcast": ["--dtypes", "bfloat16", "--casts", "load", "--inputs", "corpus"],
     "grad-accum-mean": ["--dtypes", "float32", "--inputs", "right,accum"],
     "lora-scaling": ["--dtypes", "float32", "--inputs", "corpus,lora"],
+    "lora-gc-no-input-grad": ["--dtypes", "float32", "--checkpointing", "off,reentrant", "--inputs", "corpus,lora"],
 }
 
 
+DTYPES = ("float32", "bfloat16", "float16")
 TARGET = 0.001      # the loss's share of false alarms per run that noise_factor is derived for
 LOSS = "loss_rel_err"
+
+
+def plant_cells(fault: str, dtype: str | None = None) -> list[str]:
+    """The flags of a plant's cells; ``dtype``: the same cells at that dtype instead of the plant's own."""
+    cells = list(PLANTS.get(fault, []))
+    if dtype:
+        cells = [dtype if prev == "--dtypes" else x for prev, x in zip(["", *cells], cells)]
+        cells += [] if "--dtypes" in cells else ["--dtypes", dtype]
+    return cells
 
 
 def seeds(spec: str) -> list[int]:
@@ -172,30 +191,42 @@ def z_two_sided(p: float) -> float:
     return hi
 
 
-def noise_factors(losses: list, runs: int) -> tuple[dict[str, float], list[str]]:
-    """Per dtype the noise_factor the campaign's d implies (module docstring), and the lines saying so."""
-    out, lines = {}, []
-    for dtype in sorted({d for d, _, _ in losses}):
-        ds = [x for d, x, _ in losses if d == dtype and math.isfinite(x)]
-        m = max(mf for d, _, mf in losses if d == dtype)
-        n = len(ds)
-        if n < 5:
-            continue
-        mean = sum(ds) / n
-        sd = math.sqrt(sum(x * x for x in ds) / n)       # about 0: a shared bias would be the reference's too
-        chi = n * (1 - 2 / (9 * n) - 1.645 * math.sqrt(2 / (9 * n))) ** 3    # chi2 5% quantile (Wilson-Hilferty)
-        sd95 = sd * math.sqrt(n / chi)
-        per_run = n / max(runs, 1)
-        z = z_two_sided(TARGET / per_run)
-        out[dtype] = k = m / (m - 1) * sd95 * z
-        p_now = math.erfc(k * (m - 1) / m / sd / math.sqrt(2)) if sd > 0 else 0.0
-        lines.append(f"#     {dtype:9} d = (e_subject - e_reference) / s: n {n}, mean {mean:+.2f}, rms {sd:.2f} "
-                     f"(95% bound {sd95:.2f}), largest |d| {max(abs(x) for x in ds):.2f}; noise_factor "
-                     f"{k:.1f} (z {z:.2f}); loss false alarms per run <= {p_now * per_run:.1g}")
-        if mean ** 2 > sd ** 2 / 4:
+def noise_factors(losses: dict[str, list], runs: dict[str, int]) -> tuple[dict[str, float], list[str]]:
+    """Per dtype the noise_factor the campaign's d implies (module docstring), and the lines saying so.
+    Per model, as the other fits: a run is one model, and d's spread differs by model (the embedded
+    model's is wider than the random presets'), so a pool dominated by cheap presets' seeds would size
+    the factor below the embedded model's noise. The dtype's factor is its widest model's; a model with
+    fewer than 5 values of a dtype is not fitted."""
+    out: dict[str, float] = {}
+    lines: list[str] = []
+    skew: set[str] = set()
+    for dtype in sorted({d for vs in losses.values() for d, _, _ in vs}):
+        for model in sorted(losses):
+            ds = [x for d, x, _ in losses[model] if d == dtype and math.isfinite(x)]
+            n = len(ds)
+            if n < 5:
+                continue
+            m = max(mf for d, _, mf in losses[model] if d == dtype)
+            mean = sum(ds) / n
+            sd = math.sqrt(sum(x * x for x in ds) / n)       # about 0: a shared bias would be the reference's too
+            chi = n * (1 - 2 / (9 * n) - 1.645 * math.sqrt(2 / (9 * n))) ** 3    # chi2 5% quantile (Wilson-Hilferty)
+            sd95 = sd * math.sqrt(n / chi)
+            per_run = n / max(runs.get(model, 1), 1)
+            z = z_two_sided(TARGET / per_run)
+            k = m / (m - 1) * sd95 * z
+            out[dtype] = max(out.get(dtype, 0.0), k)
+            p_now = math.erfc(k * (m - 1) / m / sd / math.sqrt(2)) if sd > 0 else 0.0
+            lines.append(f"#     {dtype:9} {model:12} d = (e_subject - e_reference) / s: n {n}, mean {mean:+.2f}, rms "
+                         f"{sd:.2f} (95% bound {sd95:.2f}), largest |d| {max(abs(x) for x in ds):.2f}; noise_factor "
+                         f"{k:.1f} (z {z:.2f}); loss false alarms per run <= {p_now * per_run:.1g}")
+            if mean ** 2 > sd ** 2 / 4:
+                skew.add(dtype)
+        if dtype in skew:
             lines.append(f"#     {dtype:9} (d is not centred: a systematic gap, not rounding noise; its noise_factor "
                          "is not written, the floor and factor x the reference hold that loss)")
-            del out[dtype]
+            out.pop(dtype, None)
+        elif dtype in out:
+            lines.append(f"#     {dtype:9} noise_factor {out[dtype]:.1f} (the widest model's)")
     return out, lines
 
 
@@ -228,6 +259,8 @@ def main() -> int:
     p.add_argument("--long-ctx", default="320")
     p.add_argument("--no-plants", action="store_true")
     p.add_argument("--no-clean", action="store_true", help="only the planted runs (into --keep, beside clean ones)")
+    p.add_argument("--plant-dtype", choices=DTYPES,
+                   help="run every plant's cells at this dtype instead of its own (folders plant-FAULT@DTYPE)")
     p.add_argument("--write", action="store_true")
     p.add_argument("--keep", help="keep every run's folder under this directory (default: a temporary one)")
     p.add_argument("--from", dest="source", help="no runs: analyse the runs kept in this directory (--keep)")
@@ -252,9 +285,10 @@ def main() -> int:
         if not a.no_plants:
             model = cached("tiny-gqa")
             for fault in faults_for("train"):
-                code, s = run(model, tmp / f"plant-{fault}", [*shape, "--attn", "eager", "--plant", fault,
-                                                              *PLANTS.get(fault, [])])
-                print(f"  planted {fault}: exit {code}", flush=True)
+                cells, name = plant_cells(fault, a.plant_dtype), f"plant-{fault}"
+                name += f"@{a.plant_dtype}" if a.plant_dtype else ""
+                code, s = run(model, tmp / name, [*shape, "--attn", "eager", "--plant", fault, *cells])
+                print(f"  planted {fault}{'@' + a.plant_dtype if a.plant_dtype else ''}: exit {code}", flush=True)
         return analyse(tmp, a.write, f"models {a.models}; seeds {a.seeds}; dtypes {a.dtypes}; eager and sdpa, tp 1, "
                                      f"both casts, every checkpointing mode; --ctx {a.ctx} --long-ctx {a.long_ctx}")
 
@@ -271,10 +305,11 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
     worst model."""
     policy = load_policy(policy_path)
     by: dict[tuple[str, str, str], list[float]] = {}
-    losses: list = []
+    losses: dict[str, list] = {}
     runs: dict[str, int] = {}
     failed = 0
     planted = {}
+    calibrated: set[str] = set()
     for path in sorted(folder.glob("*/summary.json")):
         s = json.loads(path.read_text())
         name = path.parent.name
@@ -286,7 +321,8 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
             continue
         model = name.rsplit("-", 1)[0]
         runs[model] = runs.get(model, 0) + 1
-        mine = ratios(s, policy, losses)
+        calibrated |= {c["case"]["dtype"] for c in s["cells"] if c["metric"] == LOSS and c["subject"] != "reference"}
+        mine = ratios(s, policy, losses.setdefault(model, []))
         bad = [(d, m, r) for d, m, r in mine if abs(r) > 1]
         if bad:
             failed += 1
@@ -294,7 +330,7 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
         for dtype, metric, r in mine:
             by.setdefault((model, dtype, metric), []).append(r)
     total_runs = sum(runs.values())
-    factors, loss_lines = noise_factors(losses, total_runs)
+    factors, loss_lines = noise_factors(losses, runs)
     groups: dict[tuple[str, str], list[list[float]]] = {}
     for (model, dtype, metric), vs in by.items():
         groups.setdefault((dtype, metric), []).append(vs)
@@ -329,14 +365,52 @@ def analyse(folder: Path, write: bool, what: str = "", policy_path: Path = POLIC
         lines += [f"#     {f:22} {n} failing  v/t {abs(b[2]):.3g} ({b[0]} {b[1]})" for f, (n, b) in planted.items()]
     print("\n".join(lines))
     if write:
-        text = POLICY.read_text(encoding="utf-8")
-        head, _, rest = text.partition(MARK_BEGIN + "\n")
-        _, _, tail = rest.partition(MARK_END)
-        text = head + MARK_BEGIN + "\n" + "\n".join(lines) + "\n" + MARK_END + tail
-        for dtype, k in factors.items():
-            text = re.sub(rf"(\[{dtype}\.{LOSS}\][^\[]*?noise_factor = )[0-9.e+-]+", rf"\g<1>{k:.1f}", text)
+        if not calibrated:
+            print(f"calibrate_train.py: --write: no clean run in {folder} to calibrate a dtype with", file=sys.stderr)
+            return 2
+        try:
+            text = rewrite(POLICY.read_text(encoding="utf-8"), calibrated, lines, factors)
+        except ValueError as e:
+            print(f"calibrate_train.py: --write: {POLICY}: {e}", file=sys.stderr)
+            return 2
         POLICY.write_text(text, encoding="utf-8")
     return 1 if failed else 0
+
+
+BLOCK = re.compile(rf"^{re.escape(MARK_BEGIN)}(?::[ ]*(?P<dtypes>[^\n]*))?\n(?P<body>.*?)^{re.escape(MARK_END)}[^\n]*$",
+                   re.M | re.S)
+
+
+def rewrite(text: str, dtypes: set[str], lines: list[str], factors: dict[str, float]) -> str:
+    """``text`` (the policy) with the calibration block of exactly ``dtypes`` set to ``lines`` and
+    those dtypes' loss noise_factor to ``factors``; every other dtype's block and numbers untouched.
+    A block with no dtypes in its marker covers the two the policy's first campaign ran. ValueError:
+    a block that shares some dtypes with ``dtypes`` but holds others (both would claim a dtype)."""
+    key = ", ".join(sorted(dtypes))
+    block = f"{MARK_BEGIN}: {key}\n" + "\n".join(lines) + f"\n{MARK_END}: {key}"
+    spans = []
+    for m in BLOCK.finditer(text):
+        theirs = {d.strip() for d in (m.group("dtypes") or "bfloat16, float32").split(",") if d.strip()}
+        if theirs <= dtypes:
+            spans.append(m.span())
+        elif theirs & dtypes:
+            raise ValueError(f"the calibration block of {', '.join(sorted(theirs))} also covers "
+                             f"{', '.join(sorted(theirs & dtypes))}: calibrate {', '.join(sorted(theirs | dtypes))} "
+                             "together, or move that block's figures by hand")
+    if spans:
+        # the first replaced block's place takes the new one; the others (superseded) go
+        for lo, hi in reversed(spans[1:]):
+            text = text[:lo].rstrip("\n") + "\n" + text[hi:].lstrip("\n")
+        lo, hi = spans[0]
+        text = text[:lo] + block + text[hi:]
+    else:
+        last = list(BLOCK.finditer(text))
+        at = last[-1].end() if last else text.index("\nversion =")
+        text = text[:at] + "\n" + block + text[at:]
+    for dtype, k in factors.items():
+        if dtype in dtypes:
+            text = re.sub(rf"(\[{dtype}\.{LOSS}\][^\[]*?noise_factor = )[0-9.e+-]+", rf"\g<1>{k:.1f}", text)
+    return text
 
 
 if __name__ == "__main__":

@@ -235,3 +235,81 @@ def test_trainer_prints_nothing_into_the_console(models, tmp_path, capsys):
     # measured: passing, or a known deviation of the release (info) before 5.24
     assert any(c["status"] in ("pass", "info") for c in accum)
     assert "train_runtime" not in out and "train_loss" not in out
+
+
+def _calibrate_train():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibrate_train.py"
+    spec = importlib.util.spec_from_file_location("calibrate_train", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_calibration_write_touches_only_the_campaigns_dtypes(tmp_path):
+    """A float16 campaign's --write must not replace the bfloat16/float32 campaign's block nor their
+    noise_factor (their runs are not in it): it adds or replaces the float16 block and number only."""
+    import difflib
+
+    from harness.core.tolerance import load_policy
+    ct = _calibrate_train()
+    real = ct.POLICY.read_text(encoding="utf-8")
+    # the policy as it was before float16 had a block of its own: the first write adds one
+    text = real
+    for m in ct.BLOCK.finditer(real):
+        if m.group("dtypes") == "float16":
+            text = real[:m.start()] + real[m.end() + 1:]
+    lines = ["#   a float16 campaign's figures", "#     float16   loss_rel_err  0.5"]
+    once = ct.rewrite(text, {"float16"}, lines, {"float16": 7.3, "float32": 99.0})
+    diff = [d for d in difflib.ndiff(text.splitlines(), once.splitlines()) if d[:1] in "+-"]
+    assert [d for d in diff if d[0] == "-"] == ["- noise_factor = "
+                                               f"{load_policy(ct.POLICY).limit('float16', 'loss_rel_err').noise_factor}"]
+    assert [d[2:] for d in diff if d[0] == "+"] == ["# --- calibration: float16", *lines,
+                                                    "# --- end of calibration: float16", "noise_factor = 7.3"]
+    (tmp_path / "p.toml").write_text(once, encoding="utf-8")
+    before, after = load_policy(ct.POLICY), load_policy(tmp_path / "p.toml")
+    assert after.limit("float16", "loss_rel_err").noise_factor == 7.3
+    for dtype in ("bfloat16", "float32"):
+        assert after.limit(dtype, "loss_rel_err").noise_factor == before.limit(dtype, "loss_rel_err").noise_factor
+    # a second float16 campaign replaces its own block, not appends another
+    twice = ct.rewrite(once, {"float16"}, ["#   the next one"], {"float16": 5.0})
+    assert "#   a float16 campaign's figures" not in twice and twice.count("#   the next one") == 1
+    assert twice.replace("#   the next one", "").count("calibration: float16") == 2          # begin and end
+    # a campaign over some of another block's dtypes (bfloat16 without float32) would leave two blocks
+    # claiming bfloat16: refused; a campaign over all three supersedes both blocks
+    with pytest.raises(ValueError, match="float32"):
+        ct.rewrite(twice, {"bfloat16", "float16"}, lines, {})
+    every = ct.rewrite(twice, {"bfloat16", "float16", "float32"}, ["#   all three"], {})
+    assert "#   the next one" not in every and every.count("#   all three") == 1
+    assert "# --- calibration" in every and every.count("# --- calibration") == 1
+    # the policy as it stands: a float16 rewrite leaves the bfloat16/float32 block as it is
+    kept = [m.group(0) for m in ct.BLOCK.finditer(real) if m.group("dtypes") != "float16"]
+    again = ct.rewrite(real, {"float16"}, lines, {})
+    assert kept and all(again.count(b) == 1 for b in kept)
+
+
+def test_calibration_plants_run_at_the_dtype_asked():
+    """--plant-dtype float16: each plant's own cells, every dtype flag naming float16 alone."""
+    ct = _calibrate_train()
+    for fault in faults_for("train"):
+        own, moved = ct.plant_cells(fault), ct.plant_cells(fault, "float16")
+        flags = dict(zip(moved[::2], moved[1::2]))
+        assert flags["--dtypes"] == "float16", fault
+        assert {k: v for k, v in flags.items() if k != "--dtypes"} == \
+            {k: v for k, v in zip(own[::2], own[1::2]) if k != "--dtypes"}, fault
+
+
+def test_calibration_noise_factor_is_the_widest_models():
+    """The loss's d is fitted per model: many seeds of a narrow preset must not pull the factor below
+    what the embedded model's wider d needs (the pooled fit would)."""
+    ct = _calibrate_train()
+    narrow = [("float16", x, 8.0) for x in (-0.8, 0.8) * 200]
+    wide = [("float16", x, 8.0) for x in (-1.2, 1.2) * 20]
+    alone, _ = ct.noise_factors({"wide": wide}, {"wide": 2})
+    both, lines = ct.noise_factors({"narrow": narrow, "wide": wide}, {"narrow": 20, "wide": 2})
+    pooled, _ = ct.noise_factors({"all": narrow + wide}, {"all": 22})
+    assert both["float16"] == alone["float16"] > pooled["float16"]
+    assert any("wide" in ln for ln in lines) and any("narrow" in ln for ln in lines)
+    gap = [("float32", 3.0 + x, 8.0) for x in (-1.0, 1.0) * 10]                 # not centred: no factor
+    assert "float32" not in ct.noise_factors({"m": gap}, {"m": 2})[0]
