@@ -300,7 +300,7 @@ def _restored_evidence(run: AxesRun, model, kept: dict, ids, rows: list[Row], wh
     A bucket that still fails has a second cause the deviation does not explain."""
     suite, case, n, truth, spans, dtype, ref = where
     try:
-        with rotary_restored(model, kept), _context(run, "to", dtype):
+        with rotary_restored(model, kept):
             logits = _forward(run, model, ids).logits.cpu()
     except Exception as e:
         verdict = {r.case["positions"]: f"could not run: {type(e).__name__}" for r in rows}
