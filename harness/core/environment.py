@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -135,13 +136,15 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "code_sha256": code_sha256(),
         "device": device,
         "torch_threads": torch.get_num_threads(),
+        # harness/__init__.py sets AUTO unless the caller chose: MKL's scheduling stays fixed run to run
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
         "cuda": torch.version.cuda,
         "dtype_support": dtype_support(device),
         # What would make two runs with the same seed differ: the CPU's kernels (threads, ISA),
-        # the torch build, and on CUDA non-deterministic reductions.
-        "determinism_note": ("Same seed, inputs, torch build, thread count and device give the same numbers in "
-                             "one process; across processes CPU kernels may differ in the last bits (seen: "
-                             "a KL near 1e-13 moving in its 5th digit)."),
+        # the torch build, MKL's scheduling, and on CUDA non-deterministic reductions.
+        "determinism_note": ("Same seed, inputs, torch build, thread count, MKL_CBWR and device give the same "
+                             "numbers; without MKL's reproducibility mode (MKL_CBWR unset) a process running "
+                             "beside this one could move results in their last bits."),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
