@@ -65,8 +65,8 @@ def test_an_unknown_subject_is_exit_2_before_anything_runs(models, tmp_path, cap
                                         ("transformers:attn=sdpa", "with its own flags"),
                                         ("nope", "unknown kind 'nope'")])
 def test_commands_of_one_implementation_refuse_another_naming_what_they_need(command, spec, says, tmp_path, capsys):
-    """Commands that drive the default implementation's own modules (hooks, placement, its config)
-    take --subject transformers only: another kind is exit 2 naming it and what it cannot give."""
+    """Commands that drive an implementation's own modules (hooks, placement, its config) refuse a
+    kind that cannot give what they need: exit 2 naming it and what it cannot give."""
     out = tmp_path / "out"
     assert main([command, "--subject", spec, "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -27,14 +27,17 @@ The numbers and why they are what they are: suites/localise.toml. The record als
 a sharp fault from a slow creep.
 
 ``llama-parity localise`` runs the three full models one at a time on one input and writes the
-curve; ``llama-parity logits`` calls ``first_divergence`` for each failing cell group.
+curve; ``llama-parity logits`` calls ``first_divergence`` for each failing cell group. The subject
+is transformers by default, or any kind that offers "hooks" (``--subject``): its own torch module
+is hooked at the same points. A lossy subject (quantised weights) has its curve shown, not judged:
+where its error first stands out of rounding is where the quantisation enters, not a bug.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -42,15 +45,17 @@ from harness.core import compat, inputs, resources
 from harness.core.datafiles import suite_data
 from harness.core.errors import InputError
 from harness.core.faults import faults_for, get_fault
-from harness.core.store import FAIL, INFO, PASS, Row
+from harness.core.store import FAIL, INFO, NA, PASS, Row
 from harness.core.subjects import ORACLE, ReferenceSubject, TransformersSubject
 from harness.core.suite import Context, Part, Result, Suite
 from harness.scale.capture import GROUP, Capture, Errors, Point, Store, point_name, point_order
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
-from harness.subjects import add_default_only, default_only
+from harness.subjects import Cannot, Spec, add_offering, built, is_exact, offering
 
-# what this command needs of a subject: only the default one takes part (--subject)
-LOCALISE_NEEDS = "per-layer and per-op hooks (harness.scale.capture) on the model's own modules"
+# what this command needs of a subject (--subject): a torch module of its own to hook
+LOCALISE_NEEDS = "per-layer and per-op hooks (harness.scale.capture) on its own torch module"
+# A subject built at a dtype, offering hooks (its ``module()`` is hooked, its ``forward`` run).
+Maker = Callable[[str], object]
 
 FLOOR = {"float32": torch.finfo(torch.float32).eps, "bfloat16": torch.finfo(torch.bfloat16).eps,
          "float16": torch.finfo(torch.float16).eps, "float64": torch.finfo(torch.float64).eps}
@@ -115,11 +120,13 @@ def locate(order: list[Point], subject: dict[Point, float], reference: dict[Poin
 # --- full-model capture of the three runs -----------------------------------------------------
 
 def capture_full(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device: str = "cpu",
-                 attn: str = "eager", tp: int = 1, fault=None, fine: bool = True):
-    """Oracle, reference at dtype and transformers at dtype over ids, one model at a time.
+                 attn: str = "eager", tp: int = 1, fault=None, fine: bool = True, subject: Maker | None = None):
+    """Oracle, reference at dtype and the subject at dtype over ids, one model at a time.
 
-    Returns (order, reference errors, transformers errors); errors are point -> rel L2 against
-    the oracle. Only the oracle's activations are kept; the subjects are measured as they run.
+    The subject is transformers at attn, tp and fault, or what ``subject(dtype)`` builds (a
+    registry subject offering hooks). Returns (order, reference errors, subject errors); errors are
+    point -> rel L2 against the oracle. Only the oracle's activations are kept; the subjects are
+    measured as they run.
     """
     why = compat.attn_reason(attn, device)
     if why:     # checked before three model loads, not after two
@@ -136,17 +143,27 @@ def capture_full(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device: str
         reference.logits(ids)
     del reference
 
-    subject = TransformersSubject(hf_path, dtype, device, attn, tp, fault)
     tf_err = Errors(truth)
-    with Capture(tf_err, fine).transformers(subject.model):
-        subject.logits(ids)
-    del subject
+    if subject is None:
+        plain = TransformersSubject(hf_path, dtype, device, attn, tp, fault)
+        with Capture(tf_err, fine).transformers(plain.model):
+            plain.logits(ids)
+        del plain
+    else:
+        own = subject(dtype)
+        try:
+            with Capture(tf_err, fine).transformers(own.module()):
+                own.forward(ids)
+        finally:
+            own.close()
     return point_order(ckpt.args.n_layers, fine), ref_err.errors, tf_err.errors
 
 
 def first_divergence(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device: str = "cpu",
-                     attn: str = "eager", tp: int = 1, fault=None, fine: bool = True, failed: bool = False) -> dict:
-    """``{"layer": ..., "op": ..., ...}`` for transformers at this cell (see ``locate``).
+                     attn: str = "eager", tp: int = 1, fault=None, fine: bool = True, failed: bool = False,
+                     subject: Maker | None = None) -> dict:
+    """``{"layer": ..., "op": ..., ...}`` for transformers at this cell, or for ``subject`` (a maker,
+    as in ``capture_full``) (see ``locate``).
 
     ckpt: a reference_model.checkpoint.Checkpoint; hf_path: the HF folder transformers loads
     (``HFFolder(ckpt).path``); ids: the cell's token ids (batch, seq); the rest as in the cell.
@@ -155,12 +172,12 @@ def first_divergence(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device:
     computation stands out more where rounding is finer (measured: bfloat16 residual rounding
     planted at float16 gives 1.6x at its own point, 6000x at float32).
     """
-    order, ref, tf = capture_full(ckpt, hf_path, ids, dtype, device, attn, tp, fault, fine)
+    order, ref, tf = capture_full(ckpt, hf_path, ids, dtype, device, attn, tp, fault, fine, subject)
     found = locate(order, tf, ref, dtype)
     if found["op"] is not None or not failed:
         return found
     if dtype != "float32":
-        order32, ref32, tf32 = capture_full(ckpt, hf_path, ids, "float32", device, attn, tp, fault, fine)
+        order32, ref32, tf32 = capture_full(ckpt, hf_path, ids, "float32", device, attn, tp, fault, fine, subject)
         at32 = locate(order32, tf32, ref32, "float32")
         if at32["op"] is not None:
             at32["rule"] = (f"no point's error stands out of {dtype}'s rounding by the rule's margin (largest: "
@@ -171,8 +188,9 @@ def first_divergence(ckpt, hf_path: Path, ids: torch.Tensor, dtype: str, device:
 
 
 def curve_rows(suite: str, case: dict, order: list[Point], curves: dict[str, dict[Point, float]],
-               reference: dict[Point, float], dtype: str, limit: float | None = None):
-    """Rows of the common schema: the reference's curve as info, each other subject's judged."""
+               reference: dict[Point, float], dtype: str, limit: float | None = None, shown: tuple[str, ...] = ()):
+    """Rows of the common schema: the reference's curve as info, each other subject's judged (the
+    ``shown`` ones, lossy subjects, as info with their ratio)."""
     limit = thresholds()[0] if limit is None else limit
     rows = []
     for name, errors in curves.items():
@@ -185,6 +203,9 @@ def curve_rows(suite: str, case: dict, order: list[Point], curves: dict[str, dic
             if name == "reference":
                 rows.append(Row(suite, pcase, name, ORACLE, "rel_l2", errors[p], status=INFO,
                                 reason="calibration: the reference's own drift at this dtype"))
+            elif name in shown:
+                rows.append(Row(suite, pcase, name, ORACLE, "rel_l2", errors[p], status=INFO,
+                                reason=f"lossy subject, shown not judged: {r[p]:.3g}x the reference's error"))
             else:
                 bad = not math.isfinite(errors[p]) or r[p] > limit
                 tol = limit * max(reference.get(p, 0.0), FLOOR[dtype])
@@ -227,10 +248,11 @@ def where(found: dict) -> str:
             f"the reference's error{at}, a {found['jump']:.3g}x jump{'' if found.get('certain', True) else '; uncertain'})")
 
 
-def curve_part(suite: str, rows: list[Row], found: dict, extra: dict, device: str, table: str) -> Result:
+def curve_part(suite: str, rows: list[Row], found: dict, extra: dict, device: str, table: str,
+               subject: str = SUBJECT) -> Result:
     """The results of a localisation (full or streamed): rows, the record and the curve."""
     from harness.results.markdown import md_escape
-    text = (f"First divergence of transformers: **{md_escape(where(found))}**\n\n"
+    text = (f"First divergence of {md_escape(subject)}: **{md_escape(where(found))}**\n\n"
             f"Rule: {md_escape(found['rule'])}. Errors are relative L2 against the float64 oracle.\n\n"
             f"Settings: {md_escape(', '.join(f'{k}={v}' for k, v in extra['case'].items()))}\n\n{table}")
     part = Part(suite, rows, {"first_divergence": found, **extra}, sections=[("Error curve per subject", text)],
@@ -261,17 +283,17 @@ def common_inputs(a) -> tuple[str, str, object, str, int]:
 
 class Localise(Suite):
     name = "localise"
-    help = "name the first layer and op where transformers diverges"
+    help = "name the first layer and op where transformers (or another --subject) diverges"
 
     def add_arguments(self, p) -> None:
-        add_default_only(p, self.name, LOCALISE_NEEDS)
+        add_offering(p, self.name, "hooks on its own torch module", own="attn, tp and plant")
         add_common_arguments(p)
         p.add_argument("--tp", default="1", help="pretraining_tp (default 1)")
-        p.add_argument("--plant", help=f"plant a known porting bug in the transformers subject: "
+        p.add_argument("--plant", help=f"plant a known porting bug in the subject: "
                                        f"{', '.join(faults_for('localise'))}")
 
     def run(self, a, ctx: Context) -> Result:
-        default_only(a.subject, self.name, LOCALISE_NEEDS)
+        spec = offering(a.subject, self.name, "hooks", LOCALISE_NEEDS, own=("attn", "tp", "plant"))
         from harness.core.cases import make_inputs
         from harness.core.checkpoints import HFFolder, open_model
         dtype, attn, shape, device, seed = common_inputs(a)
@@ -281,12 +303,45 @@ class Localise(Suite):
         ctx.check_memory(resources.logits_run(folder.args, [dtype], [shape], folder.stored_bytes), device)
         ckpt = folder.load()
         ids = make_inputs(shape, ckpt.args.vocab_size, seed)
-        with HFFolder(ckpt) as hf:
-            order, ref, tf = capture_full(ckpt, hf.path, ids, dtype, device, attn, tp, fault, fine=not a.coarse)
-        found = locate(order, tf, ref, dtype)
         case = {"dtype": dtype, "attn": attn, "tp": tp, "shape": str(shape), "device": device}
-        curves = {"reference": ref, SUBJECT: tf}
-        rows = curve_rows("localise", case, order, curves, ref, dtype)
         extra = {"case": case, "model": str(folder.path), "seed": seed, "plant": a.plant,
                  "truth": "oracle-fp64 (the reference entirely in float64)"}
-        return curve_part("localise", rows, found, extra, device, curve_markdown(order, curves, ref, dtype, found))
+        label = spec.label()
+        with HFFolder(ckpt) as hf:
+            make, lossy = None, False
+            if spec != Spec(SUBJECT):      # the default keeps its own path, bit for bit
+                make, lossy, why = registry_maker(spec, folder, ckpt, hf.path, device, attn, tp, fault, dtype)
+                if why:
+                    row = Row("localise", {**case, "layer": "-", "op": "-"}, label, ORACLE, "all", None,
+                              status=NA, reason=why)
+                    part = Part("localise", [row], {"first_divergence": None, "subject": label, **extra},
+                                device=device)
+                    return Result([part], [f"{label}: n/a: {why}"])
+            order, ref, tf = capture_full(ckpt, hf.path, ids, dtype, device, attn, tp, fault,
+                                          fine=not a.coarse, subject=make)
+        found = locate(order, tf, ref, dtype)
+        curves = {"reference": ref, label: tf}
+        rows = curve_rows("localise", case, order, curves, ref, dtype, shown=(label,) if lossy else ())
+        if lossy:
+            found["rule"] = (f"{label} is lossy (quantised weights): its curve is shown, not judged, and the point "
+                             f"named is where its error first stands out of rounding. {found['rule']}")
+        extra["subject"] = label
+        return curve_part("localise", rows, found, extra, device, curve_markdown(order, curves, ref, dtype, found),
+                          subject=label)
+
+
+def registry_maker(spec: Spec, folder, ckpt, hf_path: Path, device: str, attn: str, tp: int, fault,
+                   dtype: str) -> tuple[Maker | None, bool, str]:
+    """(maker, lossy, why not): ``spec`` built through the registry at the command's attn, tp and
+    plant. Built once here to ask what it is at these options (hooks, exact), then closed: the
+    capture builds it again after the oracle, so that two models are never held at once."""
+    from harness.subjects.common import source_of
+    source = source_of(folder, ckpt, hf_path=lambda: hf_path, find_tokenizer=False)
+    cell = {"attn": attn, "tp": str(tp), **({"plant": fault} if fault is not None else {})}
+    try:
+        probe = built(spec, source, dtype, device, cell, "hooks")
+    except Cannot as e:
+        return None, False, str(e)
+    lossy = not is_exact(probe)
+    probe.close()
+    return (lambda dt: built(spec, source, dt, device, cell, "hooks")), lossy, ""

@@ -28,7 +28,7 @@ from harness.core.errors import InputError
 CAPABILITIES = (
     "padding",      # forward with an attention mask and explicit positions (left-padded rows)
     "decode",       # its own KV cache: a prefill, then one token per step
-    "hooks",        # per-layer / per-op captures (localisation, streaming)
+    "hooks",        # per-layer / per-op captures on its own module (localise; ``module()`` hooked)
     "module",       # its own torch module (``module()``), called as transformers' LlamaForCausalLM (axes)
     "train",        # autograd through that module in train mode: loss, gradients, steps (train)
     "logits",       # raw logits (else: log-probabilities over the full vocabulary)
@@ -207,15 +207,20 @@ class Cannot(Exception):
     """A built subject cannot do what a cell needs, at its options: the cell is n/a with this reason."""
 
 
-def module_of(spec: Spec, source: Source, dtype: str, device: str, cell: dict, capability: str = "module"):
-    """The torch module of ``spec`` built for one cell (``cell``: the command's own options, e.g. attn,
-    tp and the planted Fault, on top of the spec's), or Cannot(why) where it lacks ``capability``."""
+def built(spec: Spec, source: Source, dtype: str, device: str, cell: dict, capability: str) -> Subject:
+    """``spec`` built for one cell (``cell``: the command's own options, e.g. attn, tp and the planted
+    Fault, on top of the spec's), or Cannot(why) where at those options it lacks ``capability``."""
     subject = factory(spec)(source, dtype, device, {**spec.options, **cell})
     why = unable(subject, capability)
     if why:
         subject.close()
         raise Cannot(why)
-    return subject.module()
+    return subject
+
+
+def module_of(spec: Spec, source: Source, dtype: str, device: str, cell: dict, capability: str = "module"):
+    """The torch module of ``spec`` built for one cell, or Cannot(why) (``built``)."""
+    return built(spec, source, dtype, device, cell, capability).module()
 
 
 def steps(subject: Subject, batch: int, length: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:

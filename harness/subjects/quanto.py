@@ -41,7 +41,7 @@ class QuantoLM(QuantisedLM):
                                  "grad_mode": "no_grad (int4 cannot run under inference_mode)", **self.census}}
 
 
-@register(KIND, axes=("attn", "tp", "cache"))
+@register(KIND, axes=("attn", "tp", "cache"), offers=("hooks",))
 def quanto_subject(source: Source, dtype: str, device: str, options: dict) -> QuantoLM:
     o = Options(KIND, options)
     weights = o.choice("weights", WEIGHTS, "int8")

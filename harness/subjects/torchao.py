@@ -75,11 +75,6 @@ class QuantisedLM(TransformersLM):
         if self.fault is not None and hasattr(self.fault, "edit_built"):
             self.fault.edit_built(self.model)
 
-    def cannot(self) -> dict[str, str]:
-        return {**super().cannot(),
-                "hooks": f"the per-layer captures (localisation, streaming) load the float transformers model, "
-                         f"not the {self.name}-quantised one"}
-
     def dequantised(self) -> dict[str, torch.Tensor]:
         return meta_state(dequantised_hf_state(self.model), self.args)
 
@@ -104,7 +99,7 @@ class TorchaoLM(QuantisedLM):
                                  **self.census}}
 
 
-@register(KIND, axes=("attn", "tp", "cache"))
+@register(KIND, axes=("attn", "tp", "cache"), offers=("hooks",))
 def torchao_subject(source: Source, dtype: str, device: str, options: dict) -> TorchaoLM:
     o = Options(KIND, options)
     quant = o.choice("quant", tuple(QUANTS), "int8wo")

@@ -78,7 +78,7 @@ class TransformersLM:
                              "generate(cache_implementation='static') (from 4.41 as past_key_values)")
         if self.compiled is not None:
             out["hooks"] = (f"compiled with torch.compile ({self.compiled.backend}): per-layer captures "
-                            "(localisation, streaming) would run the eager model, not the compiled graph")
+                            "(localise) would run the eager model, not the compiled graph")
             out["module"] = out["train"] = (f"compiled with torch.compile ({self.compiled.backend}) for inference: "
                                             "a cast or a backward through its module would not judge the compiled graph")
         return out
@@ -136,7 +136,7 @@ class TransformersLM:
 
     def module(self) -> torch.nn.Module:
         """The loaded LlamaForCausalLM itself: what axes casts and calls with transformers' own flags,
-        and what the train suite backpropagates through ("module", "train")."""
+        what the train suite backpropagates through and what localise hooks ("module", "train", "hooks")."""
         why = self.cannot().get("module")
         if why:
             raise NotImplementedError(why)
@@ -172,7 +172,7 @@ def common_options(o: Options, kind: str) -> dict[str, Any]:
     return {"attn": attn, "tp": tp, "cache": cache, "fault": fault}
 
 
-@register(KIND, axes=("attn", "tp", "cache"), offers=("module", "train"))
+@register(KIND, axes=("attn", "tp", "cache"), offers=("module", "train", "hooks"))
 def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
     o = Options(KIND, options)
     common = common_options(o, KIND)

@@ -62,11 +62,6 @@ class GgufLM(TransformersLM):
                 "gguf": self.file, "attn_implementation": self.attn, "pretraining_tp": self.tp,
                 "kv_cache": f"dynamic ({self.dtype})", **({"plant": self.fault.name} if self.fault else {})}
 
-    def cannot(self) -> dict[str, str]:
-        # planting: the harness's model faults edit the model read from the GGUF (load_transformers);
-        # the converter's own faults (gguf-no-permute, ...) are planted on the llama.cpp subject
-        return {"hooks": "per-layer captures load the harness's HF folder, not the model read from the GGUF"}
-
     def dequantised(self):
         """The GGUF's weights as transformers holds them (dequantised), in Meta's layout: the split."""
         if self.exact:

@@ -60,7 +60,8 @@ from harness.core.tolerance import EXTREMES, Policy, load_policy
 from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
 
-from harness.subjects import AXES, DEFAULT as DEFAULT_SUBJECT, NOT_INSTALLED, NotInstalledError, Spec, factory, is_exact, parse_spec
+from harness.subjects import (AXES, DEFAULT as DEFAULT_SUBJECT, NOT_INSTALLED, OFFERS, NotInstalledError, Spec, built,
+                              factory, is_exact, parse_spec)
 from harness.subjects.common import dequantised_checkpoint, source_of
 from harness.subjects.fidelity import split_of
 
@@ -576,7 +577,7 @@ class Measure:
         used = {r.extra["known"]["name"] for r in rows if "known" in r.extra}
         extra["policy"].update(deviations.user_summary(plan.known, used))
         if plan.localise:
-            extra.update(localise_failures(plan, rows, self.ctx.notes))
+            extra.update(localise_failures(plan, rows, self.ctx.notes, self.cells()))
         mechanisms = assign_findings(rows, plan.inputs, extra.get("divergences") or [])
         timing = {"wall_seconds": round(time.perf_counter() - started, 3), "groups_resumed": len(journal.reused)}
         sections = [("Corpus statistics (llama.cpp's perplexity --kl-divergence layout)", corpus_table(rows))] \
@@ -1075,25 +1076,27 @@ def explain_nonfinite(why: str, dtype: str, truth: torch.Tensor | None, notes: d
 
 # --- where failing cells diverge -----------------------------------------------------------------
 
-def localise_failures(plan: Plan, rows: list[Row], notes: list[str] | None = None) -> dict:
-    """For each failing group of a subject that takes per-layer captures (the default one, whose
-    model the captures load), name the first layer and op that diverge, on the group's first failing
-    plain input (a corpus: its first window). A group whose only failures are padded or cached
-    inputs is named by that mechanism: its full unpadded forward agrees, and what differs is the
-    mask or the cache. A subject that cannot be hooked says so once. A localisation error is
-    reported, never fatal."""
+def localise_failures(plan: Plan, rows: list[Row], notes: list[str] | None = None, cells: list | None = None) -> dict:
+    """For each failing group of a subject that takes per-layer captures (the default one, or an
+    exact subject whose kind offers "hooks": its own module is hooked), name the first layer and op
+    that diverge, on the group's first failing plain input (a corpus: its first window). A group
+    whose only failures are padded or cached inputs is named by that mechanism: its full unpadded
+    forward agrees, and what differs is the mask or the cache. A subject that cannot be localised
+    says why once (no hooks; lossy: its error enters at every quantised weight, and the error split
+    says how much is the weights'). A localisation error is reported, never fatal."""
     from harness.scale.localise import first_divergence
-    cannot = {r.subject: r.extra["subject"]["cannot"] for r in rows if "subject" in r.extra}
+    described = {r.subject: r.extra["subject"] for r in rows if "subject" in r.extra}
+    by_cell = {(c.label, c.attn, c.tp): c for c in cells or []}
     failing: dict[tuple, list[Row]] = {}
     unhooked: dict[str, str] = {}
     for r in rows:
         if r.subject == "reference" or r.against != ORACLE or r.status != FAIL:
             continue
-        if r.subject != DEFAULT_SUBJECT or "hooks" in cannot.get(r.subject, {}):
-            unhooked.setdefault(r.subject, cannot.get(r.subject, {}).get(
-                "hooks", "per-layer captures load the default subject's model, not this one"))
+        why = _unlocalisable(r.subject, described.get(r.subject, {}), (r.subject, r.case["attn"], r.case["tp"]) in by_cell)
+        if why:
+            unhooked.setdefault(r.subject, why)
             continue
-        failing.setdefault((r.case["dtype"], r.case["attn"], r.case["tp"]), []).append(r)
+        failing.setdefault((r.subject, r.case["dtype"], r.case["attn"], r.case["tp"]), []).append(r)
     if notes is not None:
         notes += [f"note: {label} fails and is not localised: {why}" for label, why in unhooked.items()]
     if not failing:
@@ -1101,27 +1104,48 @@ def localise_failures(plan: Plan, rows: list[Row], notes: list[str] | None = Non
     by_key = {(i.name, str(i.shape)): i for i in plan.inputs}
     found = []
     with HFFolder(plan.ckpt) as hf:
-        for (dtype, attn, tp), group in failing.items():
+        source = source_of(plan.folder, plan.ckpt, hf_path=lambda: hf.path, tokenizer=plan.tokenizer)
+        for (label, dtype, attn, tp), group in failing.items():
             kinds = [(by_key[(r.case["input"], r.case["shape"])], r) for r in group]
             plain = [(inp, r) for inp, r in kinds if inp.kind not in ("padded", "cached")]
             if not plain:
                 inp, r = kinds[0]
-                found.append({"case": dict(r.case), **_mechanism(inp.kind)})
+                found.append({"case": dict(r.case), **_mechanism(inp.kind), "subject": label})
                 continue
             inp, r = plain[0]
             ids = inp.ids[:1] if inp.kind == "corpus" else inp.ids
             # a full-context row is localised on the block's coarse ops: the fine ones hold the
             # attention weights, seq^2 per head (GBs at 4096 positions)
             fine = inp.kind != "full"
+            make = None
+            if label != DEFAULT_SUBJECT:       # built as the run built it: its options, axes and plant
+                cell = by_cell[(label, attn, tp)]
+                make = (lambda c: lambda dt: built(Spec(c.kind, dict(c.options)), source, dt, plan.device, {},
+                                                   "hooks"))(cell)
             try:
-                d = first_divergence(plan.ckpt, hf.path, ids, dtype, plan.device, attn, tp, plan.fault, fine=fine,
-                                     failed=True)
+                d = first_divergence(plan.ckpt, hf.path, ids, dtype, plan.device, attn if attn != "-" else "eager",
+                                     tp if tp != "-" else 1, plan.fault, fine=fine, failed=True, subject=make)
             except Exception as e:  # noqa: BLE001 - evidence gathering must not lose the verdict
                 d = {"layer": None, "op": None, "error": _first_line(e)}
-            found.append({"case": dict(r.case), **{k: v for k, v in d.items() if _jsonable(v)}})
-    for d in found:
-        d["subject"] = DEFAULT_SUBJECT      # what diverged (the reference is what it is measured beside)
+            # what diverged (the reference is what it is measured beside)
+            found.append({"case": dict(r.case), **{k: v for k, v in d.items() if _jsonable(v)}, "subject": label})
     return {"first_divergence": found[0], "divergences": found}
+
+
+def _unlocalisable(label: str, described: dict, known_cell: bool) -> str:
+    """Why a failing subject's groups are not localised ('' when they are)."""
+    cannot = described.get("cannot", {})
+    if "hooks" in cannot:
+        return cannot["hooks"]
+    if label == DEFAULT_SUBJECT:
+        return ""
+    kind = described.get("kind", label.split(":")[0])
+    if "hooks" not in OFFERS.get(kind, ()) or not known_cell:
+        return f"{kind} offers no per-layer hooks on a torch module of its own"
+    if not described.get("exact", False):
+        return ("lossy: its error enters at every quantised weight, so a first divergence would name the first "
+                "one (the error split says how much of it is the weights')")
+    return ""
 
 
 # --- pretraining_tp's own contract: the same outputs as tp 1, in the same dtype ---------------------
