@@ -224,6 +224,9 @@ def _cell_arguments(a: argparse.Namespace) -> str:
 
 
 def execute(a: argparse.Namespace) -> int:
+    if a.cmd.mkl_branch:                # before the command's first matrix multiply (MKL reads it once)
+        from harness.core import mkl
+        mkl.pin(a.cmd.mkl_branch)
     if not a.cmd.suite:
         return a.cmd.run(a, None)
     from harness.core.store import REPORT_DIR, check_writable

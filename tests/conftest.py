@@ -29,7 +29,8 @@ ONE_RELEASE = {
     "test_hygiene.py", "test_metrics.py", "test_parallel.py", "test_pytest_plugin.py",
     "test_reference_model.py", "test_reliability.py", "test_report_html.py",
     "test_report_html_browser.py", "test_report_junit.py", "test_report_views.py",
-    "test_subject_venvs.py", "test_tokenizer_reference.py", "test_trust.py",
+    "test_subject_venvs.py", "test_tokenizer_reference.py", "test_trust.py", "test_mkl.py",
+    "test_localise_subjects.py",
 }
 
 

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import platform
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from harness.core import ROOT, releases
+from harness.core import ROOT, mkl, releases
 import torch
 
 
@@ -136,15 +135,16 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "code_sha256": code_sha256(),
         "device": device,
         "torch_threads": torch.get_num_threads(),
-        # harness/__init__.py sets AUTO unless the caller chose: MKL's scheduling stays fixed run to run
-        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        # MKL's code branch (harness/core/mkl.py): `train` pins COMPATIBLE, the others run MKL's default (OFF)
+        "mkl_branch": mkl.describe(),
         "cuda": torch.version.cuda,
         "dtype_support": dtype_support(device),
         # What would make two runs with the same seed differ: the CPU's kernels (threads, ISA),
         # the torch build, MKL's scheduling, and on CUDA non-deterministic reductions.
-        "determinism_note": ("Same seed, inputs, torch build, thread count, MKL_CBWR and device give the same "
-                             "numbers; without MKL's reproducibility mode (MKL_CBWR unset) a process running "
-                             "beside this one could move results in their last bits."),
+        "determinism_note": ("Same seed, inputs, torch build, thread count, MKL branch and device give the same "
+                             "numbers in one process; across processes CPU kernels may differ in the last bits "
+                             "(seen: a KL near 1e-13 moving in its 5th digit), and on MKL's default branch a "
+                             "process running beside this one once moved a train cell's float32 gradients."),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))

@@ -143,6 +143,7 @@ class Command:
     name = ""
     help = ""
     suite = False        # a suite returns a Result; a tool returns an exit code
+    mkl_branch: str | None = None   # MKL's code branch the command pins (harness/core/mkl.py), if any
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         pass
