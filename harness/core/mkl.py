@@ -8,10 +8,10 @@ set of gradients, bit-identical from run to run, about 15x further from the floa
 and k worst), in 4 of 22 runs: it failed the gradient gate and checkpointing's bitwise check. MKL's
 reproducibility mode on its default ISA branch (AUTO: fixed scheduling and reductions) did not
 remove it (2 of 8 runs failed); the COMPATIBLE branch (SSE2, no approximate reciprocals) did
-(0 of 63: 51 with MKL_CBWR set, 12 with the pin below). The op behind it was not named: MKL_VERBOSE shows only SGEMM and SGEMM_BATCH calls in
-that cell. COMPATIBLE costs matrix-multiply speed (about 4x in float32 on this CPU:
-``benchmarks/mkl_branch.py``), so only `train` pins it; a user's own MKL_CBWR always wins (set
-empty, MKL_CBWR= keeps MKL's default branch, OFF).
+(0 of 63: 51 with MKL_CBWR set, 12 with the pin below). The op behind it was not named:
+MKL_VERBOSE shows only SGEMM and SGEMM_BATCH calls in that cell. COMPATIBLE costs matrix-multiply
+speed (about 4x in float32 on this CPU: ``benchmarks/mkl_branch.py``), so only `train` pins it; a
+user's own MKL_CBWR always wins (set empty, MKL_CBWR= keeps MKL's default branch, OFF).
 """
 from __future__ import annotations
 
