@@ -1,4 +1,4 @@
-"""Fidelity of the torch-side subjects (transformers variants, torchao, quanto, ONNX Runtime,
+"""Fidelity of the torch-side subjects (transformers variants, torchao, quanto, bitsandbytes, ONNX Runtime,
 onnxruntime-genai) against the float64 oracle on real text, in llama.cpp's
 ``perplexity --kl-divergence`` layout, with the error split for lossy subjects.
 
@@ -33,14 +33,16 @@ from harness.subjects.common import dequantised_checkpoint, source_of  # noqa: E
 
 DEFAULT = ["transformers", "transformers:compile=1", "transformers:cache=static,compile=1",
            "torchao:quant=int8wo", "torchao:quant=int8dyn", "quanto:weights=int8", "quanto:weights=int4",
+           "bitsandbytes:quant=nf4", "bitsandbytes:quant=nf4,double=1,compute=bfloat16", "bitsandbytes:quant=fp4",
+           "bitsandbytes:quant=int8",
            "onnxruntime", "onnxruntime-genai:precision=fp32", "onnxruntime-genai:precision=int4"]
-PACKAGES = {"torchao": "torchao", "quanto": "optimum.quanto", "onnxruntime": "onnxruntime",
+PACKAGES = {"torchao": "torchao", "quanto": "optimum.quanto", "bitsandbytes": "bitsandbytes", "onnxruntime": "onnxruntime",
             "onnxruntime-genai": "onnxruntime_genai"}
 
 
 def load_kinds() -> None:
     import importlib
-    for module in ("transformers", "torchao", "quanto", "onnx", "ortgenai"):
+    for module in ("transformers", "torchao", "quanto", "bnb", "onnx", "ortgenai"):
         importlib.import_module(f"harness.subjects.{module}")
 
 

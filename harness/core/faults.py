@@ -767,6 +767,23 @@ class QuantoScaleRow0(ScaleRow0):
     kinds = ("quanto",)
 
 
+class BnbScaleBlock0(Fault):
+    """bitsandbytes' absmax of the first block (4-bit) or row (int8) written for all of one tensor
+    (layer 0's down projection)."""
+    name, doc = "bnb-scale-block0", "bitsandbytes: every block (4-bit) or row (int8) of one tensor dequantised with the first one's scale"
+    suites, kinds = (), ("bitsandbytes",)
+    visible_at = ("float32", "bfloat16", "float16")
+
+    def edit_built(self, model):
+        w = model.model.layers[0].mlp.down_proj.weight
+        state = getattr(w, "quant_state", None)
+        scale = state.absmax if state is not None else getattr(w, "SCB", None)
+        if scale is None:
+            raise RuntimeError(f"plant {self.name}: layer 0's down_proj weight ({type(w).__name__}) has no absmax")
+        with torch.no_grad():
+            scale.copy_(scale.reshape(-1)[0].expand_as(scale))
+
+
 class GenaiScaleRow0(Fault):
     name, doc = "genai-scale-row0", "onnxruntime-genai int4: every block of one tensor dequantised with block 0's scale"
     suites, kinds = (), ("onnxruntime-genai",)
@@ -790,7 +807,7 @@ FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     KvKeysBf16,
     PadAttend, KeepArgIgnored, GcRecomputeStale, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
     TokSpaceAfterSpecial, TokDecodeDropsSpace, TokSpaceBeforeSpecial, TokDropLastId, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
-    OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, GenaiScaleRow0)}
+    OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, BnbScaleBlock0, GenaiScaleRow0)}
 
 
 # Subjects built on a transformers model (quantised in place or not): the logits suite's model faults

@@ -80,12 +80,14 @@ class ReferenceSteps:
 
 def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: str = "eager", fault=None,
                       device_map=None, max_memory=None, offload_folder=None, gguf_file: str | None = None,
-                      **config_edits):
+                      quantization_config=None, **config_edits):
     """transformers' ``kind`` (LlamaForCausalLM, LlamaModel, ...) loaded with from_pretrained as a
     user would. ``config_edits`` are set on the config first, then the fault edits the config and,
     once loaded, the model. ``device_map`` (with ``max_memory``, ``offload_folder``) is passed
     through: accelerate places the model, and ``device`` is then not applied. ``gguf_file``: a GGUF
-    in ``hf_path`` read instead of the safetensors (config and weights, dequantised by transformers)."""
+    in ``hf_path`` read instead of the safetensors (config and weights, dequantised by transformers).
+    ``quantization_config`` (bitsandbytes'): the weights are quantised as they load, placed on
+    ``device`` by a device map (a 4-bit or 8-bit model refuses ``.to()``)."""
     import transformers
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()   # our own bars count cells; one bar per load is noise
@@ -107,6 +109,9 @@ def load_transformers(kind: str, hf_path: Path, dtype: str, device: str, attn: s
         # config already *reads* "eager" by default) and then pick SDPA: set it on the config.
         config._attn_implementation = attn
     kwargs[compat.dtype_kwarg()] = DTYPES[dtype]
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        device_map = {"": device} if device_map is None else device_map
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     model = getattr(transformers, kind).from_pretrained(hf_path, **kwargs)

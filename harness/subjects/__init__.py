@@ -111,7 +111,7 @@ OFFERS: dict[str, frozenset[str]] = {}
 # Where each kind registers itself: imported only when the kind is asked for, so that naming one
 # subject never imports another's packages (torchao changes every `import transformers`).
 MODULES = {"transformers": "transformers", "torchao": "torchao", "quanto": "quanto",
-           "onnxruntime": "onnx", "onnxruntime-genai": "ortgenai", "llama.cpp": "llamacpp",
+           "bitsandbytes": "bnb", "onnxruntime": "onnx", "onnxruntime-genai": "ortgenai", "llama.cpp": "llamacpp",
            "vllm": "vllm", "torchtune": "torchtune", "llama-models": "llama_models"}
 _SPEC = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)(?::(.*))?$")
 

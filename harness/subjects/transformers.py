@@ -40,14 +40,14 @@ class TransformersLM:
     implicit_positions = True   # a mask alone: position_ids left to the release (0..n-1 over the row)
 
     def __init__(self, source: Source, dtype: str, device: str, attn: str = "eager", tp: int = 1,
-                 fault=None, cache: str = "dynamic", inference: bool = True):
+                 fault=None, cache: str = "dynamic", inference: bool = True, quantization_config=None):
         if dtype not in DTYPES:
             raise InputError(f"--subject {self.name}: dtype {dtype!r} (known: {', '.join(DTYPES)})")
         self.dtype, self.device, self.attn, self.tp = dtype, device, attn, tp
         self.fault, self.cache, self.inference = fault, cache, inference
         self.compiled: CompiledForward | None = None
         self.model = load_transformers("LlamaForCausalLM", source.hf_path(), dtype, device, attn, fault,
-                                       pretraining_tp=tp)
+                                       quantization_config=quantization_config, pretraining_tp=tp)
 
     # -- the protocol ------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
