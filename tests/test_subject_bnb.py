@@ -94,3 +94,22 @@ def test_import_asks_the_hub_for_no_kernel():
 def test_absent_package_is_not_installed_naming_the_extra():
     with pytest.raises(NotInstalledError, match=r"llama-parity\[bitsandbytes\]"):
         make({})
+
+
+@BNB
+def test_the_logits_suite_judges_each_by_its_budget_and_fails_the_planted_one(tmp_path):
+    """Through the CLI: the QLoRA base passes its budget with the split in its rows; the same
+    subject with a planted absmax bug fails the run (exit 1) on the corpus, in the weights' share."""
+    import json
+
+    from harness.cli import main
+    planted = "bitsandbytes:plant=bnb-scale-block0,quant=nf4"     # the label sorts the options
+    code = main(["logits", "--out", str(tmp_path), "--dtypes", "float32", "--attn", "eager", "--tp", "1",
+                 "--shapes", "1x8", "--no-progress", "--inputs", "corpus,cached", "--ctx", "64", "--max-tokens", "256",
+                 "--subject", "bitsandbytes:quant=nf4,double=1,compute=bfloat16", "--subject", planted])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 1
+    failed = {(c["subject"], c["metric"]) for c in summary["cells"] if c["status"] == "fail"}
+    assert {s for s, _ in failed} == {planted} and (planted, "weights_kl_mean") in failed
+    who = summary["subjects"]["bitsandbytes:compute=bfloat16,double=1,quant=nf4"]
+    assert not who["exact"] and who["provenance"]["quantisation"]["compute_dtype"] == "bfloat16"
