@@ -7,8 +7,11 @@
 # apply). Runs the logits suite at bfloat16/float16 with every attention implementation this
 # release and card offer (flash_attention_2 only when flash_attn is installed; the suite records
 # n/a with the reason otherwise), a real-text corpus run on the 7B-shaped slice, the axes suite (cast paths and flags, 4096 positions),
-# placement across GPUs when there are two or more, and the mp suite on CUDA: emulated ranks on one GPU, and real
-# NCCL ranks when the machine has as many GPUs as the degree. Nothing here is needed by the CPU path.
+# placement across GPUs when there are two or more, the mp suite on CUDA (emulated ranks on one GPU, real
+# NCCL ranks when the machine has as many GPUs as the degree), and the other implementations that
+# run on CUDA against the same oracle (docs/subjects.md): torch.compile, bitsandbytes' CUDA kernels
+# (NF4, the QLoRA base, LLM.int8()) when bitsandbytes is installed, and llama.cpp when
+# llama-cpp-python was built with CUDA. Nothing here is needed by the CPU path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -34,6 +37,15 @@ step mp-slice7b "$PY" -m harness mp --device cuda --model "$slice" --degrees 1,2
     --dtypes float32,bfloat16,float16 --shapes 1x512 --out "$out/mp-slice7b"
 step axes "$PY" -m harness axes --device cuda --dtypes bfloat16,float16 \
     --attn eager,sdpa,flash_attention_2,flex_attention --lengths 16,4096 --out "$out/axes"
+# Other implementations on CUDA, judged as on the CPU: exact ones by the logits rule, lossy ones by
+# their budgets with the error split. A kind whose package is absent is n/a with its install line.
+subjects=(--subject transformers --subject transformers:compile=1 --subject bitsandbytes
+          --subject bitsandbytes:quant=nf4,double=1,compute=bfloat16 --subject bitsandbytes:quant=int8)
+if "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null; then
+    subjects+=(--subject llama.cpp:quant=F32,kv=f32 --subject llama.cpp:quant=Q8_0 --subject llama.cpp:quant=Q4_0)
+fi
+step subjects "$PY" -m harness logits --device cuda --dtypes float32 --attn sdpa --tp 1 --inputs corpus,cached \
+    "${subjects[@]}" --no-progress --out "$out/subjects"
 if (( ngpu >= 2 )); then
     step place "$PY" -m harness place --device-map balanced --model "$slice" --dtype bfloat16 --out "$out/place"
 fi
