@@ -7,13 +7,14 @@ QLoRA recipe load it: ``from_pretrained(..., quantization_config=BitsAndBytesCon
     --subject bitsandbytes:quant=int8                        LLM.int8(): int8 weights, outlier columns in float16
 
 The weights are quantised as they load (blocks of 64 for 4-bit, one scale per row for int8); the
-output head stays float (transformers' integration leaves the output embedding out by default). bitsandbytes 0.50 runs every one of these on a CPU, so on CPU they are measured, not n/a.
+output head stays float (transformers' integration leaves the output embedding out by default).
+bitsandbytes 0.50 runs every one of these on a CPU, so on CPU they are measured, not n/a.
 
-Two things are handled here so that the numbers are the wheel's own and the log stays readable: on a CPU with AVX512-BF16,
-importing bitsandbytes fetches a 4-bit GEMM kernel from the Hugging Face Hub (``kernels.get_kernel``);
+Two things are handled here, so that the numbers are the wheel's own and the log stays readable:
+on a CPU with AVX512-BF16, importing bitsandbytes fetches a 4-bit GEMM kernel from the Hugging Face Hub (``kernels.get_kernel``);
 the import is made here with that fetch blocked, so nothing is downloaded at run time and the
 provenance says which kernel ran. And LLM.int8() warns on every call that it casts float32
-inputs to float16: the cast is recorded once in the provenance and the warning silenced.
+inputs to float16 (a log line): the cast is recorded once in the provenance and the line silenced.
 
 ``dequantised()`` gives the weights as they were quantised, for the error split. What the runtime
 adds: on a CPU with AVX512-BF16 every 4-bit call goes through a fused kernel that casts the
@@ -26,7 +27,6 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -49,7 +49,8 @@ def import_bitsandbytes():
         had = "kernels" in sys.modules
         sys.modules["kernels"] = None            # `from kernels import get_kernel` raises ImportError
         quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-        level, quiet.level = quiet.level, logging.ERROR   # its "failed to load from kernels-community"
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)            # its "failed to load from kernels-community"
         try:
             import bitsandbytes  # noqa: F401
         finally:
@@ -110,7 +111,7 @@ class BitsandbytesLM(TransformersLM):
 
     def __init__(self, source: Source, dtype: str, device: str, quant: str, double: bool, compute: str | None,
                  **common):
-        bnb = import_bitsandbytes()
+        import_bitsandbytes()            # before transformers' quantiser imports it, Hub fetch blocked
         from transformers import BitsAndBytesConfig
 
         from harness.core.subjects import DTYPES
@@ -122,7 +123,6 @@ class BitsandbytesLM(TransformersLM):
             config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                         bnb_4bit_use_double_quant=double,
                                         bnb_4bit_compute_dtype=DTYPES[self.compute])
-        self.version = bnb.__version__
         super().__init__(source, dtype, device, quantization_config=config, **common)
         linears = quantised_linears(self.model)
         floats = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in linears]
@@ -159,13 +159,11 @@ class BitsandbytesLM(TransformersLM):
                 "quantisation": {"config": "BitsAndBytesConfig", **how, **self.census}}
 
     def forward(self, ids, mask=None, positions=None):
-        with warnings.catch_warnings(), quiet_int8_cast():
-            warnings.simplefilter("ignore", UserWarning)
+        with quiet_int8_cast():
             return super().forward(ids, mask, positions)
 
     def decode(self, ids, prefill):
-        with warnings.catch_warnings(), quiet_int8_cast():
-            warnings.simplefilter("ignore", UserWarning)
+        with quiet_int8_cast():
             return super().decode(ids, prefill)
 
     def dequantised(self) -> dict[str, torch.Tensor]:
