@@ -134,3 +134,58 @@ def test_matrix_refuses_an_empty_or_missing_root(tmp_path):
     with pytest.raises(InputError, match="--root"):
         merge(tmp_path / "absent")
     assert main(["--root", str(tmp_path)]) == 2
+
+
+# --- --subject: any kind that takes the tp axis ---------------------------------------------------
+
+@pytest.fixture
+def off_kind(monkeypatch):
+    """A kind registered for the test, taking the tp axis: transformers with one layer's MLP output
+    projection off by 1%, so its rows cannot be transformers' rows under another name."""
+    import torch
+
+    from harness.subjects import AXES, KINDS, OFFERS, register
+    from harness.subjects.common import Options
+    from harness.subjects.transformers import TransformersLM, common_options
+
+    class Off(TransformersLM):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.name = "mp-off"
+            with torch.no_grad():
+                self.model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+
+    def make(source, dtype, device, options):
+        o = Options("mp-off", options)
+        common = common_options(o, "transformers")
+        o.done()
+        return Off(source, dtype, device, **common)
+    for table in (KINDS, AXES, OFFERS):
+        monkeypatch.setitem(table, "mp-off", None)
+        monkeypatch.setitem(table, "mp-off-no-tp", None)
+    register("mp-off", axes=("attn", "tp"))(make)
+    register("mp-off-no-tp", axes=("attn",))(make)
+
+
+def test_a_kind_that_takes_the_tp_axis_is_the_subject(models, tmp_path, off_kind):
+    """The rows carry the kind's label and its own logits (not transformers'), the summary says who it
+    was, and the claim is tested on it where pretraining_tp is live."""
+    base, other = tmp_path / "base", tmp_path / "other"
+    args = ("--degrees", "1,2", "--dtypes", "float32", "--shapes", "1x8")
+    assert mp(models["tiny-mha/meta"], base, *args) == 0
+    assert mp(models["tiny-mha/meta"], other, *args, "--subject", "mp-off") == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (base, other))
+    assert {c["subject"] for c in b["cells"]} == {"mp-original", "mp-off"}
+    assert b["subject"]["label"] == "mp-off" and b["subject"]["settings"]["tp"] in (1, 2)
+    kw = dict(dtype="float32", degree=1, tp=1, against="oracle-fp64", metric="max_abs")
+    assert _value(b["cells"], subject="mp-off", **kw) > 10 * _value(a["cells"], subject="transformers", **kw)
+    assert len(b["claims"]) == (1 if tp_honoured() else 0)
+
+
+@pytest.mark.parametrize("spec, says", [("mp-off-no-tp", "kinds that can: "), ("mp-off:tp=2", "with its own flags")])
+def test_a_kind_without_the_tp_axis_or_a_tp_option_is_exit_2(models, tmp_path, capsys, off_kind, spec, says):
+    out = tmp_path / "out"
+    assert mp(models["tiny-mha/meta"], out, "--subject", spec) == 2
+    err = capsys.readouterr().err
+    assert spec in err and says in err, err
+    assert not out.exists()

@@ -178,15 +178,19 @@ def offering(texts: list[str] | None, command: str, capability: str, needs: str,
              own: tuple[str, ...] = ()) -> Spec:
     """The one --subject of a command that needs ``capability`` of its subject (the default kind when
     none is given): exit 2 for an unknown kind, a kind that does not offer it (naming the kinds that
-    do), or an option the command sets with its own flags (``own``)."""
+    do), or an option the command sets with its own flags (``own``). A matrix axis (``AXES``: tp,
+    attn, cache) counts as a capability of the kinds that take it."""
     specs = [parse_spec(t) for t in texts or [DEFAULT]]
     if len(specs) > 1:
         raise InputError(f"--subject: {command} judges one subject at a time")
     spec = specs[0]
     factory(spec)                            # an unknown kind: exit 2 naming it
-    if capability not in OFFERS.get(spec.kind, ()):
+
+    def offers(kind: str) -> bool:
+        return capability in OFFERS.get(kind, ()) or capability in AXES.get(kind, ())
+    if not offers(spec.kind):
         load_kinds()
-        able = sorted(k for k, offers in OFFERS.items() if capability in offers)
+        able = sorted(k for k in KINDS if offers(k))
         raise InputError(f"--subject {spec.label()}: {command} needs {needs}, which {spec.kind} cannot give "
                          f"(kinds that can: {', '.join(able) or 'none'})")
     taken = sorted(set(spec.options) & set(own))

@@ -7,7 +7,8 @@ but slower computation of the linear layers, which should better match the origi
 For each dtype and degree k the suite computes
 - the *original logits*: the weights re-sharded into k ``consolidated.NN.pth`` files and run by
   ``reference_model.parallel`` (emulated ranks by default, real gloo/NCCL ranks with ``--ranks real``),
-- transformers with ``pretraining_tp = 1`` and ``pretraining_tp = k``,
+- the subject (transformers by default; ``--subject`` any kind that takes the tp axis, e.g.
+  ``transformers:gguf=F32``) with ``pretraining_tp = 1`` and ``pretraining_tp = k``,
 - the float64 oracle (exact math),
 and measures every subject against both truths. The claim holds at a cell when tp=k is nearer the
 original than tp=1 (by rel_l2); ``factor`` = rel_l2(tp=1) / rel_l2(tp=k) says by how much.
@@ -38,11 +39,11 @@ from reference_model.checkpoint import Checkpoint
 from reference_model.errors import CheckpointError
 from reference_model.parallel import check_degree, distributed_logits, emulated_logits
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
-from harness.subjects import Spec, add_default_only, default_only, factory
+from harness.subjects import NotInstalledError, Spec, add_offering, factory, offering
 from harness.subjects.common import source_of
 
-# what this command needs of a subject: only the default one takes part (--subject)
-MP_NEEDS = "the pretraining_tp setting of the model's config"
+# what this command needs of a subject (--subject): a kind that takes the tp axis, pretraining_tp
+MP_NEEDS = "the tp axis (pretraining_tp on its model's config)"
 
 SUITE = "mp"
 KEY_METRIC = "rel_l2"
@@ -55,7 +56,7 @@ class MP(Suite):
     help = "pretraining_tp vs the original model-parallel logits"
 
     def add_arguments(self, p) -> None:
-        add_default_only(p, self.name, MP_NEEDS)
+        add_offering(p, self.name, MP_NEEDS, own="attn and tp")
         p.add_argument("--model", help="Meta or HF folder; default: embedded model")
         p.add_argument("--degrees", type=inputs.csv, help="model-parallel degrees (default 1,2,4,8)")
         p.add_argument("--dtypes", type=inputs.csv, help="comma list of float32,bfloat16,float16 (default: all three)")
@@ -67,7 +68,7 @@ class MP(Suite):
         p.add_argument("--seed", default="0")
 
     def run(self, a, ctx: Context) -> Result:
-        spec = default_only(a.subject, self.name, MP_NEEDS)
+        spec = offering(a.subject, self.name, "tp", MP_NEEDS, own=("attn", "tp"))
         d = suite_data(SUITE)["defaults"]
         device = inputs.device(a.device)
         attn = inputs.choice("--attn", a.attn, inputs.KNOWN_ATTN)
@@ -128,22 +129,49 @@ def _rank_check(run: MPRun, mp_path: Path, k: int, ids: torch.Tensor, real: dict
     return rows
 
 
+class Unmeasured(Exception):
+    """The subject gave no logits at this (dtype, tp): its cells get ``status`` with this reason."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
 class _HF:
-    """The subject's logits per (dtype, tp), each model built once through the registry."""
+    """The subject's logits per (dtype, tp), each model built once through the registry; ``who``:
+    the first built subject's settings and provenance, for the summary."""
 
     def __init__(self, run: MPRun, source, inputs: dict):
         self.run, self.source, self.inputs, self.done = run, source, inputs, {}
+        self.who: dict = {}
 
     def __call__(self, dtype: str, tp: int) -> dict[Shape, torch.Tensor]:
         if (dtype, tp) not in self.done:
-            spec = self.run.subject
-            options = {**spec.options, "attn": self.run.attn, "tp": str(tp)}
+            self.done[(dtype, tp)] = self._measure(dtype, tp)
+        got = self.done[(dtype, tp)]
+        if isinstance(got, Unmeasured):
+            raise got
+        return got
+
+    def _measure(self, dtype: str, tp: int):
+        spec = self.run.subject
+        options = {**spec.options, "attn": self.run.attn, "tp": str(tp)}
+        try:
             subject = factory(spec)(self.source, dtype, self.run.device, options)
-            try:
-                self.done[(dtype, tp)] = {s: subject.forward(ids).float().cpu() for s, ids in self.inputs.items()}
-            finally:
-                subject.close()
-        return self.done[(dtype, tp)]
+        except NotInstalledError as e:
+            return Unmeasured(NA, str(e))
+        except InputError:
+            raise
+        except Exception as e:   # a kind that cannot run at this tp fails its cells, naming the error
+            return Unmeasured(FAIL, f"{spec.label()} failed to load at tp={tp}: {type(e).__name__}: {e}")
+        try:
+            self.who = self.who or {"label": spec.label(), "settings": subject.settings(),
+                                    "provenance": subject.provenance()}
+            return {s: subject.forward(ids).float().cpu() for s, ids in self.inputs.items()}
+        except Exception as e:
+            return Unmeasured(FAIL, f"{spec.label()} failed at tp={tp}: {type(e).__name__}: {e}")
+        finally:
+            subject.close()
 
 
 def run_mp(run: MPRun) -> Result:
@@ -161,7 +189,7 @@ def run_mp(run: MPRun) -> Result:
                 check_degree(ckpt.args, k, str(ckpt.path))
             except CheckpointError as e:
                 rows += [Row(SUITE, {"dtype": d, "degree": k, "tp": "-", "shape": str(s), "attn": run.attn},
-                             SUBJECT, against, "all", None, status=NA, reason=f"degree {k}: {e.key} = {e.problem}")
+                             run.subject.label(), against, "all", None, status=NA, reason=f"degree {k}: {e.key} = {e.problem}")
                          for d in run.dtypes for s in run.shapes for against in ("mp-original", ORACLE)]
                 continue
             mp_path = checkpoint.save_meta(Path(tmp) / f"mp{k}", ckpt.args, ckpt.state, n_shards=k)
@@ -176,7 +204,7 @@ def run_mp(run: MPRun) -> Result:
     extra = {
         "model": {"path": str(ckpt.path), "format": ckpt.source, "args": dict(vars(ckpt.args))},
         "claim": CLAIM, "key_metric": KEY_METRIC, "ranks": run.ranks, "attn": run.attn, "seed": run.seed,
-        "pretraining_tp_live": tp_live, "claims": claims,
+        "pretraining_tp_live": tp_live, "claims": claims, "subject": hf_logits.who or {"label": run.subject.label()},
     }
     part = Part(SUITE, rows, extra, sections=[("Claim", claim_markdown(extra, rows))], device=run.device,
                 timing={"wall_seconds": round(time.perf_counter() - started, 1)})
@@ -184,22 +212,28 @@ def run_mp(run: MPRun) -> Result:
 
 
 def _degree_rows(run: MPRun, k: int, shape: Shape, dtype: str, original, truth, hf_logits, tp_live: bool):
-    """The original logits and transformers at tp = 1 and tp = k, each against both truths."""
+    """The original logits and the subject at tp = 1 and tp = k, each against both truths."""
     case = {"dtype": dtype, "degree": k, "tp": "-", "shape": str(shape), "attn": "-"}
     values, why = compare(original, truth)
     rows = _rows(case, "mp-original", ORACLE, values, why)
     dist = {}
     for tp in dict.fromkeys((1, k)):
         case = {"dtype": dtype, "degree": k, "tp": tp, "shape": str(shape), "attn": run.attn}
+        label = run.subject.label()
         if tp > 1 and not tp_live:
-            rows += [Row(SUITE, case, SUBJECT, against, "all", None, status=NA, reason=compat.TP_NOOP)
+            rows += [Row(SUITE, case, label, against, "all", None, status=NA, reason=compat.TP_NOOP)
                      for against in ("mp-original", ORACLE)]
             continue
-        logits = hf_logits(dtype, tp)[shape]
+        try:
+            logits = hf_logits(dtype, tp)[shape]
+        except Unmeasured as e:
+            rows += [Row(SUITE, case, label, against, "all", None, status=e.status, reason=e.reason)
+                     for against in ("mp-original", ORACLE)]
+            continue
         v_orig, why = compare(logits, original)
         v_truth, why_t = compare(logits, truth)
-        rows += _rows(case, SUBJECT, "mp-original", v_orig, why)
-        rows += _rows(case, SUBJECT, ORACLE, v_truth, why_t)
+        rows += _rows(case, label, "mp-original", v_orig, why)
+        rows += _rows(case, label, ORACLE, v_truth, why_t)
         dist[tp] = (v_orig[KEY_METRIC], v_truth[KEY_METRIC])
     claims = [_claim(dtype, k, shape, dist[1], dist[k])] if k > 1 and len(dist) == 2 else []
     return rows, claims
@@ -229,7 +263,8 @@ def claim_markdown(summary: dict, rows: list[Row]) -> str:
         "",
         f"Original logits: Meta's model-parallel forward ({summary['ranks']} ranks). Distances are "
         f"`{summary['key_metric']}` of the logits; attention `{summary['attn']}`; "
-        f"`pretraining_tp` live in this release: **{summary['pretraining_tp_live']}**.",
+        f"`pretraining_tp` live in this release: **{summary['pretraining_tp_live']}**. "
+        f"Subject: `{md_escape(summary.get('subject', {}).get('label', SUBJECT))}`.",
         "",
     ]
     if summary["claims"]:
