@@ -155,3 +155,68 @@ def test_a_block_split_finer_than_transformers_can_follow_exits_2(models, tmp_pa
              "layers.0.attention_norm": "cpu", "layers.0.ffn_norm": "cpu"}
     code, out = _run(models, tmp_path, "--device-map", _map_file(tmp_path, split))
     assert code == 2 and "'layers.0.attention'" in capsys.readouterr().err and not out.exists()
+
+
+# --- --subject: any kind that offers "place" ------------------------------------------------------
+
+@pytest.fixture
+def placeable(monkeypatch):
+    """Kinds registered for the test: one that offers "place" with a bug of its own (one layer's MLP
+    output projection 1% off, which no transformers model has), and the same without the offer."""
+    from harness.subjects import AXES, KINDS, OFFERS, register
+    from harness.subjects.common import Options
+    from harness.subjects.transformers import TransformersLM, common_options
+
+    class Off(TransformersLM):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            with torch.no_grad():
+                self.model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+
+    def make(source, dtype, device, options):
+        o = Options("placed-off", options)
+        common = common_options(o, "transformers")
+        o.done()
+        return Off(source, dtype, device, **common)
+    for table in (KINDS, AXES, OFFERS):
+        for kind in ("placed-off", "placed-off-nowhere"):
+            monkeypatch.setitem(table, kind, None)
+    register("placed-off", axes=("attn",), offers=("place",))(make)
+    register("placed-off-nowhere", axes=("attn",))(make)
+
+
+def test_a_kind_that_offers_place_is_placed_and_judged(models, tmp_path, placeable):
+    """The registered kind's own model is dispatched by the same map (its layer 1 on disk) and judged:
+    its bug fails the run, under its own name, where the default subject passes."""
+    code, out = _run(models, tmp_path, "--device-map", _map_file(tmp_path, CPU_DISK), "--subject", "placed-off")
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert {c["subject"] for c in summary["cells"] if c["status"] == "fail"} == {"placed-off"}
+    assert summary["placement"]["placed-off"]["model.layers.0"] == "disk"
+    assert summary["subject"]["label"] == "placed-off"
+    assert _run(models, tmp_path / "plain", "--device-map", _map_file(tmp_path, CPU_DISK))[0] == 0
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("placed-off-nowhere", "kinds that can: "),                 # the kind does not offer "place"
+    ("transformers:compile=1", "nothing was measured"),          # its options take the placement away
+    ("placed-off:device_map=auto", "with its own flags"),        # the command's own value as key=value
+])
+def test_a_subject_that_cannot_be_placed_is_exit_2(models, tmp_path, capsys, placeable, spec, says):
+    code, out = _run(models, tmp_path, "--subject", spec)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert spec in err and says in err, err
+    assert not (out / "summary.json").exists()
+
+
+def test_a_placement_given_as_key_value_elsewhere_is_exit_2(tmp_path, capsys):
+    """device_map and offload_folder are the place command's to hand over: as a spec's key=value on
+    another command they are exit 2 naming the command that sets them, and nothing is written."""
+    out = tmp_path / "out"
+    code = main(["logits", "--dtypes", "float32", "--attn", "eager", "--tp", "1", "--shapes", "1x8",
+                 "--inputs", "random", "--no-progress", "--subject", "transformers:device_map=auto", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "device_map=auto" in err and "set by the place command" in err, err
+    assert not (out / "summary.json").exists()

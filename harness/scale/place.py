@@ -21,11 +21,12 @@ import torch
 from harness.core import inputs
 from harness.core.errors import InputError
 from harness.core.suite import Part, Result, Suite
-from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
-from harness.subjects import add_default_only, default_only
+from harness.subjects.common import source_of
+from harness.subjects import Cannot, add_offering, built, offering
 
-# what this command needs of a subject: only the default one takes part (--subject)
-PLACE_NEEDS = "accelerate's device_map placement of the model's own modules"
+# what this command needs of a subject (--subject): a kind that offers "place"
+PLACE_NEEDS = "a load placed by accelerate's device_map (its own modules across devices)"
+OWN = ("attn", "plant", "device_map", "offload_folder")     # set by this command's own flags
 
 NO_SPLIT_REFERENCE = ["TransformerBlock"]
 STRATEGIES = ("auto", "balanced")
@@ -200,17 +201,18 @@ def describe(device_map: dict) -> str:
 class Place(Suite):
     """One comparison with every subject placed across devices by a device map.
 
-    The float64 oracle, the reference at --dtype and transformers at --dtype are each dispatched
-    by accelerate: on several GPUs their blocks spread over cuda:0..N, on a machine without one
-    over "cpu" and "disk". The reference and transformers get the same map (transformers' in its
-    own module names); the oracle is planned at float64, which is 2-4x larger. Rows are the
-    logits suite's: 0 pass, 1 transformers breaks the policy, 2 bad input.
+    The float64 oracle, the reference at --dtype and the subject at --dtype (transformers by
+    default; any kind that offers "place") are each dispatched by accelerate: on several GPUs their
+    blocks spread over cuda:0..N, on a machine without one over "cpu" and "disk". The reference and
+    the subject get the same map (the subject's in transformers' module names); the oracle is
+    planned at float64, which is 2-4x larger. Rows are the logits suite's: 0 pass, 1 the subject
+    breaks the policy, 2 bad input.
     """
     name = "place"
     help = "compare the subjects with their blocks placed across devices (accelerate)"
 
     def add_arguments(self, p) -> None:
-        add_default_only(p, self.name, PLACE_NEEDS)
+        add_offering(p, self.name, PLACE_NEEDS, own="attn and plant")
         from harness.core.faults import faults_for
         p.add_argument("--model", help="Meta or HF folder; default: the embedded model")
         p.add_argument("--device-map", default="auto",
@@ -229,7 +231,7 @@ class Place(Suite):
                                        f"{', '.join(faults_for('place'))}")
 
     def run(self, a, ctx):
-        default_only(a.subject, self.name, PLACE_NEEDS)
+        spec = offering(a.subject, self.name, "place", PLACE_NEEDS, own=OWN)
         import tempfile
 
         from harness.core import compat
@@ -259,26 +261,28 @@ class Place(Suite):
         check_map(oracle_map, probe)
         tf_map = to_transformers_map(work_map)
         ids = make_inputs(shape, ckpt.args.vocab_size, seed)
+        label = spec.label()
         with tempfile.TemporaryDirectory(prefix="llama-parity-offload-") as scratch, HFFolder(ckpt) as hf:
             offload = Path(a.offload_dir) if a.offload_dir else Path(scratch)
-            truth, ref_logits, tf_logits, tf_placed = _placed_logits(ckpt, hf.path, ids, dtype, attn, fault,
-                                                                      work_map, oracle_map, tf_map, offload)
+            source = source_of(folder, ckpt, hf_path=lambda: hf.path, find_tokenizer=False)
+            truth, ref_logits, tf_logits, tf_placed, who = _placed_logits(
+                ckpt, spec, source, ids, dtype, {"attn": attn, "plant": fault}, work_map, oracle_map, tf_map, offload)
         case = {"dtype": dtype, "attn": attn, "shape": str(shape), "device_map": a.device_map}
-        rows = judged_rows("place", case, truth, ref_logits, tf_logits, policy, dtype)
+        rows = judged_rows("place", case, truth, ref_logits, tf_logits, policy, dtype, label)
         placement = {"oracle-fp64": {k: str(v) for k, v in oracle_map.items()},
                      "reference": {k: str(v) for k, v in work_map.items()},
-                     SUBJECT: {k: str(v) for k, v in tf_placed.items()},
+                     label: {k: str(v) for k, v in tf_placed.items()},
                      "blocks_per_device": {str(d): b for d, b in blocks_per_device(work_map, ckpt.args.n_layers).items()}}
         extra = {"model": str(folder.path), "truth": "oracle-fp64 (the reference entirely in float64)", "seed": seed,
                  "policy": {"path": str(policy.path), "version": policy.version}, "plant": a.plant,
-                 "placement": placement}
+                 "placement": placement, "subject": who}
         on_gpu = any(isinstance(d, int) for d in (*work_map.values(), *oracle_map.values()))
         from harness.results.markdown import md_escape
         section = "".join(f"- **{k}**: {md_escape(describe(v))}\n" for k, v in
-                          (("oracle-fp64", oracle_map), ("reference", work_map), (SUBJECT, tf_placed)))
+                          (("oracle-fp64", oracle_map), ("reference", work_map), (label, tf_placed)))
         return Result([Part("place", rows, extra, sections=[("Placement (accelerate device maps)", section)],
                             device="cuda" if on_gpu else "cpu")],
-                      [f"placement (reference, transformers): {describe(work_map)}"])
+                      [f"placement (reference, {label}): {describe(work_map)}"])
 
 
 def _maps(a, args, dtype: str) -> tuple[dict, dict]:
@@ -295,9 +299,10 @@ def _maps(a, args, dtype: str) -> tuple[dict, dict]:
     return fixed, fixed
 
 
-def _placed_logits(ckpt, hf_path, ids, dtype, attn, fault, work_map, oracle_map, tf_map, offload: Path):
-    """The three subjects one after the other, each placed by its map: their logits on the CPU."""
-    from harness.core.subjects import TransformersSubject, reference
+def _placed_logits(ckpt, spec, source, ids, dtype, own: dict, work_map, oracle_map, tf_map, offload: Path):
+    """The oracle, the reference and the subject one after the other, each placed by its map: their
+    logits on the CPU, where the subject's blocks went, and who it was (settings, provenance)."""
+    from harness.core.subjects import reference
 
     def placed_reference(at: str, device_map: dict):
         # Built on the CPU, then accelerate moves each block where the map says.
@@ -307,16 +312,23 @@ def _placed_logits(ckpt, hf_path, ids, dtype, attn, fault, work_map, oracle_map,
 
     truth = placed_reference("float64", oracle_map)
     ref_logits = placed_reference(dtype, work_map)
-    subject = TransformersSubject(hf_path, dtype, "cpu", attn, fault=fault, device_map=tf_map,
-                                  offload_folder=str(offload / SUBJECT))
-    tf_placed = dict(getattr(subject.model, "hf_device_map", tf_map))
-    tf_logits = subject.logits(ids).float().cpu()
-    return truth, ref_logits, tf_logits, tf_placed
+    cell = {**own, "device_map": tf_map, "offload_folder": offload / "subject"}
+    try:
+        subject = built(spec, source, dtype, "cpu", cell, "place")
+    except Cannot as e:
+        raise InputError(f"--subject {spec.label()}: nothing was measured: {e}") from None
+    try:
+        tf_placed = dict(getattr(getattr(subject, "model", None), "hf_device_map", None) or tf_map)
+        who = {"label": spec.label(), "settings": subject.settings(), "provenance": subject.provenance()}
+        return truth, ref_logits, subject.forward(ids).float().cpu(), tf_placed, who
+    finally:
+        subject.close()
 
 
-def judged_rows(suite: str, case: dict, truth, ref_logits, tf_logits, policy, dtype: str) -> list:
-    """The reference and transformers against the oracle (transformers calibrated on the reference),
-    and transformers against the reference as info."""
+def judged_rows(suite: str, case: dict, truth, ref_logits, tf_logits, policy, dtype: str,
+                subject: str = "transformers") -> list:
+    """The reference and the subject against the oracle (the subject calibrated on the reference),
+    and the subject against the reference as info."""
     from harness.core.metrics import METRICS, compare
     from harness.core.store import FAIL, INFO, Row
     from harness.core.subjects import ORACLE
@@ -325,10 +337,10 @@ def judged_rows(suite: str, case: dict, truth, ref_logits, tf_logits, policy, dt
     pair, pair_why = compare(tf_logits, ref_logits)
     rows = []
     for subject, values, why, calib in (("reference", ref_values, ref_why, None),
-                                        (SUBJECT, tf_values, tf_why, ref_values)):
+                                        (subject, tf_values, tf_why, ref_values)):
         for m in METRICS:
             tol, status, reason = policy.judge(dtype, m, values[m], None if calib is None else calib[m])
             rows.append(Row(suite, case, subject, ORACLE, m, values[m], tol, FAIL if why else status, why or reason))
-    rows += [Row(suite, case, SUBJECT, "reference", m, pair[m], status=INFO,
+    rows += [Row(suite, case, subject, "reference", m, pair[m], status=INFO,
                  reason=pair_why or "informational: same dtype, no truth") for m in METRICS]
     return rows

@@ -34,6 +34,7 @@ CAPABILITIES = (
     "logits",       # raw logits (else: log-probabilities over the full vocabulary)
     "planting",     # the harness's planted faults can be applied to it
     "resize",       # a token added to its vocabulary (embeddings resized), as the docs advise for <pad>
+    "place",        # loaded with accelerate's device_map and offload folder, its blocks across devices (place)
     "subject",      # the subject itself: its package is not installed here (NOT_INSTALLED's reason)
 )
 NOT_INSTALLED = "subject"   # cannot()[NOT_INSTALLED]: how to install it; every cell of it is n/a

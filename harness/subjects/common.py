@@ -63,6 +63,14 @@ class Options:
     def text(self, key: str) -> str | None:
         return self._take(key)
 
+    def internal(self, key: str, command: str):
+        """A value only a command hands over (a device map, a folder), never a spec's key=value: a
+        string here came from the user and is exit 2 naming the command that sets it."""
+        value = self.left.pop(key, None)
+        if isinstance(value, str):
+            raise InputError(f"--subject {self.label}: {key} is set by {command}, not key=value")
+        return value
+
     def done(self) -> None:
         if self.left:
             raise InputError(f"--subject {self.label}: unknown option(s) {', '.join(sorted(self.left))} "

@@ -40,13 +40,15 @@ class TransformersLM:
     implicit_positions = True   # a mask alone: position_ids left to the release (0..n-1 over the row)
 
     def __init__(self, source: Source, dtype: str, device: str, attn: str = "eager", tp: int = 1,
-                 fault=None, cache: str = "dynamic", inference: bool = True, quantization_config=None):
+                 fault=None, cache: str = "dynamic", inference: bool = True, quantization_config=None,
+                 device_map=None, offload_folder=None):
         if dtype not in DTYPES:
             raise InputError(f"--subject {self.name}: dtype {dtype!r} (known: {', '.join(DTYPES)})")
         self.dtype, self.device, self.attn, self.tp = dtype, device, attn, tp
         self.fault, self.cache, self.inference = fault, cache, inference
         self.compiled: CompiledForward | None = None
         self.model = load_transformers("LlamaForCausalLM", source.hf_path(), dtype, device, attn, fault,
+                                       device_map=device_map, offload_folder=offload_folder,
                                        quantization_config=quantization_config, pretraining_tp=tp)
 
     # -- the protocol ------------------------------------------------------------------------
@@ -81,6 +83,8 @@ class TransformersLM:
                             "(localise) would run the eager model, not the compiled graph")
             out["module"] = out["train"] = (f"compiled with torch.compile ({self.compiled.backend}) for inference: "
                                             "a cast or a backward through its module would not judge the compiled graph")
+            out["place"] = (f"compiled with torch.compile ({self.compiled.backend}): place judges the model accelerate "
+                            "dispatched, which the compiled forward was not built from")
         return out
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
@@ -160,7 +164,8 @@ class TransformersLM:
 
 
 def common_options(o: Options, kind: str) -> dict[str, Any]:
-    """attn, tp, cache and plant: what every subject built on a transformers model takes."""
+    """attn, tp, cache and plant: what every subject built on a transformers model takes; and the
+    placement the place command hands over (``device_map``, ``offload_folder``; never key=value)."""
     from harness.core.faults import Fault, get_subject_fault
     attn = o.choice("attn", KNOWN_ATTN, "eager")
     tp = o.integer("tp", 1)
@@ -169,10 +174,12 @@ def common_options(o: Options, kind: str) -> dict[str, Any]:
     # a suite's --plant arrives as the Fault it already checked for itself (behaviour's faults are
     # not the logits suite's); a spec's plant=NAME is checked here
     fault = plant if isinstance(plant, Fault) else get_subject_fault(plant, kind, o.label) if plant else None
-    return {"attn": attn, "tp": tp, "cache": cache, "fault": fault}
+    placement = {k: v for k in ("device_map", "offload_folder")
+                 if (v := o.internal(k, "the place command (--device-map, --offload-dir)")) is not None}
+    return {"attn": attn, "tp": tp, "cache": cache, "fault": fault, **placement}
 
 
-@register(KIND, axes=("attn", "tp", "cache"), offers=("module", "train", "hooks"))
+@register(KIND, axes=("attn", "tp", "cache"), offers=("module", "train", "hooks", "place"))
 def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
     o = Options(KIND, options)
     common = common_options(o, KIND)
@@ -181,10 +188,11 @@ def transformers_subject(source: Source, dtype: str, device: str, options: dict)
     gguf = o.text("gguf")
     o.done()
     if gguf is not None:
-        if compiled or common["cache"] != "dynamic":
+        cache = common.pop("cache")
+        if compiled or cache != "dynamic":
             raise InputError(f"--subject {o.label}: gguf= takes attn=, tp= and plant= only (no compile or cache)")
         from harness.subjects.transformers_gguf import load
-        return load(source, dtype, device, gguf, common["attn"], common["tp"], common["fault"])
+        return load(source, dtype, device, gguf, **common)
     if "backend" in options and not compiled:
         raise InputError(f"--subject {o.label}: backend= needs compile=1")
     subject = TransformersLM(source, dtype, device, **common)

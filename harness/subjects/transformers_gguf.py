@@ -27,9 +27,12 @@ class GgufLM(TransformersLM):
     """LlamaForCausalLM.from_pretrained(folder, gguf_file=FILE): a GGUF read back by transformers."""
 
     def __init__(self, source: Source, dtype: str, device: str, quant: str, attn: str = "eager", tp: int = 1,
-                 fault=None):
+                 fault=None, device_map=None, offload_folder=None):
         if dtype not in DTYPES:
             raise InputError(f"--subject transformers:gguf={quant}: dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise InputError(f"--subject transformers:gguf={quant}: transformers refuses to offload a model read from "
+                             "a GGUF file to disk; give place a --device-map (or --max-memory) that keeps it off disk")
         from harness.subjects import llamacpp
         self.dtype, self.device, self.attn, self.tp = dtype, device, attn, tp
         self.fault, self.cache, self.inference, self.compiled = fault, "dynamic", True, None
@@ -51,6 +54,7 @@ class GgufLM(TransformersLM):
         # loaded as every transformers model of the harness is (load_transformers), so that a planted
         # model fault edits the config read from the GGUF and the model built from it the same way
         self.model = load_transformers("LlamaForCausalLM", self.path.parent, dtype, device, attn, fault,
+                                       device_map=device_map, offload_folder=offload_folder,
                                        gguf_file=self.path.name, pretraining_tp=tp)
 
     def settings(self) -> dict[str, Any]:
@@ -70,14 +74,15 @@ class GgufLM(TransformersLM):
         return meta_state(dict(self.model.state_dict()), self.source.ckpt.args)
 
 
-def load(source: Source, dtype: str, device: str, quant: str, attn: str, tp: int = 1, fault=None) -> GgufLM:
+def load(source: Source, dtype: str, device: str, quant: str, attn: str, tp: int = 1, fault=None,
+         device_map=None, offload_folder=None) -> GgufLM:
     known = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0")
     if quant not in known:
         raise InputError(f"--subject transformers:gguf={quant!r} (choose from {', '.join(known)})")
     if not _has_gguf():
         raise NotInstalledError("--subject transformers:gguf=: transformers reads GGUF files with the gguf package "
                                 "(pip install gguf)")
-    return GgufLM(source, dtype, device, quant, attn, tp, fault)
+    return GgufLM(source, dtype, device, quant, attn, tp, fault, device_map, offload_folder)
 
 
 def _has_gguf() -> bool:
