@@ -53,11 +53,12 @@ def test_cache_and_padding_judge_every_subject_or_say_why_not(models, tmp_path):
     assert not [c for c in cells["hidden"] if c["subject"] == "transformers"]
 
 
-def test_an_unknown_subject_is_exit_2_before_anything_runs(models, tmp_path, capsys):
+@pytest.mark.parametrize("spec", ["nope", "transformers:bogus=1"])
+def test_an_unknown_subject_or_option_is_exit_2_before_anything_runs(models, tmp_path, capsys, spec):
     out = tmp_path / "out"
-    code = main(["behaviour", "--model", str(models["tiny-gqa/meta"]), "--suite", "cache", "--subject", "nope",
+    code = main(["behaviour", "--model", str(models["tiny-gqa/meta"]), "--suite", "cache", "--subject", spec,
                  "--out", str(out)])
-    assert code == 2 and "--subject" in capsys.readouterr().err and not out.exists()
+    assert code == 2 and spec in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("command", ["axes", "mp", "localise", "stream", "place"])

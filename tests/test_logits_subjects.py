@@ -89,12 +89,21 @@ def test_a_log_probability_subject_is_compared_in_log_softmax_space(models, tmp_
 
 
 @pytest.mark.parametrize("spec, says", [("nope", "unknown kind 'nope'"),
-                                        ("transformers:compile", "is not key=value")])
-def test_a_bad_subject_is_exit_2_naming_it(models, tmp_path, capsys, spec, says):
-    code, _ = run(models["tiny-gqa/meta"], tmp_path, "--inputs", "random", "--subject", spec)
+                                        ("transformers:compile", "is not key=value"),
+                                        # read by the kind's factory, before any subject is built
+                                        ("transformers:bogus=1", "unknown option(s) bogus"),
+                                        ("transformers:plant=nope", "plant='nope' is not a fault"),
+                                        ("onnxruntime:attn=flash", "attn='flash'"),
+                                        ("llama.cpp:quant=Q9", "quant='Q9'"),
+                                        ("vllm:out=x", "logits or logprobs")])
+def test_a_bad_subject_is_exit_2_naming_it_with_nothing_written(models, tmp_path, capsys, spec, says):
+    """A bad kind or option is exit 2 before the run takes --out: not a journal line is written."""
+    code, _ = run(models["tiny-gqa/meta"], tmp_path / "out", "--inputs", "random", "--subject", "transformers",
+                  "--subject", spec)
     assert code == 2
     err = capsys.readouterr().err
     assert "--subject" in err and says in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # --- the optional kinds through the suite (tox -e subjects: every package installed) --------------

@@ -143,6 +143,29 @@ def factory(spec: Spec, arg: str = "--subject") -> Factory:
     return KINDS[spec.kind]
 
 
+class _Dry(Exception):
+    """The stand-in weights of ``check_options`` were reached for: the factory has read its options."""
+
+
+class _DrySource:
+    def __getattr__(self, name: str):
+        raise _Dry(name)
+
+
+def check_options(spec: Spec, dtype: str, device: str) -> None:
+    """A spec's options read by its factory as a build reads them, stopping the moment it reaches for
+    the weights (a stand-in Source), so that a bad option is exit 2 before a command writes anything.
+    An absent package, or anything else the factory meets before the weights, is left to the run."""
+    try:
+        factory(spec)(_DrySource(), dtype, device, dict(spec.options))
+    except NotInstalledError:
+        return
+    except InputError:
+        raise
+    except Exception:   # _Dry above all: the options were read and found good
+        return
+
+
 def add_default_only(p, command: str, needs: str) -> None:
     """--subject on a command that drives the default implementation's own modules (per-layer hooks,
     a placement, its config's settings): it takes part in one kind only, and says why."""

@@ -61,7 +61,7 @@ from reference_model import checkpoint
 from reference_model.checkpoint import Checkpoint
 
 from harness.subjects import (AXES, DEFAULT as DEFAULT_SUBJECT, NOT_INSTALLED, OFFERS, NotInstalledError, Spec, built,
-                              factory, is_exact, parse_spec)
+                              check_options, factory, is_exact, parse_spec)
 from harness.subjects.common import dequantised_checkpoint, source_of
 from harness.subjects.fidelity import split_of
 
@@ -211,8 +211,8 @@ class Plan:
             dtypes, GATED + list(PAIRED) + list(RATES) + list(CACHE_GAP))
         fault = get_fault(a.plant, SUITE)
         specs = [parse_spec(t) for t in (a.subject or [DEFAULT_SUBJECT])]
-        for spec in specs:
-            factory(spec)        # an unknown kind is exit 2 before anything in --out changes
+        for spec in specs:      # an unknown kind or a bad option is exit 2 before anything in --out changes
+            check_options(spec, dtypes[0], device)
         if len({s.label() for s in specs}) < len(specs):
             raise InputError(f"--subject: {', '.join(s.label() for s in specs)}: a subject given twice")
         folder = open_model(a.model, vocab_size=vocab)

@@ -20,7 +20,7 @@ from harness.core.errors import InputError
 from harness.core.store import NA, Row, fingerprint
 from harness.core.suite import Context, Part, Result, Suite
 from harness.core.tolerance import load_policy
-from harness.subjects import DEFAULT, factory, parse_spec
+from harness.subjects import DEFAULT, check_options, parse_spec
 from harness.subjects.common import source_of
 from harness.suites.behaviour.common import DEFAULT_POLICY, BehaviourRun
 
@@ -76,7 +76,7 @@ class Behaviour(Suite):
         fault = get_fault(a.plant, self.name)
         specs = [parse_spec(t) for t in (a.subject or [DEFAULT])]
         for spec in specs:
-            factory(spec)                           # an unknown kind is exit 2 before anything loads
+            check_options(spec, dtypes[0], device)  # an unknown kind or a bad option: exit 2 before anything loads
         if len({s.label() for s in specs}) < len(specs):
             raise InputError(f"--subject: {', '.join(s.label() for s in specs)}: a subject given twice")
         cases = suite_data(self.name)

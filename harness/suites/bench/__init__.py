@@ -18,7 +18,7 @@ from harness.core.datafiles import suite_data
 from harness.core.errors import InputError
 from harness.core.faults import faults_for, get_fault
 from harness.core.suite import Context, Result, Suite
-from harness.subjects import factory, parse_spec
+from harness.subjects import check_options, factory, parse_spec
 
 SUBJECTS = ("reference", "hf", "adapter-hf")
 
@@ -70,6 +70,8 @@ class Bench(Suite):
         if a.tokenizer:
             inputs.existing_file("--tokenizer", a.tokenizer)
         dtype = inputs.choice("--dtype", a.dtype, inputs.KNOWN_DTYPES)
+        for spec in extra:
+            check_options(spec, dtype, inputs.device(a.device))   # a bad option: exit 2 before anything loads
         folder = open_model(a.model)
         batch, length = inputs.integer("--batch-size", a.batch_size, 1, 4096), inputs.integer("--max-length", a.max_length, 2, 1 << 20)
         n = resources.parameters(folder.args)
