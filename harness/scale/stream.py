@@ -1,6 +1,7 @@
-"""Streaming comparison: oracle, reference and transformers run block by block, one block's
-weights in memory at a time, so that peak memory is about one block (at float64 for the oracle,
-plus one at the subjects' dtype) plus the embeddings and activations, never two whole models.
+"""Streaming comparison: oracle, reference and the subject (transformers by default; any kind that
+offers "stream", harness/subjects/layers.py) run block by block, one block's weights in memory at a
+time, so that peak memory is about one block (at float64 for the oracle, plus one at the subjects'
+dtype) plus the embeddings and activations, never two whole models.
 
 Weights come memory-mapped from the checkpoint itself: safetensors through ``safe_open``,
 Meta shards and ``.bin`` through ``torch.load(mmap=True, weights_only=True)``. Each block is
@@ -16,9 +17,6 @@ transformers' own tensors wherever the layouts agree.
 """
 from __future__ import annotations
 
-import copy
-import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,104 +32,13 @@ from harness.core.store import INFO, Row
 from harness.core.subjects import DTYPES, ORACLE
 from harness.core.suite import Context, Result, Suite
 from harness.scale.capture import Capture, Errors, Store, point_order
-from reference_model.convert import args_to_hf_config, unpermute
+from reference_model.convert import unpermute
 from reference_model.model import RMSNorm, TransformerBlock, precompute_freqs_cis
 from harness.subjects import DEFAULT as SUBJECT   # the implementation judged by default
-from harness.subjects import add_default_only, default_only
+from harness.subjects import LAYERS, Spec, add_offering, factory, offering
 
-# what this command needs of a subject: only the default one takes part (--subject)
-STREAM_NEEDS = "the model's decoder layers built and run one at a time, each captured"
-
-
-# --- transformers pieces, built one block at a time ------------------------------------------
-#
-# Release adapters. Between 4.31 and 5.x the decoder layer's constructor (no layer_idx in 4.31),
-# the arguments its forward takes (position_ids only in 4.31; cache_position; position_embeddings
-# from 4.44), the causal mask (4D additive from _prepare_decoder_attention_mask in 4.31,
-# _update_causal_mask in 4.38-4.4x, masking_utils in 5.x; SDPA sometimes None) and where RoPE's
-# tables live (each attention module before 4.44, the model after) all changed. So none of that
-# is rebuilt here: the installed release's own LlamaModel is run once, with a stand-in for its
-# first layer that records the call, and every streamed layer is called the same way.
-
-def _hf_config(source: LazyWeights, attn: str, fault=None):
-    from transformers import LlamaConfig
-    if source.format == "meta":
-        cfg = args_to_hf_config(source.args)
-    else:
-        from reference_model.checkpoint import read_json
-        cfg = read_json(source.path / "config.json")
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("llama_parity")})
-    config._attn_implementation = attn
-    if fault is not None:
-        fault.edit_config(config)
-    return config
-
-
-@contextmanager
-def _parameters_on_meta():
-    """Modules built inside get meta parameters (nothing allocated, loaded later with assign=True)
-    but real buffers: RoPE's tables (and 4.38's causal-mask table) are computed as the release
-    computes them, which building on the meta device would leave empty."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None:
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-class _LayerCall(Exception):
-    """Raised by the stand-in first layer with the arguments LlamaModel passed it."""
-
-    def __init__(self, args, kwargs):
-        super().__init__("recorded")
-        self.args, self.kwargs = args, kwargs
-
-
-class _Recorder(torch.nn.Module):
-    def forward(self, *args, **kwargs):
-        raise _LayerCall(args, kwargs)
-
-
-def _layer_call(config, h: torch.Tensor) -> tuple[tuple, dict]:
-    """(args after hidden_states, kwargs) the installed LlamaModel passes its decoder layers for
-    inputs_embeds h: the mask, positions, RoPE tables, cache flags, in this release's format."""
-    from transformers.models.llama.modeling_llama import LlamaModel
-    one = copy.deepcopy(config)
-    one.num_hidden_layers = 1
-    with _parameters_on_meta():
-        model = LlamaModel(one)
-    model.layers[0] = _Recorder()
-    for m in model.modules():       # the buffers (RoPE, mask tables) to h's device; parameters stay meta
-        for name, b in m._buffers.items():
-            if b is not None:
-                m._buffers[name] = b.to(h.device)
-    try:
-        model.eval()(inputs_embeds=h, use_cache=False)
-    except _LayerCall as call:
-        args, kwargs = call.args, dict(call.kwargs)
-        kwargs.pop("hidden_states", None)
-        return args[1:], kwargs
-    raise RuntimeError("transformers' LlamaModel never called its first decoder layer")
-
-
-def _hf_layer(config, layer: int, state: dict, device: str):
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    # 4.31 takes no layer_idx (4.36 does).
-    extra = (layer,) if "layer_idx" in inspect.signature(LlamaDecoderLayer.__init__).parameters else ()
-    with _parameters_on_meta():
-        module = LlamaDecoderLayer(config, *extra)
-    module.load_state_dict(state, strict=False, assign=True)
-    leftover = [n for n, p in module.named_parameters() if p.is_meta]
-    if leftover:
-        raise RuntimeError(f"transformers layer {layer}: parameters not loaded: {leftover}")
-    return module.to(device).eval()
+# what this command needs of a subject (--subject): a kind that offers "stream"
+STREAM_NEEDS = "its decoder layers built one block's weights at a time, each captured"
 
 
 def _ref_block(args, layer: int, state: dict):
@@ -147,19 +54,23 @@ def _ref_block(args, layer: int, state: dict):
 class StreamResult:
     order: list
     reference: dict                  # point -> rel L2 against the oracle
-    transformers: dict
+    transformers: dict               # the subject's curve (transformers by default)
     logits: dict = field(default_factory=dict)      # subject -> float32 logits (CPU)
     metrics: dict = field(default_factory=dict)     # subject -> logits metrics against the oracle
     feed: str = "own"
+    subject: str = SUBJECT           # the subject's label, its key in logits and metrics
+    exact: bool = True               # False: a lossy kind (quantised layers), its curve shown, not judged
+    who: dict = field(default_factory=dict)         # its settings and provenance
 
 
 @torch.inference_mode()
 def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str = "cpu", attn: str = "eager",
                    fine: bool = False, feed: str = "own", layer_hook=None, oracle: bool = True,
-                   fault=None) -> StreamResult:
-    """Oracle, reference and transformers over ids, block by block. ``layer_hook(layer, module)``
-    may edit each transformers layer after loading; a planted ``fault`` edits the config and each
-    layer (only faults inside a decoder layer can be streamed: harness.core.faults.LAYER_SUITES).
+                   fault=None, subject: Spec | None = None) -> StreamResult:
+    """Oracle, reference and the subject (``subject``: a kind that offers "stream"; transformers by
+    default) over ids, block by block. ``layer_hook(layer, module)`` may edit each of its layers
+    after loading; a planted ``fault`` edits its config and each layer (only faults inside a decoder
+    layer can be streamed: harness.core.faults.LAYER_SUITES).
 
     ``oracle=False`` leaves the float64 oracle out: transformers is then measured against the
     reference at the same dtype (``result.reference`` is empty), the two-subject side-by-side
@@ -185,7 +96,11 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     truth = Store()
     ref_err, tf_err = Errors(truth), Errors(truth)
     ref_sink = ref_err if oracle else truth     # without the oracle the reference is the truth
-    config = _hf_config(source, attn, fault)
+    spec = subject or Spec(SUBJECT)
+    factory(spec)                                # registers the kind (LAYERS)
+    layers = LAYERS[spec.kind](source, dtype, device, {**spec.options, "attn": attn,
+                                                       **({"plant": fault} if fault is not None else {})})
+    label = spec.label()
 
     # Embeddings: look the rows up first, then cast (a cast is elementwise: same numbers).
     emb = source.tensor("tok_embeddings.weight")
@@ -200,7 +115,7 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
     freqs64 = precompute_freqs_cis(args.head_dim, seq, args.rope_theta, f64).to(device)
     freqs32 = precompute_freqs_cis(args.head_dim, seq, args.rope_theta, torch.float32).to(device)
     mask = torch.full((seq, seq), float("-inf"), device=device).triu(1) if seq > 1 else None
-    call_args, call_kwargs = _layer_call(config, h_tf)
+    call_args, call_kwargs = layers.call(h_tf)
 
     for layer in range(args.n_layers):
         if oracle:
@@ -219,9 +134,7 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
             h_ref = block(h_ref, 0, freqs32, None if mask is None else mask.to(dt), False)
         del block, meta
 
-        module = _hf_layer(config, layer, hf, device)
-        if fault is not None:
-            fault.edit_layer(module, config)
+        module = layers.layer(layer, hf)
         if layer_hook is not None:
             layer_hook(layer, module)
         with Capture(tf_err, fine).transformers_block(module, layer):
@@ -241,20 +154,19 @@ def stream_compare(path: str | Path, ids: torch.Tensor, dtype: str, device: str 
         y = F.linear(x, out_w.to(device, d))
         sink((None, "head"), y)
         logits[name] = y.to(torch.promote_types(y.dtype, torch.float32)).cpu()
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    norm = LlamaRMSNorm(args.dim, eps=config.rms_norm_eps).to(device)
-    norm.weight = torch.nn.Parameter(norm_w.to(device, dt), requires_grad=False)
-    x = norm(h_tf)
+    x = layers.norm(norm_w)(h_tf)
     tf_err((None, "norm"), x)
     y = F.linear(x, out_w.to(device, dt))
     tf_err((None, "head"), y)
-    logits[SUBJECT] = y.float().cpu()
+    logits[label] = y.float().cpu()
 
     if oracle:
-        metrics = {name: compare(logits[name], logits[ORACLE]) for name in ("reference", SUBJECT)}
+        metrics = {name: compare(logits[name], logits[ORACLE]) for name in ("reference", label)}
     else:
-        metrics = {SUBJECT: compare(logits[SUBJECT], logits["reference"])}
-    return StreamResult(point_order(args.n_layers, fine), ref_err.errors, tf_err.errors, logits, metrics, feed)
+        metrics = {label: compare(logits[label], logits["reference"])}
+    who = {"label": label, "settings": layers.settings(), "provenance": layers.provenance()}
+    return StreamResult(point_order(args.n_layers, fine), ref_err.errors, tf_err.errors, logits, metrics, feed,
+                        label, layers.exact, who)
 
 
 # --- full models, shared weights ----------------------------------------------------------------
@@ -287,16 +199,16 @@ class Stream(Suite):
     help = "block-by-block comparison: peak memory about one block"
 
     def add_arguments(self, p) -> None:
-        add_default_only(p, self.name, STREAM_NEEDS)
+        add_offering(p, self.name, STREAM_NEEDS, own="attn and plant")
         from harness.scale.localise import add_common_arguments
         add_common_arguments(p)
         p.add_argument("--feed", default="own",
                        help="own: each subject carries its own stream; oracle: every block gets the oracle's input")
-        p.add_argument("--plant", help=f"plant a porting bug in each streamed transformers layer: "
+        p.add_argument("--plant", help=f"plant a porting bug in each streamed layer of the subject: "
                                        f"{', '.join(faults_for('stream'))}")
 
     def run(self, a, ctx: Context) -> Result:
-        default_only(a.subject, self.name, STREAM_NEEDS)
+        spec = offering(a.subject, self.name, "stream", STREAM_NEEDS, own=("attn", "plant"))
         from harness.core.cases import make_inputs
         from harness.scale.localise import common_inputs, curve_markdown, curve_part, curve_rows, locate
         dtype, attn, shape, device, seed = common_inputs(a)
@@ -307,15 +219,21 @@ class Stream(Suite):
             args, shape.batch, shape.seq, "float64")), resources.Need("the embedding and head at float64",
                                                                         4 * args.vocab_size * args.dim * 8)], device)
         ids = make_inputs(shape, folder.args.vocab_size, seed)
-        result = stream_compare(folder.path, ids, dtype, device, attn, fine=not a.coarse, feed=a.feed, fault=fault)
+        result = stream_compare(folder.path, ids, dtype, device, attn, fine=not a.coarse, feed=a.feed, fault=fault,
+                                subject=spec)
+        label = result.subject
         found = locate(result.order, result.transformers, result.reference, dtype)
         case = {"dtype": dtype, "attn": attn, "shape": str(shape), "device": device, "feed": a.feed}
-        curves = {"reference": result.reference, SUBJECT: result.transformers}
-        rows = curve_rows("stream", case, result.order, curves, result.reference, dtype)
+        curves = {"reference": result.reference, label: result.transformers}
+        lossy = not result.exact
+        rows = curve_rows("stream", case, result.order, curves, result.reference, dtype, shown=(label,) if lossy else ())
+        if lossy:
+            found["rule"] = (f"{label} is lossy (quantised layers): its curve is shown, not judged, and the point "
+                             f"named is where its error first stands out of rounding. {found['rule']}")
         for subject, (values, why) in result.metrics.items():
             rows += [Row("stream", {**case, "layer": "-", "op": "logits"}, subject, ORACLE, m, values[m],
                          status=INFO, reason=why or "logits metric; judged by `llama-parity logits`") for m in METRICS]
         extra = {"case": case, "model": str(folder.path), "seed": seed, "plant": a.plant,
-                 "truth": "oracle-fp64 (the reference entirely in float64)"}
+                 "truth": "oracle-fp64 (the reference entirely in float64)", "subject": result.who}
         return curve_part("stream", rows, found, extra, device,
-                          curve_markdown(result.order, curves, result.reference, dtype, found))
+                          curve_markdown(result.order, curves, result.reference, dtype, found), subject=label)

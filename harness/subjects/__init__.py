@@ -35,6 +35,7 @@ CAPABILITIES = (
     "planting",     # the harness's planted faults can be applied to it
     "resize",       # a token added to its vocabulary (embeddings resized), as the docs advise for <pad>
     "place",        # loaded with accelerate's device_map and offload folder, its blocks across devices (place)
+    "stream",       # its decoder layers built one block's weights at a time (stream; LAYERS)
     "subject",      # the subject itself: its package is not installed here (NOT_INSTALLED's reason)
 )
 NOT_INSTALLED = "subject"   # cannot()[NOT_INSTALLED]: how to install it; every cell of it is n/a
@@ -109,6 +110,9 @@ AXES: dict[str, tuple[str, ...]] = {}
 # compiling): a command that needs one of these refuses the other kinds with exit 2. An instance
 # may still lack it for its options (a compiled forward, quantised weights): its ``cannot()`` says why.
 OFFERS: dict[str, frozenset[str]] = {}
+# A kind that offers "stream" also registers how its decoder layers are built one block at a time
+# (harness/subjects/layers.py): (source: LazyWeights, dtype, device, options) -> its Layers.
+LAYERS: dict[str, Callable] = {}
 # Where each kind registers itself: imported only when the kind is asked for, so that naming one
 # subject never imports another's packages (torchao changes every `import transformers`).
 MODULES = {"transformers": "transformers", "torchao": "torchao", "quanto": "quanto",
@@ -117,11 +121,16 @@ MODULES = {"transformers": "transformers", "torchao": "torchao", "quanto": "quan
 _SPEC = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)(?::(.*))?$")
 
 
-def register(kind: str, axes: tuple[str, ...] = (), offers: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
+def register(kind: str, axes: tuple[str, ...] = (), offers: tuple[str, ...] = (),
+             layers: Callable | None = None) -> Callable[[Factory], Factory]:
+    """``@register(KIND, axes, offers, layers)`` on a kind's factory; ``layers``, its decoder layers
+    built one block at a time, makes it offer "stream"."""
     def put(factory: Factory) -> Factory:
         KINDS[kind] = factory
         AXES[kind] = tuple(axes)
-        OFFERS[kind] = frozenset(offers)
+        OFFERS[kind] = frozenset(offers) | ({"stream"} if layers is not None else set())
+        if layers is not None:
+            LAYERS[kind] = layers
         return factory
     return put
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from harness.subjects import Source, register
 from harness.subjects.common import Options, package_versions, require
+from harness.subjects.layers import TransformersLayers, layer_options
 from harness.subjects.torchao import QuantisedLM
 from harness.subjects.transformers import common_options
 
@@ -41,7 +42,36 @@ class QuantoLM(QuantisedLM):
                                  "grad_mode": "no_grad (int4 cannot run under inference_mode)", **self.census}}
 
 
-@register(KIND, axes=("attn", "tp", "cache"), offers=("hooks",))
+class QuantoLayers(TransformersLayers):
+    """Its decoder layers one block at a time, each quantised and frozen as it is built (stream)."""
+    name, exact = KIND, False
+
+    def __init__(self, source, dtype: str, device: str, weights: str, **common):
+        super().__init__(source, dtype, device, **common)
+        self.weights = weights
+
+    def finish(self, module):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+        quantize(module, weights=qint8 if self.weights == "int8" else qint4)
+        freeze(module)
+        return module
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "quant": self.weights}
+
+    def provenance(self) -> dict[str, Any]:
+        return {**super().provenance(), **package_versions("optimum-quanto"), "quantisation": {"weights": f"q{self.weights}"}}
+
+
+def quanto_layers(source, dtype: str, device: str, options: dict) -> QuantoLayers:
+    o, common = layer_options(KIND, options)
+    weights = o.choice("weights", WEIGHTS, "int8")
+    o.done()
+    require(o.label, "optimum.quanto", "optimum-quanto", "quanto")
+    return QuantoLayers(source, dtype, device, weights, **common)
+
+
+@register(KIND, axes=("attn", "tp", "cache"), offers=("hooks",), layers=quanto_layers)
 def quanto_subject(source: Source, dtype: str, device: str, options: dict) -> QuantoLM:
     o = Options(KIND, options)
     weights = o.choice("weights", WEIGHTS, "int8")

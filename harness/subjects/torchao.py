@@ -18,6 +18,7 @@ import torch
 
 from harness.subjects import Source, register
 from harness.subjects.common import Options, meta_state, package_versions, require
+from harness.subjects.layers import TransformersLayers, layer_options
 from harness.subjects.transformers import TransformersLM, common_options
 
 KIND = "torchao"
@@ -84,12 +85,8 @@ class TorchaoLM(QuantisedLM):
 
     def __init__(self, source: Source, dtype: str, device: str, quant: str, head: bool, **common):
         super().__init__(source, dtype, device, **common)
-        from torchao.quantization import quantize_
-        import torchao.quantization as q
         self.quant, self.head, self.args = quant, head, source.ckpt.args
-        kept = self.kept()
-        quantize_(self.model, getattr(q, QUANTS[quant])(),
-                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn not in kept)
+        quantise_linears(self.model, quant, self.kept())
         self.finish()
 
     def provenance(self) -> dict[str, Any]:
@@ -99,7 +96,42 @@ class TorchaoLM(QuantisedLM):
                                  **self.census}}
 
 
-@register(KIND, axes=("attn", "tp", "cache"), offers=("hooks",))
+def quantise_linears(module: torch.nn.Module, quant: str, kept: set[str] = frozenset()) -> None:
+    from torchao.quantization import quantize_
+    import torchao.quantization as q
+    quantize_(module, getattr(q, QUANTS[quant])(),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn not in kept)
+
+
+class TorchaoLayers(TransformersLayers):
+    """Its decoder layers one block at a time, each quantised as it is built (stream): the same
+    per-channel quantisation of the same Linear layers as the whole model's."""
+    name, exact = KIND, False
+
+    def __init__(self, source, dtype: str, device: str, quant: str, **common):
+        super().__init__(source, dtype, device, **common)
+        self.quant = quant
+
+    def finish(self, module):
+        quantise_linears(module, self.quant)
+        return module
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "quant": self.quant}
+
+    def provenance(self) -> dict[str, Any]:
+        return {**super().provenance(), **package_versions("torchao"), "quantisation": {"config": QUANTS[self.quant]}}
+
+
+def torchao_layers(source, dtype: str, device: str, options: dict) -> TorchaoLayers:
+    o, common = layer_options(KIND, options)
+    quant = o.choice("quant", tuple(QUANTS), "int8wo")
+    o.done()
+    require(o.label, "torchao", "torchao", "torchao")
+    return TorchaoLayers(source, dtype, device, quant, **common)
+
+
+@register(KIND, axes=("attn", "tp", "cache"), offers=("hooks",), layers=torchao_layers)
 def torchao_subject(source: Source, dtype: str, device: str, options: dict) -> TorchaoLM:
     o = Options(KIND, options)
     quant = o.choice("quant", tuple(QUANTS), "int8wo")

@@ -179,7 +179,13 @@ def common_options(o: Options, kind: str) -> dict[str, Any]:
     return {"attn": attn, "tp": tp, "cache": cache, "fault": fault, **placement}
 
 
-@register(KIND, axes=("attn", "tp", "cache"), offers=("module", "train", "hooks", "place"))
+def transformers_layers(source, dtype: str, device: str, options: dict):
+    """Its decoder layers one block at a time, for stream (harness/subjects/layers.py)."""
+    from harness.subjects.layers import transformers_layers as layers
+    return layers(source, dtype, device, options)
+
+
+@register(KIND, axes=("attn", "tp", "cache"), offers=("module", "train", "hooks", "place"), layers=transformers_layers)
 def transformers_subject(source: Source, dtype: str, device: str, options: dict) -> TransformersLM:
     o = Options(KIND, options)
     common = common_options(o, KIND)
