@@ -22,7 +22,7 @@ from harness.core import inputs
 from harness.core.errors import InputError
 from harness.core.suite import Part, Result, Suite
 from harness.subjects.common import source_of
-from harness.subjects import Cannot, add_offering, built, offering
+from harness.subjects import DEFAULT as SUBJECT, Cannot, add_offering, built, offering
 
 # what this command needs of a subject (--subject): a kind that offers "place"
 PLACE_NEEDS = "a load placed by accelerate's device_map (its own modules across devices)"
@@ -326,7 +326,7 @@ def _placed_logits(ckpt, spec, source, ids, dtype, own: dict, work_map, oracle_m
 
 
 def judged_rows(suite: str, case: dict, truth, ref_logits, tf_logits, policy, dtype: str,
-                subject: str = "transformers") -> list:
+                subject: str = SUBJECT) -> list:
     """The reference and the subject against the oracle (the subject calibrated on the reference),
     and the subject against the reference as info."""
     from harness.core.metrics import METRICS, compare
