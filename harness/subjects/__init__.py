@@ -175,30 +175,6 @@ def check_options(spec: Spec, dtype: str, device: str) -> None:
         return
 
 
-def add_default_only(p, command: str, needs: str) -> None:
-    """--subject on a command that drives the default implementation's own modules (per-layer hooks,
-    a placement, its config's settings): it takes part in one kind only, and says why."""
-    p.add_argument("--subject", action="append",
-                   help=f"{DEFAULT} only (the default): {command} needs {needs}; its own flags set the options")
-
-
-def default_only(texts: list[str] | None, command: str, needs: str) -> Spec:
-    """The --subject such a command was given: the default kind without options, or exit 2 naming
-    the kind and what the command needs of it that it cannot give."""
-    specs = [parse_spec(t) for t in texts or [DEFAULT]]
-    for spec in specs:
-        factory(spec)                        # an unknown kind: exit 2 naming it
-        if spec.kind != DEFAULT:
-            raise InputError(f"--subject {spec.label()}: {command} needs {needs}, which {spec.kind} cannot give "
-                             f"(only {DEFAULT} takes part in {command})")
-        if spec.options:
-            raise InputError(f"--subject {spec.label()}: {command} sets {DEFAULT}'s options with its own flags "
-                             f"({command} --help), not key=value")
-    if len(specs) > 1:
-        raise InputError(f"--subject: {command} judges one subject, {DEFAULT}")
-    return specs[0]
-
-
 def add_offering(p, command: str, needs: str, own: str = "") -> None:
     """--subject on a command that judges one subject through something only some kinds offer."""
     p.add_argument("--subject", action="append", metavar="KIND[:key=value,...]",
