@@ -87,3 +87,47 @@ def split(subject) -> tuple[float, float]:
     ids, _, _ = text()
     dq = oracle(dequantised_checkpoint(embedded().ckpt, subject.dequantised())).logits(ids)
     return text_stats(lambda x, it=iter(dq.split(2)): next(it))["kl_mean"], text_stats(subject.forward, dq)["kl_mean"]
+
+
+# --- kinds registered for one test ----------------------------------------------------------------
+
+def register_kind(monkeypatch, kind: str, make, axes: tuple[str, ...] = ("attn",), offers: tuple[str, ...] = (),
+                  layers=None) -> None:
+    """``make`` registered as ``kind`` for one test; the registry's tables are restored after it."""
+    from harness.subjects import AXES, KINDS, LAYERS, OFFERS, register
+    for table in (KINDS, AXES, OFFERS, LAYERS):
+        monkeypatch.setitem(table, kind, None)
+    register(kind, axes=axes, offers=offers, layers=layers)(make)
+
+
+def drifted(kind: str, layer: int, exact: bool = True):
+    """A factory of transformers with layer ``layer``'s MLP output projection 1% off: a bug no
+    transformers model has, so a command that finds it found it on this kind's own model."""
+    from harness.subjects.common import Options
+    from harness.subjects.transformers import TransformersLM, common_options
+
+    class Drifted(TransformersLM):
+        def __init__(self, *args, **common):
+            super().__init__(*args, **common)
+            self.name, self.exact = kind, exact
+            with torch.no_grad():
+                self.model.model.layers[layer].mlp.down_proj.weight.mul_(1.01)
+
+    def make(source, dtype, device, options):
+        o = Options(kind, options)
+        common = common_options(o, "transformers")
+        o.done()
+        return Drifted(source, dtype, device, **common)
+    return make
+
+
+def shaped_run(command: str, tmp_path, *argv) -> tuple[int, dict | None]:
+    """``llama-parity COMMAND --shape 1x12 --out TMP/out ARGV``: its exit code and summary.json (None
+    when nothing was written), for the commands that take one input shape (localise, stream)."""
+    import json
+
+    from harness.cli import main
+    out = tmp_path / "out"
+    code = main([command, "--shape", "1x12", "--out", str(out), *argv])
+    path = out / "summary.json"
+    return code, json.loads(path.read_text()) if path.exists() else None

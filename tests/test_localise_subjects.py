@@ -8,54 +8,25 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from harness.cli import main
-from harness.subjects import AXES, KINDS, OFFERS, register
-from harness.subjects.common import Options
-from harness.subjects.transformers import TransformersLM, common_options
+from subjects_common import shaped_run, drifted, register_kind
 
 LAYER = 2      # of the embedded model's 4: a middle layer, so that "layer 0" cannot pass by accident
 FAST = ["--dtypes", "float32", "--attn", "eager", "--tp", "1", "--shapes", "1x8", "--inputs", "random",
         "--no-progress"]
 
 
-class Drifted(TransformersLM):
-    """An implementation whose MLP down-projection in one layer is 1% off: a bug no transformers
-    model has, so only hooks on this subject's own module can find it."""
-
-    def __init__(self, source, dtype, device, exact=True, **common):
-        super().__init__(source, dtype, device, **common)
-        self.exact = exact
-        with torch.no_grad():
-            self.model.model.layers[LAYER].mlp.down_proj.weight.mul_(1.01)
-
-
-def factory(kind: str, exact: bool):
-    def make(source, dtype, device, options):
-        o = Options(kind, options)
-        common = common_options(o, "transformers")
-        o.done()
-        return Drifted(source, dtype, device, exact=exact, **common)
-    return make
-
-
 @pytest.fixture
 def kinds(monkeypatch):
-    """Two kinds registered for the test: an exact one and a lossy one, both offering hooks."""
-    for table in (KINDS, AXES, OFFERS):
-        for kind in ("drifted", "drifted-lossy", "drifted-unhooked"):
-            monkeypatch.setitem(table, kind, None)
-    register("drifted", axes=("attn", "tp"), offers=("hooks",))(factory("drifted", True))
-    register("drifted-lossy", axes=("attn", "tp"), offers=("hooks",))(factory("drifted-lossy", False))
-    register("drifted-unhooked", axes=("attn", "tp"))(factory("drifted-unhooked", True))
+    """Three kinds registered for the test: an exact one and a lossy one offering hooks, and one without."""
+    register_kind(monkeypatch, "drifted", drifted("drifted", LAYER), ("attn", "tp"), ("hooks",))
+    register_kind(monkeypatch, "drifted-lossy", drifted("drifted-lossy", LAYER, exact=False), ("attn", "tp"), ("hooks",))
+    register_kind(monkeypatch, "drifted-unhooked", drifted("drifted-unhooked", LAYER), ("attn", "tp"))
 
 
 def localise(tmp_path, *argv) -> tuple[int, dict | None]:
-    out = tmp_path / "out"
-    code = main(["localise", "--shape", "1x12", "--out", str(out), *argv])
-    path = out / "summary.json"
-    return code, json.loads(path.read_text()) if path.exists() else None
+    return shaped_run("localise", tmp_path, *argv)
 
 
 def test_a_registered_kind_is_localised_on_its_own_module(kinds, tmp_path):

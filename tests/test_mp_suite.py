@@ -140,31 +140,11 @@ def test_matrix_refuses_an_empty_or_missing_root(tmp_path):
 
 @pytest.fixture
 def off_kind(monkeypatch):
-    """A kind registered for the test, taking the tp axis: transformers with one layer's MLP output
-    projection off by 1%, so its rows cannot be transformers' rows under another name."""
-    import torch
-
-    from harness.subjects import AXES, KINDS, OFFERS, register
-    from harness.subjects.common import Options
-    from harness.subjects.transformers import TransformersLM, common_options
-
-    class Off(TransformersLM):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.name = "mp-off"
-            with torch.no_grad():
-                self.model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
-
-    def make(source, dtype, device, options):
-        o = Options("mp-off", options)
-        common = common_options(o, "transformers")
-        o.done()
-        return Off(source, dtype, device, **common)
-    for table in (KINDS, AXES, OFFERS):
-        monkeypatch.setitem(table, "mp-off", None)
-        monkeypatch.setitem(table, "mp-off-no-tp", None)
-    register("mp-off", axes=("attn", "tp"))(make)
-    register("mp-off-no-tp", axes=("attn",))(make)
+    """A kind registered for the test, taking the tp axis, whose layer 0 is 1% off (so its rows
+    cannot be transformers' rows under another name); and the same without the axis."""
+    from subjects_common import drifted, register_kind
+    register_kind(monkeypatch, "mp-off", drifted("mp-off", 0), ("attn", "tp"))
+    register_kind(monkeypatch, "mp-off-no-tp", drifted("mp-off-no-tp", 0), ("attn",))
 
 
 def test_a_kind_that_takes_the_tp_axis_is_the_subject(models, tmp_path, off_kind):

@@ -161,28 +161,11 @@ def test_a_block_split_finer_than_transformers_can_follow_exits_2(models, tmp_pa
 
 @pytest.fixture
 def placeable(monkeypatch):
-    """Kinds registered for the test: one that offers "place" with a bug of its own (one layer's MLP
-    output projection 1% off, which no transformers model has), and the same without the offer."""
-    from harness.subjects import AXES, KINDS, OFFERS, register
-    from harness.subjects.common import Options
-    from harness.subjects.transformers import TransformersLM, common_options
-
-    class Off(TransformersLM):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            with torch.no_grad():
-                self.model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
-
-    def make(source, dtype, device, options):
-        o = Options("placed-off", options)
-        common = common_options(o, "transformers")
-        o.done()
-        return Off(source, dtype, device, **common)
-    for table in (KINDS, AXES, OFFERS):
-        for kind in ("placed-off", "placed-off-nowhere"):
-            monkeypatch.setitem(table, kind, None)
-    register("placed-off", axes=("attn",), offers=("place",))(make)
-    register("placed-off-nowhere", axes=("attn",))(make)
+    """Kinds registered for the test: one that offers "place" with a bug of its own (layer 1 1% off,
+    which no transformers model has), and the same without the offer."""
+    from subjects_common import drifted, register_kind
+    register_kind(monkeypatch, "placed-off", drifted("placed-off", 1), offers=("place",))
+    register_kind(monkeypatch, "placed-off-nowhere", drifted("placed-off-nowhere", 1))
 
 
 def test_a_kind_that_offers_place_is_placed_and_judged(models, tmp_path, placeable):

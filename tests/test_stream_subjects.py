@@ -5,15 +5,11 @@ option only a whole model takes, is exit 2; torchao's and quanto's layers, quant
 the whole quantised model's logits without the whole model ever loaded."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from harness.cli import main
-from harness.subjects import AXES, KINDS, LAYERS, OFFERS, register
 from harness.subjects.layers import TransformersLayers, layer_options
-from subjects_common import embedded, needs
+from subjects_common import shaped_run, embedded, needs, register_kind
 
 LAYER = 2      # of the embedded model's 4
 
@@ -38,19 +34,13 @@ def drifted_layers(source, dtype, device, options):
 
 @pytest.fixture
 def kinds(monkeypatch):
-    for table in (KINDS, AXES, OFFERS, LAYERS):
-        for kind in ("drifted-layers", "unstreamed"):
-            monkeypatch.setitem(table, kind, None)
     never = lambda *a: pytest.fail("stream built a whole model")   # noqa: E731
-    register("drifted-layers", axes=("attn",), layers=drifted_layers)(never)
-    register("unstreamed", axes=("attn",))(never)
+    register_kind(monkeypatch, "drifted-layers", never, layers=drifted_layers)
+    register_kind(monkeypatch, "unstreamed", never)
 
 
 def stream(tmp_path, *argv) -> tuple[int, dict | None]:
-    out = tmp_path / "out"
-    code = main(["stream", "--shape", "1x12", "--out", str(out), *argv])
-    path = out / "summary.json"
-    return code, json.loads(path.read_text()) if path.exists() else None
+    return shaped_run("stream", tmp_path, *argv)
 
 
 def test_a_kind_that_offers_stream_is_streamed_and_localised_at_its_own_bug(tmp_path, kinds):

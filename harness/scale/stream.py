@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.core import compat, resources
-from harness.core.checkpoints import LazyWeights, open_model
+from harness.core.checkpoints import open_model
 from harness.core.errors import InputError
 from harness.core.faults import faults_for, get_fault
 from harness.core.metrics import METRICS, compare

@@ -25,6 +25,7 @@ its prefill and its one-token decode differ (the ``cached`` input shows it).
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import sys
 from contextlib import contextmanager
@@ -52,7 +53,7 @@ def import_bitsandbytes():
         level = quiet.level
         quiet.setLevel(logging.ERROR)            # its "failed to load from kernels-community"
         try:
-            import bitsandbytes  # noqa: F401
+            importlib.import_module("bitsandbytes")
         finally:
             quiet.setLevel(level)
             if had:
