@@ -29,6 +29,7 @@ from harness.subjects import KINDS, Source, parse_spec
 from harness.subjects import subprocess as subproc
 from harness.subjects.subprocess import SubjectCannot, WorkerError, WorkerSubject
 
+import harness.subjects.gptq  # noqa: F401,E402
 import harness.subjects.llama_models  # noqa: F401,E402  (each registers its kind)
 import harness.subjects.torchtune  # noqa: F401,E402
 import harness.subjects.vllm  # noqa: F401,E402
@@ -227,7 +228,7 @@ def no_venvs(source, tmp_path):
     return Source(source.ckpt, source.fingerprint, source.hf_path, None, tmp_path / "empty-cache")
 
 
-@pytest.mark.parametrize("kind", ["vllm", "torchtune", "llama-models"])
+@pytest.mark.parametrize("kind", ["vllm", "torchtune", "llama-models", "gptq"])
 def test_a_missing_venv_makes_the_subject_na_with_the_command_that_creates_it(no_venvs, kind):
     subject = KINDS[kind](no_venvs, "float32", "cpu", {})
     why = subject.cannot()["subject"]
@@ -251,7 +252,7 @@ def test_each_kind_checks_its_options(no_venvs):
     assert "log-softmax space" in logprobs.cannot()["logits"]
     assert "logits" not in KINDS["vllm"](no_venvs, "float32", "cpu", {}).cannot()
     f64 = KINDS["llama-models"](no_venvs, "float64", "cpu", {})
-    assert "float32 or bfloat16" in f64.cannot()["dtype:float64"]
+    assert "xq.float()" in f64.cannot()["dtype:float64"]        # the kind's own reason reaches the n/a cell
 
 
 def test_a_venv_is_named_by_its_pins_and_a_failed_setup_leaves_nothing_that_looks_ready(tmp_path, monkeypatch):

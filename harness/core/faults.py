@@ -784,6 +784,32 @@ class BnbScaleBlock0(Fault):
             scale.copy_(scale.reshape(-1)[0].expand_as(scale))
 
 
+class GptqZerosV2(Fault):
+    """GPTQ's two meanings of a stored zero point mixed up: a checkpoint labelled v1
+    (``checkpoint_format = "gptq"``, each zero stored minus one) written with v2's zeros (the zero
+    itself), the off-by-one GPT-QModel's v1/v2 conversion exists for. One tensor (layer 0's down
+    projection): its every weight comes back one quantisation step low."""
+    name, doc = "gptq-zeros-v2", "GPTQ: one tensor's zero points written as v2 into a v1 checkpoint (off by one step)"
+    suites, kinds = (), ("gptq",)
+
+    def edit_built(self, folder):
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        from harness.subjects.gptq import pack, unpack
+        bits = int(json.loads((folder / "quantize_config.json").read_text(encoding="utf-8"))["bits"])
+        key = "model.layers.0.mlp.down_proj.qzeros"
+        files = [f for f in sorted(folder.glob("*.safetensors")) if key in safe_open(str(f), "pt").keys()]
+        if not files:
+            raise InputError(f"--plant {self.name}: {folder} has no {key}")
+        state = load_file(str(files[0]))
+        zeros = unpack(state[key], bits, 1)
+        state[key] = pack((zeros + 1).clamp(max=(1 << bits) - 1), bits, 1)
+        save_file(state, str(files[0]), metadata={"format": "pt"})
+
+
 class GenaiScaleRow0(Fault):
     name, doc = "genai-scale-row0", "onnxruntime-genai int4: every block of one tensor dequantised with block 0's scale"
     suites, kinds = (), ("onnxruntime-genai",)
@@ -807,7 +833,7 @@ FAULTS: dict[str, type[Fault]] = {f.name: f for f in (
     KvKeysBf16,
     PadAttend, KeepArgIgnored, GcRecomputeStale, CacheOffByOne, PoolLastPosition, LastLayerGateUp, DropBlock, HalfHop, DropBos,
     TokSpaceAfterSpecial, TokDecodeDropsSpace, TokSpaceBeforeSpecial, TokDropLastId, GgufNoPermute, GgufPermuteTwice, KvF16ForF32,
-    OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, BnbScaleBlock0, GenaiScaleRow0)}
+    OnnxRopeBase, GenaiRopeBase, TorchaoScaleRow0, QuantoScaleRow0, BnbScaleBlock0, GptqZerosV2, GenaiScaleRow0)}
 
 
 # Subjects built on a transformers model (quantised in place or not): the logits suite's model faults

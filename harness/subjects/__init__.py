@@ -117,7 +117,7 @@ LAYERS: dict[str, Callable] = {}
 # subject never imports another's packages (torchao changes every `import transformers`).
 MODULES = {"transformers": "transformers", "torchao": "torchao", "quanto": "quanto",
            "bitsandbytes": "bnb", "onnxruntime": "onnx", "onnxruntime-genai": "ortgenai", "llama.cpp": "llamacpp",
-           "vllm": "vllm", "torchtune": "torchtune", "llama-models": "llama_models"}
+           "vllm": "vllm", "torchtune": "torchtune", "llama-models": "llama_models", "gptq": "gptq"}
 _SPEC = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)(?::(.*))?$")
 
 

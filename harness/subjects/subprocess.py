@@ -1,10 +1,10 @@
 """Subjects that run in their own virtual environment, as a worker process the harness talks to.
 
-vLLM, torchtune and Meta's llama-models pin packages the harness cannot share (vLLM a transformers
-older than the harness's, torchtune a torchao of its own), so each gets a venv of its own, built
-from an exact list of pins (``suites/venvs/<kind>.txt``) into ``Source.cache`` and named by the
-hash of those pins: a changed pin is a new venv, never a silently different one. Venvs are made by
-an explicit command, never at run time:
+vLLM, torchtune, Meta's llama-models and GPT-QModel pin packages the harness cannot share (vLLM a
+transformers older than the harness's, torchtune a torchao of its own, GPT-QModel a newer torch), so
+each gets a venv of its own, built from an exact list of pins (``suites/venvs/<kind>.txt``) into
+``Source.cache`` and named by the hash of those pins: a changed pin is a new venv, never a silently
+different one. Venvs are made by an explicit command, never at run time:
 
     python -m harness.subjects.subprocess setup vllm        (or: tox -e vllm)
     python -m harness.subjects.subprocess status
@@ -103,6 +103,7 @@ VENVS = {v.kind: v for v in (
     Venv("torchtune", PINS / "torchtune.txt", WORKERS / "run_torchtune.py", ("torchtune", "torchao")),
     Venv("llama-models", PINS / "llama-models.txt", WORKERS / "run_llama_models.py",
          ("llama_models.llama3.model", "fairscale")),
+    Venv("gptq", PINS / "gptq.txt", WORKERS / "run_gptq.py", ("gptqmodel", "optimum.gptq")),
 )}
 
 
@@ -162,6 +163,16 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
+def worker_env(extra: dict | None = None) -> dict:
+    """The environment of a process in a subject's venv: the user's, less PYTHON* (the other venv
+    must not see this one's paths), offline. A worker never reaches a hub: the weights and
+    everything else come through its files."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    base.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false", **(extra or {}))
+    return base
+
+
 class Worker:
     """A worker process and its session folder. Requests and replies are JSON lines; arrays are files."""
 
@@ -174,10 +185,7 @@ class Worker:
         (self.session / "start.json").write_text(json.dumps(start), encoding="utf-8")
         self.log = self.session / "worker.log"
         self._calls = 0
-        base = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        # A worker never reaches a hub: the weights and everything else come through start.json.
-        base.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                    TOKENIZERS_PARALLELISM="false", **(env or {}))
+        base = worker_env(env)
         with open(self.log, "wb") as logf:
             try:
                 self.proc = subprocess.Popen([str(python), "-I", str(script), str(self.session)],
@@ -451,8 +459,9 @@ def positive(kind: str, key: str, value: str | None, default: float | None, whol
 
 def venv_subject(kind: str, source, dtype: str, device: str, opts: dict, *, dtypes: tuple[str, ...],
                  cannots: dict[str, str], start: dict, settings: dict | None = None,
-                 env: dict | None = None) -> WorkerSubject:
-    """The subject of a venv kind; n/a (``cannot()[NOT_INSTALLED]``) when its venv is not installed."""
+                 env: dict | None = None, cls: type = WorkerSubject) -> WorkerSubject:
+    """The subject of a venv kind (``cls``: WorkerSubject or a kind's own subclass); n/a
+    (``cannot()[NOT_INSTALLED]``) when its venv is not installed."""
     venv = VENVS[kind]
     info = venv.installed(source.cache)
     cannots = dict(cannots)
@@ -460,13 +469,13 @@ def venv_subject(kind: str, source, dtype: str, device: str, opts: dict, *, dtyp
         cannots[NOT_INSTALLED] = (f"its environment is not installed (venv-{kind}-{venv.key()} under "
                           f"{source.cache}); create it with: {venv.setup_command()}")
     if dtype not in dtypes:
-        cannots[f"dtype:{dtype}"] = f"{kind} runs at {' or '.join(dtypes)} only"
+        cannots.setdefault(f"dtype:{dtype}", f"{kind} runs at {' or '.join(dtypes)} only")
         cannots.setdefault(NOT_INSTALLED, cannots[f"dtype:{dtype}"])
     timeout = positive(kind, "timeout", opts.get("timeout"), CALL_TIMEOUT)
-    return WorkerSubject(name=kind, python=venv.python(source.cache), script=venv.worker,
-                         start={"kind": kind, "dtype": dtype, "model": model_shape(source.ckpt.args), **start},
-                         vocab=source.ckpt.args.vocab_size, device=device, options=settings or {},
-                         cannots=cannots, venv_info=info, call_timeout=timeout, env=env)
+    return cls(name=kind, python=venv.python(source.cache), script=venv.worker,
+               start={"kind": kind, "dtype": dtype, "model": model_shape(source.ckpt.args), **start},
+               vocab=source.ckpt.args.vocab_size, device=device, options=settings or {},
+               cannots=cannots, venv_info=info, call_timeout=timeout, env=env)
 
 
 # --- the command line: setup and status ------------------------------------------------------------
