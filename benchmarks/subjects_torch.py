@@ -1,5 +1,5 @@
 """Fidelity of the torch-side subjects (transformers variants, torchao, quanto, bitsandbytes, ONNX Runtime,
-onnxruntime-genai) against the float64 oracle on real text, in llama.cpp's
+onnxruntime-genai, and GPTQ, whose worker runs in its own venv) against the float64 oracle on real text, in llama.cpp's
 ``perplexity --kl-divergence`` layout, with the error split for lossy subjects.
 
     python benchmarks/subjects_torch.py                       # every subject whose package is installed
@@ -35,19 +35,23 @@ DEFAULT = ["transformers", "transformers:compile=1", "transformers:cache=static,
            "torchao:quant=int8wo", "torchao:quant=int8dyn", "quanto:weights=int8", "quanto:weights=int4",
            "bitsandbytes:quant=nf4", "bitsandbytes:quant=nf4,double=1,compute=bfloat16", "bitsandbytes:quant=fp4",
            "bitsandbytes:quant=int8",
-           "onnxruntime", "onnxruntime-genai:precision=fp32", "onnxruntime-genai:precision=int4"]
+           "onnxruntime", "onnxruntime-genai:precision=fp32", "onnxruntime-genai:precision=int4",
+           "gptq", "gptq:bits=8"]
 PACKAGES = {"torchao": "torchao", "quanto": "optimum.quanto", "bitsandbytes": "bitsandbytes", "onnxruntime": "onnxruntime",
             "onnxruntime-genai": "onnxruntime_genai"}
 
 
 def load_kinds() -> None:
     import importlib
-    for module in ("transformers", "torchao", "quanto", "bnb", "onnx", "ortgenai"):
+    for module in ("transformers", "torchao", "quanto", "bnb", "onnx", "ortgenai", "gptq"):
         importlib.import_module(f"harness.subjects.{module}")
 
 
 def installed(kind: str) -> bool:
     from harness.subjects.common import has_module
+    from harness.subjects.subprocess import VENVS
+    if kind in VENVS:
+        return VENVS[kind].installed() is not None
     return kind not in PACKAGES or has_module(PACKAGES[kind])
 
 
@@ -83,10 +87,14 @@ def main() -> None:
     lines = [head, "|" + "---|" * 13]
     for spec in specs:
         if not installed(spec.kind):
-            print(f"skip {spec.label()}: {PACKAGES[spec.kind]} is not installed", flush=True)
+            print(f"skip {spec.label()}: {PACKAGES.get(spec.kind, 'its venv')} is not installed", flush=True)
             continue
         started = time.perf_counter()
-        subject = KINDS[spec.kind](source, a.dtype, "cpu", dict(spec.options))
+        try:
+            subject = KINDS[spec.kind](source, a.dtype, "cpu", dict(spec.options))
+        except Exception as e:         # one subject that cannot be built is a line, not the end of the table
+            print(f"fail {spec.label()}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
+            continue
         built = time.perf_counter() - started
         # a subject with its own cache setting is measured through its decode: a prefill of a
         # quarter window, then one token per step (what cache=static,compile=1 is about)
