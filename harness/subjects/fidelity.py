@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from harness.core import SUITES, cache_dir
+from harness.core import SUITES
 from harness.core.datafiles import read_toml
 from harness.core.errors import InputError
 from harness.core.metrics import (CORPUS_GATED, PositionStats, beyond_rounding, corpus_stats, position_stats,
