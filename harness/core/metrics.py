@@ -714,6 +714,11 @@ BEYOND_ROUNDING = {
     "topk_misses": f"the same, for either side's argmax outside the other's top-{TOP_K}",
 }
 
+# How the logits and axes suites judge a cell: the near-tie rates are shown, not gated; the flips
+# rounding cannot explain (BEYOND_ROUNDING) are what is gated in their place.
+RATES = ("top1_disagree", "topk_miss")
+GATED = [m for m in METRICS if m not in RATES] + list(BEYOND_ROUNDING)
+
 
 # Corpus statistics gated like the means they are (harness.suites.logits).
 CORPUS_GATED = {"rms_dp": "RMS over positions of p_subject(next token) - p_truth(next token)",

@@ -29,8 +29,8 @@ from harness.core.checkpoints import HFFolder, open_model
 from harness.core.datafiles import read_toml
 from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
-from harness.core.metrics import (BEYOND_ROUNDING, METRICS, PAIRED, POLICY_METRICS, PositionStats, beyond_rounding,
-                                  paired_ratio, position_stats, summarize)
+from harness.core.metrics import (GATED, PAIRED, POLICY_METRICS, RATES, PositionStats,
+                                  beyond_rounding, paired_ratio, position_stats, summarize)
 from harness.core.presets import long_positions_model
 from harness.core.store import FAIL, INFO, NA, Row, fingerprint
 from harness.core.subjects import DTYPES, ORACLE, reference
@@ -190,8 +190,6 @@ def _forward(run: AxesRun, model, ids: torch.Tensor, **flags):
 # are gated, and kl_ratio_lo compares every position with the reference's same position. What axes
 # hunts (a RoPE table or a cast that loses precision) worsens every position of a late bucket, which
 # the paired ratio resolves however the bucket's single extreme falls.
-GATED = [m for m in METRICS if m not in ("top1_disagree", "topk_miss")] + list(BEYOND_ROUNDING)
-RATES = ("top1_disagree", "topk_miss")
 
 
 def judge_logits(policy: Policy, dtype: str, st: PositionStats, ref: PositionStats | None) -> list[tuple]:

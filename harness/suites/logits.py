@@ -50,7 +50,7 @@ from harness.core.environment import environment
 from harness.core.errors import InputError
 from harness.core.faults import Fault, faults_for, get_fault
 from harness.core.findings import Mechanism
-from harness.core.metrics import (BEYOND_ROUNDING, CACHE_GAP, CORPUS_GATED, METRICS, PAIRED, POLICY_METRICS,
+from harness.core.metrics import (CACHE_GAP, CORPUS_GATED, GATED, METRICS, PAIRED, POLICY_METRICS, RATES,
                                   PositionStats, beyond_rounding, cache_gap, cat_stats, corpus_evidence, corpus_stats, curves, paired_ratio,
                                   position_stats, summarize)
 from harness.core.store import FAIL, INFO, NA, PASS, Row, fingerprint
@@ -67,8 +67,6 @@ from harness.subjects.fidelity import split_of
 
 SUITE = "logits"
 INPUTS = ("random", "tokens", "corpus", "padded", "cached", "full")
-GATED = [m for m in METRICS if m not in ("top1_disagree", "topk_miss")] + list(BEYOND_ROUNDING)
-RATES = ("top1_disagree", "topk_miss")      # shown; the counts beyond rounding are what is gated
 # Corpus statistics beyond the common metrics: gated like the means they are, or shown.
 # Shown with their intervals, not gated: the sign of a perplexity shift is noise-dominated (the
 # mean of per-token log-ratios of either sign), so |ln ratio| of two correct subjects is no yardstick.
