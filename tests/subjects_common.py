@@ -131,3 +131,18 @@ def shaped_run(command: str, tmp_path, *argv) -> tuple[int, dict | None]:
     code = main([command, "--shape", "1x12", "--out", str(out), *argv])
     path = out / "summary.json"
     return code, json.loads(path.read_text()) if path.exists() else None
+
+
+def lossy_run(tmp_path, *subjects: str) -> tuple[int, dict, set]:
+    """``llama-parity logits`` at float32 on real text and cached inputs for ``subjects`` (each
+    --subject): its exit code, summary.json and the (subject, metric) pairs that failed, for the
+    tests that a lossy kind passes its budget and its planted bug fails it."""
+    import json
+
+    from harness.cli import main
+    argv = ["logits", "--out", str(tmp_path), "--dtypes", "float32", "--attn", "eager", "--tp", "1", "--shapes", "1x8",
+            "--no-progress", "--inputs", "corpus,cached", "--ctx", "64", "--max-tokens", "256"]
+    code = main(argv + [x for spec in subjects for x in ("--subject", spec)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    return code, summary, {(c["subject"], c["metric"]) for c in summary["cells"] if c["status"] == "fail"}
+

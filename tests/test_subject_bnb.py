@@ -12,7 +12,7 @@ from harness.core.errors import InputError
 from harness.subjects import KINDS, NotInstalledError
 from harness.subjects.common import has_module
 from harness.subjects.fidelity import budget, over_budget
-from subjects_common import embedded, lossy_failures, needs, split
+from subjects_common import embedded, lossy_failures, lossy_run, needs, split
 
 BNB = needs("bitsandbytes", "bitsandbytes")
 QLORA = {"quant": "nf4", "double": "1", "compute": "bfloat16"}
@@ -100,16 +100,9 @@ def test_absent_package_is_not_installed_naming_the_extra():
 def test_the_logits_suite_judges_each_by_its_budget_and_fails_the_planted_one(tmp_path):
     """Through the CLI: the QLoRA base passes its budget with the split in its rows; the same
     subject with a planted absmax bug fails the run (exit 1) on the corpus, in the weights' share."""
-    import json
-
-    from harness.cli import main
     planted = "bitsandbytes:plant=bnb-scale-block0,quant=nf4"     # the label sorts the options
-    code = main(["logits", "--out", str(tmp_path), "--dtypes", "float32", "--attn", "eager", "--tp", "1",
-                 "--shapes", "1x8", "--no-progress", "--inputs", "corpus,cached", "--ctx", "64", "--max-tokens", "256",
-                 "--subject", "bitsandbytes:quant=nf4,double=1,compute=bfloat16", "--subject", planted])
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    code, summary, failed = lossy_run(tmp_path, "bitsandbytes:quant=nf4,double=1,compute=bfloat16", planted)
     assert code == 1
-    failed = {(c["subject"], c["metric"]) for c in summary["cells"] if c["status"] == "fail"}
     assert {s for s, _ in failed} == {planted} and (planted, "weights_kl_mean") in failed
     who = summary["subjects"]["bitsandbytes:compute=bfloat16,double=1,quant=nf4"]
     assert not who["exact"] and who["provenance"]["quantisation"]["compute_dtype"] == "bfloat16"

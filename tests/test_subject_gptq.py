@@ -16,7 +16,7 @@ from harness.core.errors import InputError
 from harness.subjects import KINDS, Source, load_kinds
 from harness.subjects.fidelity import budget, over_budget
 from harness.subjects.subprocess import VENVS, SubjectCannot
-from subjects_common import embedded, lossy_failures, split
+from subjects_common import embedded, lossy_failures, lossy_run, split
 
 load_kinds("gptq")
 from harness.subjects.gptq import dequantise, pack, read_folder, unpack  # noqa: E402
@@ -191,13 +191,8 @@ def test_decode_through_transformers_cache_matches_the_forward():
 
 @GPTQ
 def test_the_logits_suite_judges_it_by_its_budget_and_fails_the_planted_one(tmp_path):
-    from harness.cli import main
     planted = "gptq:plant=gptq-zeros-v2"
-    code = main(["logits", "--out", str(tmp_path), "--dtypes", "float32", "--attn", "eager", "--tp", "1",
-                 "--shapes", "1x8", "--no-progress", "--inputs", "corpus,cached", "--ctx", "64", "--max-tokens", "256",
-                 "--subject", "gptq", "--subject", planted])
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    code, summary, failed = lossy_run(tmp_path, "gptq", planted)
     assert code == 1
-    failed = {(c["subject"], c["metric"]) for c in summary["cells"] if c["status"] == "fail"}
     assert {s for s, _ in failed} == {planted} and (planted, "weights_kl_mean") in failed
     assert not summary["subjects"]["gptq"]["exact"]
