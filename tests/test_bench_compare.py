@@ -26,9 +26,19 @@ def test_mcnemar_without_discordant_pairs_is_one():
     assert mcnemar_exact([True, False], [True, False]) == (1.0, 0, 0)
 
 
-def test_above_chance_matches_scipy():
-    assert binomial_above_chance(30, 60, 0.25) == pytest.approx(
-        binomtest(30, 60, 0.25, alternative="greater").pvalue, rel=1e-10)
+@pytest.mark.parametrize("successes, n, chance", [(30, 60, 0.25), (0, 60, 0.25), (60, 60, 0.25),
+                                                  (1990, 3860, 0.5), (1000, 3860, 0.25), (1100, 3860, 0.25)])
+def test_above_chance_matches_scipy(successes, n, chance):
+    """Large n included: QuaRTz's 3860 documents, near chance, where C(n, i) exceeds a float."""
+    assert binomial_above_chance(successes, n, chance) == pytest.approx(
+        binomtest(successes, n, chance, alternative="greater").pvalue, rel=1e-9, abs=1e-300)
+
+
+def test_mcnemar_holds_at_thousands_of_discordant_pairs():
+    a = [True] * 1700 + [False] * 1500
+    b = [False] * 1700 + [True] * 1500
+    p, nb, nc = mcnemar_exact(a, b)
+    assert (nb, nc) == (1700, 1500) and p == pytest.approx(binomtest(1700, 3200, 0.5).pvalue, rel=1e-9)
 
 
 def _mc(doc_id, lls, acc, choices=("a", "bb", "ccc")):
