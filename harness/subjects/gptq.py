@@ -138,43 +138,37 @@ def _env(source) -> dict:
 
 
 def quantised_folder(source, job: dict, calib: torch.Tensor, timeout: float) -> Path:
-    """The folder GPT-QModel wrote for these weights, options, calibration, venv and worker script:
-    made once (in a scratch folder renamed into place, so a failed or interrupted run never leaves
-    one that looks done)."""
+    """The model folder GPT-QModel wrote for these weights, options, calibration, venv and worker
+    script, built once in the cache (harness.subjects.common.built). Beside it: ``job.json`` (the
+    options it was quantised with) and GPT-QModel's log."""
     import numpy as np
+
+    from harness.subjects.common import built, cache_key
     venv = VENVS[KIND]
     ids = calib.to(torch.int64).numpy()
-    key = hashlib.sha256(json.dumps({**job, "venv": venv.key(), "calib": hashlib.sha256(ids.tobytes()).hexdigest(),
-                                     "worker": hashlib.sha256(venv.worker.read_bytes()).hexdigest()},
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    target = source.cache / f"gptq-{source.fingerprint[:16]}-{key}"
-    if (target / "quantised.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".gptq-", dir=target.parent))
-    try:
-        np.save(scratch / "calibration.npy", ids, allow_pickle=False)
-        full = {**job, "hf_dir": str(source.hf_path()), "tokenizer_model": str(source.tokenizer),
-                "calibration": str(scratch / "calibration.npy"), "out": str(scratch / "model")}
-        (scratch / "job.json").write_text(json.dumps(full), encoding="utf-8")
-        log = scratch / "quantise.log"
-        with open(log, "wb") as f:
-            try:
-                rc = sp.run([str(venv.python(source.cache)), "-I", str(venv.worker), "quantise", str(scratch / "job.json")],
-                            stdout=f, stderr=sp.STDOUT, env=worker_env(_env(source)), timeout=timeout,
-                            cwd=scratch).returncode        # GPT-QModel writes logs/ into its working folder
-            except sp.TimeoutExpired:
-                raise WorkerError(f"{KIND}: quantising took longer than {timeout:.0f} s (ten times gptq:timeout=)") from None
-        if rc != 0 or not (scratch / "model" / "quantize_config.json").is_file():
-            raise WorkerError(f"{KIND}: GPT-QModel could not quantise the model (exit {rc})\n{_tail(log)}")
-        log.rename(scratch / "model" / "quantise.log")
-        (scratch / "model" / "quantised.json").write_text(json.dumps(job, indent=1) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        (scratch / "model").rename(target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    tool = {**job, "venv": venv.key(), "calib": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "worker": hashlib.sha256(venv.worker.read_bytes()).hexdigest()}
+    folder = source.cache / KIND / cache_key(source, tool)
+    with built(folder) as tmp:
+        if tmp is not None:
+            np.save(tmp / "calibration.npy", ids, allow_pickle=False)
+            (tmp / "job.json").write_text(json.dumps(job, indent=1) + "\n", encoding="utf-8")
+            full = {**job, "hf_dir": str(source.hf_path()), "tokenizer_model": str(source.tokenizer),
+                    "calibration": str(tmp / "calibration.npy"), "out": str(tmp / "model")}
+            (tmp / "quantise.json").write_text(json.dumps(full), encoding="utf-8")
+            log = tmp / "quantise.log"
+            with open(log, "wb") as f:
+                try:
+                    rc = sp.run([str(venv.python(source.cache)), "-I", str(venv.worker), "quantise",
+                                 str(tmp / "quantise.json")], stdout=f, stderr=sp.STDOUT,
+                                env=worker_env(_env(source)), timeout=timeout,
+                                cwd=tmp).returncode        # GPT-QModel writes logs/ into its working folder
+                except sp.TimeoutExpired:
+                    raise WorkerError(f"{KIND}: quantising took longer than {timeout:.0f} s "
+                                      "(ten times gptq:timeout=)") from None
+            if rc != 0 or not (tmp / "model" / "quantize_config.json").is_file():
+                raise WorkerError(f"{KIND}: GPT-QModel could not quantise the model (exit {rc})\n{_tail(log)}")
+    return folder / "model"
 
 
 @dataclass
@@ -240,5 +234,4 @@ def gptq_subject(source, dtype: str, device: str, opts: dict):
         folder = copy
     subject.folder = folder
     subject.start["model_dir"] = str(folder)
-    subject.start["quantised"] = json.loads((folder / "quantised.json").read_text(encoding="utf-8"))
     return subject
